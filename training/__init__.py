@@ -1,0 +1,1 @@
+"""Supermask training and GLUE evaluation (Radiya-Dixit & Wang 2020)."""

@@ -1,0 +1,120 @@
+"""Supermask layers and the trainable task model (Radiya-Dixit & Wang 2020, Section 3.3).
+
+A masked layer computes ``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with
+``μ = Bern(σ(ν))`` (Eq. 3-4). The Bernoulli sample is not differentiable;
+the gradient is passed straight through: ``∂L/∂ν := ∂L/∂μ``. In evaluation
+mode the mask is deterministic, ``μ = 1[σ(ν) > 0.5] = 1[ν > 0]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from service.backbone import Backbone, dequantize, mean_pool, replace_module
+
+SCORE_INIT = 5.0  # |ν| at initialization (paper: ν = ±5)
+
+
+class SupermaskLinear(nn.Module):
+    """Linear layer with frozen de-quantized weights and trainable mask scores.
+
+    Args:
+        weight: float32 ``[out, in]``, the de-quantized backbone weight (not trained).
+        bias: float32 ``[out]`` or None (not trained).
+        init_sparsity: fraction ``s0`` of the smallest-|W| entries of this
+            matrix that start pruned (``ν = -5``); the rest start at ``ν = +5``.
+
+    Attributes:
+        scores: ``ν``, float32 ``[out, in]``, the trainable mask parameter.
+        sample: when True (default in training), ``μ ~ Bern(σ(ν))``; when False, ``μ = 1[ν > 0]``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init_sparsity: float = 0.0):
+        super().__init__()
+        if not 0.0 <= init_sparsity < 1.0:
+            raise ValueError(f"init_sparsity must be in [0, 1), got {init_sparsity}")
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        scores = torch.full_like(self.weight, SCORE_INIT)
+        k = int(round(init_sparsity * weight.numel()))
+        if k > 0:
+            idx = torch.argsort(weight.abs().reshape(-1))[:k]
+            scores.view(-1)[idx] = -SCORE_INIT
+        self.scores = nn.Parameter(scores)
+        self.sample: bool | None = None  # None: follow self.training
+
+    def mask(self, sample: bool) -> torch.Tensor:
+        """``μ`` as float32 ``[out, in]`` carrying the straight-through gradient to ``ν``."""
+        if sample:
+            mu = torch.bernoulli(torch.sigmoid(self.scores.detach()))
+        else:
+            mu = (self.scores.detach() > 0).to(self.scores.dtype)
+        # straight-through estimator: forward value mu, gradient dL/dnu = dL/dmu
+        return mu + self.scores - self.scores.detach()
+
+    def hard_mask(self) -> torch.Tensor:
+        """Deterministic served mask ``1[σ(ν) > 0.5]``, bool ``[out, in]``."""
+        return self.scores.detach() > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sample = self.training if self.sample is None else self.sample
+        return F.linear(x, self.weight * self.mask(sample), self.bias)
+
+
+class TaskHead(nn.Module):
+    """Dense task head ``G_φ`` over mean-pooled token vectors: dropout then linear.
+
+    Input ``[batch, hidden]``; output ``[batch, num_outputs]`` (logits, or one value for regression).
+    """
+
+    def __init__(self, hidden: int, num_outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_outputs)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled))
+
+
+class SupermaskModel(nn.Module):
+    """Backbone with every masked matrix replaced by a :class:`SupermaskLinear`, plus a task head.
+
+    The backbone's own modules are modified in place; build one per training run.
+    """
+
+    def __init__(self, backbone: Backbone, num_outputs: int, init_sparsity: float = 0.0,
+                 head_dropout: float = 0.1, quantized: bool = True):
+        super().__init__()
+        self.encoder = backbone.model
+        self.masked_names = list(backbone.masked)
+        for name in self.masked_names:
+            lin = self.encoder.get_submodule(name)
+            weight = dequantize(backbone.qweight[name], backbone.scale[name]) if quantized else lin.weight
+            replace_module(self.encoder, name, SupermaskLinear(weight, lin.bias, init_sparsity))
+        self.head = TaskHead(backbone.hidden_size, num_outputs, head_dropout)
+
+    def masked_layers(self) -> dict[str, SupermaskLinear]:
+        return {n: self.encoder.get_submodule(n) for n in self.masked_names}
+
+    def set_sampling(self, sample: bool | None) -> None:
+        """Force Bernoulli sampling on/off for every masked layer (None: follow train/eval mode)."""
+        for layer in self.masked_layers().values():
+            layer.sample = sample
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**kwargs).last_hidden_state
+        return self.head(mean_pool(hidden, attention_mask))
+
+    def sparsity(self) -> float:
+        """Fraction of zeros in the deterministic mask over all masked weights."""
+        zeros = total = 0
+        for layer in self.masked_layers().values():
+            m = layer.hard_mask()
+            zeros += int((~m).sum())
+            total += m.numel()
+        return zeros / total

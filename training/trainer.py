@@ -1,0 +1,276 @@
+"""Supermask training and evaluation on GLUE, producing a task bundle.
+
+Recipe (Radiya-Dixit & Wang 2020, Section 3.3 and Devlin et al. 2018): mask
+scores ``ν`` initialised to ±5 by per-matrix magnitude, ``μ = Bern(σ(ν))``
+with a straight-through gradient, masks over the de-quantized int8 backbone,
+a dense task head, AdamW with linear warm-up and linear decay, a separate
+learning rate (and no weight decay) for ``ν``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
+from service.backbone import Backbone, load_backbone
+from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
+from training.supermask import SupermaskModel
+
+log = logging.getLogger(__name__)
+BERNOULLI_SAMPLES = 10
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded in the bundle)."""
+
+    task: str
+    data_dir: str
+    output: str
+    backbone: str | None = None
+    bits: int = 8
+    max_seq_length: int = 128
+    batch_size: int = 32
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    mask_lr: float = 0.1  # learning rate of the mask scores ν
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01  # head only; ν has none
+    warmup_ratio: float = 0.1
+    init_sparsity: float = 0.0
+    head_dropout: float = 0.1
+    seed: int = 0
+    train_limit: int | None = None  # use only the first N training examples
+    dev_limit: int | None = None
+    eval_batch_size: int = 64
+    bernoulli_samples: int = BERNOULLI_SAMPLES
+    save_scores: bool = True  # also write ν next to the bundle, for Bernoulli evaluation later
+    task_name: str | None = None  # name in the bundle; default: the GLUE name
+
+
+@dataclass
+class TrainResult:
+    bundle_path: str
+    steps: int
+    seconds: float
+    final_loss: float
+    first_loss: float
+    sparsity: float
+    dev_metrics: dict[str, float]
+    bernoulli: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def encode(tokenizer, examples: list[Example], max_len: int) -> dict[str, torch.Tensor]:
+    """Tokenize a batch, padded to its longest member, truncated to ``max_len`` tokens."""
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples[0].text_b is not None else None
+    return tokenizer(a, b, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+
+
+def _labels(task: GlueTask, examples: list[Example]) -> torch.Tensor:
+    if task.problem_type == "regression":
+        return torch.tensor([float(e.label) for e in examples], dtype=torch.float32)
+    return torch.tensor([int(e.label) for e in examples], dtype=torch.long)
+
+
+def loss_fn(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if task.problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels)
+    return F.cross_entropy(logits, labels)
+
+
+def _forward(model: SupermaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+
+@torch.no_grad()
+def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
+            batch_size: int = 64, sample: bool = False, desc: str | None = None) -> np.ndarray:
+    """Class indices (or regression values) ``[n]`` for ``examples``.
+
+    ``sample=False`` uses the deterministic mask ``1[ν > 0]``; True draws one
+    Bernoulli mask per layer per batch.
+    """
+    model.eval()
+    model.set_sampling(sample)
+    outs = []
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=desc is None):
+        logits = _forward(model, encode(tokenizer, examples[i : i + batch_size], max_len))
+        outs.append(logits.squeeze(-1) if task.problem_type == "regression" else logits.argmax(-1))
+    model.set_sampling(None)
+    return torch.cat(outs).numpy()
+
+
+def evaluate_bernoulli(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
+                       samples: int, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each metric over ``samples`` Bernoulli mask draws
+    (the paper's Table 4 protocol). Each draw samples a fresh mask per batch."""
+    golds = np.array([e.label for e in examples])
+    runs: dict[str, list[float]] = {}
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for s in tqdm(range(samples), desc="bernoulli samples", leave=False):
+        m = compute_metrics(task, predict(model, tokenizer, task, examples, max_len, batch_size, sample=True), golds)
+        for k, v in m.items():
+            runs.setdefault(k, []).append(v)
+    torch.random.set_rng_state(gen_state)
+    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in runs.items()}
+
+
+def hardware() -> dict[str, object]:
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name: str, max_len: int,
+                 training: dict, metrics: dict) -> bytes:
+    """Encode the deterministic mask and the head of a trained model as a bundle."""
+    masks = {f"{n}.weight": layer.hard_mask().numpy() for n, layer in model.masked_layers().items()}
+    head = {
+        HEAD_WEIGHT: model.head.classifier.weight.detach().numpy(),
+        HEAD_BIAS: model.head.classifier.bias.detach().numpy(),
+    }
+    from service import __version__
+
+    return encode_bundle(
+        task=name,
+        problem_type=task.problem_type,  # type: ignore[arg-type]
+        labels=list(task.labels),
+        max_seq_length=max_len,
+        backbone_fingerprint=backbone.fingerprint,
+        backbone_name=backbone.name,
+        masks=masks,
+        head=head,
+        training=training,
+        metrics=metrics,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        library_version=__version__,
+    )
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = True) -> TrainResult:
+    """Train a supermask for one GLUE task and write its bundle to ``cfg.output``.
+
+    Raises:
+        GlueDataError: data missing or malformed.
+        BackboneLoadError: backbone folder unusable.
+        ValueError: inconsistent settings.
+    """
+    if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
+        raise ValueError(f"learning rates must be positive, got mask_lr={cfg.mask_lr}, head_lr={cfg.head_lr}")
+    task = get_task(cfg.task)
+    train_set = read_split(task, cfg.data_dir, "train")[: cfg.train_limit]
+    dev_set = read_split(task, cfg.data_dir, "dev")[: cfg.dev_limit]
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    backbone = backbone or load_backbone(cfg.backbone, bits=cfg.bits)
+    tokenizer = backbone.tokenizer
+    num_out = 1 if task.problem_type == "regression" else len(task.labels)
+    model = SupermaskModel(backbone, num_out, cfg.init_sparsity, cfg.head_dropout)
+
+    steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
+    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    scores = [layer.scores for layer in model.masked_layers().values()]
+    opt = torch.optim.AdamW(
+        [
+            {"params": scores, "lr": cfg.mask_lr, "weight_decay": 0.0},
+            {"params": list(model.head.parameters()), "lr": cfg.head_lr, "weight_decay": cfg.weight_decay},
+        ]
+    )
+    from transformers import get_linear_schedule_with_warmup
+
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=f"train {task.name}", disable=not progress, dynamic_ncols=True)
+    step = 0
+    while step < total_steps:
+        order = torch.randperm(len(train_set), generator=gen).tolist()
+        for i in range(0, len(order), cfg.batch_size):
+            if step >= total_steps:
+                break
+            batch_ex = [train_set[j] for j in order[i : i + cfg.batch_size]]
+            batch = encode(tokenizer, batch_ex, cfg.max_seq_length)
+            loss = loss_fn(task, _forward(model, batch), _labels(task, batch_ex))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach().item())
+            step += 1
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    golds = np.array([e.label for e in dev_set])
+    dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.eval_batch_size,
+                                        desc="dev (deterministic mask)" if progress else None), golds)
+    bern = {}
+    if cfg.bernoulli_samples > 0:
+        bern = evaluate_bernoulli(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.bernoulli_samples,
+                                  cfg.eval_batch_size, seed=cfg.seed)
+    sparsity = model.sparsity()
+    name = cfg.task_name or task.name
+    training = {
+        "method": "supermask (Radiya-Dixit & Wang 2020), straight-through Bernoulli, int%d backbone" % cfg.bits,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("output",)},
+        "steps": step,
+        "train_examples": len(train_set),
+        "seconds": round(seconds, 1),
+        "first_loss": losses[0],
+        "final_loss": float(np.mean(losses[-50:])),
+        "hardware": hardware(),
+        "command": " ".join(["supermask", *sys.argv[1:]]) if Path(sys.argv[0]).name == "supermask" else "",
+    }
+    metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
+    data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics)
+    atomic_write(cfg.output, data)
+    if cfg.save_scores:
+        from safetensors.torch import save_file
+
+        save_file({f"{n}.scores": layer.scores.detach().to(torch.float16).contiguous()
+                   for n, layer in model.masked_layers().items()},
+                  str(scores_path(cfg.output)))
+    log.info("wrote %s (%d bytes), sparsity %.4f, dev %s", cfg.output, len(data), sparsity, dev)
+    return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern)
+
+
+def scores_path(bundle_path: str | Path) -> Path:
+    """Where :func:`train` writes the mask scores ``ν`` of a bundle (float16 safetensors)."""
+    p = Path(bundle_path)
+    return p.with_name(p.name + ".scores.safetensors")
