@@ -88,6 +88,7 @@ class BundleHeader(BaseModel):
     task: str
     problem_type: ProblemType
     labels: list[str] = Field(description="Label names in logit order; empty for regression.")
+    text_pairs: bool = Field(False, description="True when every input is a sentence pair (MRPC, RTE, STS-B, WNLI).")
     max_seq_length: int = Field(gt=0)
     backbone_fingerprint: str
     backbone_name: str = ""
@@ -202,6 +203,7 @@ def encode_bundle(
     masks: dict[str, np.ndarray],
     head: dict[str, np.ndarray],
     backbone_name: str = "",
+    text_pairs: bool = False,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     created_at: str = "",
@@ -254,6 +256,7 @@ def encode_bundle(
             task=task,
             problem_type=problem_type,
             labels=list(labels),
+            text_pairs=text_pairs,
             max_seq_length=max_seq_length,
             backbone_fingerprint=backbone_fingerprint,
             backbone_name=backbone_name,

@@ -155,6 +155,7 @@ def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name
         task=name,
         problem_type=task.problem_type,  # type: ignore[arg-type]
         labels=list(task.labels),
+        text_pairs=task.is_pair,
         max_seq_length=max_len,
         backbone_fingerprint=backbone.fingerprint,
         backbone_name=backbone.name,

@@ -1,0 +1,1 @@
+"""REST API: FastAPI app, routes, schemas and the error table."""

@@ -1,0 +1,71 @@
+"""The one table from typed errors to HTTP status codes, and the JSON error body.
+
+Lower layers raise typed errors and know nothing of HTTP; the status is
+chosen here by the error's class (most specific class in its MRO wins).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from mask_store.errors import (
+    BackboneMismatch,
+    BundleInvalid,
+    BundleTooLarge,
+    InvalidTaskName,
+    MaskStoreError,
+    TaskNotFound,
+)
+from service.errors import AdminDisabled, Forbidden, InputInvalid, ServiceError, TaskTooLarge, Unauthorized
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[Exception], int] = {
+    TaskNotFound: 404,
+    InvalidTaskName: 422,
+    BundleInvalid: 422,
+    BundleTooLarge: 413,
+    BackboneMismatch: 409,
+    InputInvalid: 422,
+    TaskTooLarge: 507,
+    Unauthorized: 401,
+    Forbidden: 403,
+    AdminDisabled: 403,
+}
+
+
+def status_for(exc: Exception) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn typed errors into JSON error bodies."""
+
+    async def typed(_: Request, exc: Exception) -> JSONResponse:
+        status = status_for(exc)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return error_response(status, type(exc).__name__, str(exc), headers)
+
+    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{loc}: {err.get('msg')}")
+        return error_response(422, "RequestInvalid", "; ".join(parts))
+
+    app.add_exception_handler(MaskStoreError, typed)
+    app.add_exception_handler(ServiceError, typed)
+    app.add_exception_handler(RequestValidationError, validation)

@@ -1,0 +1,55 @@
+"""Application factory: load the backbone once, open the store, build the engine, wire the routes.
+
+Run with ``supermask serve`` or ``uvicorn service.api.main:create_app --factory``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from fastapi import FastAPI
+
+from mask_store.local import LocalMaskStore
+from service import __version__
+from service.api import errors
+from service.api.deps import AppState
+from service.api.routes import router
+from service.backbone import Backbone, load_backbone
+from service.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
+    """Build the server.
+
+    Args:
+        settings: defaults to ``Settings()`` (environment variables ``SUPERMASK_*``).
+        backbone: an already-loaded backbone (tests); default loads ``settings.backbone_path``.
+    Raises:
+        BackboneLoadError: the backbone cannot be loaded.
+    """
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    backbone = backbone or load_backbone(settings.backbone_path, bits=settings.backbone_bits)
+    store = LocalMaskStore(settings.store_dir, max_bundle_bytes=settings.max_bundle_bytes)
+    if settings.examples_dir is not None:
+        seeded = store.seed_from(settings.examples_dir)
+        if seeded:
+            log.info("preloaded example tasks into %s: %s", settings.store_dir, ", ".join(seeded))
+    metrics = Metrics()
+    engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
+                    max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path)
+    app = FastAPI(title="supermask", version=__version__,
+                  description="Multi-task server for supermask-fine-tuned BERT: one int8 backbone, "
+                  "one bit-packed mask + head per task.")
+    app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics)
+    errors.install(app)
+    app.include_router(router)
+    if settings.admin_token is None:
+        log.warning("SUPERMASK_ADMIN_TOKEN is not set: uploads and deletes are disabled")
+    return app

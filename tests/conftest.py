@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random BERT saved as a local Hugging Face folder, bundles made for it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+EXAMPLES_DIR = REPO / "examples" / "masks"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 random BertModel with the real uncased BERT tokenizer, saved to a folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from service.backbone import default_backbone_path
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    model = BertModel(cfg)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(default_backbone_path()), local_files_only=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_backbone(tiny_backbone_dir):
+    """A fresh quantized tiny backbone (each test gets its own modules)."""
+    from service.backbone import load_backbone
+
+    return load_backbone(tiny_backbone_dir)
+
+
+def make_bundle(backbone, task: str = "toy", sparsity: float = 0.05, labels=("neg", "pos"), seed: int = 0,
+                text_pairs: bool = False, fingerprint: str | None = None) -> bytes:
+    """Encode a bundle with random masks of the given sparsity and a random head for ``backbone``."""
+    from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
+
+    rng = np.random.default_rng(seed)
+    masks = {f"{n}.weight": rng.random(tuple(backbone.qweight[n].shape)) >= sparsity for n in backbone.masked}
+    n_out = len(labels) if labels else 1
+    head = {HEAD_WEIGHT: rng.normal(size=(n_out, backbone.hidden_size)).astype(np.float32),
+            HEAD_BIAS: rng.normal(size=(n_out,)).astype(np.float32)}
+    return encode_bundle(task=task, problem_type="single_label_classification" if labels else "regression",
+                         labels=list(labels), max_seq_length=32, backbone_fingerprint=fingerprint or backbone.fingerprint,
+                         masks=masks, head=head, text_pairs=text_pairs, training={"test": True})
