@@ -49,7 +49,7 @@ MASK_RULE = "mu = 1[sigmoid(nu) > 0.5]"
 BUNDLE_SUFFIX = ".smask"
 HEAD_WEIGHT = "classifier.weight"
 HEAD_BIAS = "classifier.bias"
-TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TASK_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # whole name (re.fullmatch)
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 _PREFIX = struct.Struct("<8sI")
 
@@ -110,7 +110,7 @@ class BundleHeader(BaseModel):
             raise ValueError(
                 f"format_version {self.format_version} is not supported (this reader knows {list(SUPPORTED_VERSIONS)})"
             )
-        if not re.match(TASK_NAME_PATTERN, self.task):
+        if not re.fullmatch(TASK_NAME_PATTERN, self.task):
             raise ValueError(f"task name {self.task!r} does not match {TASK_NAME_PATTERN}")
         if self.problem_type == "regression" and self.labels:
             raise ValueError("a regression task has no labels")

@@ -33,7 +33,7 @@ _TMP_PREFIX = ".tmp-"
 
 def check_task_name(task: str) -> str:
     """Return ``task`` if it is a valid task name, else raise :class:`InvalidTaskName`."""
-    if not re.match(TASK_NAME_PATTERN, task):
+    if not re.fullmatch(TASK_NAME_PATTERN, task):
         raise InvalidTaskName(f"task name {task!r} is not allowed: it must match {TASK_NAME_PATTERN}")
     return task
 

@@ -84,11 +84,15 @@ def read_split(task: GlueTask, data_dir: str | Path, split: str) -> list[Example
     if not path.is_file():
         raise GlueDataError(f"{path} not found (expected the original GLUE TSV layout under --data-dir)")
     examples = []
-    with open(path, encoding="utf-8-sig") as fh:  # MRPC ships with a BOM
-        lines = fh.read().splitlines()
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # MRPC ships with a BOM
+        # split on "\n" only: str.splitlines() would also split on U+2028 and other separators inside a field
+        lines = [ln.rstrip("\r") for ln in fh.read().split("\n")]
+    need = max(task.text_cols) + 1
+    if task.label_col >= 0:
+        need = max(need, task.label_col + 1)
     if task.header:
+        need = max(need, len(lines[0].split("\t")))  # every row has as many columns as the header
         lines = lines[1:]
-    need = max(max(task.text_cols), task.label_col if task.label_col >= 0 else 0) + 1
     for lineno, line in enumerate(lines, start=2 if task.header else 1):
         if not line.strip():
             continue
@@ -97,7 +101,10 @@ def read_split(task: GlueTask, data_dir: str | Path, split: str) -> list[Example
             raise GlueDataError(f"{path}:{lineno}: {len(cols)} columns, expected at least {need}")
         raw = cols[task.label_col].strip()
         if task.label_map is None:
-            label: int | float = float(raw)
+            try:
+                label: int | float = float(raw)
+            except ValueError:
+                raise GlueDataError(f"{path}:{lineno}: score {raw!r} is not a number") from None
         else:
             if raw not in task.label_map:
                 raise GlueDataError(f"{path}:{lineno}: unknown label {raw!r} (known: {sorted(task.label_map)})")

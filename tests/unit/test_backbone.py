@@ -1,0 +1,64 @@
+"""Backbone: per-channel int8 quantization, masked matrices, fingerprint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.backbone import dequantize, load_backbone, masked_linear_names, quantize_per_channel
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantization_error_bounded_by_half_step(bits):
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * torch.linspace(0.01, 3.0, 64)[:, None]  # very different row ranges
+    q, scale = quantize_per_channel(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    assert int(q.abs().max()) <= qmax
+    err = (dequantize(q, scale) - w).abs()
+    assert torch.all(err <= scale[:, None] / 2 + 1e-6)  # round-to-nearest: at most half a step per channel
+    # per-channel: each row uses its own full range
+    assert torch.all(q.abs().amax(dim=1) == qmax)
+
+
+def test_zero_row_and_bad_bits():
+    w = torch.zeros(3, 4)
+    w[1] = 1.0
+    q, s = quantize_per_channel(w)
+    assert torch.equal(dequantize(q, s), w)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_per_channel(w, 9)
+
+
+def test_masked_matrices_are_six_per_layer(tiny_backbone):
+    names = masked_linear_names(tiny_backbone.model)
+    assert len(names) == 6 * 2
+    assert "encoder.layer.0.attention.self.query" in names and "encoder.layer.1.output.dense" in names
+    for n in names:  # the module now computes with deq(W_q)
+        lin = tiny_backbone.model.get_submodule(n)
+        torch.testing.assert_close(lin.weight, dequantize(tiny_backbone.qweight[n], tiny_backbone.scale[n]))
+
+
+def test_fingerprint_is_stable_and_sensitive(tiny_backbone_dir, tmp_path):
+    a = load_backbone(tiny_backbone_dir)
+    b = load_backbone(tiny_backbone_dir)
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
+    assert load_backbone(tiny_backbone_dir, bits=4).fingerprint != a.fingerprint
+    # change one weight well beyond a quantization step and save as another folder
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(tiny_backbone_dir))
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.value.weight[0, 0] += 1.0
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(str(tiny_backbone_dir)).save_pretrained(other)
+    assert load_backbone(other).fingerprint != a.fingerprint
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    from service.backbone import BackboneLoadError
+
+    with pytest.raises(BackboneLoadError, match="config.json"):
+        load_backbone(tmp_path / "nowhere")

@@ -1,0 +1,64 @@
+"""Supermask layers: straight-through gradient, initialisation by magnitude, deterministic mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.supermask import SCORE_INIT, SupermaskLinear, SupermaskModel
+
+
+def test_straight_through_gradient_reaches_scores():
+    torch.manual_seed(0)
+    w = torch.randn(5, 7)
+    layer = SupermaskLinear(w, torch.zeros(5))
+    layer.train()
+    x = torch.randn(3, 7)
+    y = layer(x)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    assert layer.scores.grad is not None
+    # dL/dnu := dL/dmu, and dL/dmu[o, i] = sum_b upstream[b, o] * x[b, i] * W[o, i]
+    expected = (upstream.t() @ x) * w
+    torch.testing.assert_close(layer.scores.grad, expected)
+
+
+def test_bernoulli_sampling_follows_sigmoid():
+    torch.manual_seed(0)
+    layer = SupermaskLinear(torch.ones(200, 200), None)
+    with torch.no_grad():
+        layer.scores.fill_(0.0)  # sigma = 0.5
+    mu = layer.mask(sample=True).detach()
+    assert set(mu.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(mu.mean()) - 0.5) < 0.02
+    with torch.no_grad():
+        layer.scores.fill_(SCORE_INIT)
+    assert float(layer.mask(sample=False).detach().mean()) == 1.0
+
+
+@pytest.mark.parametrize("s0", [0.0, 0.1, 0.5])
+def test_init_sparsity_prunes_smallest_magnitudes(s0):
+    torch.manual_seed(1)
+    w = torch.randn(40, 30)
+    layer = SupermaskLinear(w, None, init_sparsity=s0)
+    hard = layer.hard_mask()
+    assert abs(float((~hard).float().mean()) - s0) < 1e-3
+    assert set(layer.scores.detach().unique().tolist()) <= {SCORE_INIT, -SCORE_INIT}
+    if s0 > 0:  # every pruned weight is smaller in magnitude than every kept one
+        assert w.abs()[~hard].max() <= w.abs()[hard].min()
+
+
+def test_eval_mode_is_deterministic(tiny_backbone):
+    model = SupermaskModel(tiny_backbone, num_outputs=2)
+    with torch.no_grad():
+        for layer in model.masked_layers().values():
+            layer.scores.uniform_(-1, 1)
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    am = torch.ones_like(ids)
+    model.eval()
+    a, b = model(ids, am), model(ids, am)
+    torch.testing.assert_close(a, b)
+    model.set_sampling(True)
+    c = model(ids, am)
+    assert not torch.allclose(a, c)  # half the weights are uncertain: a sample differs
+    assert 0.3 < model.sparsity() < 0.7

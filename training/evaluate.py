@@ -1,0 +1,89 @@
+"""``supermask evaluate``: GLUE dev metrics of a bundle through the serving engine.
+
+The deterministic-mask figure is computed by :class:`service.engine.Engine`,
+the same code that answers ``POST /v1/tasks/{task}/predict``, so it must
+reproduce the figure recorded in the bundle at training time. When the mask
+scores ``ν`` saved by ``supermask train`` are available, the mean ± s.d. over
+Bernoulli samples ``μ ~ Bern(σ(ν))`` is reported too (the paper's protocol).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle
+from mask_store.local import LocalMaskStore
+from service.backbone import load_backbone
+from service.engine import Engine
+from service.metrics import Metrics
+from training.glue import compute_metrics, get_task, read_split
+from training.trainer import evaluate_bernoulli, scores_path
+from training.supermask import SupermaskModel
+
+
+def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
+                    samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
+                    batch_size: int = 64) -> dict:
+    """Evaluate a bundle on its GLUE task's dev split.
+
+    Returns:
+        ``{"task", "dev_examples", "deterministic": {metric: value}, "recorded": {...},
+        "bernoulli": {metric: {"mean", "std", "n"}} (when scores are available), "seconds"}``.
+    Raises:
+        BundleInvalid, BackboneMismatch, GlueDataError, FileNotFoundError.
+    """
+    data = Path(bundle_path).read_bytes()
+    bundle = decode_bundle(data)
+    header = bundle.header
+    task = get_task(glue_task or header.task)
+    dev = read_split(task, data_dir, "dev")[:dev_limit]
+    golds = np.array([e.label for e in dev])
+    bits = int(header.training.get("config", {}).get("bits", 8))
+    bb = load_backbone(backbone, bits=bits)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalMaskStore(tmp)
+        store.put(header.task, data, bb.fingerprint)
+        engine = Engine(bb, store, Metrics(), cache_bytes=1 << 34, max_batch_size=batch_size)
+        outs = []
+        for i in tqdm(range(0, len(dev), batch_size), desc=f"dev {task.name} (served mask)", leave=False):
+            rows = [(e.text_a, e.text_b) for e in dev[i : i + batch_size]]
+            outs.append(engine.logits(header.task, rows))
+    logits = torch.cat(outs)
+    preds = logits.squeeze(-1).numpy() if task.problem_type == "regression" else logits.argmax(-1).numpy()
+    result = {
+        "task": header.task,
+        "glue_task": task.name,
+        "dev_examples": len(dev),
+        "sparsity": header.sparsity,
+        "deterministic": compute_metrics(task, preds, golds),
+        "recorded": header.metrics.get("deterministic", {}),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    spath = Path(scores) if scores else scores_path(bundle_path)
+    if samples > 0 and spath.is_file():
+        result["bernoulli"] = _bernoulli(spath, bundle, backbone, bits, task, dev, samples, batch_size)
+    elif scores:
+        raise FileNotFoundError(f"mask scores file {scores} not found")
+    return result
+
+
+def _bernoulli(spath: Path, bundle, backbone: str | None, bits: int, task, dev, samples: int,
+               batch_size: int) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(spath))
+    bb = load_backbone(backbone, bits=bits)
+    model = SupermaskModel(bb, bundle.header.num_outputs)
+    with torch.no_grad():
+        for name, layer in model.masked_layers().items():
+            layer.scores.copy_(tensors[f"{name}.scores"].to(torch.float32))
+        model.head.classifier.weight.copy_(torch.from_numpy(np.array(bundle.head[HEAD_WEIGHT])))
+        model.head.classifier.bias.copy_(torch.from_numpy(np.array(bundle.head[HEAD_BIAS])))
+    return evaluate_bernoulli(model, bb.tokenizer, task, dev, bundle.header.max_seq_length, samples, batch_size)
