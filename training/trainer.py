@@ -70,6 +70,7 @@ class TrainResult:
     sparsity: float
     dev_metrics: dict[str, float]
     bernoulli: dict[str, dict[str, float]] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # training loss per step
 
 
 def encode(tokenizer, examples: list[Example], max_len: int) -> dict[str, torch.Tensor]:
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
                    for n, layer in model.masked_layers().items()},
                   str(scores_path(cfg.output)))
     log.info("wrote %s (%d bytes), sparsity %.4f, dev %s", cfg.output, len(data), sparsity, dev)
-    return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern)
+    return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern, losses)
 
 
 def scores_path(bundle_path: str | Path) -> Path:
