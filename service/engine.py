@@ -36,13 +36,10 @@ from service.backbone import Backbone, mean_pool, replace_module
 from service.errors import InputInvalid, TaskTooLarge
 from service.kernels import cpu as cpu_kernels
 from service.kernels.reference import masked_linear_reference
+from service.kernels.selector import select_path
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-#: masks at or below this sparsity use the sparse-complement path on CPU
-COMPLEMENT_MAX_SPARSITY = 0.25
-
 
 @dataclass(frozen=True)
 class PredictRequest:
@@ -146,16 +143,15 @@ class TaskCache:
 
 
 def choose_path(sparsity: float, kernel_path: str) -> str:
-    """CPU path for one matrix: the setting if forced, else complement for low sparsity, dense above."""
+    """Resident form of one matrix on the CPU: "none" when nothing is pruned (unless a path is
+    forced), else the path :func:`service.kernels.selector.select_path` picks, without its ``cpu_`` prefix.
+
+    Raises:
+        ValueError: ``kernel_path`` cannot run on the CPU (see ``select_path``).
+    """
     if sparsity == 0.0 and kernel_path in ("auto", "cpu_complement"):
         return "none"
-    if kernel_path == "reference":
-        return "reference"
-    if kernel_path == "cpu_dense":
-        return "dense"
-    if kernel_path == "cpu_complement":
-        return "complement"
-    return "complement" if sparsity <= COMPLEMENT_MAX_SPARSITY else "dense"
+    return select_path("cpu", sparsity, rows=0, override=kernel_path).removeprefix("cpu_")
 
 
 class Engine:
@@ -177,7 +173,8 @@ class Engine:
         self.metrics = metrics
         self.cache = TaskCache(cache_bytes)
         self.max_batch_size = max_batch_size
-        self.kernel_path = "auto" if kernel_path in ("triton_fused", "gpu_complement") else kernel_path
+        choose_path(0.5, kernel_path)  # reject a path that cannot run here before any task is loaded
+        self.kernel_path = kernel_path
         self._lock = threading.Lock()  # guards the cache and the shared modules during a pass
         self.layers: dict[str, MaskedLinear] = {}
         for name in backbone.masked:

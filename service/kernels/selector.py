@@ -1,0 +1,95 @@
+"""Pick the masked-matmul path per device, mask sparsity and batch size.
+
+Paths (module that implements each):
+
+==================  =========================================================
+``reference``       :mod:`service.kernels.reference` (any device; slow, exact)
+``cpu_complement``  :func:`service.kernels.cpu.masked_linear_complement`
+``cpu_dense``       :func:`service.kernels.cpu.masked_linear_dense`
+``triton_fused``    :mod:`service.kernels.triton_masked` (CUDA, needs triton)
+``gpu_complement``  :mod:`service.kernels.sparse_complement` (CUDA)
+==================  =========================================================
+
+Automatic rule (``override`` None, ``""`` or ``"auto"``):
+
+* ``cpu``: ``cpu_complement`` when ``sparsity <= CPU_COMPLEMENT_MAX_SPARSITY``
+  (0.25), else ``cpu_dense``.
+* ``cuda``: ``triton_fused``, except ``gpu_complement`` when the masks prune
+  very little (``sparsity <= GPU_COMPLEMENT_MAX_SPARSITY``, 0.02) and the batch
+  is large (``rows >= GPU_COMPLEMENT_MIN_ROWS``, 4096 token rows, i.e. 32
+  sequences of 128): there the dense cuBLAS product dominates and the sparse
+  correction is small. Without triton, always ``gpu_complement``.
+  The two GPU thresholds are first guesses, to be tuned with ``benchmarks/gpu.py``.
+* any other device type: ``reference``.
+
+For a mixed-task batch pass the largest sparsity among its tasks.
+
+``override`` is the off-switch (the service reads it from its settings, e.g.
+``SUPERMASK_KERNEL_PATH``; this module never reads the environment).
+"""
+
+from __future__ import annotations
+
+from service.kernels import triton_masked
+
+PATHS = ("reference", "cpu_complement", "cpu_dense", "triton_fused", "gpu_complement")
+"""Every path name :func:`select_path` can return or accept as an override."""
+
+AUTO = ("", "auto")
+"""Override values that mean "choose automatically" (as does None)."""
+
+CPU_COMPLEMENT_MAX_SPARSITY = 0.25
+"""CPU: largest pruned fraction for which the sparse-complement path is chosen."""
+
+GPU_COMPLEMENT_MAX_SPARSITY = 0.02
+"""CUDA: largest pruned fraction for which the sparse-complement path may be chosen."""
+
+GPU_COMPLEMENT_MIN_ROWS = 4096
+"""CUDA: smallest batch (token rows) for which the sparse-complement path may be chosen."""
+
+_CUDA_ONLY = ("triton_fused", "gpu_complement")
+
+
+def select_path(device_type: str, sparsity: float, rows: int, override: str | None) -> str:
+    """Name of the masked-matmul path to use.
+
+    Args:
+        device_type: ``torch.device.type`` of the weights, e.g. ``"cpu"`` or ``"cuda"``.
+        sparsity: fraction of pruned weights in ``[0, 1]`` (the largest among the batch's tasks).
+        rows: token rows in the batch (sequences x sequence length), ``>= 0``.
+        override: a name from :data:`PATHS` to force that path, or None / ``""`` /
+            ``"auto"`` for the automatic rule (see the module docstring).
+
+    Returns:
+        One of :data:`PATHS`.
+
+    Raises:
+        ValueError: unknown override, an override that cannot run on ``device_type``
+            (a CUDA path off CUDA, ``triton_fused`` without triton), or
+            ``sparsity`` / ``rows`` out of range.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if rows < 0:
+        raise ValueError(f"rows must be >= 0, got {rows}")
+    if override is not None and override.strip().lower() not in AUTO:
+        path = override.strip().lower()
+        if path not in PATHS:
+            raise ValueError(f"unknown kernel path {override!r}; allowed values: "
+                             f"{', '.join(PATHS)} (or 'auto' / empty for automatic choice)")
+        if path in _CUDA_ONLY and device_type != "cuda":
+            raise ValueError(f"kernel path {path!r} needs a CUDA device, got device type {device_type!r}; "
+                             f"allowed off CUDA: {', '.join(p for p in PATHS if p not in _CUDA_ONLY)}")
+        if path == "triton_fused" and not triton_masked.HAS_TRITON:
+            raise ValueError("kernel path 'triton_fused' needs triton, which is not installed; "
+                             f"allowed: {', '.join(p for p in PATHS if p != 'triton_fused')}")
+        return path
+    if device_type == "cpu":
+        return "cpu_complement" if sparsity <= CPU_COMPLEMENT_MAX_SPARSITY else "cpu_dense"
+    if device_type == "cuda":
+        if not triton_masked.HAS_TRITON:
+            return "gpu_complement"
+        if sparsity <= GPU_COMPLEMENT_MAX_SPARSITY and rows >= GPU_COMPLEMENT_MIN_ROWS:
+            return "gpu_complement"
+        return "triton_fused"
+    return "reference"
