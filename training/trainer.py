@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
 from service.backbone import Backbone, load_backbone
+from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
 from training.supermask import SupermaskModel
 
@@ -40,7 +41,7 @@ class TrainConfig:
     data_dir: str
     output: str
     backbone: str | None = None
-    bits: int = 8
+    bits: int = 8  # 1..8: masks over deq(int-b weights); 32: over the un-quantized fp32 weights
     max_seq_length: int = 128
     batch_size: int = 32
     epochs: float = 3.0
@@ -58,6 +59,7 @@ class TrainConfig:
     bernoulli_samples: int = BERNOULLI_SAMPLES
     save_scores: bool = True  # also write ν next to the bundle, for Bernoulli evaluation later
     task_name: str | None = None  # name in the bundle; default: the GLUE name
+    shuffle_weights: bool = False  # control (paper §4.4): permute each masked matrix's entries first
 
 
 @dataclass
@@ -191,15 +193,21 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     """
     if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
         raise ValueError(f"learning rates must be positive, got mask_lr={cfg.mask_lr}, head_lr={cfg.head_lr}")
+    if not (1 <= cfg.bits <= 8 or cfg.bits == 32):
+        raise ValueError(f"bits must be in 1..8 or 32 (un-quantized), got {cfg.bits}")
     task = get_task(cfg.task)
     train_set = read_split(task, cfg.data_dir, "train")[: cfg.train_limit]
     dev_set = read_split(task, cfg.data_dir, "dev")[: cfg.dev_limit]
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    backbone = backbone or load_backbone(cfg.backbone, bits=cfg.bits)
+    backbone = backbone or load_backbone(cfg.backbone, bits=min(cfg.bits, 8))  # bits=32: int8 fingerprint
+    if cfg.bits == 32:
+        restore_float_weights(backbone)
+    if cfg.shuffle_weights:
+        shuffle_masked_weights(backbone, cfg.seed, float_weights=cfg.bits == 32)
     tokenizer = backbone.tokenizer
     num_out = 1 if task.problem_type == "regression" else len(task.labels)
-    model = SupermaskModel(backbone, num_out, cfg.init_sparsity, cfg.head_dropout)
+    model = SupermaskModel(backbone, num_out, cfg.init_sparsity, cfg.head_dropout, quantized=cfg.bits < 32)
 
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))

@@ -1,0 +1,272 @@
+"""The GLUE study tooling: shuffled-weights control, fp32 weights, fine-tuning baseline,
+heat-map / overlap analysis and resumable experiment scripts (benchmarks/glue/)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.glue import common, heatmap_overlap, table_a
+from service.backbone import dequantize, load_backbone
+from training.controls import restore_float_weights, shuffle_masked_weights
+
+from tests.conftest import make_bundle
+
+
+def _write_glue(root, n: int = 12) -> str:
+    """A tiny GLUE folder with SST-2 and MRPC in the original TSV layout."""
+    sst = root / "SST-2"
+    sst.mkdir(parents=True)
+    mrpc = root / "MRPC"
+    mrpc.mkdir()
+    words = ["good", "bad", "fine", "awful", "great", "dull"]
+    for split in ("train", "dev"):
+        rows = ["sentence\tlabel"] + [f"a {words[i % 6]} film number {i}\t{i % 2}" for i in range(n)]
+        (sst / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        rows = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"] + [
+            f"{int(i % 3 != 0)}\t{i}\t{i + 100}\tthe cat {i} sat\ta cat {i} sat down" for i in range(n)]
+        (mrpc / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
+# ------------------------------------------------------------------ shuffled control
+
+
+def test_shuffle_permutes_each_matrix_and_changes_fingerprint(tiny_backbone):
+    bb = tiny_backbone
+    before = {n: bb.model.get_submodule(n).weight.detach().clone() for n in bb.masked}
+    fp_before = bb.fingerprint
+    shuffle_masked_weights(bb, seed=0, float_weights=True)
+    for n in bb.masked:
+        after = bb.model.get_submodule(n).weight.detach()
+        assert after.shape == before[n].shape
+        # the same multiset of values within this matrix ...
+        torch.testing.assert_close(after.reshape(-1).sort().values, before[n].reshape(-1).sort().values,
+                                   rtol=0, atol=0)
+        # ... in a different order
+        assert not torch.equal(after, before[n])
+        assert float((after != before[n]).float().mean()) > 0.5
+    assert bb.fingerprint != fp_before
+
+
+def test_shuffle_requantizes_and_is_seeded(tiny_backbone_dir):
+    a = load_backbone(tiny_backbone_dir)
+    b = load_backbone(tiny_backbone_dir)
+    c = load_backbone(tiny_backbone_dir)
+    orig = {n: a.model.get_submodule(n).weight.detach().clone() for n in a.masked}
+    shuffle_masked_weights(a, seed=1)
+    shuffle_masked_weights(b, seed=1)
+    shuffle_masked_weights(c, seed=2)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    for n in a.masked:
+        w = a.model.get_submodule(n).weight.detach()
+        # the modules hold deq(W_q) of the re-quantized shuffled matrix, as after loading
+        torch.testing.assert_close(w, dequantize(a.qweight[n], a.scale[n]), rtol=0, atol=0)
+        # norm-preserving up to int8 rounding
+        step = float(a.scale[n].max())
+        assert abs(float(w.norm()) - float(orig[n].norm())) < step * w.numel() ** 0.5
+        assert torch.allclose(w.reshape(-1).sort().values, orig[n].reshape(-1).sort().values, atol=step)
+
+
+def test_restore_float_weights_gives_checkpoint_weights(tiny_backbone_dir):
+    from transformers import AutoModel
+
+    bb = load_backbone(tiny_backbone_dir)
+    fp = bb.fingerprint
+    raw = AutoModel.from_pretrained(str(tiny_backbone_dir), local_files_only=True)
+    name = bb.masked[0]
+    assert not torch.equal(bb.model.get_submodule(name).weight, raw.get_submodule(name).weight)  # int8 rounding
+    restore_float_weights(bb)
+    for n in bb.masked:
+        torch.testing.assert_close(bb.model.get_submodule(n).weight, raw.get_submodule(n).weight, rtol=0, atol=0)
+    assert bb.fingerprint == fp
+
+
+def test_trainer_bits32_keeps_int8_fingerprint_and_shuffle_changes_it(tiny_backbone_dir, tmp_path):
+    from mask_store.format import read_header_file
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue")
+    fp_int8 = load_backbone(tiny_backbone_dir).fingerprint
+    common_kw = dict(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
+                     max_seq_length=16, bernoulli_samples=0, save_scores=False)
+    train(TrainConfig(output=str(tmp_path / "fp32.smask"), bits=32, **common_kw), progress=False)
+    train(TrainConfig(output=str(tmp_path / "shuf.smask"), shuffle_weights=True, **common_kw), progress=False)
+    fp32 = read_header_file(str(tmp_path / "fp32.smask"))
+    shuf = read_header_file(str(tmp_path / "shuf.smask"))
+    assert fp32.backbone_fingerprint == fp_int8
+    assert fp32.training["config"]["bits"] == 32
+    assert shuf.backbone_fingerprint != fp_int8
+    assert shuf.training["config"]["shuffle_weights"] is True
+    with pytest.raises(ValueError, match="bits"):
+        train(TrainConfig(output=str(tmp_path / "x.smask"), bits=16, **common_kw), progress=False)
+
+
+# ------------------------------------------------------------------ fine-tuning baseline
+
+
+def test_finetune_trains_every_weight_and_writes_json(tiny_backbone_dir, tmp_path):
+    from training.finetune import FinetuneConfig, FinetuneModel, _param_groups, finetune, load_encoder
+
+    encoder, _ = load_encoder(str(tiny_backbone_dir), bits=32)
+    model = FinetuneModel(encoder, 32, 2)
+    cfg = FinetuneConfig(task="SST-2", data_dir="unused", lr=3e-5, head_lr=1e-3)
+    groups = _param_groups(model, cfg)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # every parameter, once
+    assert all(p.requires_grad for p in model.parameters())
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_id[id(named["head.classifier.weight"])]["lr"] == 1e-3
+    assert by_id[id(named["encoder.encoder.layer.0.attention.self.query.weight"])]["weight_decay"] == 0.01
+    assert by_id[id(named["encoder.encoder.layer.0.attention.self.query.bias"])]["weight_decay"] == 0.0
+    assert by_id[id(named["encoder.embeddings.LayerNorm.weight"])]["weight_decay"] == 0.0
+
+    data = _write_glue(tmp_path / "glue")
+    out = tmp_path / "ft.json"
+    res = finetune(FinetuneConfig(task="MRPC", data_dir=data, output=str(out), backbone=str(tiny_backbone_dir),
+                                  max_steps=3, batch_size=4, max_seq_length=16, lr=1e-3, device="cpu"),
+                   progress=False, command="test")
+    assert res.steps == 3 and len(res.losses) == 3
+    doc = json.loads(out.read_text())
+    assert set(doc["dev_metrics"]) == {"accuracy", "f1"}
+    assert doc["dev_examples"] == 12 and doc["config"]["bits"] == 32 and doc["command"] == "test"
+    assert doc["hardware"]["device"] == "cpu"
+
+
+# ------------------------------------------------------------------ heat map and overlap
+
+
+def test_overlap_hand_example():
+    # one matrix of 8 weights: A prunes {0,1,2,3}, B prunes {2,...,7}
+    a = np.zeros(8, bool)
+    a[:4] = True
+    b = np.zeros(8, bool)
+    b[2:] = True
+    tasks, observed, chance = heatmap_overlap.pruned_overlap({"A": [a], "B": [b]})
+    assert tasks == ["A", "B"]
+    assert observed[1, 0] == pytest.approx(2 / 4)  # of A's pruned, the fraction B prunes too
+    assert observed[0, 1] == pytest.approx(2 / 6)  # of B's pruned, the fraction A prunes too
+    assert observed[0, 0] == observed[1, 1] == 1.0
+    assert chance[1, 0] == pytest.approx(6 / 8)  # B's sparsity
+    assert chance[0, 1] == pytest.approx(4 / 8)  # A's sparsity
+
+
+def test_overlap_chance_over_several_matrices():
+    # matrix 1 (4 weights): A prunes 2, B prunes 2 (the same ones); matrix 2 (4 weights): A prunes 0, B prunes 4
+    a = [np.array([1, 1, 0, 0], bool), np.zeros(4, bool)]
+    b = [np.array([1, 1, 0, 0], bool), np.ones(4, bool)]
+    _, observed, chance = heatmap_overlap.pruned_overlap({"A": a, "B": b})
+    assert observed[1, 0] == pytest.approx(1.0)  # all of A's pruned are pruned in B
+    assert observed[0, 1] == pytest.approx(2 / 6)
+    # independence within each matrix: B in A's column = (2·2/4 + 4·0/4) / 2; A in B's column = (2·2/4 + 0·4/4) / 6
+    assert chance[1, 0] == pytest.approx(0.5)
+    assert chance[0, 1] == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="shapes"):
+        heatmap_overlap.pruned_overlap({"A": a, "C": [np.zeros(3, bool)]})
+
+
+def test_overlap_of_task_with_nothing_pruned_is_nan():
+    _, observed, chance = heatmap_overlap.pruned_overlap({"A": [np.zeros(4, bool)], "B": [np.ones(4, bool)]})
+    assert np.isnan(observed[1, 0]) and np.isnan(chance[1, 0])
+    assert observed[0, 1] == 0.0
+
+
+def test_heatmap_grid_shape_and_placement(tiny_backbone):
+    from mask_store.format import decode_bundle
+
+    header = decode_bundle(make_bundle(tiny_backbone, sparsity=0.2)).header
+    grid, layers, columns = heatmap_overlap.sparsity_grid([(m.name, m.sparsity) for m in header.masks])
+    assert grid.shape == (2, 6)
+    assert layers == [0, 1]
+    assert columns == ["W_Q", "W_K", "W_V", "W_D", "W_I", "W_O"]
+    s = {m.name: m.sparsity for m in header.masks}
+    assert grid[1, 4] == s["encoder.layer.1.intermediate.dense.weight"]
+    assert grid[0, 3] == s["encoder.layer.0.attention.output.dense.weight"]
+    assert grid[1, 5] == s["encoder.layer.1.output.dense.weight"]
+    with pytest.raises(ValueError):
+        heatmap_overlap.sparsity_grid([("embeddings.word_embeddings.weight", 0.1)])
+
+
+def test_heatmap_overlap_script_on_bundles(tiny_backbone, tmp_path):
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    (bundles / "A.smask").write_bytes(make_bundle(tiny_backbone, task="A", sparsity=0.3, seed=0))
+    (bundles / "B.smask").write_bytes(make_bundle(tiny_backbone, task="B", sparsity=0.3, seed=0))  # same mask as A
+    (bundles / "C.smask").write_bytes(make_bundle(tiny_backbone, task="C", sparsity=0.3, seed=7))  # independent
+    args = heatmap_overlap.build_parser().parse_args(["--bundles", str(bundles), "--out-dir", str(tmp_path / "out")])
+    out = heatmap_overlap.run(args, "cmd")
+    tasks, observed, chance = out["scopes"]["all masked matrices"]
+    i = {t: k for k, t in enumerate(tasks)}
+    assert observed[i["B"], i["A"]] == pytest.approx(1.0)  # identical masks overlap fully
+    assert observed[i["C"], i["A"]] == pytest.approx(chance[i["C"], i["A"]], abs=0.02)  # independent: chance
+    assert chance[i["C"], i["A"]] == pytest.approx(0.3, abs=0.02)
+    doc = json.loads((tmp_path / "out" / "heatmap_overlap.json").read_text())
+    assert np.array(doc["heatmap"]["A"]["sparsity"]).shape == (2, 6)
+    assert "cmd" in (tmp_path / "out" / "heatmap_overlap.md").read_text()
+    if common.pyplot() is not None:
+        assert (tmp_path / "out" / "sparsity_heatmap.png").stat().st_size > 1000
+        assert (tmp_path / "out" / "mask_overlap.png").stat().st_size > 1000
+
+
+def test_heatmap_rejects_bundles_of_different_backbones(tiny_backbone, tmp_path):
+    (tmp_path / "A.smask").write_bytes(make_bundle(tiny_backbone, task="A"))
+    (tmp_path / "B.smask").write_bytes(make_bundle(tiny_backbone, task="B", fingerprint="0" * 64))
+    with pytest.raises(SystemExit, match="different backbones"):
+        heatmap_overlap.load_bundles([str(tmp_path)], None)
+
+
+# ------------------------------------------------------------------ resumable scripts
+
+
+def test_run_name_depends_on_every_config_value():
+    args = table_a.build_parser().parse_args([])
+    a = common.supermask_config("MRPC", 0, args)
+    assert common.run_name("supermask", a) == common.run_name("supermask", dict(a))
+    assert common.run_name("supermask", a) != common.run_name("supermask", {**a, "seed": 1})
+    assert common.run_name("supermask", a) != common.run_name("supermask", {**a, "mask_lr": 0.2})
+    assert common.run_name("supermask", a) != common.run_name("finetune", a)
+    assert common.supermask_config("SST-2", 0, args)["max_seq_length"] == 64
+    assert common.supermask_config("MRPC", 0, table_a.build_parser().parse_args(["--epochs", "1"]))["max_steps"] is None
+
+
+def test_table_a_is_resumable(tmp_path, monkeypatch):
+    data = _write_glue(tmp_path / "glue")
+    calls = {"supermask": 0, "finetune": 0}
+
+    def fake_supermask(config, bundle_path, data_dir, save_scores, progress):
+        calls["supermask"] += 1
+        f1 = 0.80 + 0.01 * config["seed"]
+        return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
+                "dev": {"accuracy": 0.7, "f1": f1}, "bundle": bundle_path.name, "device": "cpu",
+                "bernoulli": {"f1": {"mean": f1 - 0.01, "std": 0.005, "n": 10}}}
+
+    def fake_finetune(config, data_dir, progress, command):
+        calls["finetune"] += 1
+        return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.5, "sparsity": 0.0,
+                "dev": {"accuracy": 0.75, "f1": 0.82}, "device": "cpu"}
+
+    monkeypatch.setattr(common, "train_supermask", fake_supermask)
+    monkeypatch.setattr(common, "train_finetune", fake_finetune)
+    argv = ["--tasks", "MRPC", "--seeds", "0", "1", "--data-dir", data, "--out-dir", str(tmp_path / "out"), "-q"]
+    assert table_a.main(argv) == 0
+    assert calls == {"supermask": 2, "finetune": 2}
+    assert len(list((tmp_path / "out" / "runs").glob("*.json"))) == 4
+    assert table_a.main(argv) == 0  # everything read back
+    assert calls == {"supermask": 2, "finetune": 2}
+    assert table_a.main(argv + ["--max-steps", "5"]) == 0  # a different config is a new run
+    assert calls == {"supermask": 4, "finetune": 4}
+    assert table_a.main(argv + ["--force"]) == 0
+    assert calls == {"supermask": 6, "finetune": 6}
+
+    md = (tmp_path / "out" / "table_a.md").read_text()
+    assert "benchmarks/glue/table_a.py --tasks MRPC --seeds 0 1" in md
+    doc = json.loads((tmp_path / "out" / "table_a.json").read_text())
+    row = doc["rows"][0]
+    assert row["task"] == "MRPC" and row["metric"] == "f1"
+    assert row["gap_points"] == pytest.approx(100 * (0.805 - 0.82))
+    rec = doc["runs"][0]
+    assert {"hardware", "wall_seconds", "seed", "command", "config", "git_commit"} <= set(rec)
