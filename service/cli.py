@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         save_scores=not args.no_scores,
         task_name=args.name,
     )
-    res = train(cfg)
+    res = train(cfg, command="supermask " + shlex.join(args.argv))
     summary = {
         "bundle": res.bundle_path,
         "bytes": Path(res.bundle_path).stat().st_size,
@@ -151,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mask_store.errors import BackboneMismatch, TaskNotFound
+from mask_store.errors import BackboneMismatch
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid
 from mask_store.local import LocalMaskStore
 from service.backbone import Backbone, mean_pool, replace_module

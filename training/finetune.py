@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from service.backbone import default_backbone_path, load_backbone, mean_pool
-from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
+from training.glue import compute_metrics, get_task, read_split
 from training.supermask import TaskHead
-from training.trainer import _labels, atomic_write, encode, hardware, loss_fn
+from training.loop import predict_examples, run_steps
+from training.trainer import atomic_write, hardware
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +147,6 @@ def _param_groups(model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
             for (is_head, no_decay), ps in groups.items()]
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def predict(model: FinetuneModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
-            batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
-    """Class indices (or regression values) ``[n]`` for ``examples``."""
-    model.eval()
-    outs = []
-    for i in tqdm(range(0, len(examples), batch_size), desc="dev", leave=False, disable=not progress):
-        b = _to(encode(tokenizer, examples[i : i + batch_size], max_len), torch.device(device))
-        logits = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu()
-        outs.append(logits.squeeze(-1) if task.problem_type == "regression" else logits.argmax(-1))
-    return torch.cat(outs).numpy()
-
-
 def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = None) -> FinetuneResult:
     """Fine-tune every weight of the backbone plus the head on one GLUE task; evaluate on dev.
 
@@ -190,40 +173,17 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = N
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     opt = torch.optim.AdamW(_param_groups(model, cfg))
-    from transformers import get_linear_schedule_with_warmup
-
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"fine-tune {task.name}", disable=not progress, dynamic_ncols=True)
-    step = 0
-    while step < total_steps:
-        order = torch.randperm(len(train_set), generator=gen).tolist()
-        for i in range(0, len(order), cfg.batch_size):
-            if step >= total_steps:
-                break
-            batch_ex = [train_set[j] for j in order[i : i + cfg.batch_size]]
-            b = _to(encode(tokenizer, batch_ex, cfg.max_seq_length), device)
-            logits = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-            loss = loss_fn(task, logits.float(), _labels(task, batch_ex).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.detach().item())
-            step += 1
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    bar.close()
+    losses = run_steps(model, task, train_set, tokenizer, opt, total_steps, batch_size=cfg.batch_size,
+                       max_len=cfg.max_seq_length, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
+                       desc=f"fine-tune {task.name}", progress=progress, device=device, clip_norm=1.0)
+    step = len(losses)
     train_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     golds = np.array([e.label for e in dev_set])
-    preds = predict(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.eval_batch_size, device, progress)
+    preds = predict_examples(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.eval_batch_size, device,
+                             desc="dev" if progress else None)
     dev = compute_metrics(task, preds, golds)
     hw = hardware()
     hw["device"] = str(device)

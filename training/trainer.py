@@ -13,20 +13,19 @@ import datetime as _dt
 import logging
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
 from service.backbone import Backbone, load_backbone
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
+from training.loop import predict_examples, run_steps
 from training.supermask import SupermaskModel
 
 log = logging.getLogger(__name__)
@@ -75,30 +74,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # training loss per step
 
 
-def encode(tokenizer, examples: list[Example], max_len: int) -> dict[str, torch.Tensor]:
-    """Tokenize a batch, padded to its longest member, truncated to ``max_len`` tokens."""
-    a = [e.text_a for e in examples]
-    b = [e.text_b for e in examples] if examples[0].text_b is not None else None
-    return tokenizer(a, b, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-
-
-def _labels(task: GlueTask, examples: list[Example]) -> torch.Tensor:
-    if task.problem_type == "regression":
-        return torch.tensor([float(e.label) for e in examples], dtype=torch.float32)
-    return torch.tensor([int(e.label) for e in examples], dtype=torch.long)
-
-
-def loss_fn(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if task.problem_type == "regression":
-        return F.mse_loss(logits.squeeze(-1), labels)
-    return F.cross_entropy(logits, labels)
-
-
-def _forward(model: SupermaskModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-
-
-@torch.no_grad()
 def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
             batch_size: int = 64, sample: bool = False, desc: str | None = None) -> np.ndarray:
     """Class indices (or regression values) ``[n]`` for ``examples``.
@@ -106,14 +81,11 @@ def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Exa
     ``sample=False`` uses the deterministic mask ``1[ν > 0]``; True draws one
     Bernoulli mask per layer per batch.
     """
-    model.eval()
     model.set_sampling(sample)
-    outs = []
-    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=desc is None):
-        logits = _forward(model, encode(tokenizer, examples[i : i + batch_size], max_len))
-        outs.append(logits.squeeze(-1) if task.problem_type == "regression" else logits.argmax(-1))
-    model.set_sampling(None)
-    return torch.cat(outs).numpy()
+    try:
+        return predict_examples(model, tokenizer, task, examples, max_len, batch_size, desc=desc)
+    finally:
+        model.set_sampling(None)
 
 
 def evaluate_bernoulli(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
@@ -183,8 +155,11 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = True,
+          command: str = "") -> TrainResult:
     """Train a supermask for one GLUE task and write its bundle to ``cfg.output``.
+
+    ``command`` is the command line recorded in the bundle (the CLI passes its own).
 
     Raises:
         GlueDataError: data missing or malformed.
@@ -218,33 +193,11 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
             {"params": list(model.head.parameters()), "lr": cfg.head_lr, "weight_decay": cfg.weight_decay},
         ]
     )
-    from transformers import get_linear_schedule_with_warmup
-
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"train {task.name}", disable=not progress, dynamic_ncols=True)
-    step = 0
-    while step < total_steps:
-        order = torch.randperm(len(train_set), generator=gen).tolist()
-        for i in range(0, len(order), cfg.batch_size):
-            if step >= total_steps:
-                break
-            batch_ex = [train_set[j] for j in order[i : i + cfg.batch_size]]
-            batch = encode(tokenizer, batch_ex, cfg.max_seq_length)
-            loss = loss_fn(task, _forward(model, batch), _labels(task, batch_ex))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.detach().item())
-            step += 1
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    bar.close()
+    losses = run_steps(model, task, train_set, tokenizer, opt, total_steps, batch_size=cfg.batch_size,
+                       max_len=cfg.max_seq_length, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
+                       desc=f"train {task.name}", progress=progress)
+    step = len(losses)
     seconds = time.perf_counter() - t0
 
     golds = np.array([e.label for e in dev_set])
@@ -257,7 +210,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     sparsity = model.sparsity()
     name = cfg.task_name or task.name
     training = {
-        "method": "supermask (Radiya-Dixit & Wang 2020), straight-through Bernoulli, int%d backbone" % cfg.bits,
+        "method": "supermask (Radiya-Dixit & Wang 2020), straight-through Bernoulli, "
+                  + ("fp32 backbone" if cfg.bits == 32 else f"int{cfg.bits} per-channel backbone"),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("output",)},
         "steps": step,
         "train_examples": len(train_set),
@@ -265,7 +219,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-50:])),
         "hardware": hardware(),
-        "command": " ".join(["supermask", *sys.argv[1:]]) if Path(sys.argv[0]).name == "supermask" else "",
+        "command": command,
     }
     metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
     data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics)

@@ -1,0 +1,85 @@
+"""The optimisation loop and batched prediction shared by supermask training and the fine-tuning baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.glue import Example, GlueTask
+
+
+def encode(tokenizer, examples: list[Example], max_len: int) -> dict[str, torch.Tensor]:
+    """Tokenize a batch, padded to its longest member, truncated to ``max_len`` tokens."""
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples[0].text_b is not None else None
+    return tokenizer(a, b, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+
+
+def labels_of(task: GlueTask, examples: list[Example]) -> torch.Tensor:
+    """float32 ``[n]`` scores (regression) or int64 ``[n]`` class indices."""
+    if task.problem_type == "regression":
+        return torch.tensor([float(e.label) for e in examples], dtype=torch.float32)
+    return torch.tensor([int(e.label) for e in examples], dtype=torch.long)
+
+
+def loss_fn(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error for regression, cross-entropy otherwise."""
+    if task.problem_type == "regression":
+        return nn.functional.mse_loss(logits.squeeze(-1), labels)
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``model(input_ids, attention_mask, token_type_ids)`` with the batch moved to ``device``."""
+    b = {k: v.to(device) for k, v in batch.items()}
+    return model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+
+
+def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokenizer, opt: torch.optim.Optimizer,
+              total_steps: int, *, batch_size: int, max_len: int, seed: int, warmup_ratio: float,
+              desc: str, progress: bool = True, device: torch.device | str = "cpu",
+              clip_norm: float | None = None) -> list[float]:
+    """``total_steps`` AdamW steps over reshuffled epochs with linear warm-up then linear decay
+    (``transformers.get_linear_schedule_with_warmup``). Returns the loss of every step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total_steps), total_steps)
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    while len(losses) < total_steps:
+        order = torch.randperm(len(train_set), generator=gen).tolist()
+        for i in range(0, len(order), batch_size):
+            if len(losses) >= total_steps:
+                break
+            batch_ex = [train_set[j] for j in order[i : i + batch_size]]
+            logits = forward(model, encode(tokenizer, batch_ex, max_len), device)
+            loss = loss_fn(task, logits.float(), labels_of(task, batch_ex).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(params, clip_norm)
+            opt.step()
+            sched.step()
+            losses.append(loss.detach().item())
+            bar.update(1)
+            if len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    bar.close()
+    return losses
+
+
+@torch.no_grad()
+def predict_examples(model: nn.Module, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
+                     batch_size: int = 64, device: torch.device | str = "cpu", desc: str | None = None) -> np.ndarray:
+    """Class indices (int ``[n]``) or regression values (float ``[n]``) with ``model`` in eval mode."""
+    model.eval()
+    outs = []
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=desc is None):
+        logits = forward(model, encode(tokenizer, examples[i : i + batch_size], max_len), device).float().cpu()
+        outs.append(logits.squeeze(-1) if task.problem_type == "regression" else logits.argmax(-1))
+    return torch.cat(outs).numpy()
