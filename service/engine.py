@@ -15,6 +15,27 @@ and exported as ``supermask_task_load_duration_seconds``).
 
 Forward passes are serialised by a lock (the shared modules hold the active
 task's state during a pass); torch uses its intra-op threads inside a pass.
+
+Mixed-task batches (:meth:`Engine.logits_mixed`). Rows of several tasks are
+sorted into per-task segments and run as ONE forward pass; the engine sets a
+:class:`SegmentTable` (token-row offsets of each segment in the flattened
+``[batch * seq, hidden]`` activations, and per segment the task's layer states
+or device slot) on every :class:`MaskedLinear` for that pass. On the CPU each
+masked layer applies each segment's mask with the CPU kernels, segment by
+segment (correct, not fused).
+
+How the CUDA path works (``device="cuda"``, or "auto" with CUDA present). The
+backbone's model moves to the GPU in float16 and every masked layer keeps its
+int8 weight and scales there. The host tier (:class:`TaskCache`) then holds a
+task's *packed* mask bits (uint8, pinned) and head instead of CSR forms; the
+device tier (:class:`service.device_cache.DeviceTaskCache`) holds
+``device_slots`` tasks' mask words on the GPU. A forward pass acquires a slot
+per task of the batch (swap-in on a miss) and each masked layer runs the path
+:func:`service.kernels.selector.select_path` picks for it (``triton_fused``:
+:func:`service.kernels.triton_masked.segmented_masked_linear_triton`, one
+launch for the whole batch; ``gpu_complement``:
+:func:`service.kernels.sparse_complement.segmented_complement_linear`), unless
+``kernel_path`` forces one. The CPU path stays the default without CUDA.
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,10 +55,12 @@ from mask_store.errors import BackboneMismatch
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid
 from mask_store.local import LocalMaskStore
 from service.backbone import Backbone, mean_pool, replace_module
+from service.device_cache import DeviceTaskCache
 from service.errors import InputInvalid, TaskTooLarge
 from service.kernels import cpu as cpu_kernels
+from service.kernels import sparse_complement, triton_masked
 from service.kernels.reference import masked_linear_reference
-from service.kernels.selector import select_path
+from service.kernels.selector import AUTO, select_path
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -55,17 +79,22 @@ class LayerState:
 
     ``path`` is "none" (nothing pruned: plain dense product), "complement"
     (``pruned`` is a CSR ``[out, in]`` of ``W ⊙ ¬μ``), "dense" (``mask`` is
-    bool ``[out, in]``) or "reference" (``mask`` set; the slow reference kernel).
+    bool ``[out, in]``) or "reference" (``mask`` set; the slow reference kernel)
+    on the CPU; "device" on the device tier (``packed`` holds the bundle's bits,
+    copied into a device slot when the task is used).
     """
 
     path: str
-    pruned: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    pruned: torch.Tensor | None = None  # CSR [out, in] of W ⊙ ¬μ ("complement")
+    mask: torch.Tensor | None = None  # bool [out, in] ("dense", "reference")
+    packed: torch.Tensor | None = None  # uint8 [ceil(out * in / 8)], bundle bit order, pinned on CUDA ("device")
+    sparsity: float = 0.0  # pruned fraction of this matrix, from the bundle header
 
     def nbytes(self) -> int:
         n = cpu_kernels.csr_bytes(self.pruned)
-        if self.mask is not None:
-            n += self.mask.numel() * self.mask.element_size()
+        for t in (self.mask, self.packed):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
 
@@ -82,24 +111,62 @@ class LoadedTask:
     bundle_bytes: int = 0
 
 
+@dataclass
+class SegmentTable:
+    """Row segments of one mixed-task forward pass, one segment per task, in batch order.
+
+    Set by the engine on every :class:`MaskedLinear` for the duration of one
+    pass. A sequence padded to the batch's length ``T`` occupies ``T``
+    consecutive rows of the flattened ``[batch * T, in]`` activations, so
+    segment ``s`` covers token rows ``row_starts[s] : row_starts[s + 1]``.
+    CPU path: ``states`` set. Device tier: ``slots``, ``seg_starts``,
+    ``seg_slots`` and ``paths`` set.
+    """
+
+    row_starts: list[int]  # [num_segments + 1] token-row offsets (host), row_starts[-1] = batch * T
+    states: list[dict[str, LayerState]] | None = None  # [num_segments] the segment task's layer states (CPU)
+    slots: list[int] | None = None  # [num_segments] device-cache slot of each segment's task (host copy)
+    seg_starts: torch.Tensor | None = None  # int32 [num_segments + 1] on the device, = row_starts
+    seg_slots: torch.Tensor | None = None  # int32 [num_segments] on the device, = slots
+    paths: dict[str, str] = field(default_factory=dict)  # module name -> kernel path for this pass
+
+
 class MaskedLinear(nn.Module):
     """Drop-in for a backbone ``nn.Linear`` that applies the active task's mask.
 
-    Holds references to the backbone's weight ``[out, in]`` (float32,
-    ``deq(W_q)``), bias, int8 weight and scales; ``state`` is set by the
-    engine for the duration of one forward pass.
+    Holds references to the backbone's weight ``[out, in]`` (``deq(W_q)``:
+    float32 on the CPU, float16 on CUDA), bias, int8 weight ``[out, in]`` and
+    scales ``[out]`` (on the model's device). For one forward pass the engine
+    sets either ``state`` (one task, CPU) or ``segments`` (a mixed-task batch).
+    On the device tier ``device_words`` / ``device_pruned`` are the device
+    cache's slot tensors for this matrix (set once; the cache refills them).
     """
 
-    def __init__(self, linear: nn.Linear, w_q: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, linear: nn.Linear, w_q: torch.Tensor, scale: torch.Tensor, name: str = ""):
         super().__init__()
+        self.name = name
         self.weight = linear.weight  # shared, not copied
         self.bias = linear.bias
-        self.w_q = w_q
-        self.scale = scale
+        self.w_q = w_q  # int8 [out, in]
+        self.scale = scale  # float32 [out]
         self.state: LayerState | None = None
+        self.segments: SegmentTable | None = None
+        self.device_words: torch.Tensor | None = None  # int32 [slots, out, ceil(in / 32)]
+        self.device_pruned: list[torch.Tensor | None] | None = None  # [slots] CSR [out, in] or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        st = self.state
+        seg = self.segments
+        if seg is None:
+            return self._apply_state(self.state, x)
+        x2 = x.reshape(-1, x.shape[-1])  # [batch * T, in]
+        if seg.states is not None:  # CPU: one segment at a time with that task's state
+            r = seg.row_starts
+            y = torch.cat([self._apply_state(st.get(self.name), x2[r[i]:r[i + 1]]) for i, st in enumerate(seg.states)])
+        else:
+            y = self._apply_device(seg, x2)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _apply_state(self, st: LayerState | None, x: torch.Tensor) -> torch.Tensor:
         if st is None or st.path == "none":
             return nn.functional.linear(x, self.weight, self.bias)
         if st.path == "complement":
@@ -107,6 +174,23 @@ class MaskedLinear(nn.Module):
         if st.path == "dense":
             return cpu_kernels.masked_linear_dense(x, self.weight, self.bias, st.mask)
         return masked_linear_reference(x, self.w_q, self.scale, st.mask, self.bias)
+
+    def _apply_device(self, seg: SegmentTable, x2: torch.Tensor) -> torch.Tensor:
+        """Device tier: ``x2`` ``[rows, in]`` sorted by segment -> ``[rows, out]`` in ``x2.dtype``."""
+        path = seg.paths[self.name]
+        if path == "triton_fused":
+            return triton_masked.segmented_masked_linear_triton(
+                x2.contiguous(), self.w_q, self.scale, self.device_words, seg.seg_starts, seg.seg_slots, self.bias)
+        if path == "gpu_complement":
+            return sparse_complement.segmented_complement_linear(
+                x2, self.weight, self.bias, self.device_pruned, seg.row_starts, seg.slots)
+        # "reference": materialise each segment's mask from its slot (slow, exact)
+        out, in_ = self.w_q.shape
+        r = seg.row_starts
+        return torch.cat([masked_linear_reference(
+            x2[r[i]:r[i + 1]], self.w_q, self.scale,
+            triton_masked.relayout_mask_inverse(self.device_words[slot], out, in_), self.bias)
+            for i, slot in enumerate(seg.slots)])
 
 
 @dataclass
@@ -154,40 +238,139 @@ def choose_path(sparsity: float, kernel_path: str) -> str:
     return select_path("cpu", sparsity, rows=0, override=kernel_path).removeprefix("cpu_")
 
 
+CPU_ONLY_PATHS = ("cpu_complement", "cpu_dense")
+"""Kernel paths that force the CPU engine (with ``device="auto"``: the off-switch for the CUDA paths)."""
+
+DEVICE_TIER_PATHS = ("triton_fused", "gpu_complement", "reference")
+"""Paths the device tier can run (``reference``: exact, slow, any device)."""
+
+
+def resolve_device(device: str, kernel_path: str = "auto") -> torch.device:
+    """The device the engine runs on.
+
+    ``"auto"``: CUDA when ``torch.cuda.is_available()`` and ``kernel_path`` is not a CPU path
+    (:data:`CPU_ONLY_PATHS`), else the CPU. ``"cuda"`` / ``"cuda:N"`` and ``"cpu"``: as named.
+
+    Raises:
+        ValueError: CUDA requested but absent, a CPU path forced on CUDA, or an unknown device.
+    """
+    if device == "auto":
+        if torch.cuda.is_available() and kernel_path not in CPU_ONLY_PATHS:
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available (torch.cuda.is_available() "
+                             "is False); use device 'cpu' or 'auto'")
+        if kernel_path in CPU_ONLY_PATHS:
+            raise ValueError(f"kernel path {kernel_path!r} runs on the CPU, device is {device!r}; allowed on CUDA: "
+                             f"auto, {', '.join(DEVICE_TIER_PATHS)} (or device 'cpu')")
+        return torch.device(device)
+    raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+
+
 class Engine:
     """Serves predictions for any stored task over one shared backbone.
 
     Args:
-        backbone: the loaded, quantized backbone (its modules are wrapped in place).
+        backbone: the loaded, quantized backbone (its modules are wrapped in place; on CUDA
+            its model is moved to the GPU in float16).
         store: where bundles live.
         metrics: collectors to record into.
-        cache_bytes: byte budget of the task cache.
+        cache_bytes: byte budget of the host task cache.
         max_batch_size: rows per forward pass.
         kernel_path: "auto" or a forced path (see :class:`service.settings.Settings`).
+        device: "auto", "cpu" or "cuda" (see :func:`resolve_device`).
+        device_slots: GPU mask slots of the device tier (CUDA only); ``cache_bytes`` must hold
+            at least this many tasks.
+        emulate_device_path: TEST-ONLY hook. With ``device="cpu"``, serve through the device
+            tier (host tier of packed masks, :class:`DeviceTaskCache` on the CPU, segmented
+            kernels) with this path forced: "triton_fused" (needs ``TRITON_INTERPRET=1`` set
+            before triton is imported; tests/conftest.py does so without CUDA), "gpu_complement"
+            (torch CPU sparse ops) or "reference". Lets the CUDA serving logic be tested on a
+            machine without a GPU; never set by the server.
+
+    Raises:
+        ValueError: a kernel path or device that cannot run here, or (device tier) a host cache
+            too small for ``device_slots`` tasks.
     """
 
     def __init__(self, backbone: Backbone, store: LocalMaskStore, metrics: Metrics, cache_bytes: int,
-                 max_batch_size: int = 32, kernel_path: str = "auto"):
+                 max_batch_size: int = 32, kernel_path: str = "auto", device: str = "auto",
+                 device_slots: int = 16, *, emulate_device_path: str | None = None):
         self.backbone = backbone
         self.store = store
         self.metrics = metrics
         self.cache = TaskCache(cache_bytes)
         self.max_batch_size = max_batch_size
-        choose_path(0.5, kernel_path)  # reject a path that cannot run here before any task is loaded
+        self.device = resolve_device(device, kernel_path)
+        if emulate_device_path is not None:
+            if self.device.type != "cpu":
+                raise ValueError(f"emulate_device_path is a test hook for device 'cpu', device is {self.device}")
+            if emulate_device_path not in DEVICE_TIER_PATHS:
+                raise ValueError(f"emulate_device_path must be one of {DEVICE_TIER_PATHS}, got {emulate_device_path!r}")
+        #: the device tier (packed host tier + GPU slots + segmented kernels) serves every pass
+        self.device_tier = self.device.type == "cuda" or emulate_device_path is not None
+        #: override given to select_path("cuda", ...) on the device tier (None / "auto": automatic)
+        self._device_override = emulate_device_path or kernel_path
+        if self.device_tier:
+            select_path("cuda", 0.5, 0, self._device_override)  # rejects triton_fused without triton
+            self._check_host_capacity(backbone, cache_bytes, device_slots)
+        else:
+            choose_path(0.5, kernel_path)  # reject a path that cannot run here before any task is loaded
         self.kernel_path = kernel_path
-        self._lock = threading.Lock()  # guards the cache and the shared modules during a pass
+        self._lock = threading.Lock()  # guards the caches and the shared modules during a pass
         self.layers: dict[str, MaskedLinear] = {}
         for name in backbone.masked:
             lin = backbone.model.get_submodule(name)
             if isinstance(lin, MaskedLinear):
                 raise ValueError("backbone modules are already wrapped by another engine")
-            ml = MaskedLinear(lin, backbone.qweight[name], backbone.scale[name])
+            ml = MaskedLinear(lin, backbone.qweight[name], backbone.scale[name], name=name)
             replace_module(backbone.model, name, ml)
             self.layers[name] = ml
+        self.device_cache: DeviceTaskCache | None = None
+        if self.device_tier:
+            self._init_device_tier(device_slots)
         metrics.backbone_bytes.set(backbone.parameter_bytes())
         metrics.cache_capacity_bytes.set(cache_bytes)
         metrics.resident_tasks.set(0)
         metrics.cache_bytes.set(0)
+
+    @staticmethod
+    def _check_host_capacity(backbone: Backbone, cache_bytes: int, device_slots: int) -> None:
+        """The host tier must hold every task that holds a device slot (as vLLM's max_cpu_loras >= max_loras).
+
+        One task's host bytes are at least its packed masks (1 bit per masked weight) plus the
+        smallest head (2 labels, float32); larger heads only make the requirement stricter.
+        """
+        if device_slots <= 0:
+            raise ValueError(f"device_slots must be > 0, got {device_slots}")
+        mask_bytes = sum((q.numel() + 7) // 8 for q in backbone.qweight.values())
+        head_bytes = (2 * backbone.hidden_size + 2) * 4
+        need = device_slots * (mask_bytes + head_bytes)
+        if cache_bytes < need:
+            raise ValueError(f"cache_bytes must be >= device_slots x bytes of one task (packed masks + head): "
+                             f"cache_bytes is {cache_bytes}, device_slots {device_slots} x {mask_bytes + head_bytes} "
+                             f"= {need}; raise SUPERMASK_CACHE_BYTES or lower SUPERMASK_DEVICE_SLOTS")
+
+    def _init_device_tier(self, device_slots: int) -> None:
+        shapes = {n: tuple(ml.w_q.shape) for n, ml in self.layers.items()}
+        if self.device.type == "cuda":
+            self.backbone.model.to(device=self.device, dtype=torch.float16)  # shared weights now fp16 on the GPU
+            for n, ml in self.layers.items():
+                ml.w_q = self.backbone.qweight[n].to(self.device)
+                ml.scale = self.backbone.scale[n].to(self.device)
+        need_csr = self._device_override in (*AUTO, None, "gpu_complement")
+        self.device_cache = DeviceTaskCache(
+            shapes, device_slots, self.device, self.metrics,
+            weights={n: ml.weight for n, ml in self.layers.items()} if need_csr else None)
+        for n, ml in self.layers.items():
+            ml.device_words = self.device_cache.words[n]
+            ml.device_pruned = self.device_cache.pruned[n]
+        log.info("device tier on %s: %d mask slots, %d bytes of mask words", self.device, device_slots,
+                 self.device_cache.nbytes())
 
     # ---- task cache -------------------------------------------------------------------------
     def build_task(self, bundle: Bundle) -> LoadedTask:
@@ -213,6 +396,13 @@ class Engine:
             layer = self.layers[module]
             if list(layer.weight.shape) != m.shape:
                 raise BundleInvalid(f"mask {m.name!r} has shape {m.shape}, backbone weight is {list(layer.weight.shape)}")
+            if self.device_tier:
+                if m.sparsity > 0.0:  # an all-ones mask needs no bits: the device cache keeps every weight
+                    packed = torch.frombuffer(bytearray(bundle.masks[m.name]), dtype=torch.uint8)
+                    if self.device.type == "cuda":
+                        packed = packed.pin_memory()  # asynchronous host-to-device copy at swap-in
+                    layers[module] = LayerState("device", packed=packed, sparsity=m.sparsity)
+                continue
             path = choose_path(m.sparsity, self.kernel_path)
             if path == "none":
                 layers[module] = LayerState("none")
@@ -269,6 +459,8 @@ class Engine:
                     self.metrics.resident_task_bytes.remove(task)
                 except KeyError:
                     pass
+            if self.device_cache is not None:
+                self.device_cache.invalidate(task)
             self._update_gauges()
 
     def is_resident(self, task: str) -> bool:
@@ -293,6 +485,137 @@ class Engine:
         pooled = mean_pool(hidden, enc["attention_mask"])
         return nn.functional.linear(pooled, entry.head_weight, entry.head_bias)
 
+    def _encode(self, groups: Sequence[tuple[BundleHeader, list[tuple[str, str | None]]]]
+                ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Tokenize the rows of several tasks into one padded batch.
+
+        Each task's rows are truncated to its own ``max_seq_length`` (single texts or pairs as the
+        task takes them), then all rows are padded to the longest.
+
+        Returns:
+            ``(inputs, seq_starts)``: model inputs (``input_ids``, ``attention_mask`` and, when the
+            tokenizer makes them, ``token_type_ids``; int64 ``[batch, T]`` on the CPU) and the
+            sequence offsets of each group, ``[len(groups) + 1]``.
+        """
+        tok = self.backbone.tokenizer
+        ids: list[list[int]] = []
+        types: list[list[int]] | None = []
+        seq_starts = [0]
+        for header, rows in groups:
+            a = [r[0] for r in rows]
+            b = [r[1] for r in rows] if header.text_pairs else None
+            enc = tok(a, b, truncation=True, max_length=header.max_seq_length)
+            ids += enc["input_ids"]
+            if types is not None and "token_type_ids" in enc:
+                types += enc["token_type_ids"]
+            else:
+                types = None
+            seq_starts.append(len(ids))
+        seq_len = max(len(x) for x in ids)
+        left = getattr(tok, "padding_side", "right") == "left"
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+        def padded(seqs: list[list[int]], value: int) -> torch.Tensor:
+            fill = [[value] * (seq_len - len(x)) for x in seqs]
+            return torch.tensor([f + x if left else x + f for x, f in zip(seqs, fill)], dtype=torch.long)
+
+        inputs = {"input_ids": padded(ids, pad_id), "attention_mask": padded([[1] * len(x) for x in ids], 0)}
+        if types is not None:
+            inputs["token_type_ids"] = padded(types, 0)
+        return inputs, seq_starts
+
+    def _forward_segments(self, segs: Sequence[tuple[str, LoadedTask, list[tuple[str, str | None]]]]
+                          ) -> list[torch.Tensor]:
+        """One forward pass over the rows of several tasks (one segment per task, distinct tasks).
+
+        Returns:
+            float32 ``[len(rows), num_outputs]`` on the CPU per segment.
+        """
+        inputs, seq_starts = self._encode([(e.header, rows) for _, e, rows in segs])
+        batch, seq_len = inputs["input_ids"].shape
+        row_starts = [s * seq_len for s in seq_starts]
+        if self.device_cache is not None:
+            in_use = {t for t, _, _ in segs}
+            slots = [self.device_cache.acquire(
+                t, {n: st.packed for n, st in e.layers.items() if st.packed is not None}, in_use)
+                for t, e, _ in segs]
+            paths = {}
+            for name in self.layers:
+                sparsity = max((e.layers[name].sparsity if name in e.layers else 0.0) for _, e, _ in segs)
+                paths[name] = select_path("cuda", sparsity, batch * seq_len, self._device_override)
+            table = SegmentTable(
+                row_starts, slots=slots, paths=paths,
+                seg_starts=torch.tensor(row_starts, dtype=torch.int32).to(self.device, non_blocking=True),
+                seg_slots=torch.tensor(slots, dtype=torch.int32).to(self.device, non_blocking=True))
+        else:
+            table = SegmentTable(row_starts, states=[e.layers for _, e, _ in segs])
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        for layer in self.layers.values():
+            layer.segments = table
+        try:
+            hidden = self.backbone.model(**inputs).last_hidden_state  # [batch, T, hidden]
+        finally:
+            for layer in self.layers.values():
+                layer.segments = None
+        pooled = mean_pool(hidden.float(), inputs["attention_mask"]).cpu()  # [batch, hidden] float32
+        return [nn.functional.linear(pooled[seq_starts[i]:seq_starts[i + 1]], e.head_weight, e.head_bias)
+                for i, (_, e, _) in enumerate(segs)]
+
+    @torch.inference_mode()
+    def logits_mixed(self, items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]]) -> list[torch.Tensor]:
+        """Head outputs for the rows of several tasks, with as few forward passes as possible.
+
+        Rows are sorted into per-task segments (a task named by several items forms one
+        segment) and cut into batches of at most ``max_batch_size`` rows (and, on the device
+        tier, at most ``device_slots`` tasks); each batch is ONE forward pass in which every
+        masked layer applies each segment's mask.
+
+        Args:
+            items: ``(task, rows)`` pairs; ``rows`` as in :meth:`logits`.
+
+        Returns:
+            One float32 ``[len(rows), num_outputs]`` tensor per item, in the order of ``items``.
+
+        Raises:
+            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge.
+        """
+        with self._lock:
+            entries: dict[str, LoadedTask] = {}
+            by_task: OrderedDict[str, list[tuple[int, int]]] = OrderedDict()  # task -> [(item, row)]
+            for i, (task, rows) in enumerate(items):
+                if task not in entries:
+                    entries[task] = self._get(task)
+                by_task.setdefault(task, []).extend((i, j) for j in range(len(rows)))
+            results = [torch.empty(len(rows), entries[task].header.num_outputs) for task, rows in items]
+            max_tasks = self.device_cache.slots if self.device_cache is not None else len(by_task)
+            flat = [(task, i, j) for task, refs in by_task.items() for i, j in refs]  # sorted by task
+            batch: list[tuple[str, int, int]] = []
+            for ref in flat:
+                new_task = not batch or batch[-1][0] != ref[0]
+                if batch and (len(batch) == self.max_batch_size
+                              or (new_task and len({t for t, _, _ in batch}) == max_tasks)):
+                    self._run_batch(batch, items, entries, results)
+                    batch = []
+                batch.append(ref)
+            if batch:
+                self._run_batch(batch, items, entries, results)
+        return results
+
+    def _run_batch(self, batch: list[tuple[str, int, int]],
+                   items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]], entries: dict[str, LoadedTask],
+                   results: list[torch.Tensor]) -> None:
+        """Forward ``batch`` (``(task, item, row)`` refs sorted by task) and scatter into ``results``."""
+        segs: list[tuple[str, list[tuple[int, int]]]] = []
+        for task, i, j in batch:
+            if not segs or segs[-1][0] != task:
+                segs.append((task, []))
+            segs[-1][1].append((i, j))
+        outs = self._forward_segments([(task, entries[task], [items[i][1][j] for i, j in refs])
+                                       for task, refs in segs])
+        for (_, refs), out in zip(segs, outs):
+            for (i, j), row in zip(refs, out):
+                results[i][j] = row
+
     @torch.inference_mode()
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:
         """Head outputs ``[len(rows), num_outputs]`` float32 for ``task``.
@@ -300,6 +623,8 @@ class Engine:
         Raises:
             TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge.
         """
+        if self.device_tier:
+            return self.logits_mixed([(task, rows)])[0]
         with self._lock:
             entry = self._get(task)
             outs = [self._forward(entry, rows[i : i + self.max_batch_size])

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported fo
 PREFIX = "supermask"
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOAD_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SWAP_IN_BUCKETS_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -33,6 +34,10 @@ class Metrics:
     supermask_cache_bytes                            gauge      bytes of all resident tasks
     supermask_cache_capacity_bytes                   gauge      the cache's byte budget
     supermask_backbone_bytes                         gauge      bytes of the shared backbone tensors
+    supermask_device_swap_in_duration_seconds{task}  histogram  copy a task's mask bits into a GPU slot + relayout
+    supermask_device_resident_tasks                  gauge      tasks holding a GPU mask slot
+    supermask_gpu_memory_allocated_bytes             gauge      torch.cuda.memory_allocated (0 without CUDA)
+    supermask_gpu_memory_reserved_bytes              gauge      torch.cuda.memory_reserved (0 without CUDA)
     supermask_process_resident_memory_bytes          gauge      process RSS (and the other process_* series)
     ===============================================  =========  ==========================================
     """
@@ -58,8 +63,35 @@ class Metrics:
         self.cache_capacity_bytes = Gauge(f"{PREFIX}_cache_capacity_bytes", "Byte budget of the task cache.",
                                           registry=r)
         self.backbone_bytes = Gauge(f"{PREFIX}_backbone_bytes", "Bytes of the shared backbone tensors.", registry=r)
+        self.device_swap_in_seconds = Histogram(
+            f"{PREFIX}_device_swap_in_duration_seconds",
+            "Device tier swap-in time in seconds (host-to-device copy of the packed masks and relayout into a slot).",
+            ["task"], buckets=SWAP_IN_BUCKETS_SECONDS, registry=r)
+        self.device_resident_tasks = Gauge(f"{PREFIX}_device_resident_tasks", "Tasks holding a GPU mask slot.",
+                                           registry=r)
+        # Read at scrape time, so they never go stale; 0 while CUDA is absent or not initialised.
+        self.gpu_memory_allocated_bytes = Gauge(f"{PREFIX}_gpu_memory_allocated_bytes",
+                                                "GPU memory held by tensors (torch.cuda.memory_allocated).",
+                                                registry=r)
+        self.gpu_memory_allocated_bytes.set_function(_gpu_memory_allocated_bytes)
+        self.gpu_memory_reserved_bytes = Gauge(f"{PREFIX}_gpu_memory_reserved_bytes",
+                                               "GPU memory reserved by torch's caching allocator "
+                                               "(torch.cuda.memory_reserved).", registry=r)
+        self.gpu_memory_reserved_bytes.set_function(_gpu_memory_reserved_bytes)
         ProcessCollector(namespace=PREFIX, registry=r)
 
     def render(self) -> bytes:
         """Prometheus text exposition of every collector."""
         return generate_latest(self.registry)
+
+
+def _gpu_memory_allocated_bytes() -> float:
+    import torch  # imported at scrape time: this module itself needs no torch
+
+    return float(torch.cuda.memory_allocated()) if torch.cuda.is_initialized() else 0.0
+
+
+def _gpu_memory_reserved_bytes() -> float:
+    import torch
+
+    return float(torch.cuda.memory_reserved()) if torch.cuda.is_initialized() else 0.0

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     """Uploads larger than this are refused with 413."""
 
     cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
-    """Byte budget of the host task cache (unpacked masks + heads); least recently used tasks are evicted."""
+    """Byte budget of the host task cache (CPU: resident mask forms + heads; CUDA: packed masks + heads);
+    least recently used tasks are evicted."""
     max_inputs_per_request: int = Field(64, gt=0)
     """Largest ``inputs`` list one predict request may carry."""
     max_input_chars: int = Field(10_000, gt=0)
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     kernel_path: KernelPath = "auto"
     """Masked-matmul path; 'auto' lets the selector choose per device and sparsity (the off-switch for kernels)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the backbone runs; 'auto' picks CUDA when present."""
+    """Where the backbone runs; 'auto' picks CUDA when present (and ``kernel_path`` is not a CPU path)."""
+    device_slots: int = Field(16, gt=0)
+    """GPU mask slots: tasks whose masks are resident on the device at once (a mixed batch holds at most
+    this many tasks). The engine checks at start-up that ``cache_bytes`` holds at least this many tasks."""
     torch_threads: int | None = Field(None, gt=0)
     """torch intra-op threads (None: torch's default)."""

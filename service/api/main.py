@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
             log.info("preloaded example tasks into %s: %s", settings.store_dir, ", ".join(seeded))
     metrics = Metrics()
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
-                    max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path)
+                    max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
+                    device=settings.device, device_slots=settings.device_slots)
     app = FastAPI(title="supermask", version=__version__,
                   description="Multi-task server for supermask-fine-tuned BERT: one int8 backbone, "
                   "one bit-packed mask + head per task.")
