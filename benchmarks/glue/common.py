@@ -199,12 +199,13 @@ def run_name(kind: str, config: dict[str, Any]) -> str:
 
 
 def train_supermask(config: dict[str, Any], bundle_path: Path, data_dir: str, save_scores: bool,
-                    progress: bool) -> dict[str, Any]:
-    """Train one supermask with :func:`training.trainer.train`; returns the JSON-able summary."""
+                    progress: bool, command: str = "") -> dict[str, Any]:
+    """Train one supermask with :func:`training.trainer.train` (``command`` is recorded in the bundle);
+    returns the JSON-able summary."""
     from training.trainer import TrainConfig, train
 
     cfg = TrainConfig(output=str(bundle_path), data_dir=data_dir, save_scores=save_scores, **config)
-    res = train(cfg, progress=progress)
+    res = train(cfg, progress=progress, command=command)
     return {"steps": res.steps, "train_seconds": round(res.seconds, 2), "first_loss": res.first_loss,
             "final_loss": res.final_loss, "sparsity": res.sparsity, "dev": res.dev_metrics,
             "bernoulli": res.bernoulli, "bundle": bundle_path.name, "device": "cpu"}
@@ -270,7 +271,7 @@ def get_or_run(kind: str, config: dict[str, Any], args: argparse.Namespace, comm
     started, t0 = _now(), time.perf_counter()
     progress = not args.quiet
     if kind == "supermask":
-        result = train_supermask(config, runs / f"{name}.smask", args.data_dir, not args.no_scores, progress)
+        result = train_supermask(config, runs / f"{name}.smask", args.data_dir, not args.no_scores, progress, command)
     elif kind == "finetune":
         result = train_finetune(config, args.data_dir, progress, command)
     else:
