@@ -236,9 +236,11 @@ def test_run_name_depends_on_every_config_value():
 def test_table_a_is_resumable(tmp_path, monkeypatch):
     data = _write_glue(tmp_path / "glue")
     calls = {"supermask": 0, "finetune": 0}
+    commands = []
 
-    def fake_supermask(config, bundle_path, data_dir, save_scores, progress):
+    def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command):
         calls["supermask"] += 1
+        commands.append(command)
         f1 = 0.80 + 0.01 * config["seed"]
         return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
                 "dev": {"accuracy": 0.7, "f1": f1}, "bundle": bundle_path.name, "device": "cpu",
@@ -254,6 +256,8 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
     argv = ["--tasks", "MRPC", "--seeds", "0", "1", "--data-dir", data, "--out-dir", str(tmp_path / "out"), "-q"]
     assert table_a.main(argv) == 0
     assert calls == {"supermask": 2, "finetune": 2}
+    # the exact command reaches the trainer, which records it in each bundle
+    assert all("benchmarks/glue/table_a.py --tasks MRPC --seeds 0 1" in c for c in commands), commands
     assert len(list((tmp_path / "out" / "runs").glob("*.json"))) == 4
     assert table_a.main(argv) == 0  # everything read back
     assert calls == {"supermask": 2, "finetune": 2}
