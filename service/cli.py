@@ -90,12 +90,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` to an option's help unless X is None or the help already names its default."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a supermask on a GLUE task and write a bundle",
                        description="Supermask training (Radiya-Dixit & Wang 2020): learn a binary mask over the "
                        "int8 backbone's encoder weights plus a dense head; writes one bundle file.",
-                       formatter_class=_DefaultsFormatter)
+                       formatter_class=HelpFormatter)
     t.add_argument("task", help="GLUE task: CoLA, SST-2, MRPC, RTE, STS-B, WNLI")
     t.add_argument("-o", "--output", help="bundle path (default: ./<TASK>.smask)")
     t.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="GLUE dev metrics of a bundle, through the serving path",
-                       formatter_class=_DefaultsFormatter)
+                       formatter_class=HelpFormatter)
     e.add_argument("bundle", help="bundle file")
     e.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
     e.add_argument("--backbone", help="local encoder folder (default: all-MiniLM-L6-v2)")

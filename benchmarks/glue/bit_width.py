@@ -82,7 +82,8 @@ def run(args, command: str) -> dict:
     rows, body = summarize(records, args)
     body = common.smoke_note(args) + body
     json_path, md_path = common.write_report(args.out_dir, STEM, "Bit width of the masked weights (Wang 2020, Table 1 "
-                                             "analogue)", command, body, {"rows": rows}, records)
+                                             "analogue)", command, body,
+                                             {"rows": rows, "missing_runs": args.missing_runs}, records)
     return {"records": records, "rows": rows, "json": str(json_path), "md": str(md_path)}
 
 

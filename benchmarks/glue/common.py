@@ -82,14 +82,7 @@ RECIPES: dict[str, Recipe] = {
 # ---------------------------------------------------------------- command line
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: …)" only where the help text does not already say what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
+from service.cli import HelpFormatter  # noqa: E402  (one help formatter for every command line)
 
 
 def base_parser(prog: str, description: str, default_tasks: Iterable[str], seeds_help: str) -> argparse.ArgumentParser:
@@ -114,6 +107,8 @@ def base_parser(prog: str, description: str, default_tasks: Iterable[str], seeds
                    help="do not keep the mask scores ν next to each bundle (~2 bytes per masked weight)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-step progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs already finished and list the missing ones")
     return p
 
 
@@ -292,9 +287,14 @@ def run_all(plan: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, co
     from tqdm.auto import tqdm
 
     records = []
+    args.missing_runs = []
     bar = tqdm(plan, desc=desc, unit="run", dynamic_ncols=True)
     for kind, config in bar:
         bar.set_postfix_str(f"{kind} {config['task']} seed {config['seed']}")
+        name = run_name(kind, config)
+        if getattr(args, "report_only", False) and not (Path(args.out_dir) / RUNS_SUBDIR / f"{name}.json").is_file():
+            args.missing_runs.append(name)
+            continue
         rec = get_or_run(kind, config, args, command)
         log.info("%s %s: %s", "cached" if rec["cached"] else "done", rec["name"], rec["result"]["dev"])
         records.append(rec)
@@ -382,6 +382,10 @@ def write_report(out_dir: str | Path, stem: str, title: str, command: str, body_
     runs_md = (f"Runs: {len(records)} ({total_s / 3600:.2f} h of training and evaluation in total); per-run records "
                f"(config, hardware, wall time, seed, command, commit) in `{RUNS_SUBDIR}/` and `{stem}.json`.\n"
                f"{hardware_summary(records)}\n\n") if records else ""
+    missing = list(data.get("missing_runs") or [])
+    if missing:
+        runs_md += (f"Not run yet ({len(missing)}; this report was written with `--report-only`): "
+                    + ", ".join(f"`{m}`" for m in missing) + "\n\n")
     md = (f"# {title}\n\nProduced by (from the repository root):\n\n```bash\n{command}\n```\n\n{body_md.rstrip()}\n\n"
           f"{runs_md}Generated {doc['generated_at']} at commit `{doc['git_commit'][:10]}`.\n")
     (out / f"{stem}.md").write_text(md)

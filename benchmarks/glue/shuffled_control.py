@@ -77,7 +77,7 @@ def run(args, command: str) -> dict:
     rows, body = summarize(records, args)
     body = common.smoke_note(args) + body
     json_path, md_path = common.write_report(args.out_dir, STEM, "Shuffled pre-trained weights (paper §4.4 control)",
-                                             command, body, {"rows": rows}, records)
+                                             command, body, {"rows": rows, "missing_runs": args.missing_runs}, records)
     return {"records": records, "rows": rows, "json": str(json_path), "md": str(md_path)}
 
 

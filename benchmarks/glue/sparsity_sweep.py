@@ -101,7 +101,7 @@ def run(args, command: str) -> dict:
         body = f"![metric vs sparsity]({png.name})\n\n{body}"
     body = common.smoke_note(args) + body
     json_path, md_path = common.write_report(args.out_dir, STEM, "Sparsity sweep (paper Figure 3 analogue)", command,
-                                             body, {"rows": rows}, records)
+                                             body, {"rows": rows, "missing_runs": args.missing_runs}, records)
     return {"records": records, "rows": rows, "json": str(json_path), "md": str(md_path)}
 
 

@@ -141,7 +141,8 @@ def run(args, command: str) -> dict:
     if shipped:
         body += "\n\nShipped bundles:\n\n" + "\n".join(f"- {s}" for s in shipped)
     json_path, md_path = common.write_report(args.out_dir, STEM, "Table A: supermask vs full fine-tuning (GLUE dev)",
-                                             command, body, {"rows": rows, "shipped": shipped}, records)
+                                             command, body, {"rows": rows, "shipped": shipped, "missing_runs": args.missing_runs},
+                                             records)
     return {"records": records, "rows": rows, "json": str(json_path), "md": str(md_path)}
 
 

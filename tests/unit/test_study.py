@@ -274,3 +274,10 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
     assert row["gap_points"] == pytest.approx(100 * (0.805 - 0.82))
     rec = doc["runs"][0]
     assert {"hardware", "wall_seconds", "seed", "command", "config", "git_commit"} <= set(rec)
+
+    # --report-only trains nothing; runs of a config never trained are listed as missing
+    assert table_a.main(argv + ["--report-only", "--seeds", "0", "7"]) == 0
+    assert calls == {"supermask": 6, "finetune": 6}
+    md = (tmp_path / "out" / "table_a.md").read_text()
+    assert "Not run yet (2;" in md and "supermask-MRPC-s7-" in md and "finetune-MRPC-s7-" in md
+    assert json.loads((tmp_path / "out" / "table_a.json").read_text())["rows"][0]["seeds"] == [0]
