@@ -159,9 +159,18 @@ class MaskedLinear(nn.Module):
         if seg is None:
             return self._apply_state(self.state, x)
         x2 = x.reshape(-1, x.shape[-1])  # [batch * T, in]
-        if seg.states is not None:  # CPU: one segment at a time with that task's state
+        if seg.states is not None:  # CPU
             r = seg.row_starts
-            y = torch.cat([self._apply_state(st.get(self.name), x2[r[i]:r[i + 1]]) for i, st in enumerate(seg.states)])
+            states = [st.get(self.name) for st in seg.states]
+            if all(st is None or st.path in ("none", "complement") for st in states):
+                # x·(W⊙μ)ᵀ = x·Wᵀ − x·(W⊙¬μ)ᵀ: one dense product for the whole mixed batch,
+                # then each task's sparse correction on its own rows
+                y = nn.functional.linear(x2, self.weight, self.bias)
+                for i, st in enumerate(states):
+                    if st is not None and st.path == "complement" and st.pruned is not None:
+                        y[r[i]:r[i + 1]] -= cpu_kernels.pruned_product(x2[r[i]:r[i + 1]], st.pruned)
+            else:  # one segment at a time with that task's state
+                y = torch.cat([self._apply_state(st, x2[r[i]:r[i + 1]]) for i, st in enumerate(states)])
         else:
             y = self._apply_device(seg, x2)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -631,8 +640,38 @@ class Engine:
                     for i in range(0, len(rows), self.max_batch_size)]
         return torch.cat(outs)
 
+    def check_inputs(self, req: PredictRequest) -> BundleHeader:
+        """The header of ``req.task`` after checking that the inputs fit it (single texts or pairs).
+
+        Reads the store's header (no torch work) when the task is not resident.
+
+        Raises:
+            TaskNotFound: no such task. InputInvalid: pairs for a single-sentence task or the reverse.
+            BundleInvalid: the stored header cannot be read.
+        """
+        header = self.cache.tasks[req.task].header if req.task in self.cache.tasks else self.store.header(req.task)
+        pairs = [r[1] is not None for r in req.inputs]
+        if header.text_pairs and not all(pairs):
+            raise InputInvalid(f"task {req.task!r} takes sentence pairs: send inputs as [[text_a, text_b], ...]")
+        if not header.text_pairs and any(pairs):
+            raise InputInvalid(f"task {req.task!r} takes single texts: send inputs as [text, ...]")
+        return header
+
+    def record_error(self, task: str) -> None:
+        """Count a failed predict request (unknown task names share the label ``_unknown``, so that a scan
+        of bad names cannot grow the label set)."""
+        known = task in self.cache.tasks or self.store.exists(task)
+        self.metrics.requests.labels(task if known else "_unknown", "error").inc()
+
+    def record_ok(self, req: PredictRequest, seconds: float) -> None:
+        """Count a served predict request and observe its latency (seconds) and row count."""
+        self.metrics.request_seconds.labels(req.task).observe(seconds)
+        self.metrics.requests.labels(req.task, "ok").inc()
+        self.metrics.rows.labels(req.task).observe(len(req.inputs))
+
     def predict(self, req: PredictRequest) -> list[dict]:
-        """Predictions for a request, in input order.
+        """Predictions for a request, in input order, from forward passes of this request alone
+        (:class:`service.batcher.MicroBatcher` batches concurrent requests instead).
 
         Classification: ``{"label", "score", "scores": {label: probability}}``;
         regression: ``{"value"}``.
@@ -644,27 +683,19 @@ class Engine:
         """
         t0 = time.perf_counter()
         try:
-            header = self.cache.tasks[req.task].header if req.task in self.cache.tasks else self.store.header(req.task)
-            pairs = [r[1] is not None for r in req.inputs]
-            if header.text_pairs and not all(pairs):
-                raise InputInvalid(f"task {req.task!r} takes sentence pairs: send inputs as [[text_a, text_b], ...]")
-            if not header.text_pairs and any(pairs):
-                raise InputInvalid(f"task {req.task!r} takes single texts: send inputs as [text, ...]")
+            header = self.check_inputs(req)
             out = self.logits(req.task, list(req.inputs))
         except Exception:
-            # unknown names share one label so that a scan of bad names cannot grow the label set
-            known = req.task in self.cache.tasks or self.store.exists(req.task)
-            self.metrics.requests.labels(req.task if known else "_unknown", "error").inc()
+            self.record_error(req.task)
             raise
-        preds = _decode(header, out)
-        dt = time.perf_counter() - t0
-        self.metrics.request_seconds.labels(req.task).observe(dt)
-        self.metrics.requests.labels(req.task, "ok").inc()
-        self.metrics.rows.labels(req.task).observe(len(req.inputs))
+        preds = decode(header, out)
+        self.record_ok(req, time.perf_counter() - t0)
         return preds
 
 
-def _decode(header: BundleHeader, out: torch.Tensor) -> list[dict]:
+def decode(header: BundleHeader, out: torch.Tensor) -> list[dict]:
+    """Head outputs ``[rows, num_outputs]`` float32 → one prediction dict per row: ``{"value"}`` for
+    regression, else ``{"label", "score", "scores"}`` with softmax probabilities."""
     if header.problem_type == "regression":
         return [{"value": float(v)} for v in out.squeeze(-1).tolist()]
     probs = torch.softmax(out, dim=-1)

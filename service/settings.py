@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     """Longest text (characters) in one input; tokens beyond the task's max sequence length are truncated."""
     max_batch_size: int = Field(32, gt=0)
     """Rows per forward pass; longer requests run in several passes."""
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    """Dynamic batching: how long (milliseconds) the first predict request of a batch waits for concurrent
+    requests, of any task, to share its forward passes (up to ``max_batch_size`` rows); 0 turns cross-request
+    batching off (each request runs on its own)."""
     kernel_path: KernelPath = "auto"
     """Masked-matmul path; 'auto' lets the selector choose per device and sparsity (the off-switch for kernels)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from mask_store.local import LocalMaskStore
 from service.backbone import Backbone
+from service.batcher import MicroBatcher
 from service.engine import Engine
 from service.errors import AdminDisabled, Forbidden, Unauthorized
 from service.metrics import Metrics
@@ -23,6 +24,7 @@ class AppState:
     store: LocalMaskStore
     engine: Engine
     metrics: Metrics
+    batcher: MicroBatcher | None = None  # None: each predict request runs on its own
 
 
 def get_state(request: Request) -> AppState:

@@ -6,6 +6,7 @@ Run with ``supermask serve`` or ``uvicorn service.api.main:create_app --factory`
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
@@ -16,6 +17,7 @@ from service.api import errors
 from service.api.deps import AppState
 from service.api.routes import router
 from service.backbone import Backbone, load_backbone
+from service.batcher import MicroBatcher
 from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -45,10 +47,20 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
                     device=settings.device, device_slots=settings.device_slots)
-    app = FastAPI(title="supermask", version=__version__,
+    batcher = (MicroBatcher(engine.logits_mixed, max_rows=settings.max_batch_size,
+                            max_wait_s=settings.batch_wait_ms / 1e3) if settings.batch_wait_ms > 0 else None)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if batcher is not None:
+            await batcher.close()
+
+    app = FastAPI(title="supermask", version=__version__, lifespan=lifespan,
                   description="Multi-task server for supermask-fine-tuned BERT: one int8 backbone, "
                   "one bit-packed mask + head per task.")
-    app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics)
+    app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics,
+                                   batcher=batcher)
     errors.install(app)
     app.include_router(router)
     if settings.admin_token is None:

@@ -9,6 +9,7 @@ from mask_store.errors import BundleTooLarge
 from mask_store.format import BundleHeader
 from service.api.deps import Admin, State
 from service.api.schemas import HealthPublic, PredictIn, PredictPublic, TaskPublic, TasksPublic
+from service.batcher import predict_batched
 from service.engine import PredictRequest
 from service.errors import InputInvalid
 from service.metrics import CONTENT_TYPE_LATEST
@@ -60,7 +61,10 @@ async def predict(task: str, body: PredictIn, state: State) -> PredictPublic:
     s = state.settings
     req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars))
     state.store.path(task)  # validates the name (422) before any work
-    preds = await run_in_threadpool(state.engine.predict, req)
+    if state.batcher is not None:  # shares forward passes with concurrent requests of any task
+        preds = await predict_batched(state.engine, state.batcher, req)
+    else:
+        preds = await run_in_threadpool(state.engine.predict, req)
     return PredictPublic(task=task, predictions=preds)
 
 

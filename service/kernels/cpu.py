@@ -66,9 +66,19 @@ def masked_linear_complement(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     y = F.linear(x, weight, bias)
     if pruned is None:
         return y
-    x2 = x.reshape(-1, x.shape[-1])
-    corr = torch.sparse.mm(pruned, x2.t()).t()  # [rows, out]
-    return y - corr.reshape(y.shape)
+    return y - pruned_product(x.reshape(-1, x.shape[-1]), pruned).reshape(y.shape)
+
+
+def pruned_product(x: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """``x · (W ⊙ ¬μ)ᵀ``, the correction the complement path subtracts from the dense product.
+
+    Args:
+        x: float32 ``[rows, in]``.
+        pruned: CSR ``[out, in]`` from :func:`pruned_complement`.
+    Returns:
+        float32 ``[rows, out]``.
+    """
+    return torch.sparse.mm(pruned, x.t()).t()
 
 
 def masked_linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

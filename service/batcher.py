@@ -1,0 +1,181 @@
+"""Dynamic batching of concurrent predict requests, across tasks.
+
+Requests that arrive within ``max_wait_s`` of each other are gathered into one
+call of :meth:`service.engine.Engine.logits_mixed`, which sorts their rows into
+per-task segments and runs them as few forward passes as ``max_batch_size``
+allows: rows of different tasks share one pass over the backbone (on the CPU,
+the dense product ``x·Wᵀ`` of every masked layer is shared and each task's
+pruned-entry correction is applied to its own rows; on CUDA, one segmented
+kernel launch per layer). This is the serving side of Punica-style
+multi-adapter batching (Chen et al. 2023, SGMV) for supermasks.
+
+A gathered batch is closed when it holds ``max_rows`` rows or ``max_wait_s``
+has passed since its first request, whichever comes first; a lone request
+therefore waits at most ``max_wait_s`` (a few milliseconds by default).
+
+Errors stay with their request: when a gathered batch fails (an unknown or
+corrupt task among them), each of its requests is run again on its own, so
+only the request that caused the error receives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from fastapi.concurrency import run_in_threadpool
+
+from service.engine import PredictRequest, decode
+
+log = logging.getLogger(__name__)
+
+Rows = Sequence[tuple[str, str | None]]
+#: ``logits_mixed``: ``[(task, rows), ...]`` → one float32 ``[len(rows), num_outputs]`` tensor per item
+MixedForward = Callable[[list[tuple[str, Rows]]], list[torch.Tensor]]
+
+
+@dataclass
+class _Pending:
+    task: str
+    rows: Rows
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Gathers concurrent ``(task, rows)`` submissions into mixed-task forward passes.
+
+    Args:
+        forward: the mixed-task forward, normally ``engine.logits_mixed`` (run in a worker thread).
+        max_rows: close a gathered batch once it holds this many rows (> 0).
+        max_wait_s: close a gathered batch this many seconds after its first submission (>= 0).
+
+    Use from one asyncio event loop; the gathering task starts with the first :meth:`submit`.
+    """
+
+    def __init__(self, forward: MixedForward, max_rows: int, max_wait_s: float):
+        if max_rows <= 0:
+            raise ValueError(f"max_rows must be positive, got {max_rows}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self._forward = forward
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+        self._queue: list[_Pending] = []
+        self._queued_rows = 0
+        self._arrived: asyncio.Event | None = None
+        self._full: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches = 0  # forward calls made (for tests and logs)
+
+    async def submit(self, task: str, rows: Rows) -> torch.Tensor:
+        """Head outputs for ``rows`` of ``task``: float32 ``[len(rows), num_outputs]``.
+
+        Raises whatever ``forward`` raises for this request alone (TaskNotFound, BundleInvalid, ...).
+        """
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._loop is not loop:
+            # first use, or the event loop changed (a test client that starts one per call): start afresh
+            self._arrived, self._full, self._loop = asyncio.Event(), asyncio.Event(), loop
+            self._queue = [p for p in self._queue if p.future.get_loop() is loop]
+            self._queued_rows = sum(len(p.rows) for p in self._queue)
+            self._worker = loop.create_task(self._gather_forever(), name="supermask-batcher")
+        item = _Pending(task, rows, loop.create_future())
+        self._queue.append(item)
+        self._queued_rows += len(rows)
+        self._arrived.set()
+        if self._queued_rows >= self.max_rows:
+            self._full.set()
+        return await item.future
+
+    async def close(self) -> None:
+        """Stop the gathering task; submissions still queued fail with ``RuntimeError``."""
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("the server is shutting down"))
+        self._queue, self._queued_rows = [], 0
+
+    async def _gather_forever(self) -> None:
+        assert self._arrived is not None and self._full is not None
+        while True:
+            await self._arrived.wait()
+            if self._queued_rows < self.max_rows and self.max_wait_s > 0:
+                try:
+                    await asyncio.wait_for(self._full.wait(), self.max_wait_s)
+                except asyncio.TimeoutError:
+                    pass
+            batch = self._take()
+            if not self._queue:
+                self._arrived.clear()
+            if self._queued_rows < self.max_rows:
+                self._full.clear()
+            live = [p for p in batch if not p.future.done()]  # a cancelled client needs no answer
+            if live:
+                await self._run(live)
+
+    def _take(self) -> list[_Pending]:
+        """Pop the oldest submissions holding at most ``max_rows`` rows (always at least one)."""
+        batch, rows = [], 0
+        while self._queue and (not batch or rows + len(self._queue[0].rows) <= self.max_rows):
+            item = self._queue.pop(0)
+            batch.append(item)
+            rows += len(item.rows)
+        self._queued_rows -= rows
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        self.batches += 1
+        try:
+            outs = await run_in_threadpool(self._forward, [(p.task, p.rows) for p in batch])
+        except Exception as exc:  # noqa: BLE001 - handed to the request(s) that caused it
+            if len(batch) == 1:
+                _settle(batch[0], exc=exc)
+                return
+            log.debug("mixed batch of %d requests failed (%s); running them one by one", len(batch), exc)
+            for p in batch:
+                try:
+                    out = (await run_in_threadpool(self._forward, [(p.task, p.rows)]))[0]
+                except Exception as one_exc:  # noqa: BLE001
+                    _settle(p, exc=one_exc)
+                else:
+                    _settle(p, out=out)
+            return
+        for p, out in zip(batch, outs):
+            _settle(p, out=out)
+
+
+def _settle(p: _Pending, out: torch.Tensor | None = None, exc: BaseException | None = None) -> None:
+    if p.future.done():  # the client went away
+        return
+    if exc is not None:
+        p.future.set_exception(exc)
+    else:
+        p.future.set_result(out)
+
+
+async def predict_batched(engine, batcher: MicroBatcher, req: PredictRequest) -> list[dict]:
+    """:meth:`Engine.predict` with the forward pass shared with concurrent requests.
+
+    Same result, errors and metrics as ``engine.predict(req)``.
+    """
+    t0 = time.perf_counter()
+    try:
+        header = await run_in_threadpool(engine.check_inputs, req)
+        out = await batcher.submit(req.task, req.inputs)
+    except Exception:
+        engine.record_error(req.task)
+        raise
+    preds = decode(header, out)
+    engine.record_ok(req, time.perf_counter() - t0)
+    return preds
