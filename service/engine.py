@@ -65,6 +65,9 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+#: length class of every row of up to 2**5 = 32 tokens (see ``Engine._length_classes``)
+SHORT_ROW_CLASS = 5
+
 @dataclass(frozen=True)
 class PredictRequest:
     """One predict call: ``inputs`` holds ``(text_a, text_b)`` pairs, ``text_b`` None for single sentences."""
@@ -597,11 +600,17 @@ class Engine:
                 by_task.setdefault(task, []).extend((i, j) for j in range(len(rows)))
             results = [torch.empty(len(rows), entries[task].header.num_outputs) for task, rows in items]
             max_tasks = self.device_cache.slots if self.device_cache is not None else len(by_task)
-            flat = [(task, i, j) for task, refs in by_task.items() for i, j in refs]  # sorted by task
+            # Rows are grouped by length class first (rows of up to 32 tokens share a class; longer ones
+            # share it with rows within a factor of 2), then by task: a batch is padded to its longest
+            # row, so mixing a 10-token and a 128-token row would make the short one cost 128 tokens.
+            klass = self._length_classes(items, entries)
+            flat = sorted(((task, i, j) for task, refs in by_task.items() for i, j in refs),
+                          key=lambda r: klass[r[1]][r[2]])  # stable: by task within a class
             batch: list[tuple[str, int, int]] = []
             for ref in flat:
                 new_task = not batch or batch[-1][0] != ref[0]
                 if batch and (len(batch) == self.max_batch_size
+                              or klass[ref[1]][ref[2]] != klass[batch[-1][1]][batch[-1][2]]
                               or (new_task and len({t for t, _, _ in batch}) == max_tasks)):
                     self._run_batch(batch, items, entries, results)
                     batch = []
@@ -609,6 +618,21 @@ class Engine:
             if batch:
                 self._run_batch(batch, items, entries, results)
         return results
+
+    def _length_classes(self, items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]],
+                        entries: dict[str, LoadedTask]) -> list[list[int]]:
+        """Per item, per row: ``ceil(log2(tokens))`` after the task's truncation, at least
+        ``SHORT_ROW_CLASS`` (rows of up to 32 tokens share one class; longer rows share a class with
+        rows within a factor of 2 of their length)."""
+        tok = self.backbone.tokenizer
+        out = []
+        for task, rows in items:
+            h = entries[task].header
+            a = [r[0] for r in rows]
+            b = [r[1] for r in rows] if h.text_pairs else None
+            ids = tok(a, b, truncation=True, max_length=h.max_seq_length)["input_ids"]
+            out.append([max(SHORT_ROW_CLASS, (len(x) - 1).bit_length()) for x in ids])
+        return out
 
     def _run_batch(self, batch: list[tuple[str, int, int]],
                    items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]], entries: dict[str, LoadedTask],

@@ -55,7 +55,7 @@ def tiny_backbone(tiny_backbone_dir):
 
 
 def make_bundle(backbone, task: str = "toy", sparsity: float = 0.05, labels=("neg", "pos"), seed: int = 0,
-                text_pairs: bool = False, fingerprint: str | None = None) -> bytes:
+                text_pairs: bool = False, fingerprint: str | None = None, max_seq_length: int = 32) -> bytes:
     """Encode a bundle with random masks of the given sparsity and a random head for ``backbone``."""
     from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
 
@@ -65,5 +65,5 @@ def make_bundle(backbone, task: str = "toy", sparsity: float = 0.05, labels=("ne
     head = {HEAD_WEIGHT: rng.normal(size=(n_out, backbone.hidden_size)).astype(np.float32),
             HEAD_BIAS: rng.normal(size=(n_out,)).astype(np.float32)}
     return encode_bundle(task=task, problem_type="single_label_classification" if labels else "regression",
-                         labels=list(labels), max_seq_length=32, backbone_fingerprint=fingerprint or backbone.fingerprint,
+                         labels=list(labels), max_seq_length=max_seq_length, backbone_fingerprint=fingerprint or backbone.fingerprint,
                          masks=masks, head=head, text_pairs=text_pairs, training={"test": True})

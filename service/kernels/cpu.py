@@ -77,8 +77,19 @@ def pruned_product(x: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
         pruned: CSR ``[out, in]`` from :func:`pruned_complement`.
     Returns:
         float32 ``[rows, out]``.
+
+    Rows are taken ``PRUNED_PRODUCT_ROWS`` at a time: the CSR product's ``[out, rows]`` result stays in
+    cache, which on a 2-core x86 machine made an 800-row product about 2x faster than one call.
     """
-    return torch.sparse.mm(pruned, x.t()).t()
+    n = x.shape[0]
+    if n <= PRUNED_PRODUCT_ROWS:
+        return torch.sparse.mm(pruned, x.t()).t()
+    return torch.cat([torch.sparse.mm(pruned, x[i : i + PRUNED_PRODUCT_ROWS].t()).t()
+                      for i in range(0, n, PRUNED_PRODUCT_ROWS)])
+
+
+#: row chunk of :func:`pruned_product` (token rows per sparse product)
+PRUNED_PRODUCT_ROWS = 128
 
 
 def masked_linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -61,3 +61,15 @@ def test_torch_packing_matches_bundle_bit_order(shape):
 def test_unpack_rejects_wrong_length():
     with pytest.raises(ValueError, match="do not fit"):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), (5, 5))
+
+
+@pytest.mark.parametrize("rows", [1, cpu.PRUNED_PRODUCT_ROWS, cpu.PRUNED_PRODUCT_ROWS + 1, 3 * cpu.PRUNED_PRODUCT_ROWS + 7])
+def test_complement_over_many_rows_is_chunked_without_changing_the_result(rows):
+    """Row counts around the chunk size of the sparse correction (a mixed batch of long sequences)."""
+    x, w_q, scale, bias, mask = _problem(384, 384, 0.13)
+    x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(3))
+    w = dequantize(w_q, scale)
+    want = masked_linear_reference(x, w_q, scale, mask, bias)
+    got = cpu.masked_linear_complement(x, w, bias, cpu.pruned_complement(w, mask))
+    assert got.shape == (rows, 384)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

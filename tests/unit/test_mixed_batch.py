@@ -188,3 +188,18 @@ def test_cuda_engine_matches_cpu_engine(tiny_backbone, tiny_backbone_dir, store,
     assert metrics.registry.get_sample_value("supermask_gpu_memory_allocated_bytes") > 0
     assert metrics.registry.get_sample_value("supermask_gpu_memory_reserved_bytes") > 0
     assert metrics.registry.get_sample_value("supermask_device_swap_in_duration_seconds_count", {"task": "s10"}) >= 1
+
+
+def test_mixed_rows_of_very_different_lengths_run_in_separate_passes(tiny_backbone, store):
+    """A 3-token row is not padded to a 100-token one: length classes split the pass, results unchanged."""
+    store.put("long", make_bundle(tiny_backbone, task="long", sparsity=0.1, seed=7, max_seq_length=128))
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    items = [("s10", [("short one", None)]), ("long", [(" ".join(["word"] * 100), None), ("tiny", None)]),
+             ("s50", [("also short", None)])]
+    passes = []
+    hook = tiny_backbone.model.register_forward_hook(lambda m, a, o: passes.append(tuple(o.last_hidden_state.shape[:2])))
+    got = engine.logits_mixed(items)
+    hook.remove()
+    _assert_all_close(got, per_task_logits(engine, items))
+    # the three short rows of three tasks share one pass; the ~100-token row gets its own
+    assert sorted(passes) == [(1, 102), (3, 4)]  # [rows, tokens]: short rows padded to 4 tokens, not 102
