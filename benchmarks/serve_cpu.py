@@ -6,7 +6,10 @@ store preloaded from the shipped example bundles, then measures, through HTTP:
 * GLUE dev metrics of every shipped task, predicted through ``POST /v1/tasks/{task}/predict``;
 * cold-task swap-in time (``supermask_task_load_duration_seconds``) per task;
 * steady-state request latency p50/p99 at batch 1 and batch 32 (bounded request counts);
-* server resident memory with the backbone only, with 1 task and with all tasks loaded.
+* server resident memory with the backbone only, with 1 task and with all tasks loaded;
+* a mixed-task load: ``--concurrency`` loopback clients each sending single-input requests to the
+  shipped tasks in turn (``--mixed-requests`` in all), p50/p99 latency and throughput, against a
+  second server started with dynamic batching off (``SUPERMASK_BATCH_WAIT_MS=0``), same machine, same run.
 
 Writes ``benchmarks/results/serve_cpu.json`` and ``.md`` and prints the table.
 
@@ -94,6 +97,53 @@ def latency(client: httpx.Client, task: str, texts: list, batch: int, n: int) ->
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
+def start_server(examples_dir: str, threads: int | None, extra_env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, int]:
+    """``supermask serve`` on a free loopback port with a fresh store preloaded from ``examples_dir``."""
+    port = free_port()
+    store = tempfile.mkdtemp(prefix="supermask-bench-")
+    env = dict(os.environ, SUPERMASK_STORE_DIR=store, SUPERMASK_EXAMPLES_DIR=examples_dir,
+               SUPERMASK_PORT=str(port), SUPERMASK_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", **(extra_env or {}))
+    if threads:
+        env["SUPERMASK_TORCH_THREADS"] = str(threads)
+    exe = Path(sys.executable).with_name("supermask")
+    return subprocess.Popen([str(exe), "serve"], env=env, cwd=REPO), port
+
+
+def mixed_load(base_url: str, inputs: dict[str, list], concurrency: int, n: int) -> dict:
+    """``n`` single-input predict requests from ``concurrency`` concurrent clients, cycling over the
+    tasks of ``inputs`` (task -> JSON inputs); latency percentiles (ms) and throughput (requests/s)."""
+    import asyncio
+
+    tasks = sorted(inputs)
+    plan = [(tasks[i % len(tasks)], inputs[tasks[i % len(tasks)]][(i // len(tasks)) % len(inputs[tasks[0]])])
+            for i in range(n)]
+
+    async def run() -> tuple[list[float], float]:
+        times: list[float] = []
+        queue = list(reversed(plan))
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+            for task in tasks:  # warm: every task resident before timing
+                (await client.post(f"/v1/tasks/{task}/predict", json={"inputs": inputs[task][:1]})).raise_for_status()
+
+            async def worker():
+                while queue:
+                    task, x = queue.pop()
+                    t0 = time.perf_counter()
+                    r = await client.post(f"/v1/tasks/{task}/predict", json={"inputs": [x]})
+                    r.raise_for_status()
+                    times.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return times, time.perf_counter() - t0
+
+    times, wall = asyncio.run(run())
+    ms = np.array(times) * 1e3
+    return {"requests": n, "concurrency": concurrency, "tasks": len(tasks), "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": n / wall}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
@@ -101,18 +151,20 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=100, help="timed requests per latency figure")
     ap.add_argument("--threads", type=int, default=None, help="SUPERMASK_TORCH_THREADS for the server")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_cpu"))
+    ap.add_argument("--mixed-requests", type=int, default=240, help="requests of the mixed-task load (0: skip it)")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients of the mixed-task load")
+    ap.add_argument("--skip-dev", action="store_true", help="do not evaluate the tasks on their dev sets")
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0,
+                    help="SUPERMASK_BATCH_WAIT_MS of the first server (the second runs with 0: no batching)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                    help="SUPERMASK_DEVICE of the servers (cuda: the same measurements on a GPU machine)")
     args = ap.parse_args()
 
-    port = free_port()
-    store = tempfile.mkdtemp(prefix="supermask-bench-")
-    env = dict(os.environ, SUPERMASK_STORE_DIR=store, SUPERMASK_EXAMPLES_DIR=args.examples_dir,
-               SUPERMASK_PORT=str(port), SUPERMASK_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1")
-    if args.threads:
-        env["SUPERMASK_TORCH_THREADS"] = str(args.threads)
-    exe = Path(sys.executable).with_name("supermask")
-    proc = subprocess.Popen([str(exe), "serve"], env=env, cwd=REPO)
+    device_env = {"SUPERMASK_DEVICE": args.device}
+    proc, port = start_server(args.examples_dir, args.threads,
+                              {**device_env, "SUPERMASK_BATCH_WAIT_MS": str(args.batch_wait_ms)})
     results: dict = {"hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                                  "python": platform.python_version()}}
+                                  "python": platform.python_version(), "device": args.device}}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             results["start_to_ready_s"] = round(wait_ready(client, proc), 2)
@@ -123,7 +175,12 @@ def main() -> int:
             per_task = {}
             for i, name in enumerate(tasks):
                 info = client.get(f"/v1/tasks/{name}").json()
-                ev = dev_eval(client, name, args.data_dir)
+                if args.skip_dev:  # one request makes the task resident
+                    client.post(f"/v1/tasks/{name}/predict",
+                                json={"inputs": [["a", "b"]] if info["text_pairs"] else ["a"]}).raise_for_status()
+                    ev = {}
+                else:
+                    ev = dev_eval(client, name, args.data_dir)
                 m = client.get("/metrics").text
                 per_task[name] = {
                     "bundle_bytes": info["bytes"],
@@ -143,14 +200,37 @@ def main() -> int:
             texts = [e.text_a for e in read_split(get_task("SST-2"), args.data_dir, "dev")[:32]]
             if "SST-2" in tasks:
                 results["latency"] = [latency(client, "SST-2", texts, b, args.requests) for b in (1, 32)]
+            if args.mixed_requests > 0:
+                mixed_inputs = {}
+                for name in tasks:
+                    t = get_task(name) if name in ("CoLA", "SST-2", "MRPC", "STS-B", "RTE", "WNLI") else None
+                    if t is None:
+                        continue
+                    dev = read_split(t, args.data_dir, "dev")[:16]
+                    mixed_inputs[name] = [[e.text_a, e.text_b] if e.text_b is not None else e.text_a for e in dev]
+                results["mixed_load"] = {"batched": mixed_load(f"http://127.0.0.1:{port}", mixed_inputs,
+                                                               args.concurrency, args.mixed_requests)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    if args.mixed_requests > 0 and "mixed_load" in results:
+        proc, port2 = start_server(args.examples_dir, args.threads, {**device_env, "SUPERMASK_BATCH_WAIT_MS": "0"})
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port2}", timeout=120) as client:
+                wait_ready(client, proc)
+            results["mixed_load"]["unbatched"] = mixed_load(f"http://127.0.0.1:{port2}", mixed_inputs,
+                                                            args.concurrency, args.mixed_requests)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    md = [f"# CPU serving benchmark ({results['hardware']['cpus']} CPUs, {results['hardware']['machine']})", "",
+    command = ".venv/bin/python benchmarks/serve_cpu.py " + " ".join(sys.argv[1:])
+    md = [f"# Serving benchmark (device {args.device}; {results['hardware']['cpus']} CPUs, "
+          f"{results['hardware']['machine']})", "",
+          "Produced by (from the repository root):", "", f"    {command.strip()}", "",
           f"start-to-ready {results['start_to_ready_s']} s; backbone tensors {results['backbone_bytes'] / 2**20:.1f} MiB", "",
           "| task | bundle bytes | sparsity | dev via REST | recorded | Bernoulli mean ± s.d. (10) | cold swap-in ms | resident bytes |",
           "|---|---|---|---|---|---|---|---|"]
@@ -163,6 +243,19 @@ def main() -> int:
     md += ["", "| batch | p50 ms | p99 ms | requests |", "|---|---|---|---|"]
     for row in results.get("latency", []):
         md.append(f"| {row['batch']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} |")
+    ml = results.get("mixed_load")
+    if ml:
+        b = ml["batched"]
+        md += ["", f"Mixed-task load: {b['requests']} single-input requests over {b['tasks']} tasks from "
+                   f"{b['concurrency']} concurrent loopback clients.", "",
+               "| server | p50 ms | p99 ms | requests/s |", "|---|---|---|---|"]
+        for k, label in (("batched", f"dynamic batching (SUPERMASK_BATCH_WAIT_MS={args.batch_wait_ms:g})"),
+                         ("unbatched", "one request per forward (SUPERMASK_BATCH_WAIT_MS=0)")):
+            if k in ml:
+                md.append(f"| {label} | {ml[k]['p50_ms']:.1f} | {ml[k]['p99_ms']:.1f} | {ml[k]['throughput_rps']:.1f} |")
+        if "unbatched" in ml:
+            md += ["", f"Throughput ratio batched / unbatched: "
+                       f"{ml['batched']['throughput_rps'] / ml['unbatched']['throughput_rps']:.2f}"]
     md += ["", "| resident memory | MiB |", "|---|---|"]
     for k in ("rss_backbone_only_bytes", "rss_one_task_bytes", "rss_all_tasks_bytes"):
         md.append(f"| {k.replace('_bytes', '')} | {results[k] / 2**20:.1f} |")
