@@ -39,6 +39,7 @@ def _train(args: argparse.Namespace) -> int:
         bernoulli_samples=args.bernoulli_samples,
         save_scores=not args.no_scores,
         task_name=args.name,
+        device=args.device,
     )
     res = train(cfg, command="supermask " + shlex.join(args.argv))
     summary = {
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bernoulli-samples", type=int, default=10, help="dev evaluations with sampled masks")
     t.add_argument("--no-scores", action="store_true", help="do not write the mask scores ν next to the bundle")
     t.add_argument("--name", help="task name recorded in the bundle (default: the GLUE name)")
+    t.add_argument("--device", default="auto",
+                   help="where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="GLUE dev metrics of a bundle, through the serving path",

@@ -35,7 +35,7 @@ from torch import nn
 from service.backbone import default_backbone_path, load_backbone, mean_pool
 from training.glue import compute_metrics, get_task, read_split
 from training.supermask import TaskHead
-from training.loop import predict_examples, run_steps
+from training.loop import predict_examples, resolve_device, run_steps
 from training.trainer import atomic_write, hardware
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = N
     task = get_task(cfg.task)
     train_set = read_split(task, cfg.data_dir, "train")[: cfg.train_limit]
     dev_set = read_split(task, cfg.data_dir, "dev")[: cfg.dev_limit]
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     encoder, tokenizer = load_encoder(cfg.backbone, cfg.bits)

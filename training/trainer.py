@@ -25,7 +25,7 @@ from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
 from service.backbone import Backbone, load_backbone
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
-from training.loop import predict_examples, run_steps
+from training.loop import predict_examples, resolve_device, run_steps
 from training.supermask import SupermaskModel
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class TrainConfig:
     save_scores: bool = True  # also write ν next to the bundle, for Bernoulli evaluation later
     task_name: str | None = None  # name in the bundle; default: the GLUE name
     shuffle_weights: bool = False  # control (paper §4.4): permute each masked matrix's entries first
+    device: str = "auto"  # "auto": cuda when available, else cpu; "cpu", "cuda", "cuda:1", ...
 
 
 @dataclass
@@ -72,10 +73,12 @@ class TrainResult:
     dev_metrics: dict[str, float]
     bernoulli: dict[str, dict[str, float]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)  # training loss per step
+    device: str = "cpu"  # where it trained
 
 
 def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
-            batch_size: int = 64, sample: bool = False, desc: str | None = None) -> np.ndarray:
+            batch_size: int = 64, sample: bool = False, desc: str | None = None,
+            device: torch.device | str = "cpu") -> np.ndarray:
     """Class indices (or regression values) ``[n]`` for ``examples``.
 
     ``sample=False`` uses the deterministic mask ``1[ν > 0]``; True draws one
@@ -83,21 +86,23 @@ def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Exa
     """
     model.set_sampling(sample)
     try:
-        return predict_examples(model, tokenizer, task, examples, max_len, batch_size, desc=desc)
+        return predict_examples(model, tokenizer, task, examples, max_len, batch_size, device, desc=desc)
     finally:
         model.set_sampling(None)
 
 
 def evaluate_bernoulli(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
-                       samples: int, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float]]:
+                       samples: int, batch_size: int = 64, seed: int = 0,
+                       device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
     """Mean and standard deviation of each metric over ``samples`` Bernoulli mask draws
     (the paper's Table 4 protocol). Each draw samples a fresh mask per batch."""
     golds = np.array([e.label for e in examples])
     runs: dict[str, list[float]] = {}
     gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds the CUDA generators too
     for s in tqdm(range(samples), desc="bernoulli samples", leave=False):
-        m = compute_metrics(task, predict(model, tokenizer, task, examples, max_len, batch_size, sample=True), golds)
+        m = compute_metrics(task, predict(model, tokenizer, task, examples, max_len, batch_size, sample=True,
+                                          device=device), golds)
         for k, v in m.items():
             runs.setdefault(k, []).append(v)
     torch.random.set_rng_state(gen_state)
@@ -119,10 +124,10 @@ def hardware() -> dict[str, object]:
 def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name: str, max_len: int,
                  training: dict, metrics: dict) -> bytes:
     """Encode the deterministic mask and the head of a trained model as a bundle."""
-    masks = {f"{n}.weight": layer.hard_mask().numpy() for n, layer in model.masked_layers().items()}
+    masks = {f"{n}.weight": layer.hard_mask().cpu().numpy() for n, layer in model.masked_layers().items()}
     head = {
-        HEAD_WEIGHT: model.head.classifier.weight.detach().numpy(),
-        HEAD_BIAS: model.head.classifier.bias.detach().numpy(),
+        HEAD_WEIGHT: model.head.classifier.weight.detach().cpu().numpy(),
+        HEAD_BIAS: model.head.classifier.bias.detach().cpu().numpy(),
     }
     from service import __version__
 
@@ -164,8 +169,9 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     Raises:
         GlueDataError: data missing or malformed.
         BackboneLoadError: backbone folder unusable.
-        ValueError: inconsistent settings.
+        ValueError: inconsistent settings, or a CUDA device asked for without CUDA.
     """
+    device = resolve_device(cfg.device)
     if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
         raise ValueError(f"learning rates must be positive, got mask_lr={cfg.mask_lr}, head_lr={cfg.head_lr}")
     if not (1 <= cfg.bits <= 8 or cfg.bits == 32):
@@ -183,6 +189,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     tokenizer = backbone.tokenizer
     num_out = 1 if task.problem_type == "regression" else len(task.labels)
     model = SupermaskModel(backbone, num_out, cfg.init_sparsity, cfg.head_dropout, quantized=cfg.bits < 32)
+    model.to(device)
 
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -196,17 +203,18 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     t0 = time.perf_counter()
     losses = run_steps(model, task, train_set, tokenizer, opt, total_steps, batch_size=cfg.batch_size,
                        max_len=cfg.max_seq_length, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-                       desc=f"train {task.name}", progress=progress)
+                       desc=f"train {task.name}", progress=progress, device=device)
     step = len(losses)
     seconds = time.perf_counter() - t0
 
     golds = np.array([e.label for e in dev_set])
     dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.eval_batch_size,
-                                        desc="dev (deterministic mask)" if progress else None), golds)
+                                        desc="dev (deterministic mask)" if progress else None, device=device),
+                          golds)
     bern = {}
     if cfg.bernoulli_samples > 0:
         bern = evaluate_bernoulli(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.bernoulli_samples,
-                                  cfg.eval_batch_size, seed=cfg.seed)
+                                  cfg.eval_batch_size, seed=cfg.seed, device=device)
     sparsity = model.sparsity()
     name = cfg.task_name or task.name
     training = {
@@ -218,7 +226,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         "seconds": round(seconds, 1),
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-50:])),
-        "hardware": hardware(),
+        "hardware": {**hardware(), "device": str(device)},
         "command": command,
     }
     metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
@@ -227,11 +235,12 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     if cfg.save_scores:
         from safetensors.torch import save_file
 
-        save_file({f"{n}.scores": layer.scores.detach().to(torch.float16).contiguous()
+        save_file({f"{n}.scores": layer.scores.detach().to("cpu", torch.float16).contiguous()
                    for n, layer in model.masked_layers().items()},
                   str(scores_path(cfg.output)))
     log.info("wrote %s (%d bytes), sparsity %.4f, dev %s", cfg.output, len(data), sparsity, dev)
-    return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern, losses)
+    return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern, losses,
+                       str(device))
 
 
 def scores_path(bundle_path: str | Path) -> Path:

@@ -106,6 +106,9 @@ def base_parser(prog: str, description: str, default_tasks: Iterable[str], seeds
     p.add_argument("--no-scores", action="store_true",
                    help="do not keep the mask scores ν next to each bundle (~2 bytes per masked weight)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="auto",
+                   help="where runs train: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... "
+                        "(recorded per run, not part of its name)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-step progress bars")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report from the runs already finished and list the missing ones")
@@ -194,23 +197,24 @@ def run_name(kind: str, config: dict[str, Any]) -> str:
 
 
 def train_supermask(config: dict[str, Any], bundle_path: Path, data_dir: str, save_scores: bool,
-                    progress: bool, command: str = "") -> dict[str, Any]:
+                    progress: bool, command: str = "", device: str = "auto") -> dict[str, Any]:
     """Train one supermask with :func:`training.trainer.train` (``command`` is recorded in the bundle);
     returns the JSON-able summary."""
     from training.trainer import TrainConfig, train
 
-    cfg = TrainConfig(output=str(bundle_path), data_dir=data_dir, save_scores=save_scores, **config)
+    cfg = TrainConfig(output=str(bundle_path), data_dir=data_dir, save_scores=save_scores, device=device, **config)
     res = train(cfg, progress=progress, command=command)
     return {"steps": res.steps, "train_seconds": round(res.seconds, 2), "first_loss": res.first_loss,
             "final_loss": res.final_loss, "sparsity": res.sparsity, "dev": res.dev_metrics,
-            "bernoulli": res.bernoulli, "bundle": bundle_path.name, "device": "cpu"}
+            "bernoulli": res.bernoulli, "bundle": bundle_path.name, "device": res.device}
 
 
-def train_finetune(config: dict[str, Any], data_dir: str, progress: bool, command: str) -> dict[str, Any]:
+def train_finetune(config: dict[str, Any], data_dir: str, progress: bool, command: str,
+                   device: str = "auto") -> dict[str, Any]:
     """Run one full fine-tuning baseline with :func:`training.finetune.finetune`; returns the summary."""
     from training.finetune import FinetuneConfig, finetune
 
-    res = finetune(FinetuneConfig(data_dir=data_dir, **config), progress=progress, command=command)
+    res = finetune(FinetuneConfig(data_dir=data_dir, device=device, **config), progress=progress, command=command)
     return {"steps": res.steps, "train_seconds": res.train_seconds, "first_loss": res.first_loss,
             "final_loss": res.final_loss, "sparsity": 0.0, "dev": res.dev_metrics,
             "device": res.hardware.get("device", "cpu")}
@@ -266,9 +270,10 @@ def get_or_run(kind: str, config: dict[str, Any], args: argparse.Namespace, comm
     started, t0 = _now(), time.perf_counter()
     progress = not args.quiet
     if kind == "supermask":
-        result = train_supermask(config, runs / f"{name}.smask", args.data_dir, not args.no_scores, progress, command)
+        result = train_supermask(config, runs / f"{name}.smask", args.data_dir, not args.no_scores, progress, command,
+                                 device=getattr(args, "device", "auto"))
     elif kind == "finetune":
-        result = train_finetune(config, args.data_dir, progress, command)
+        result = train_finetune(config, args.data_dir, progress, command, device=getattr(args, "device", "auto"))
     else:
         raise ValueError(f"unknown run kind {kind!r}")
     hw = hardware()

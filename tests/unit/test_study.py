@@ -105,6 +105,38 @@ def test_trainer_bits32_keeps_int8_fingerprint_and_shuffle_changes_it(tiny_backb
         train(TrainConfig(output=str(tmp_path / "x.smask"), bits=16, **common_kw), progress=False)
 
 
+def test_trainer_device_recorded_and_cuda_without_cuda_is_a_clear_error(tiny_backbone_dir, tmp_path):
+    from mask_store.format import read_header_file
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue")
+    common_kw = dict(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
+                     max_seq_length=16, bernoulli_samples=0, save_scores=False)
+    res = train(TrainConfig(output=str(tmp_path / "cpu.smask"), device="cpu", **common_kw), progress=False)
+    assert res.device == "cpu"
+    assert read_header_file(str(tmp_path / "cpu.smask")).training["hardware"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            train(TrainConfig(output=str(tmp_path / "gpu.smask"), device="cuda", **common_kw), progress=False)
+        assert not (tmp_path / "gpu.smask").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trainer_on_cuda_writes_a_servable_bundle(tiny_backbone_dir, tmp_path):
+    from mask_store.format import decode_bundle
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue")
+    res = train(TrainConfig(task="SST-2", data_dir=data, output=str(tmp_path / "gpu.smask"),
+                            backbone=str(tiny_backbone_dir), max_steps=3, batch_size=4, max_seq_length=16,
+                            bernoulli_samples=2, device="cuda"), progress=False)
+    assert res.device.startswith("cuda")
+    bundle = decode_bundle((tmp_path / "gpu.smask").read_bytes())
+    assert bundle.header.training["hardware"]["device"].startswith("cuda")
+    assert set(res.bernoulli) == {"accuracy"} and res.bernoulli["accuracy"]["n"] == 2
+    assert (tmp_path / "gpu.smask.scores.safetensors").is_file()
+
+
 # ------------------------------------------------------------------ fine-tuning baseline
 
 
@@ -237,16 +269,18 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
     data = _write_glue(tmp_path / "glue")
     calls = {"supermask": 0, "finetune": 0}
     commands = []
+    devices = []
 
-    def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command):
+    def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command, device="auto"):
         calls["supermask"] += 1
         commands.append(command)
+        devices.append(device)
         f1 = 0.80 + 0.01 * config["seed"]
         return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
                 "dev": {"accuracy": 0.7, "f1": f1}, "bundle": bundle_path.name, "device": "cpu",
                 "bernoulli": {"f1": {"mean": f1 - 0.01, "std": 0.005, "n": 10}}}
 
-    def fake_finetune(config, data_dir, progress, command):
+    def fake_finetune(config, data_dir, progress, command, device="auto"):
         calls["finetune"] += 1
         return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.5, "sparsity": 0.0,
                 "dev": {"accuracy": 0.75, "f1": 0.82}, "device": "cpu"}
@@ -261,10 +295,13 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
     assert len(list((tmp_path / "out" / "runs").glob("*.json"))) == 4
     assert table_a.main(argv) == 0  # everything read back
     assert calls == {"supermask": 2, "finetune": 2}
+    assert table_a.main(argv + ["--device", "cpu"]) == 0  # where a run trains is not part of its name
+    assert calls == {"supermask": 2, "finetune": 2}
     assert table_a.main(argv + ["--max-steps", "5"]) == 0  # a different config is a new run
     assert calls == {"supermask": 4, "finetune": 4}
-    assert table_a.main(argv + ["--force"]) == 0
+    assert table_a.main(argv + ["--force", "--device", "cpu"]) == 0
     assert calls == {"supermask": 6, "finetune": 6}
+    assert devices == ["auto"] * 4 + ["cpu"] * 2  # --device reaches the trainer
 
     md = (tmp_path / "out" / "table_a.md").read_text()
     assert "benchmarks/glue/table_a.py --tasks MRPC --seeds 0 1" in md
