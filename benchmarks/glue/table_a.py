@@ -115,34 +115,49 @@ def summarize(records: list[dict], args) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
-def ship(records: list[dict], args) -> list[str]:
-    """Copy the best supermask bundle (deterministic main metric, then the lower seed) per task."""
-    shipped = []
+def ship(records: list[dict], args) -> tuple[list[str], list[str]]:
+    """Copy the best supermask bundle (deterministic main metric, then the lower seed) per task.
+
+    Every source is checked before anything is copied: a task whose best run's bundle file is
+    gone (deleted, or a record copied without its bundle) keeps whatever ``--ship-to`` already
+    holds and is listed in the second return value, instead of stopping half-way through.
+    Returns ``(shipped, not_shipped)``, one line per task.
+    """
     runs = Path(args.out_dir) / common.RUNS_SUBDIR
+    plan, not_shipped = [], []
     for task, recs in common.group([r for r in records if r["kind"] == "supermask"],
                                    lambda r: r["config"]["task"]).items():
         best = max(recs, key=lambda r: (common.metric_of(r) or float("-inf"), -r["seed"]))
         src = runs / best["result"]["bundle"]
+        if src.is_file():
+            plan.append((task, best["name"], src))
+        else:
+            common.log.warning("not shipping %s: the bundle of its best run %s is missing (%s)", task, best["name"], src)
+            not_shipped.append(f"{task}: bundle of {best['name']} missing ({src})")
+    shipped = []
+    for task, name, src in plan:
         dst = Path(args.ship_to) / f"{task}.smask"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
         scores = src.with_name(src.name + ".scores.safetensors")
         if scores.is_file():
             shutil.copyfile(scores, dst.with_name(dst.name + ".scores.safetensors"))
-        shipped.append(f"{task}: {best['name']} -> {dst}")
-    return shipped
+        shipped.append(f"{task}: {name} -> {dst}")
+    return shipped, not_shipped
 
 
 def run(args, command: str) -> dict:
     records = common.run_all(plan_runs(args), args, command, "Table A runs")
     rows, body = summarize(records, args)
     body = common.smoke_note(args) + body
-    shipped = ship(records, args) if args.ship_to else []
+    shipped, not_shipped = ship(records, args) if args.ship_to else ([], [])
     if shipped:
         body += "\n\nShipped bundles:\n\n" + "\n".join(f"- {s}" for s in shipped)
+    if not_shipped:
+        body += "\n\nNot shipped (the previous bundle, if any, is kept):\n\n" + "\n".join(f"- {s}" for s in not_shipped)
+    extra = {"rows": rows, "shipped": shipped, "not_shipped": not_shipped, "missing_runs": args.missing_runs}
     json_path, md_path = common.write_report(args.out_dir, STEM, "Table A: supermask vs full fine-tuning (GLUE dev)",
-                                             command, body, {"rows": rows, "shipped": shipped, "missing_runs": args.missing_runs},
-                                             records)
+                                             command, body, extra, records)
     return {"records": records, "rows": rows, "json": str(json_path), "md": str(md_path)}
 
 

@@ -54,13 +54,18 @@ def _shipped(task: str):
     return path
 
 
-@pytest.mark.parametrize("task,metric,floor", [("SST-2", "accuracy", 0.85), ("MRPC", "f1", 0.83)])
+# floors: the acceptance figures for SST-2 and MRPC; the other shipped masks only
+# have to reproduce the figure their header records (untuned recipes, see docs/results.md)
+@pytest.mark.parametrize("task,metric,floor", [
+    ("SST-2", "accuracy", 0.85), ("MRPC", "f1", 0.83), ("STS-B", "pearson", None),
+    ("CoLA", "mcc", None), ("RTE", "accuracy", None), ("WNLI", "accuracy", None)])
 def test_shipped_bundle_reproduces_recorded_dev_metric(task, metric, floor):
     _need(task)
     from training.evaluate import evaluate_bundle
 
     res = evaluate_bundle(str(_shipped(task)), data_dir=str(GLUE_DIR), samples=0)
     got, recorded = res["deterministic"][metric], res["recorded"][metric]
-    assert got >= floor, json.dumps(res)
+    if floor is not None:
+        assert got >= floor, json.dumps(res)
     # the served path and the training-time evaluation differ only by float rounding
     assert abs(got - recorded) <= 2.0 / res["dev_examples"], json.dumps(res)

@@ -318,3 +318,33 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "table_a.md").read_text()
     assert "Not run yet (2;" in md and "supermask-MRPC-s7-" in md and "finetune-MRPC-s7-" in md
     assert json.loads((tmp_path / "out" / "table_a.json").read_text())["rows"][0]["seeds"] == [0]
+
+
+def test_table_a_ship_copies_best_bundle_and_skips_a_missing_one(tmp_path, monkeypatch):
+    data = _write_glue(tmp_path / "glue")
+
+    def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command, device="auto"):
+        f1 = 0.80 + 0.01 * config["seed"]
+        bundle_path.parent.mkdir(parents=True, exist_ok=True)
+        bundle_path.write_bytes(f"bundle of seed {config['seed']}".encode())
+        return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
+                "dev": {"accuracy": 0.7, "f1": f1}, "bundle": bundle_path.name, "device": "cpu",
+                "bernoulli": {"f1": {"mean": f1, "std": 0.0, "n": 1}}}
+
+    monkeypatch.setattr(common, "train_supermask", fake_supermask)
+    out, ship_dir = tmp_path / "out", tmp_path / "examples"
+    argv = ["--tasks", "MRPC", "--seeds", "0", "2", "1", "--skip-baseline", "--data-dir", data,
+            "--out-dir", str(out), "-q", "--ship-to", str(ship_dir)]
+    assert table_a.main(argv) == 0
+    assert (ship_dir / "MRPC.smask").read_bytes() == b"bundle of seed 2"  # the best dev F1
+    assert json.loads((out / "table_a.json").read_text())["not_shipped"] == []
+
+    # the best run's bundle disappears: the task is reported, the shipped file is left as it was
+    best = next((out / "runs").glob("supermask-MRPC-s2-*.smask"))
+    best.unlink()
+    (ship_dir / "MRPC.smask").write_bytes(b"previously shipped")
+    assert table_a.main(argv + ["--report-only"]) == 0
+    assert (ship_dir / "MRPC.smask").read_bytes() == b"previously shipped"
+    doc = json.loads((out / "table_a.json").read_text())
+    assert doc["shipped"] == [] and len(doc["not_shipped"]) == 1 and best.name in doc["not_shipped"][0]
+    assert "Not shipped" in (out / "table_a.md").read_text()
