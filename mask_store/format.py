@@ -208,11 +208,13 @@ def encode_bundle(
     metrics: dict[str, Any] | None = None,
     created_at: str = "",
     library_version: str = "",
+    mask_rule: str = MASK_RULE,
 ) -> bytes:
     """Encode a bundle file.
 
     Args:
         masks: parameter name -> bool array ``[out, in]`` (True keeps the weight).
+        mask_rule: how the stored bits were derived from the mask scores (recorded, not applied).
         head: ``classifier.weight`` ``[num_outputs, hidden]`` and ``classifier.bias``
             ``[num_outputs]``, converted to float32.
     Returns:
@@ -267,6 +269,7 @@ def encode_bundle(
             metrics=metrics or {},
             created_at=created_at,
             library_version=library_version,
+            mask_rule=mask_rule,
         )
     except ValidationError as exc:
         raise BundleInvalid(_pydantic_reason(exc)) from None

@@ -40,6 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         save_scores=not args.no_scores,
         task_name=args.name,
         device=args.device,
+        mask_rule=args.mask_rule,
     )
     res = train(cfg, command="supermask " + shlex.join(args.argv))
     summary = {
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="task name recorded in the bundle (default: the GLUE name)")
     t.add_argument("--device", default="auto",
                    help="where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    t.add_argument("--mask-rule", choices=("sign", "expected"), default="sign",
+                   help="deterministic mask written to the bundle: 'sign' is the paper's 1[ν > 0]; 'expected' "
+                        "thresholds ν globally so the mask prunes the expected sparsity of the Bernoulli masks "
+                        "it was trained with, mean(1 − σ(ν)) (benchmarks/glue/mask_threshold.py, docs/results.md)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="GLUE dev metrics of a bundle, through the serving path",

@@ -28,7 +28,8 @@ class SupermaskLinear(nn.Module):
 
     Attributes:
         scores: ``ν``, float32 ``[out, in]``, the trainable mask parameter.
-        sample: when True (default in training), ``μ ~ Bern(σ(ν))``; when False, ``μ = 1[ν > 0]``.
+        sample: when True (default in training), ``μ ~ Bern(σ(ν))``; when False, ``μ = 1[ν > τ]``.
+        threshold: ``τ`` of the deterministic mask, float; 0.0 (default) is the paper's ``1[σ(ν) > 0.5]``.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init_sparsity: float = 0.0):
@@ -44,19 +45,20 @@ class SupermaskLinear(nn.Module):
             scores.view(-1)[idx] = -SCORE_INIT
         self.scores = nn.Parameter(scores)
         self.sample: bool | None = None  # None: follow self.training
+        self.threshold = 0.0  # τ of the deterministic mask 1[ν > τ]
 
     def mask(self, sample: bool) -> torch.Tensor:
         """``μ`` as float32 ``[out, in]`` carrying the straight-through gradient to ``ν``."""
         if sample:
             mu = torch.bernoulli(torch.sigmoid(self.scores.detach()))
         else:
-            mu = (self.scores.detach() > 0).to(self.scores.dtype)
+            mu = (self.scores.detach() > self.threshold).to(self.scores.dtype)
         # straight-through estimator: forward value mu, gradient dL/dnu = dL/dmu
         return mu + self.scores - self.scores.detach()
 
     def hard_mask(self) -> torch.Tensor:
-        """Deterministic served mask ``1[σ(ν) > 0.5]``, bool ``[out, in]``."""
-        return self.scores.detach() > 0
+        """Deterministic served mask ``1[ν > τ]`` (``τ = 0``: ``1[σ(ν) > 0.5]``), bool ``[out, in]``."""
+        return self.scores.detach() > self.threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sample = self.training if self.sample is None else self.sample
@@ -118,3 +120,44 @@ class SupermaskModel(nn.Module):
             zeros += int((~m).sum())
             total += m.numel()
         return zeros / total
+
+
+def expected_sparsity(scores: list[torch.Tensor]) -> float:
+    """Expected fraction of zeros of a Bernoulli mask ``μ ~ Bern(σ(ν))``: ``mean(1 − σ(ν))``.
+
+    Args:
+        scores: the mask scores ``ν`` of every masked matrix (any shapes, floating dtype).
+    Returns:
+        A float in [0, 1], weighted by entry count (Radiya-Dixit & Wang 2020, Eq. 3-4).
+    Raises:
+        ValueError: when ``scores`` holds no entries.
+    """
+    n = sum(s.numel() for s in scores)
+    if n == 0:
+        raise ValueError("no mask scores given")
+    return float(sum((1.0 - torch.sigmoid(s.detach().double())).sum() for s in scores) / n)
+
+
+def threshold_for_sparsity(scores: list[torch.Tensor], sparsity: float) -> float:
+    """The global threshold ``τ`` such that ``μ = 1[ν > τ]`` prunes ``sparsity`` of all entries.
+
+    ``τ = 0`` is the paper's deterministic rule ``1[σ(ν) > 0.5]``. One threshold over all
+    matrices (ties at ``τ`` are pruned, so the achieved sparsity is at least ``sparsity``).
+
+    Args:
+        scores: the mask scores ``ν`` of every masked matrix (any shapes, floating dtype).
+        sparsity: target fraction of zeros in [0, 1).
+    Returns:
+        ``τ`` as a float; ``-inf`` for ``sparsity = 0``.
+    Raises:
+        ValueError: for a sparsity outside [0, 1) or no entries.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    flat = torch.cat([s.detach().reshape(-1).float() for s in scores]) if scores else torch.empty(0)
+    if flat.numel() == 0:
+        raise ValueError("no mask scores given")
+    k = int(round(sparsity * flat.numel()))
+    if k == 0:
+        return float("-inf")
+    return float(torch.kthvalue(flat, k).values)

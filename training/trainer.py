@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
+from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
 from service.backbone import Backbone, load_backbone
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
 from training.loop import predict_examples, resolve_device, run_steps
-from training.supermask import SupermaskModel
+from training.supermask import SupermaskModel, expected_sparsity, threshold_for_sparsity
 
 log = logging.getLogger(__name__)
 BERNOULLI_SAMPLES = 10
@@ -60,6 +60,12 @@ class TrainConfig:
     task_name: str | None = None  # name in the bundle; default: the GLUE name
     shuffle_weights: bool = False  # control (paper §4.4): permute each masked matrix's entries first
     device: str = "auto"  # "auto": cuda when available, else cpu; "cpu", "cuda", "cuda:1", ...
+    # deterministic mask written to the bundle: "sign" = the paper's 1[ν > 0]; "expected" = 1[ν > τ] with one
+    # global τ that prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν))
+    mask_rule: str = "sign"
+
+
+MASK_RULES = ("sign", "expected")
 
 
 @dataclass
@@ -122,8 +128,8 @@ def hardware() -> dict[str, object]:
 
 
 def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name: str, max_len: int,
-                 training: dict, metrics: dict) -> bytes:
-    """Encode the deterministic mask and the head of a trained model as a bundle."""
+                 training: dict, metrics: dict, mask_rule: str = MASK_RULE) -> bytes:
+    """Encode the deterministic mask (each layer's ``1[ν > τ]``) and the head of a trained model as a bundle."""
     masks = {f"{n}.weight": layer.hard_mask().cpu().numpy() for n, layer in model.masked_layers().items()}
     head = {
         HEAD_WEIGHT: model.head.classifier.weight.detach().cpu().numpy(),
@@ -145,6 +151,7 @@ def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name
         metrics=metrics,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         library_version=__version__,
+        mask_rule=mask_rule,
     )
 
 
@@ -174,6 +181,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     device = resolve_device(cfg.device)
     if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
         raise ValueError(f"learning rates must be positive, got mask_lr={cfg.mask_lr}, head_lr={cfg.head_lr}")
+    if cfg.mask_rule not in MASK_RULES:
+        raise ValueError(f"mask_rule must be one of {', '.join(MASK_RULES)}, got {cfg.mask_rule!r}")
     if not (1 <= cfg.bits <= 8 or cfg.bits == 32):
         raise ValueError(f"bits must be in 1..8 or 32 (un-quantized), got {cfg.bits}")
     task = get_task(cfg.task)
@@ -207,6 +216,16 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     step = len(losses)
     seconds = time.perf_counter() - t0
 
+    mask_rule = MASK_RULE
+    if cfg.mask_rule == "expected":
+        nu = [layer.scores.detach() for layer in model.masked_layers().values()]
+        target = expected_sparsity(nu)
+        tau = threshold_for_sparsity(nu, target)
+        for layer in model.masked_layers().values():
+            layer.threshold = tau
+        mask_rule = (f"mu = 1[nu > {tau!r}]: one global threshold pruning the expected sampled sparsity "
+                     f"mean(1 - sigmoid(nu)) = {target:.6f}")
+
     golds = np.array([e.label for e in dev_set])
     dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.eval_batch_size,
                                         desc="dev (deterministic mask)" if progress else None, device=device),
@@ -230,7 +249,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         "command": command,
     }
     metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
-    data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics)
+    data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics, mask_rule)
     atomic_write(cfg.output, data)
     if cfg.save_scores:
         from safetensors.torch import save_file

@@ -348,3 +348,74 @@ def test_table_a_ship_copies_best_bundle_and_skips_a_missing_one(tmp_path, monke
     doc = json.loads((out / "table_a.json").read_text())
     assert doc["shipped"] == [] and len(doc["not_shipped"]) == 1 and best.name in doc["not_shipped"][0]
     assert "Not shipped" in (out / "table_a.md").read_text()
+
+
+def test_expected_sparsity_and_threshold_for_sparsity():
+    from training.supermask import expected_sparsity, threshold_for_sparsity
+
+    nu = [torch.tensor([[-2.0, 0.5], [3.0, 4.0]]), torch.tensor([1.0, -1.0, 6.0, 2.0])]
+    flat = torch.cat([t.reshape(-1) for t in nu]).double()
+    assert expected_sparsity(nu) == pytest.approx(float((1 - torch.sigmoid(flat)).mean()))
+    assert threshold_for_sparsity(nu, 0.0) == float("-inf")
+    assert threshold_for_sparsity(nu, 0.25) == -1.0  # the 2 smallest of 8: -2, -1
+    tau = threshold_for_sparsity(nu, 0.5)
+    assert tau == 1.0 and int((flat <= tau).sum()) == 4
+    with pytest.raises(ValueError, match="sparsity"):
+        threshold_for_sparsity(nu, 1.0)
+    with pytest.raises(ValueError, match="no mask scores"):
+        expected_sparsity([])
+
+
+def test_mask_threshold_script_matches_expected_sparsity(tiny_backbone_dir, tmp_path):
+    from benchmarks.glue import mask_threshold
+    from mask_store.format import read_header_file
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue")
+    bundle = tmp_path / "sst2.smask"
+    train(TrainConfig(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
+                      max_seq_length=16, bernoulli_samples=2, output=str(bundle)), progress=False)
+    out = tmp_path / "out"
+    argv = [str(bundle), "--data-dir", data, "--backbone", str(tiny_backbone_dir), "--out-dir", str(out)]
+    assert mask_threshold.main(argv) == 0
+    row = json.loads((out / "mask_threshold.json").read_text())["rows"][0]
+    assert row["paper_rule"]["sparsity"] == pytest.approx(read_header_file(str(bundle)).sparsity)
+    # ν starts at +5, so after 2 steps the sampled masks prune about 1 − σ(5) = 0.67 % while 1[ν > 0] prunes ~0
+    assert row["expected_sparsity"] > 0.005
+    # ties at τ_e are pruned (early Adam steps move many scores by the same amount), so at least that much
+    assert row["matched_rule"]["sparsity"] >= row["expected_sparsity"] - 1e-6
+    assert row["matched_rule"]["sparsity"] > row["paper_rule"]["sparsity"]
+    assert set(row["matched_rule"]["dev"]) == {"accuracy"}
+    assert "1[ν > τ_e]" in (out / "mask_threshold.md").read_text()
+
+    (tmp_path / "sst2.smask.scores.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="mask scores"):
+        mask_threshold.main(argv)
+
+
+def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from mask_store.format import MASK_RULE, read_header_file
+    from training.evaluate import evaluate_bundle
+    from training.supermask import expected_sparsity
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue")
+    kw = dict(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=3, batch_size=4,
+              max_seq_length=16, bernoulli_samples=0, seed=3)
+    sign = train(TrainConfig(output=str(tmp_path / "sign.smask"), **kw), progress=False)
+    exp = train(TrainConfig(output=str(tmp_path / "exp.smask"), mask_rule="expected", **kw), progress=False)
+    h_sign, h_exp = read_header_file(str(tmp_path / "sign.smask")), read_header_file(str(tmp_path / "exp.smask"))
+    assert h_sign.mask_rule == MASK_RULE and "expected sampled sparsity" in h_exp.mask_rule
+    assert h_exp.training["config"]["mask_rule"] == "expected"
+    nu = list(load_file(str(tmp_path / "exp.smask.scores.safetensors")).values())
+    assert exp.sparsity >= expected_sparsity(nu) - 1e-3 and exp.sparsity > sign.sparsity
+    assert h_exp.sparsity == pytest.approx(exp.sparsity)
+    # the same training run: only the written mask differs, and the served bundle reproduces its metric
+    assert exp.losses == sign.losses
+    res = evaluate_bundle(str(tmp_path / "exp.smask"), data_dir=data, backbone=str(tiny_backbone_dir), samples=0)
+    assert res["deterministic"] == res["recorded"]
+    with pytest.raises(ValueError, match="mask_rule"):
+        train(TrainConfig(output=str(tmp_path / "x.smask"), mask_rule="median", **kw), progress=False)
+    assert not (tmp_path / "x.smask").exists()
