@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle
 from mask_store.local import LocalMaskStore
-from service.backbone import load_backbone
+from service.backbone import Backbone, load_backbone
 from service.engine import Engine
 from service.metrics import Metrics
 from training.glue import compute_metrics, get_task, read_split
@@ -74,11 +74,21 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     return result
 
 
-def _bernoulli(spath: Path, bundle, backbone: str | None, bits: int, task, dev, samples: int,
-               batch_size: int) -> dict:
+def model_from_scores(bundle, scores_file: str | Path, backbone: str | None = None,
+                      bits: int = 8) -> tuple[SupermaskModel, Backbone]:
+    """A :class:`SupermaskModel` with a bundle's head and the mask scores ``ν`` saved beside it,
+    and the backbone it was built on (for its tokenizer).
+
+    Args:
+        bundle: a decoded bundle (its head and number of outputs are used).
+        scores_file: ``<bundle>.scores.safetensors`` (``<layer>.scores`` tensors, float16 ``[out, in]``).
+        backbone: local encoder folder (default: all-MiniLM-L6-v2); bits: its weight width.
+    Raises:
+        FileNotFoundError, KeyError (a masked layer without scores), BackboneLoadError.
+    """
     from safetensors.torch import load_file
 
-    tensors = load_file(str(spath))
+    tensors = load_file(str(scores_file))
     bb = load_backbone(backbone, bits=bits)
     model = SupermaskModel(bb, bundle.header.num_outputs)
     with torch.no_grad():
@@ -86,4 +96,10 @@ def _bernoulli(spath: Path, bundle, backbone: str | None, bits: int, task, dev, 
             layer.scores.copy_(tensors[f"{name}.scores"].to(torch.float32))
         model.head.classifier.weight.copy_(torch.from_numpy(np.array(bundle.head[HEAD_WEIGHT])))
         model.head.classifier.bias.copy_(torch.from_numpy(np.array(bundle.head[HEAD_BIAS])))
+    return model, bb
+
+
+def _bernoulli(spath: Path, bundle, backbone: str | None, bits: int, task, dev, samples: int,
+               batch_size: int) -> dict:
+    model, bb = model_from_scores(bundle, spath, backbone, bits)
     return evaluate_bernoulli(model, bb.tokenizer, task, dev, bundle.header.max_seq_length, samples, batch_size)

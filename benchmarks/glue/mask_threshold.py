@@ -53,12 +53,10 @@ def probe_bundle(path: Path, data_dir: str, backbone: str | None, dev_limit: int
     Raises:
         FileNotFoundError: when the bundle or its mask scores file is missing.
     """
-    from safetensors.torch import load_file
-
-    from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle
-    from service.backbone import load_backbone
+    from mask_store.format import decode_bundle
+    from training.evaluate import model_from_scores
     from training.glue import compute_metrics, get_task, read_split
-    from training.supermask import SupermaskModel, expected_sparsity, threshold_for_sparsity
+    from training.supermask import expected_sparsity, threshold_for_sparsity
     from training.trainer import predict, scores_path
 
     spath = scores_path(path)
@@ -70,14 +68,9 @@ def probe_bundle(path: Path, data_dir: str, backbone: str | None, dev_limit: int
     task = get_task(h.task)
     dev = read_split(task, data_dir, "dev")[:dev_limit]
     golds = np.array([e.label for e in dev])
-    bb = load_backbone(backbone, bits=int(cfg.get("bits", 8)))
-    model = SupermaskModel(bb, h.num_outputs)
-    tensors = load_file(str(spath))
+    model, bb = model_from_scores(bundle, spath, backbone, bits=int(cfg.get("bits", 8)))
     layers = model.masked_layers()
-    nu = {name: tensors[f"{name}.scores"].to(torch.float32) for name in layers}
-    with torch.no_grad():
-        model.head.classifier.weight.copy_(torch.from_numpy(np.array(bundle.head[HEAD_WEIGHT])))
-        model.head.classifier.bias.copy_(torch.from_numpy(np.array(bundle.head[HEAD_BIAS])))
+    nu = {name: layer.scores.detach().clone() for name, layer in layers.items()}
     model.eval()
 
     def evaluate(tau: float) -> tuple[dict, float]:

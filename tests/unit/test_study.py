@@ -414,8 +414,10 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
     assert h_exp.sparsity == pytest.approx(exp.sparsity)
     # the same training run: only the written mask differs, and the served bundle reproduces its metric
     assert exp.losses == sign.losses
-    res = evaluate_bundle(str(tmp_path / "exp.smask"), data_dir=data, backbone=str(tiny_backbone_dir), samples=0)
+    res = evaluate_bundle(str(tmp_path / "exp.smask"), data_dir=data, backbone=str(tiny_backbone_dir), samples=2)
     assert res["deterministic"] == res["recorded"]
+    # Bernoulli masks come from the saved scores, whatever rule wrote the bundle's bits
+    assert res["bernoulli"]["accuracy"]["n"] == 2 and 0.0 <= res["bernoulli"]["accuracy"]["mean"] <= 1.0
     with pytest.raises(ValueError, match="mask_rule"):
         train(TrainConfig(output=str(tmp_path / "x.smask"), mask_rule="median", **kw), progress=False)
     assert not (tmp_path / "x.smask").exists()
