@@ -100,6 +100,11 @@ class SupermaskModel(nn.Module):
     def masked_layers(self) -> dict[str, SupermaskLinear]:
         return {n: self.encoder.get_submodule(n) for n in self.masked_names}
 
+    def set_threshold(self, tau: float) -> None:
+        """Use ``μ = 1[ν > τ]`` as every masked layer's deterministic mask (``τ = 0``: the paper's rule)."""
+        for layer in self.masked_layers().values():
+            layer.threshold = float(tau)
+
     def set_sampling(self, sample: bool | None) -> None:
         """Force Bernoulli sampling on/off for every masked layer (None: follow train/eval mode)."""
         for layer in self.masked_layers().values():

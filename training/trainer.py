@@ -87,7 +87,7 @@ def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Exa
             device: torch.device | str = "cpu") -> np.ndarray:
     """Class indices (or regression values) ``[n]`` for ``examples``.
 
-    ``sample=False`` uses the deterministic mask ``1[ν > 0]``; True draws one
+    ``sample=False`` uses the deterministic mask ``1[ν > τ]`` (``τ = 0`` unless set); True draws one
     Bernoulli mask per layer per batch.
     """
     model.set_sampling(sample)
@@ -221,8 +221,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         nu = [layer.scores.detach() for layer in model.masked_layers().values()]
         target = expected_sparsity(nu)
         tau = threshold_for_sparsity(nu, target)
-        for layer in model.masked_layers().values():
-            layer.threshold = tau
+        model.set_threshold(tau)
         mask_rule = (f"mu = 1[nu > {tau!r}]: one global threshold pruning the expected sampled sparsity "
                      f"mean(1 - sigmoid(nu)) = {target:.6f}")
 

@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from benchmarks.glue import common  # noqa: E402
 
@@ -69,20 +68,16 @@ def probe_bundle(path: Path, data_dir: str, backbone: str | None, dev_limit: int
     dev = read_split(task, data_dir, "dev")[:dev_limit]
     golds = np.array([e.label for e in dev])
     model, bb = model_from_scores(bundle, spath, backbone, bits=int(cfg.get("bits", 8)))
-    layers = model.masked_layers()
-    nu = {name: layer.scores.detach().clone() for name, layer in layers.items()}
     model.eval()
 
     def evaluate(tau: float) -> tuple[dict, float]:
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.scores.copy_(nu[name] - tau)  # 1[ν − τ > 0] = 1[ν > τ]
-        pruned = sum(int((layer.scores <= 0).sum()) for layer in layers.values())
+        model.set_threshold(tau)
         preds = predict(model, bb.tokenizer, task, dev, h.max_seq_length, desc=f"dev {path.name} τ={tau:.3f}")
-        return compute_metrics(task, preds, golds), pruned / sum(v.numel() for v in nu.values())
+        return compute_metrics(task, preds, golds), model.sparsity()
 
-    s_exp = expected_sparsity(list(nu.values()))
-    tau_e = threshold_for_sparsity(list(nu.values()), s_exp)
+    nu = [layer.scores.detach() for layer in model.masked_layers().values()]
+    s_exp = expected_sparsity(nu)
+    tau_e = threshold_for_sparsity(nu, s_exp)
     m0, sp0 = evaluate(0.0)
     me, spe = evaluate(tau_e)
     return {"bundle": str(path), "task": h.task, "metric": common.main_metric(task.name),
