@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from training import MASK_RULES  # torch-free: the package top level names choices only
+
 DEFAULT_DATA_DIR = "../shared/data/glue"
 
 
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="task name recorded in the bundle (default: the GLUE name)")
     t.add_argument("--device", default="auto",
                    help="where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
-    t.add_argument("--mask-rule", choices=("sign", "expected"), default="sign",
+    t.add_argument("--mask-rule", choices=MASK_RULES, default="sign",
                    help="deterministic mask written to the bundle: 'sign' is the paper's 1[ν > 0]; 'expected' "
                         "thresholds ν globally so the mask prunes the expected sparsity of the Bernoulli masks "
                         "it was trained with, mean(1 − σ(ν)) (benchmarks/glue/mask_threshold.py, docs/results.md)")

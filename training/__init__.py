@@ -1,1 +1,10 @@
-"""Supermask training and GLUE evaluation (Radiya-Dixit & Wang 2020)."""
+"""Supermask training and GLUE evaluation (Radiya-Dixit & Wang 2020).
+
+This package's top level imports no torch, so command lines can name its
+choices without loading the training stack.
+"""
+
+# Deterministic mask written to a bundle after training (TrainConfig.mask_rule):
+# "sign" is the paper's μ = 1[ν > 0]; "expected" is 1[ν > τ] with one global τ that
+# prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν)).
+MASK_RULES = ("sign", "expected")

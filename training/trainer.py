@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
 from service.backbone import Backbone, load_backbone
+from training import MASK_RULES
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
 from training.loop import predict_examples, resolve_device, run_steps
@@ -62,10 +63,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu; "cpu", "cuda", "cuda:1", ...
     # deterministic mask written to the bundle: "sign" = the paper's 1[ν > 0]; "expected" = 1[ν > τ] with one
     # global τ that prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν))
-    mask_rule: str = "sign"
-
-
-MASK_RULES = ("sign", "expected")
+    mask_rule: str = "sign"  # one of training.MASK_RULES
 
 
 @dataclass

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +29,23 @@ def test_inspect_of_a_missing_file_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "nope.smask")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("supermask inspect: error:") and "\n" not in err
+
+
+def test_mask_rule_choices_are_the_trainers_and_an_unknown_rule_is_refused(capsys):
+    from training.trainer import MASK_RULES as trainer_rules
+
+    for rule in trainer_rules:  # every rule the trainer knows is accepted ...
+        assert cli.build_parser().parse_args(["train", "MRPC", "--mask-rule", rule]).mask_rule == rule
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "MRPC", "--mask-rule", "median"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'median'" in err  # ... and argparse lists exactly those
+    assert re.search(r"choose from (.*)\)", err).group(1).replace("'", "").split(", ") == list(trainer_rules)
+
+
+def test_the_command_line_module_imports_no_torch():
+    # --help and `supermask inspect` must stay fast: torch loads inside the subcommands only
+    code = "import sys, service.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0
