@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from training import MASK_RULES  # torch-free: the package top level names choices only
+from training import BERNOULLI_PER, MASK_RULES  # torch-free: the package top level names choices only
 
 DEFAULT_DATA_DIR = "../shared/data/glue"
 
@@ -64,7 +64,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_bundle
 
     result = evaluate_bundle(args.bundle, data_dir=args.data_dir, backbone=args.backbone, scores=args.scores,
-                             samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task)
+                             samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task,
+                             bernoulli_per=args.bernoulli_per)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scores", help="mask scores file written by train (enables Bernoulli samples); "
                    "default: <bundle>.scores.safetensors if present")
     e.add_argument("--samples", type=int, default=10, help="Bernoulli samples (needs the scores)")
+    e.add_argument("--bernoulli-per", choices=BERNOULLI_PER, default="batch",
+                   help="how each Bernoulli sample draws its masks: 'batch', a fresh mask per batch of 64 "
+                        "examples (the figures recorded at training time); 'mask', one mask for the whole dev set "
+                        "(the paper's reading; its s.d. is the spread between single masks)")
     e.add_argument("--dev-limit", type=int, help="evaluate on only the first N dev examples")
     e.set_defaults(func=_evaluate)
 

@@ -8,3 +8,7 @@ choices without loading the training stack.
 # "sign" is the paper's μ = 1[ν > 0]; "expected" is 1[ν > τ] with one global τ that
 # prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν)).
 MASK_RULES = ("sign", "expected")
+
+# How a Bernoulli evaluation draws its masks (training.trainer.evaluate_bernoulli): "batch", a
+# fresh mask per batch of examples (every recorded run so far); "mask", one mask per sample.
+BERNOULLI_PER = ("batch", "mask")

@@ -22,6 +22,7 @@ from mask_store.local import LocalMaskStore
 from service.backbone import Backbone, load_backbone
 from service.engine import Engine
 from service.metrics import Metrics
+from training import BERNOULLI_PER
 from training.glue import compute_metrics, get_task, read_split
 from training.trainer import evaluate_bernoulli, scores_path
 from training.supermask import SupermaskModel
@@ -29,15 +30,20 @@ from training.supermask import SupermaskModel
 
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
                     samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
-                    batch_size: int = 64) -> dict:
+                    batch_size: int = 64, bernoulli_per: str = "batch") -> dict:
     """Evaluate a bundle on its GLUE task's dev split.
+
+    ``bernoulli_per``: how the Bernoulli samples draw masks ("batch" or "mask", see
+    :func:`training.trainer.evaluate_bernoulli`); recorded in the result.
 
     Returns:
         ``{"task", "dev_examples", "deterministic": {metric: value}, "recorded": {...},
         "bernoulli": {metric: {"mean", "std", "n"}} (when scores are available), "seconds"}``.
     Raises:
-        BundleInvalid, BackboneMismatch, GlueDataError, FileNotFoundError.
+        BundleInvalid, BackboneMismatch, GlueDataError, FileNotFoundError; ValueError (``bernoulli_per``).
     """
+    if bernoulli_per not in BERNOULLI_PER:
+        raise ValueError(f"bernoulli_per must be one of {', '.join(BERNOULLI_PER)}, got {bernoulli_per!r}")
     data = Path(bundle_path).read_bytes()
     bundle = decode_bundle(data)
     header = bundle.header
@@ -68,7 +74,8 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     }
     spath = Path(scores) if scores else scores_path(bundle_path)
     if samples > 0 and spath.is_file():
-        result["bernoulli"] = _bernoulli(spath, bundle, backbone, bits, task, dev, samples, batch_size)
+        result["bernoulli"] = _bernoulli(spath, bundle, backbone, bits, task, dev, samples, batch_size, bernoulli_per)
+        result["bernoulli_per"] = bernoulli_per
     elif scores:
         raise FileNotFoundError(f"mask scores file {scores} not found")
     return result
@@ -100,6 +107,7 @@ def model_from_scores(bundle, scores_file: str | Path, backbone: str | None = No
 
 
 def _bernoulli(spath: Path, bundle, backbone: str | None, bits: int, task, dev, samples: int,
-               batch_size: int) -> dict:
+               batch_size: int, per: str = "batch") -> dict:
     model, bb = model_from_scores(bundle, spath, backbone, bits)
-    return evaluate_bernoulli(model, bb.tokenizer, task, dev, bundle.header.max_seq_length, samples, batch_size)
+    return evaluate_bernoulli(model, bb.tokenizer, task, dev, bundle.header.max_seq_length, samples, batch_size,
+                              per=per)

@@ -30,6 +30,8 @@ class SupermaskLinear(nn.Module):
         scores: ``ν``, float32 ``[out, in]``, the trainable mask parameter.
         sample: when True (default in training), ``μ ~ Bern(σ(ν))``; when False, ``μ = 1[ν > τ]``.
         threshold: ``τ`` of the deterministic mask, float; 0.0 (default) is the paper's ``1[σ(ν) > 0.5]``.
+        drawn: None (default: every sampling forward draws a fresh ``μ``), or one drawn mask, float32
+            ``[out, in]``, that sampling forwards use until cleared (:meth:`SupermaskModel.draw_masks`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init_sparsity: float = 0.0):
@@ -46,10 +48,13 @@ class SupermaskLinear(nn.Module):
         self.scores = nn.Parameter(scores)
         self.sample: bool | None = None  # None: follow self.training
         self.threshold = 0.0  # τ of the deterministic mask 1[ν > τ]
+        self.drawn: torch.Tensor | None = None  # one fixed Bernoulli draw for sampling forwards
 
     def mask(self, sample: bool) -> torch.Tensor:
         """``μ`` as float32 ``[out, in]`` carrying the straight-through gradient to ``ν``."""
-        if sample:
+        if sample and self.drawn is not None:
+            mu = self.drawn
+        elif sample:
             mu = torch.bernoulli(torch.sigmoid(self.scores.detach()))
         else:
             mu = (self.scores.detach() > self.threshold).to(self.scores.dtype)
@@ -109,6 +114,19 @@ class SupermaskModel(nn.Module):
         """Force Bernoulli sampling on/off for every masked layer (None: follow train/eval mode)."""
         for layer in self.masked_layers().values():
             layer.sample = sample
+
+    def draw_masks(self, generator: torch.Generator | None = None) -> None:
+        """Draw one mask ``μ ~ Bern(σ(ν))`` per masked layer and use it in every sampling forward
+        until :meth:`clear_drawn_masks`: a whole evaluation then sees one mask, as in the paper's
+        "mean over 10 Bernoulli samples" (Table 4). ``generator``: torch RNG on the scores' device."""
+        with torch.no_grad():
+            for layer in self.masked_layers().values():
+                layer.drawn = torch.bernoulli(torch.sigmoid(layer.scores), generator=generator)
+
+    def clear_drawn_masks(self) -> None:
+        """Back to a fresh draw per sampling forward."""
+        for layer in self.masked_layers().values():
+            layer.drawn = None
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}

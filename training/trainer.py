@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
 from service.backbone import Backbone, load_backbone
-from training import MASK_RULES
+from training import BERNOULLI_PER, MASK_RULES
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
 from training.loop import predict_examples, resolve_device, run_steps
@@ -97,16 +97,32 @@ def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Exa
 
 def evaluate_bernoulli(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
                        samples: int, batch_size: int = 64, seed: int = 0,
-                       device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+                       device: torch.device | str = "cpu", per: str = "batch") -> dict[str, dict[str, float]]:
     """Mean and standard deviation of each metric over ``samples`` Bernoulli mask draws
-    (the paper's Table 4 protocol). Each draw samples a fresh mask per batch."""
+    (the paper's Table 4 protocol).
+
+    ``per``: "batch" (what every recorded run used so far) draws a fresh mask for each batch of
+    ``batch_size`` examples, so one sample's metric averages several masks and the s.d. comes out
+    smaller than the spread between single masks; "mask" draws one mask per sample and evaluates
+    every example with it (:meth:`SupermaskModel.draw_masks`), the paper's reading.
+
+    Raises:
+        ValueError: ``per`` is neither "batch" nor "mask".
+    """
+    if per not in BERNOULLI_PER:
+        raise ValueError(f"per must be one of {', '.join(BERNOULLI_PER)}, got {per!r}")
     golds = np.array([e.label for e in examples])
     runs: dict[str, list[float]] = {}
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # seeds the CUDA generators too
     for s in tqdm(range(samples), desc="bernoulli samples", leave=False):
-        m = compute_metrics(task, predict(model, tokenizer, task, examples, max_len, batch_size, sample=True,
-                                          device=device), golds)
+        if per == "mask":
+            model.draw_masks()  # from the global generator seeded above
+        try:
+            m = compute_metrics(task, predict(model, tokenizer, task, examples, max_len, batch_size, sample=True,
+                                              device=device), golds)
+        finally:
+            model.clear_drawn_masks()
         for k, v in m.items():
             runs.setdefault(k, []).append(v)
     torch.random.set_rng_state(gen_state)

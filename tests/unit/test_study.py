@@ -418,6 +418,13 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
     assert res["deterministic"] == res["recorded"]
     # Bernoulli masks come from the saved scores, whatever rule wrote the bundle's bits
     assert res["bernoulli"]["accuracy"]["n"] == 2 and 0.0 <= res["bernoulli"]["accuracy"]["mean"] <= 1.0
+    assert res["bernoulli_per"] == "batch"
+    per_mask = evaluate_bundle(str(tmp_path / "exp.smask"), data_dir=data, backbone=str(tiny_backbone_dir),
+                               samples=2, bernoulli_per="mask")
+    assert per_mask["bernoulli_per"] == "mask" and per_mask["bernoulli"]["accuracy"]["n"] == 2
+    assert per_mask["deterministic"] == res["deterministic"]
+    with pytest.raises(ValueError, match="bernoulli_per"):
+        evaluate_bundle(str(tmp_path / "exp.smask"), data_dir=data, bernoulli_per="example")
     with pytest.raises(ValueError, match="mask_rule"):
         train(TrainConfig(output=str(tmp_path / "x.smask"), mask_rule="median", **kw), progress=False)
     assert not (tmp_path / "x.smask").exists()

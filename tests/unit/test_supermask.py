@@ -62,3 +62,65 @@ def test_eval_mode_is_deterministic(tiny_backbone):
     c = model(ids, am)
     assert not torch.allclose(a, c)  # half the weights are uncertain: a sample differs
     assert 0.3 < model.sparsity() < 0.7
+
+
+def test_drawn_masks_hold_for_every_sampling_forward_until_cleared(tiny_backbone):
+    model = SupermaskModel(tiny_backbone, num_outputs=1)
+    with torch.no_grad():
+        for layer in model.masked_layers().values():
+            layer.scores.fill_(0.0)  # σ(ν) = 0.5: every draw differs
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    am = torch.ones_like(ids)
+    model.eval()
+    model.set_sampling(True)
+    assert not torch.allclose(model(ids, am), model(ids, am))  # a fresh mask per forward
+    torch.manual_seed(3)
+    model.draw_masks()
+    a = model(ids, am)
+    torch.testing.assert_close(model(ids, am), a)  # one drawn mask, every forward
+    drawn = [layer.drawn for layer in model.masked_layers().values()]
+    assert all(d is not None and 0.3 < d.mean().item() < 0.7 for d in drawn)
+    model.clear_drawn_masks()
+    assert all(layer.drawn is None for layer in model.masked_layers().values())
+    assert not torch.allclose(model(ids, am), a)
+
+
+def _stsb_like(n: int = 24):
+    from training.glue import Example, get_task
+
+    words = ["a", "film", "the", "cat", "runs", "slowly", "bright", "dark", "song", "long"]
+    ex = [Example(" ".join(words[(i + k) % 10] for k in range(3 + i % 5)), words[i % 10], float(i % 6))
+          for i in range(n)]
+    return get_task("STS-B"), ex
+
+
+def test_bernoulli_per_mask_evaluates_the_whole_set_with_one_mask(tiny_backbone):
+    import numpy as np
+
+    from training.glue import compute_metrics
+    from training.trainer import evaluate_bernoulli, predict
+
+    task, ex = _stsb_like()
+    model = SupermaskModel(tiny_backbone, num_outputs=1)
+    with torch.no_grad():
+        for layer in model.masked_layers().values():
+            layer.scores.fill_(0.0)
+    model.eval()
+    tok = tiny_backbone.tokenizer
+
+    def run(per, batch):
+        return evaluate_bernoulli(model, tok, task, ex, 32, samples=1, batch_size=batch, seed=0, per=per)["pearson"]
+
+    # the one sample is the metric of one mask drawn from the seed, whatever the batching
+    torch.manual_seed(0)
+    model.draw_masks()
+    one_mask = compute_metrics(task, predict(model, tok, task, ex, 32, batch_size=4, sample=True),
+                               np.array([e.label for e in ex]))["pearson"]
+    model.clear_drawn_masks()
+    assert run("mask", 4)["mean"] == pytest.approx(one_mask, abs=1e-9)
+    assert run("mask", 64)["mean"] == pytest.approx(one_mask, abs=1e-5)
+    # a fresh mask per batch: with batches of 4 the 24 predictions come from six masks, not one
+    assert run("batch", 4)["mean"] != pytest.approx(one_mask, abs=1e-6)
+    assert all(layer.drawn is None for layer in model.masked_layers().values())  # left as found
+    with pytest.raises(ValueError, match="per must be one of"):
+        run("example", 4)
