@@ -428,3 +428,27 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
     with pytest.raises(ValueError, match="mask_rule"):
         train(TrainConfig(output=str(tmp_path / "x.smask"), mask_rule="median", **kw), progress=False)
     assert not (tmp_path / "x.smask").exists()
+
+
+def test_bernoulli_protocol_script_lists_recorded_and_per_mask_figures(tiny_backbone_dir, tmp_path):
+    from benchmarks.glue import bernoulli_protocol
+    from mask_store.format import read_header_file
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue")
+    bundle = tmp_path / "mrpc.smask"
+    train(TrainConfig(task="MRPC", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
+                      max_seq_length=16, bernoulli_samples=2, output=str(bundle)), progress=False)
+    out = tmp_path / "out"
+    argv = [str(bundle), "--samples", "3", "--data-dir", data, "--backbone", str(tiny_backbone_dir),
+            "--out-dir", str(out)]
+    assert bernoulli_protocol.main(argv) == 0
+    row = json.loads((out / "bernoulli_protocol.json").read_text())["rows"][0]
+    h = read_header_file(str(bundle))
+    assert row["per_batch_recorded"] == h.metrics["bernoulli"]  # read back from the header, n = 2
+    assert row["per_mask"]["f1"]["n"] == 3 and row["deterministic"] == h.metrics["deterministic"]
+    assert "one mask per sample" in (out / "bernoulli_protocol.md").read_text()
+
+    (tmp_path / "mrpc.smask.scores.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="mask scores"):
+        bernoulli_protocol.main(argv)
