@@ -88,10 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     rows = [evaluate_one(Path(b), args) for b in args.bundles]
-    command = common.command_line("bernoulli_protocol.py", argv)
-    _, md = common.write_report(args.out_dir, STEM, "Bernoulli samples: a fresh mask per batch vs one mask per sample",
-                                command, report(rows), {"rows": rows}, [])
-    print(md.read_text())
+    common.write_rows_report("bernoulli_protocol.py", STEM, "Bernoulli samples: a fresh mask per batch vs one mask "
+                             "per sample", argv, args.out_dir, report(rows), rows)
     return 0
 
 

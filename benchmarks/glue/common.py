@@ -397,6 +397,14 @@ def write_report(out_dir: str | Path, stem: str, title: str, command: str, body_
     return out / f"{stem}.json", out / f"{stem}.md"
 
 
+def write_rows_report(script: str, stem: str, title: str, argv: list[str] | None, out_dir: str | Path,
+                      body_md: str, rows: list[dict[str, Any]]) -> None:
+    """Write and print the report of a script that evaluates given bundles (no training runs):
+    ``<stem>.json`` holds ``rows``, ``<stem>.md`` the exact command and ``body_md``."""
+    _, md = write_report(out_dir, stem, title, command_line(script, argv), body_md, {"rows": rows}, [])
+    print(md.read_text())
+
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (with a warning) when matplotlib is missing."""
     try:

@@ -111,10 +111,8 @@ def report(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows = [probe_bundle(Path(b), args.data_dir, args.backbone, args.dev_limit) for b in args.bundles]
-    command = common.command_line("mask_threshold.py", argv)
-    _, md = common.write_report(args.out_dir, STEM, "Deterministic mask rule: 1[ν > 0] vs expected-sparsity threshold",
-                                command, report(rows), {"rows": rows}, [])
-    print(md.read_text())
+    common.write_rows_report("mask_threshold.py", STEM, "Deterministic mask rule: 1[ν > 0] vs expected-sparsity "
+                             "threshold", argv, args.out_dir, report(rows), rows)
     return 0
 
 

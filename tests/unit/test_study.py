@@ -4,6 +4,7 @@ heat-map / overlap analysis and resumable experiment scripts (benchmarks/glue/).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,15 +367,22 @@ def test_expected_sparsity_and_threshold_for_sparsity():
         expected_sparsity([])
 
 
-def test_mask_threshold_script_matches_expected_sparsity(tiny_backbone_dir, tmp_path):
-    from benchmarks.glue import mask_threshold
-    from mask_store.format import read_header_file
+def _tiny_trained_bundle(tmp_path, task: str, backbone_dir) -> tuple[str, Path]:
+    """A 2-step supermask bundle (with its mask scores, 2 Bernoulli samples recorded) on the tiny GLUE folder."""
     from training.trainer import TrainConfig, train
 
     data = _write_glue(tmp_path / "glue")
-    bundle = tmp_path / "sst2.smask"
-    train(TrainConfig(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
+    bundle = tmp_path / f"{task.lower().replace('-', '')}.smask"
+    train(TrainConfig(task=task, data_dir=data, backbone=str(backbone_dir), max_steps=2, batch_size=4,
                       max_seq_length=16, bernoulli_samples=2, output=str(bundle)), progress=False)
+    return data, bundle
+
+
+def test_mask_threshold_script_matches_expected_sparsity(tiny_backbone_dir, tmp_path):
+    from benchmarks.glue import mask_threshold
+    from mask_store.format import read_header_file
+
+    data, bundle = _tiny_trained_bundle(tmp_path, "SST-2", tiny_backbone_dir)
     out = tmp_path / "out"
     argv = [str(bundle), "--data-dir", data, "--backbone", str(tiny_backbone_dir), "--out-dir", str(out)]
     assert mask_threshold.main(argv) == 0
@@ -433,12 +441,8 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
 def test_bernoulli_protocol_script_lists_recorded_and_per_mask_figures(tiny_backbone_dir, tmp_path):
     from benchmarks.glue import bernoulli_protocol
     from mask_store.format import read_header_file
-    from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
-    bundle = tmp_path / "mrpc.smask"
-    train(TrainConfig(task="MRPC", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
-                      max_seq_length=16, bernoulli_samples=2, output=str(bundle)), progress=False)
+    data, bundle = _tiny_trained_bundle(tmp_path, "MRPC", tiny_backbone_dir)
     out = tmp_path / "out"
     argv = [str(bundle), "--samples", "3", "--data-dir", data, "--backbone", str(tiny_backbone_dir),
             "--out-dir", str(out)]
