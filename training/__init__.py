@@ -12,3 +12,9 @@ MASK_RULES = ("sign", "expected")
 # How a Bernoulli evaluation draws its masks (training.trainer.evaluate_bernoulli): "batch", a
 # fresh mask per batch of examples (every recorded run so far); "mask", one mask per sample.
 BERNOULLI_PER = ("batch", "mask")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError("<name> must be one of a, b, got 'x'")`` unless ``value`` is in ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -22,7 +22,7 @@ from mask_store.local import LocalMaskStore
 from service.backbone import Backbone, load_backbone
 from service.engine import Engine
 from service.metrics import Metrics
-from training import BERNOULLI_PER
+from training import BERNOULLI_PER, check_choice
 from training.glue import compute_metrics, get_task, read_split
 from training.trainer import evaluate_bernoulli, scores_path
 from training.supermask import SupermaskModel
@@ -42,8 +42,7 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     Raises:
         BundleInvalid, BackboneMismatch, GlueDataError, FileNotFoundError; ValueError (``bernoulli_per``).
     """
-    if bernoulli_per not in BERNOULLI_PER:
-        raise ValueError(f"bernoulli_per must be one of {', '.join(BERNOULLI_PER)}, got {bernoulli_per!r}")
+    check_choice("bernoulli_per", bernoulli_per, BERNOULLI_PER)  # before any loading
     data = Path(bundle_path).read_bytes()
     bundle = decode_bundle(data)
     header = bundle.header

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
 from service.backbone import Backbone, load_backbone
-from training import BERNOULLI_PER, MASK_RULES
+from training import BERNOULLI_PER, MASK_RULES, check_choice
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
 from training.loop import predict_examples, resolve_device, run_steps
@@ -109,8 +109,7 @@ def evaluate_bernoulli(model: SupermaskModel, tokenizer, task: GlueTask, example
     Raises:
         ValueError: ``per`` is neither "batch" nor "mask".
     """
-    if per not in BERNOULLI_PER:
-        raise ValueError(f"per must be one of {', '.join(BERNOULLI_PER)}, got {per!r}")
+    check_choice("per", per, BERNOULLI_PER)
     golds = np.array([e.label for e in examples])
     runs: dict[str, list[float]] = {}
     gen_state = torch.random.get_rng_state()
@@ -195,8 +194,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     device = resolve_device(cfg.device)
     if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
         raise ValueError(f"learning rates must be positive, got mask_lr={cfg.mask_lr}, head_lr={cfg.head_lr}")
-    if cfg.mask_rule not in MASK_RULES:
-        raise ValueError(f"mask_rule must be one of {', '.join(MASK_RULES)}, got {cfg.mask_rule!r}")
+    check_choice("mask_rule", cfg.mask_rule, MASK_RULES)
     if not (1 <= cfg.bits <= 8 or cfg.bits == 32):
         raise ValueError(f"bits must be in 1..8 or 32 (un-quantized), got {cfg.bits}")
     task = get_task(cfg.task)
