@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -169,13 +168,6 @@ async def predict_batched(engine, batcher: MicroBatcher, req: PredictRequest) ->
 
     Same result, errors and metrics as ``engine.predict(req)``.
     """
-    t0 = time.perf_counter()
-    try:
+    with engine.observed(req):
         header = await run_in_threadpool(engine.check_inputs, req)
-        out = await batcher.submit(req.task, req.inputs)
-    except Exception:
-        engine.record_error(req.task)
-        raise
-    preds = decode(header, out)
-    engine.record_ok(req, time.perf_counter() - t0)
-    return preds
+        return decode(header, await batcher.submit(req.task, req.inputs))

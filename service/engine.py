@@ -40,11 +40,12 @@ launch for the whole batch; ``gpu_complement``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -681,15 +682,23 @@ class Engine:
             raise InputInvalid(f"task {req.task!r} takes single texts: send inputs as [text, ...]")
         return header
 
-    def record_error(self, task: str) -> None:
-        """Count a failed predict request (unknown task names share the label ``_unknown``, so that a scan
-        of bad names cannot grow the label set)."""
-        known = task in self.cache.tasks or self.store.exists(task)
-        self.metrics.requests.labels(task if known else "_unknown", "error").inc()
+    @contextlib.contextmanager
+    def observed(self, req: PredictRequest) -> Iterator[None]:
+        """Count and time the predict request ``req`` around the block it wraps.
 
-    def record_ok(self, req: PredictRequest, seconds: float) -> None:
-        """Count a served predict request and observe its latency (seconds) and row count."""
-        self.metrics.request_seconds.labels(req.task).observe(seconds)
+        When the block completes: ``requests{task, "ok"}`` +1 and its latency (seconds, from entering
+        the block) and row count observed; when it raises an ``Exception``: ``requests{task, "error"}``
+        +1 (unknown task names share the label ``_unknown``, so that a scan of bad names cannot grow
+        the label set) and the exception propagates unchanged.
+        """
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            known = req.task in self.cache.tasks or self.store.exists(req.task)
+            self.metrics.requests.labels(req.task if known else "_unknown", "error").inc()
+            raise
+        self.metrics.request_seconds.labels(req.task).observe(time.perf_counter() - t0)
         self.metrics.requests.labels(req.task, "ok").inc()
         self.metrics.rows.labels(req.task).observe(len(req.inputs))
 
@@ -705,16 +714,9 @@ class Engine:
             (pairs for a single-sentence task or the reverse). BundleInvalid,
             BackboneMismatch, TaskTooLarge: the stored bundle cannot be served.
         """
-        t0 = time.perf_counter()
-        try:
+        with self.observed(req):
             header = self.check_inputs(req)
-            out = self.logits(req.task, list(req.inputs))
-        except Exception:
-            self.record_error(req.task)
-            raise
-        preds = decode(header, out)
-        self.record_ok(req, time.perf_counter() - t0)
-        return preds
+            return decode(header, self.logits(req.task, list(req.inputs)))
 
 
 def decode(header: BundleHeader, out: torch.Tensor) -> list[dict]:

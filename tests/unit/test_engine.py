@@ -119,6 +119,16 @@ def test_errors(tiny_backbone, tmp_path):
     store.put("pairs", make_bundle(tiny_backbone, task="pairs", text_pairs=True))
     with pytest.raises(InputInvalid, match="pairs"):
         engine.predict(PredictRequest("pairs", (("only one text", None),)))
+    with pytest.raises(TaskNotFound):
+        engine.predict(PredictRequest("missing", (("x", None),)))
+    engine.predict(PredictRequest("pairs", (("a", "b"), ("c", "d"))))
+    # failed predicts are counted under the task's name, or "_unknown" for a name the store lacks
+    count = engine.metrics.registry.get_sample_value
+    assert count("supermask_requests_total", {"task": "pairs", "outcome": "error"}) == 1
+    assert count("supermask_requests_total", {"task": "_unknown", "outcome": "error"}) == 1
+    assert count("supermask_requests_total", {"task": "pairs", "outcome": "ok"}) == 1
+    assert count("supermask_request_duration_seconds_count", {"task": "pairs"}) == 1  # the ok one only
+    assert count("supermask_inference_rows_sum", {"task": "pairs"}) == 2
 
 
 def test_predict_output_shape(tiny_backbone, tmp_path):
