@@ -116,6 +116,8 @@ class BundleHeader(BaseModel):
             raise ValueError("a regression task has no labels")
         if self.problem_type == "single_label_classification" and len(self.labels) < 2:
             raise ValueError(f"a classification task needs at least 2 labels, got {self.labels}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {self.labels}")
         names = [m.name for m in self.masks]
         if len(set(names)) != len(names):
             raise ValueError("mask names are not unique")
@@ -151,8 +153,14 @@ class Bundle:
     size_bytes: int
 
     def mask_array(self, name: str) -> np.ndarray:
-        """Unpack one mask to a bool array of the recorded shape ``[out, in]``."""
-        entry = next(m for m in self.header.masks if m.name == name)
+        """Unpack one mask to a bool array of the recorded shape ``[out, in]``.
+
+        Raises:
+            KeyError: the bundle has no mask named ``name``.
+        """
+        entry = next((m for m in self.header.masks if m.name == name), None)
+        if entry is None:
+            raise KeyError(f"bundle has no mask {name!r}")
         return unpack_mask(self.masks[name], tuple(entry.shape))
 
 
@@ -321,8 +329,8 @@ def decode_header(data: bytes) -> tuple[BundleHeader, int]:
         raise BundleInvalid(f"truncated: header needs {hlen} bytes, only {len(data) - _PREFIX.size} present")
     try:
         raw = json.loads(data[_PREFIX.size : end].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleInvalid(f"header is not valid UTF-8 JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; also ints over 4300 digits, deep nesting
+        raise BundleInvalid(f"header is not valid UTF-8 JSON: {str(exc)[:200] or type(exc).__name__}") from None
     try:
         header = BundleHeader.model_validate(raw)
     except ValidationError as exc:

@@ -58,19 +58,41 @@ class LocalMaskStore:
         return self.root / f"{check_task_name(task)}{BUNDLE_SUFFIX}"
 
     def tasks(self) -> list[str]:
-        """Names of the stored tasks, sorted."""
-        return sorted(p.name[: -len(BUNDLE_SUFFIX)] for p in self.root.glob("*" + BUNDLE_SUFFIX))
+        """Names of the stored tasks, sorted (files whose stem is not a valid task name are ignored)."""
+        names = (p.name[: -len(BUNDLE_SUFFIX)] for p in self.root.glob("*" + BUNDLE_SUFFIX))
+        return sorted(n for n in names if re.fullmatch(TASK_NAME_PATTERN, n))
 
     def exists(self, task: str) -> bool:
         return self.path(task).is_file()
 
     def header(self, task: str) -> BundleHeader:
-        """Header of a stored bundle (reads only the header). Raises TaskNotFound."""
+        """Header of a stored bundle (reads only the header).
+
+        Raises:
+            TaskNotFound: no bundle for ``task``. InvalidTaskName: ``task`` is not a valid name.
+            BundleInvalid: the stored file's header is corrupt or of an unsupported format version.
+        """
         path = self.path(task)
         try:
             return read_header_file(str(path))
         except FileNotFoundError:
             raise TaskNotFound(task) from None
+
+    def version(self, task: str) -> tuple[int, int, int]:
+        """An identity of the stored bundle's current file: ``(inode, mtime in ns, size in bytes)``.
+
+        Every write replaces the file (``os.replace`` of a new inode), so the value changes when the
+        task is replaced, also by another process sharing the directory (another server worker).
+        Costs one ``stat`` call.
+
+        Raises:
+            TaskNotFound: no bundle for ``task``. InvalidTaskName: ``task`` is not a valid name.
+        """
+        try:
+            st = self.path(task).stat()
+        except FileNotFoundError:
+            raise TaskNotFound(task) from None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def size_bytes(self, task: str) -> int:
         try:
@@ -79,7 +101,7 @@ class LocalMaskStore:
             raise TaskNotFound(task) from None
 
     def get(self, task: str) -> Bundle:
-        """Read and fully validate a stored bundle. Raises TaskNotFound, BundleInvalid."""
+        """Read and fully validate a stored bundle. Raises TaskNotFound, InvalidTaskName, BundleInvalid."""
         try:
             data = self.path(task).read_bytes()
         except FileNotFoundError:
@@ -118,7 +140,7 @@ class LocalMaskStore:
         return bundle, created
 
     def delete(self, task: str) -> None:
-        """Remove a task's bundle. Raises TaskNotFound."""
+        """Remove a task's bundle. Raises TaskNotFound, InvalidTaskName."""
         with self._lock:
             try:
                 self.path(task).unlink()

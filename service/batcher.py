@@ -1,7 +1,7 @@
 """Dynamic batching of concurrent predict requests, across tasks.
 
 Requests that arrive within ``max_wait_s`` of each other are gathered into one
-call of :meth:`service.engine.Engine.logits_mixed`, which sorts their rows into
+call of :meth:`service.engine.Engine.predict_mixed` (``logits_mixed`` decoded), which sorts their rows into
 per-task segments and runs them as few forward passes as ``max_batch_size``
 allows: rows of different tasks share one pass over the backbone (on the CPU,
 the dense product ``x·Wᵀ`` of every masked layer is shared and each task's
@@ -23,18 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
-import torch
 from fastapi.concurrency import run_in_threadpool
 
-from service.engine import PredictRequest, decode
+from service.engine import PredictRequest
 
 log = logging.getLogger(__name__)
 
 Rows = Sequence[tuple[str, str | None]]
-#: ``logits_mixed``: ``[(task, rows), ...]`` → one float32 ``[len(rows), num_outputs]`` tensor per item
-MixedForward = Callable[[list[tuple[str, Rows]]], list[torch.Tensor]]
+#: ``[(task, rows), ...]`` → one result per item, in order: ``engine.predict_mixed`` (a list of prediction
+#: dicts per item, what the server uses) or ``engine.logits_mixed`` (a float32 ``[len(rows), num_outputs]`` tensor)
+MixedForward = Callable[[list[tuple[str, Rows]]], list[Any]]
 
 
 @dataclass
@@ -48,7 +49,7 @@ class MicroBatcher:
     """Gathers concurrent ``(task, rows)`` submissions into mixed-task forward passes.
 
     Args:
-        forward: the mixed-task forward, normally ``engine.logits_mixed`` (run in a worker thread).
+        forward: the mixed-task forward, normally ``engine.predict_mixed`` (run in a worker thread).
         max_rows: close a gathered batch once it holds this many rows (> 0).
         max_wait_s: close a gathered batch this many seconds after its first submission (>= 0).
 
@@ -71,8 +72,8 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # forward calls made (for tests and logs)
 
-    async def submit(self, task: str, rows: Rows) -> torch.Tensor:
-        """Head outputs for ``rows`` of ``task``: float32 ``[len(rows), num_outputs]``.
+    async def submit(self, task: str, rows: Rows) -> Any:
+        """``forward``'s result for ``rows`` of ``task`` (predictions, or head outputs float32 ``[len(rows), num_outputs]``).
 
         Raises whatever ``forward`` raises for this request alone (TaskNotFound, BundleInvalid, ...).
         """
@@ -154,7 +155,7 @@ class MicroBatcher:
             _settle(p, out=out)
 
 
-def _settle(p: _Pending, out: torch.Tensor | None = None, exc: BaseException | None = None) -> None:
+def _settle(p: _Pending, out: Any = None, exc: BaseException | None = None) -> None:
     if p.future.done():  # the client went away
         return
     if exc is not None:
@@ -166,8 +167,8 @@ def _settle(p: _Pending, out: torch.Tensor | None = None, exc: BaseException | N
 async def predict_batched(engine, batcher: MicroBatcher, req: PredictRequest) -> list[dict]:
     """:meth:`Engine.predict` with the forward pass shared with concurrent requests.
 
-    Same result, errors and metrics as ``engine.predict(req)``.
+    Same result, errors and metrics as ``engine.predict(req)``; ``batcher`` runs ``engine.predict_mixed``.
     """
     with engine.observed(req):
-        header = await run_in_threadpool(engine.check_inputs, req)
-        return decode(header, await batcher.submit(req.task, req.inputs))
+        await run_in_threadpool(engine.check_inputs, req)  # a bad request fails here, not in a gathered batch
+        return await batcher.submit(req.task, req.inputs)

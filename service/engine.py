@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mask_store.errors import BackboneMismatch
+from mask_store.errors import BackboneMismatch, TaskNotFound
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid
 from mask_store.local import LocalMaskStore
 from service.backbone import Backbone, mean_pool, replace_module
@@ -113,6 +113,7 @@ class LoadedTask:
     nbytes: int = 0
     load_seconds: float = 0.0
     bundle_bytes: int = 0
+    version: tuple | None = None  # the store's file identity when loaded (:meth:`LocalMaskStore.version`)
 
 
 @dataclass
@@ -391,11 +392,17 @@ class Engine:
 
         Raises:
             BackboneMismatch: the bundle was trained for another backbone.
-            BundleInvalid: its matrices do not match this backbone's masked matrices.
+            BundleInvalid: its matrices do not match this backbone's masked matrices, or its
+                ``max_seq_length`` exceeds the backbone's position embeddings.
+            TaskTooLarge: its resident form is larger than the whole task cache.
         """
         h = bundle.header
         if h.backbone_fingerprint != self.backbone.fingerprint:
             raise BackboneMismatch(h.backbone_fingerprint, self.backbone.fingerprint)
+        max_positions = getattr(self.backbone.model.config, "max_position_embeddings", None)
+        if max_positions is not None and h.max_seq_length > max_positions:
+            raise BundleInvalid(f"max_seq_length {h.max_seq_length} exceeds the backbone's "
+                                f"{max_positions} position embeddings")
         expected = {f"{n}.weight": n for n in self.backbone.masked}
         names = {m.name for m in h.masks}
         if not names <= set(expected):
@@ -428,14 +435,18 @@ class Engine:
         head_w = torch.from_numpy(np.array(bundle.head[HEAD_WEIGHT]))
         head_b = torch.from_numpy(np.array(bundle.head[HEAD_BIAS]))
         nbytes = sum(s.nbytes() for s in layers.values()) + head_w.numel() * 4 + head_b.numel() * 4
+        if nbytes > self.cache.capacity_bytes:
+            raise TaskTooLarge(h.task, nbytes, self.cache.capacity_bytes)
         return LoadedTask(h, layers, head_w, head_b, nbytes=nbytes, bundle_bytes=bundle.size_bytes)
 
     def _load(self, task: str) -> LoadedTask:
         t0 = time.perf_counter()
+        # the identity is read before the bytes: a replacement in between makes the next hit reload, never
+        # the reverse (serving an old bundle under a new identity)
+        version = self.store.version(task)
         entry = self.build_task(self.store.get(task))
+        entry.version = version
         entry.load_seconds = time.perf_counter() - t0
-        if entry.nbytes > self.cache.capacity_bytes:
-            raise TaskTooLarge(task, entry.nbytes, self.cache.capacity_bytes)
         self.metrics.load_seconds.labels(task).observe(entry.load_seconds)
         log.info("loaded task %s in %.1f ms (%d resident bytes)", task, entry.load_seconds * 1e3, entry.nbytes)
         return entry
@@ -443,8 +454,15 @@ class Engine:
     def _get(self, task: str) -> LoadedTask:
         entry = self.cache.get(task)
         if entry is not None:
-            self.metrics.cache_hits.labels(task).inc()
-            return entry
+            try:
+                fresh = self.store.version(task) == entry.version
+            except TaskNotFound:
+                self._drop(task)  # deleted, possibly through another worker sharing the store
+                raise
+            if fresh:
+                self.metrics.cache_hits.labels(task).inc()
+                return entry
+            self._drop(task)  # replaced in the store since it was loaded: load the new bundle
         self.metrics.cache_misses.labels(task).inc()
         entry = self._load(task)
         for name in self.cache.put(task, entry):
@@ -465,16 +483,25 @@ class Engine:
             return self._get(task)
 
     def invalidate(self, task: str) -> None:
-        """Drop ``task`` from the cache (after an upload replaced it or a delete)."""
+        """Drop ``task`` from the cache now (after an upload replaced it or a delete).
+
+        Optional for correctness: a cache hit also compares the store's file identity
+        (:meth:`LocalMaskStore.version`) and reloads a replaced task, so workers that share the
+        store but did not handle the upload serve the new bundle too. Calling it frees the memory at once.
+        """
         with self._lock:
-            if self.cache.pop(task) is not None:
-                try:
-                    self.metrics.resident_task_bytes.remove(task)
-                except KeyError:
-                    pass
-            if self.device_cache is not None:
-                self.device_cache.invalidate(task)
-            self._update_gauges()
+            self._drop(task)
+
+    def _drop(self, task: str) -> None:
+        """Remove ``task`` from the host cache and its device slot (caller holds the lock)."""
+        if self.cache.pop(task) is not None:
+            try:
+                self.metrics.resident_task_bytes.remove(task)
+            except KeyError:
+                pass
+        if self.device_cache is not None:
+            self.device_cache.invalidate(task)
+        self._update_gauges()
 
     def is_resident(self, task: str) -> bool:
         return task in self.cache.tasks
@@ -574,7 +601,6 @@ class Engine:
         return [nn.functional.linear(pooled[seq_starts[i]:seq_starts[i + 1]], e.head_weight, e.head_bias)
                 for i, (_, e, _) in enumerate(segs)]
 
-    @torch.inference_mode()
     def logits_mixed(self, items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]]) -> list[torch.Tensor]:
         """Head outputs for the rows of several tasks, with as few forward passes as possible.
 
@@ -590,14 +616,32 @@ class Engine:
             One float32 ``[len(rows), num_outputs]`` tensor per item, in the order of ``items``.
 
         Raises:
-            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge.
+            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge. InputInvalid: an item's
+            rows are pairs for a single-sentence task or the reverse.
         """
+        return self._mixed(items)[0]
+
+    def predict_mixed(self, items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]]) -> list[list[dict]]:
+        """:meth:`logits_mixed` decoded into predictions (as :meth:`predict`), one list per item.
+
+        Each item is decoded with the header of the bundle its forward pass used, so a task
+        replaced while the request waited is answered wholly by the old or wholly by the new bundle.
+        Raises as :meth:`logits_mixed`.
+        """
+        outs, headers = self._mixed(items)
+        return [decode(h, out) for h, out in zip(headers, outs)]
+
+    @torch.inference_mode()
+    def _mixed(self, items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]]
+               ) -> tuple[list[torch.Tensor], list[BundleHeader]]:
+        """:meth:`logits_mixed` and the header used for each item."""
         with self._lock:
             entries: dict[str, LoadedTask] = {}
             by_task: OrderedDict[str, list[tuple[int, int]]] = OrderedDict()  # task -> [(item, row)]
             for i, (task, rows) in enumerate(items):
                 if task not in entries:
                     entries[task] = self._get(task)
+                check_rows(entries[task].header, rows)
                 by_task.setdefault(task, []).extend((i, j) for j in range(len(rows)))
             results = [torch.empty(len(rows), entries[task].header.num_outputs) for task, rows in items]
             max_tasks = self.device_cache.slots if self.device_cache is not None else len(by_task)
@@ -618,7 +662,7 @@ class Engine:
                 batch.append(ref)
             if batch:
                 self._run_batch(batch, items, entries, results)
-        return results
+        return results, [entries[task].header for task, _ in items]
 
     def _length_classes(self, items: Sequence[tuple[str, Sequence[tuple[str, str | None]]]],
                         entries: dict[str, LoadedTask]) -> list[list[int]]:
@@ -650,36 +694,42 @@ class Engine:
             for (i, j), row in zip(refs, out):
                 results[i][j] = row
 
-    @torch.inference_mode()
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:
         """Head outputs ``[len(rows), num_outputs]`` float32 for ``task``.
 
         Raises:
-            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge.
+            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge. InputInvalid: pairs for a
+            single-sentence task or the reverse.
         """
+        return self._logits(task, rows)[0]
+
+    @torch.inference_mode()
+    def _logits(self, task: str, rows: list[tuple[str, str | None]]) -> tuple[torch.Tensor, BundleHeader]:
+        """:meth:`logits` and the header of the bundle it used."""
         if self.device_tier:
-            return self.logits_mixed([(task, rows)])[0]
+            outs, headers = self._mixed([(task, rows)])
+            return outs[0], headers[0]
         with self._lock:
             entry = self._get(task)
+            check_rows(entry.header, rows)
             outs = [self._forward(entry, rows[i : i + self.max_batch_size])
                     for i in range(0, len(rows), self.max_batch_size)]
-        return torch.cat(outs)
+        return torch.cat(outs), entry.header
 
     def check_inputs(self, req: PredictRequest) -> BundleHeader:
         """The header of ``req.task`` after checking that the inputs fit it (single texts or pairs).
 
-        Reads the store's header (no torch work) when the task is not resident.
+        A cheap early check, before a request joins a batch: it reads the resident header, or the
+        store's header (no torch work) when the task is not resident. The forward pass checks again
+        against the bundle it actually uses.
 
         Raises:
             TaskNotFound: no such task. InputInvalid: pairs for a single-sentence task or the reverse.
             BundleInvalid: the stored header cannot be read.
         """
-        header = self.cache.tasks[req.task].header if req.task in self.cache.tasks else self.store.header(req.task)
-        pairs = [r[1] is not None for r in req.inputs]
-        if header.text_pairs and not all(pairs):
-            raise InputInvalid(f"task {req.task!r} takes sentence pairs: send inputs as [[text_a, text_b], ...]")
-        if not header.text_pairs and any(pairs):
-            raise InputInvalid(f"task {req.task!r} takes single texts: send inputs as [text, ...]")
+        entry = self.cache.tasks.get(req.task)  # one lookup: the batcher's thread may evict it meanwhile
+        header = entry.header if entry is not None else self.store.header(req.task)
+        check_rows(header, req.inputs)
         return header
 
     @contextlib.contextmanager
@@ -715,8 +765,17 @@ class Engine:
             BackboneMismatch, TaskTooLarge: the stored bundle cannot be served.
         """
         with self.observed(req):
-            header = self.check_inputs(req)
-            return decode(header, self.logits(req.task, list(req.inputs)))
+            out, header = self._logits(req.task, list(req.inputs))
+            return decode(header, out)
+
+
+def check_rows(header: BundleHeader, rows: Sequence[tuple[str, str | None]]) -> None:
+    """Raise :class:`InputInvalid` unless ``rows`` are sentence pairs exactly when the task takes pairs."""
+    pairs = [r[1] is not None for r in rows]
+    if header.text_pairs and not all(pairs):
+        raise InputInvalid(f"task {header.task!r} takes sentence pairs: send inputs as [[text_a, text_b], ...]")
+    if not header.text_pairs and any(pairs):
+        raise InputInvalid(f"task {header.task!r} takes single texts: send inputs as [text, ...]")
 
 
 def decode(header: BundleHeader, out: torch.Tensor) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: bundles shipped with the project, preloaded into an empty store
@@ -65,3 +65,21 @@ class Settings(BaseSettings):
     this many tasks). The engine checks at start-up that ``cache_bytes`` holds at least this many tasks."""
     torch_threads: int | None = Field(None, gt=0)
     """torch intra-op threads (None: torch's default)."""
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _strip_token(cls, v):
+        """A token read from a secret file keeps its trailing newline, which no HTTP header can carry:
+        strip surrounding whitespace; an empty token means none (admin routes refused)."""
+        if isinstance(v, str):
+            v = v.strip()
+            return v or None
+        return v
+
+    @field_validator("examples_dir", mode="before")
+    @classmethod
+    def _no_examples(cls, v):
+        """``SUPERMASK_EXAMPLES_DIR=""`` (or ``none``) turns preloading off, instead of meaning the current directory."""
+        if isinstance(v, str) and v.strip().lower() in ("", "none"):
+            return None
+        return v

@@ -39,7 +39,9 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         torch.set_num_threads(settings.torch_threads)
     backbone = backbone or load_backbone(settings.backbone_path, bits=settings.backbone_bits)
     store = LocalMaskStore(settings.store_dir, max_bundle_bytes=settings.max_bundle_bytes)
-    if settings.examples_dir is not None:
+    if settings.examples_dir is not None and not settings.examples_dir.is_dir():
+        log.warning("SUPERMASK_EXAMPLES_DIR %s is not a directory: no example tasks preloaded", settings.examples_dir)
+    elif settings.examples_dir is not None:
         seeded = store.seed_from(settings.examples_dir)
         if seeded:
             log.info("preloaded example tasks into %s: %s", settings.store_dir, ", ".join(seeded))
@@ -47,7 +49,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
                     device=settings.device, device_slots=settings.device_slots)
-    batcher = (MicroBatcher(engine.logits_mixed, max_rows=settings.max_batch_size,
+    batcher = (MicroBatcher(engine.predict_mixed, max_rows=settings.max_batch_size,
                             max_wait_s=settings.batch_wait_ms / 1e3) if settings.batch_wait_ms > 0 else None)
 
     @asynccontextmanager

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from mask_store.errors import BundleTooLarge
+from mask_store.errors import BundleTooLarge, MaskStoreError
 from mask_store.format import BundleHeader
 from service.api.deps import Admin, State
 from service.api.schemas import HealthPublic, PredictIn, PredictPublic, TaskPublic, TasksPublic
@@ -14,6 +16,7 @@ from service.engine import PredictRequest
 from service.errors import InputInvalid
 from service.metrics import CONTENT_TYPE_LATEST
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -70,7 +73,14 @@ async def predict(task: str, body: PredictIn, state: State) -> PredictPublic:
 
 @router.get("/v1/tasks", response_model=TasksPublic, response_model_exclude_none=True)
 async def list_tasks(state: State) -> TasksPublic:
-    tasks = [_task_public(state, t, state.store.header(t), detail=False) for t in state.store.tasks()]
+    """Every task in the store; a bundle whose header cannot be read (a corrupt file, another format
+    version) is left out of the list with a warning in the log rather than failing the whole list."""
+    tasks = []
+    for t in state.store.tasks():
+        try:
+            tasks.append(_task_public(state, t, state.store.header(t), detail=False))
+        except MaskStoreError as exc:  # TaskNotFound too: deleted since the listing
+            log.warning("task %s left out of the list: %s", t, exc)
     return TasksPublic(tasks=tasks, count=len(tasks))
 
 
@@ -116,8 +126,11 @@ async def upload_task(task: str, request: Request, response: Response, state: St
 
 @router.delete("/v1/tasks/{task}", status_code=204, dependencies=[Admin])
 async def delete_task(task: str, state: State) -> Response:
-    state.store.delete(task)
-    state.engine.invalidate(task)
+    def delete() -> None:  # in a worker thread: invalidate waits for a forward pass holding the engine lock
+        state.store.delete(task)
+        state.engine.invalidate(task)
+
+    await run_in_threadpool(delete)
     return Response(status_code=204)
 
 

@@ -97,6 +97,12 @@ def masked_linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """``y = x · (W ⊙ μ)ᵀ + b`` with ``W ⊙ μ`` formed in a temporary buffer.
 
     Args:
+        x: ``[..., in]`` activations, float32 (or the weight's dtype).
+        weight: ``[out, in]`` de-quantized weight, same dtype as ``x``.
+        bias: ``[out]`` or None.
         mask: bool ``[out, in]``.
+
+    Returns:
+        ``[..., out]``, the dtype of ``x``.
     """
     return F.linear(x, weight * mask, bias)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 
 import pytest
 from fastapi.testclient import TestClient
 
+from mask_store.format import MAGIC
 from service.api.main import create_app
 from service.settings import Settings
 from tests.conftest import make_bundle
@@ -93,6 +96,19 @@ def _corrupt(data: bytes) -> bytes:
     return bytes(b)
 
 
+def _edit_header(bundle: bytes, **fields) -> bytes:
+    """``bundle`` with header fields replaced (the encoder refuses invalid headers, so edit the JSON)."""
+    (hlen,) = struct.unpack_from("<I", bundle, len(MAGIC))
+    start = len(MAGIC) + 4
+    header = json.loads(bundle[start:start + hlen]) | fields
+    return _with_header(json.dumps(header).encode()) + bundle[start + hlen:]
+
+
+def _with_header(header: bytes) -> bytes:
+    """A bundle prefix (magic, header length) around an arbitrary header."""
+    return MAGIC + struct.pack("<I", len(header)) + header
+
+
 @pytest.mark.parametrize(
     "case,status,reason",
     [
@@ -103,6 +119,10 @@ def _corrupt(data: bytes) -> bytes:
         ("other_backbone", 409, "backbone"),
         ("too_large", 413, "larger than the limit"),
         ("bad_task_name", 422, "not allowed"),
+        ("too_long_sequences", 422, "position embeddings"),
+        ("duplicate_labels", 422, "distinct"),
+        ("huge_json_int", 422, "not valid UTF-8 JSON"),
+        ("deep_json", 422, "not valid UTF-8 JSON"),
     ],
 )
 def test_bad_uploads_leave_store_and_server_unchanged(server, case, status, reason):
@@ -116,6 +136,11 @@ def test_bad_uploads_leave_store_and_server_unchanged(server, case, status, reas
         "other_backbone": (make_bundle(bb, "toy", fingerprint="ab" * 32), "toy"),
         "too_large": (b"\0" * 200_001, "toy"),
         "bad_task_name": (good, "bad name!"),
+        "too_long_sequences": (make_bundle(bb, "toy", max_seq_length=bb.model.config.max_position_embeddings + 1),
+                               "toy"),
+        "duplicate_labels": (_edit_header(good, labels=["pos", "pos"]), "toy"),
+        "huge_json_int": (_with_header(b'{"task": ' + b"1" * 5000 + b"}"), "toy"),
+        "deep_json": (_with_header(b"[" * 50_000 + b"]" * 50_000), "toy"),
     }[case]
     before_store = snapshot(server.store_dir)
     before_pred = server.post("/v1/tasks/toy/predict", json={"inputs": ["steady"]}).json()
@@ -194,3 +219,20 @@ def test_examples_preloaded_into_empty_store(tiny_backbone, tmp_path):
     with TestClient(app) as client:
         assert [t["name"] for t in client.get("/v1/tasks").json()["tasks"]] == ["ex"]
         assert client.post("/v1/tasks/ex/predict", json={"inputs": ["x"]}).status_code == 200
+
+
+def test_upload_too_large_for_the_cache_is_refused_before_it_is_stored(tiny_backbone, tmp_path):
+    settings = Settings(store_dir=tmp_path / "store", examples_dir=None, admin_token=TOKEN, cache_bytes=4096)
+    with TestClient(create_app(settings, backbone=tiny_backbone)) as client:
+        r = client.put("/v1/tasks/toy", content=make_bundle(tiny_backbone, "toy", sparsity=0.3), headers=AUTH)
+        assert r.status_code == 507 and "cache" in r.json()["error"]["message"], r.text
+        assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_list_skips_unreadable_and_misnamed_bundles(server):
+    (server.store_dir / "broken.smask").write_bytes(b"SUPMASK1 not a header")
+    (server.store_dir / "My Task.smask").write_bytes(make_bundle(server.backbone, "toy"))
+    r = server.get("/v1/tasks")
+    assert r.status_code == 200, r.text
+    assert [t["name"] for t in r.json()["tasks"]] == ["toy"]
+    assert server.get("/healthz").json()["tasks"] == 2  # broken.smask is a stored task, toy the other

@@ -122,3 +122,36 @@ def test_server_batches_concurrent_requests_across_tasks_with_the_same_answers(t
     assert reg.get_sample_value("supermask_requests_total", {"task": "three", "outcome": "ok"}) == 2
     assert reg.get_sample_value("supermask_request_duration_seconds_count", {"task": "two"}) == 2
     assert reg.get_sample_value("supermask_requests_total", {"task": "_unknown", "outcome": "error"}) == 1
+
+
+def test_a_task_replaced_while_its_request_waits_is_answered_by_one_bundle(tiny_backbone, tmp_path):
+    """The early input check reads the old header; the answer must be decoded with the bundle the forward used."""
+    from service.api.main import create_app
+    from service.batcher import predict_batched
+    from service.engine import PredictRequest
+    from service.settings import Settings
+
+    settings = Settings(store_dir=tmp_path / "store", examples_dir=None, admin_token="t0ken", batch_wait_ms=5)
+    state = create_app(settings, backbone=tiny_backbone).state.supermask
+    state.store.put("toy", make_bundle(tiny_backbone, seed=1))
+    state.engine.warm("toy")
+    check = state.engine.check_inputs
+
+    def check_then_replace(req):  # a concurrent upload lands between the check and the forward pass
+        header = check(req)
+        state.store.put("toy", make_bundle(tiny_backbone, seed=2, labels=("a", "b", "c")))
+        return header
+
+    state.engine.check_inputs = check_then_replace
+    req = PredictRequest("toy", (("a lovely film", None), ("dull", None)))
+
+    async def main():
+        try:
+            return await predict_batched(state.engine, state.batcher, req)
+        finally:
+            await state.batcher.close()
+
+    preds = asyncio.run(main())
+    assert [set(p["scores"]) for p in preds] == [{"a", "b", "c"}] * 2
+    state.engine.check_inputs = check
+    assert preds == state.engine.predict(req)

@@ -148,3 +148,26 @@ def test_predict_output_shape(tiny_backbone, tmp_path):
     torch.testing.assert_close(engine.logits("toy", TEXTS), one_pass.logits("toy", TEXTS), rtol=1e-4, atol=1e-5)
     reg = engine.predict(PredictRequest("reg", tuple(TEXTS)))
     assert all(set(p) == {"value"} and np.isfinite(p["value"]) for p in reg)
+
+
+def test_a_replacement_or_deletion_by_another_worker_is_served_without_invalidate(tiny_backbone, tiny_backbone_dir,
+                                                                                  tmp_path):
+    # two store objects over one directory, as two server workers: only the other one sees the upload
+    mine, other = LocalMaskStore(tmp_path), LocalMaskStore(tmp_path)
+    metrics = Metrics()
+    engine = Engine(tiny_backbone, mine, metrics, cache_bytes=1 << 30)
+    other.put("toy", make_bundle(tiny_backbone, seed=1))
+    engine.logits("toy", TEXTS)
+    engine.logits("toy", TEXTS)
+    hits = metrics.registry.get_sample_value
+    assert hits("supermask_cache_hits_total", {"task": "toy"}) == 1  # unchanged file: a plain hit
+    new = make_bundle(tiny_backbone, seed=2, labels=("a", "b", "c"))
+    other.put("toy", new)
+    preds = engine.predict(PredictRequest("toy", tuple(TEXTS)))
+    assert all(set(p["scores"]) == {"a", "b", "c"} for p in preds)
+    torch.testing.assert_close(engine.logits("toy", TEXTS), reference_logits(tiny_backbone_dir, new, TEXTS),
+                               rtol=1e-4, atol=1e-5)
+    other.delete("toy")
+    with pytest.raises(TaskNotFound):
+        engine.logits("toy", TEXTS)
+    assert not engine.is_resident("toy") and engine.cache.used_bytes == 0
