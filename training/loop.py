@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from training.glue import Example, GlueTask
+
+log = logging.getLogger(__name__)
 
 
 def encode(tokenizer, examples: list[Example], max_len: int) -> dict[str, torch.Tensor]:
@@ -39,7 +43,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # torch: "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__})")
     return device
@@ -54,10 +61,22 @@ def forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.devi
 def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokenizer, opt: torch.optim.Optimizer,
               total_steps: int, *, batch_size: int, max_len: int, seed: int, warmup_ratio: float,
               desc: str, progress: bool = True, device: torch.device | str = "cpu",
-              clip_norm: float | None = None) -> list[float]:
+              clip_norm: float | None = None, stop_on_interrupt: bool = False) -> list[float]:
     """``total_steps`` AdamW steps over reshuffled epochs with linear warm-up then linear decay
-    (``transformers.get_linear_schedule_with_warmup``). Returns the loss of every step."""
+    (``transformers.get_linear_schedule_with_warmup``). Returns the loss of every step.
+
+    ``stop_on_interrupt``: on Ctrl-C (``KeyboardInterrupt``) after at least one step, stop and return
+    the losses of the steps done (fewer than ``total_steps``) so the caller can save the model.
+
+    Raises:
+        ValueError: an empty training set, or ``total_steps`` / ``batch_size`` below 1.
+    """
     from transformers import get_linear_schedule_with_warmup
+
+    if not train_set:
+        raise ValueError("the training set is empty (check --train-limit and the data folder)")
+    if total_steps < 1 or batch_size < 1:
+        raise ValueError(f"total_steps and batch_size must be >= 1, got {total_steps} and {batch_size}")
 
     sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * total_steps), total_steps)
     gen = torch.Generator().manual_seed(seed)
@@ -65,25 +84,31 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
     model.train()
     losses: list[float] = []
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
-    while len(losses) < total_steps:
-        order = torch.randperm(len(train_set), generator=gen).tolist()
-        for i in range(0, len(order), batch_size):
-            if len(losses) >= total_steps:
-                break
-            batch_ex = [train_set[j] for j in order[i : i + batch_size]]
-            logits = forward(model, encode(tokenizer, batch_ex, max_len), device)
-            loss = loss_fn(task, logits.float(), labels_of(task, batch_ex).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_norm is not None:
-                nn.utils.clip_grad_norm_(params, clip_norm)
-            opt.step()
-            sched.step()
-            losses.append(loss.detach().item())
-            bar.update(1)
-            if len(losses) % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    bar.close()
+    try:
+        while len(losses) < total_steps:
+            order = torch.randperm(len(train_set), generator=gen).tolist()
+            for i in range(0, len(order), batch_size):
+                if len(losses) >= total_steps:
+                    break
+                batch_ex = [train_set[j] for j in order[i : i + batch_size]]
+                logits = forward(model, encode(tokenizer, batch_ex, max_len), device)
+                loss = loss_fn(task, logits.float(), labels_of(task, batch_ex).to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip_norm is not None:
+                    nn.utils.clip_grad_norm_(params, clip_norm)
+                opt.step()
+                sched.step()
+                losses.append(loss.detach().item())
+                bar.update(1)
+                if len(losses) % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    except KeyboardInterrupt:
+        if not (stop_on_interrupt and losses):
+            raise
+        log.warning("interrupted after %d of %d steps: stopping", len(losses), total_steps)
+    finally:
+        bar.close()
     return losses
 
 

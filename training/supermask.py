@@ -28,7 +28,8 @@ class SupermaskLinear(nn.Module):
 
     Attributes:
         scores: ``ν``, float32 ``[out, in]``, the trainable mask parameter.
-        sample: when True (default in training), ``μ ~ Bern(σ(ν))``; when False, ``μ = 1[ν > τ]``.
+        sample: True: ``μ ~ Bern(σ(ν))``; False: ``μ = 1[ν > τ]``; None (default): sample in training
+            mode, deterministic in eval mode.
         threshold: ``τ`` of the deterministic mask, float; 0.0 (default) is the paper's ``1[σ(ν) > 0.5]``.
         drawn: None (default: every sampling forward draws a fresh ``μ``), or one drawn mask, float32
             ``[out, in]``, that sampling forwards use until cleared (:meth:`SupermaskModel.draw_masks`).
@@ -58,8 +59,9 @@ class SupermaskLinear(nn.Module):
             mu = torch.bernoulli(torch.sigmoid(self.scores.detach()))
         else:
             mu = (self.scores.detach() > self.threshold).to(self.scores.dtype)
-        # straight-through estimator: forward value mu, gradient dL/dnu = dL/dmu
-        return mu + self.scores - self.scores.detach()
+        # straight-through estimator: forward value exactly mu (the bracket is 0.0 in floating point, where
+        # (mu + ν) − ν is not), gradient dL/dν = dL/dμ
+        return mu + (self.scores - self.scores.detach())
 
     def hard_mask(self) -> torch.Tensor:
         """Deterministic served mask ``1[ν > τ]`` (``τ = 0``: ``1[σ(ν) > 0.5]``), bool ``[out, in]``."""
@@ -129,6 +131,13 @@ class SupermaskModel(nn.Module):
             layer.drawn = None
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Head outputs for a tokenized batch.
+
+        Args:
+            input_ids, attention_mask (and token_type_ids, optional): int64 ``[batch, seq]``.
+        Returns:
+            float32 ``[batch, num_outputs]`` (logits; one value per row for regression, STS-B).
+        """
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids

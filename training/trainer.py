@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
+from mask_store.local import check_task_name
 from service.backbone import Backbone, load_backbone
 from training import BERNOULLI_PER, MASK_RULES, check_choice
 from training.controls import restore_float_weights, shuffle_masked_weights
@@ -78,6 +79,7 @@ class TrainResult:
     bernoulli: dict[str, dict[str, float]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)  # training loss per step
     device: str = "cpu"  # where it trained
+    interrupted: bool = False  # stopped by Ctrl-C before all steps: bundle written unevaluated
 
 
 def predict(model: SupermaskModel, tokenizer, task: GlueTask, examples: list[Example], max_len: int,
@@ -100,6 +102,9 @@ def evaluate_bernoulli(model: SupermaskModel, tokenizer, task: GlueTask, example
                        device: torch.device | str = "cpu", per: str = "batch") -> dict[str, dict[str, float]]:
     """Mean and standard deviation of each metric over ``samples`` Bernoulli mask draws
     (the paper's Table 4 protocol).
+
+    Returns:
+        ``{metric: {"mean", "std", "n"}}``; ``std`` is the population s.d. (``np.std``, divides by n).
 
     ``per``: "batch" (what every recorded run used so far) draws a fresh mask for each batch of
     ``batch_size`` examples, so one sample's metric averages several masks and the s.d. comes out
@@ -184,12 +189,22 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
           command: str = "") -> TrainResult:
     """Train a supermask for one GLUE task and write its bundle to ``cfg.output``.
 
-    ``command`` is the command line recorded in the bundle (the CLI passes its own).
+    ``command`` is the command line recorded in the bundle (the CLI passes its own). With
+    ``cfg.save_scores`` the mask scores ``ν`` are also written to :func:`scores_path` (float16
+    safetensors, ``<layer>.scores`` ``[out, in]``). Every setting, the bundle name and the output
+    path are checked before any data or weights are loaded, so a mistake cannot cost a finished run.
+
+    On Ctrl-C after at least one step, training stops and the bundle (and scores) of the model as it
+    stands is written without dev evaluation (``training["interrupted"]``, ``metrics`` empty);
+    :attr:`TrainResult.interrupted` is True. Before the first step, ``KeyboardInterrupt`` propagates.
 
     Raises:
         GlueDataError: data missing or malformed.
         BackboneLoadError: backbone folder unusable.
-        ValueError: inconsistent settings, or a CUDA device asked for without CUDA.
+        InvalidTaskName: the bundle name (``cfg.task_name`` or the GLUE name) is not a valid task name.
+        ValueError: inconsistent settings, an output path that is a folder, or a CUDA device asked
+            for without CUDA.
+        OSError: the output cannot be written.
     """
     device = resolve_device(cfg.device)
     if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
@@ -197,7 +212,15 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     check_choice("mask_rule", cfg.mask_rule, MASK_RULES)
     if not (1 <= cfg.bits <= 8 or cfg.bits == 32):
         raise ValueError(f"bits must be in 1..8 or 32 (un-quantized), got {cfg.bits}")
+    for opt_name in ("batch_size", "max_steps", "train_limit", "dev_limit", "max_seq_length", "eval_batch_size"):
+        value = getattr(cfg, opt_name)
+        if value is not None and value < 1:
+            raise ValueError(f"{opt_name} must be >= 1, got {value}")
+    if cfg.epochs <= 0 or cfg.bernoulli_samples < 0:
+        raise ValueError(f"epochs must be > 0 and bernoulli_samples >= 0, got {cfg.epochs}, {cfg.bernoulli_samples}")
     task = get_task(cfg.task)
+    check_task_name(cfg.task_name or task.name)
+    _check_output(cfg.output)
     train_set = read_split(task, cfg.data_dir, "train")[: cfg.train_limit]
     dev_set = read_split(task, cfg.data_dir, "dev")[: cfg.dev_limit]
     torch.manual_seed(cfg.seed)
@@ -224,9 +247,10 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     t0 = time.perf_counter()
     losses = run_steps(model, task, train_set, tokenizer, opt, total_steps, batch_size=cfg.batch_size,
                        max_len=cfg.max_seq_length, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-                       desc=f"train {task.name}", progress=progress, device=device)
+                       desc=f"train {task.name}", progress=progress, device=device, stop_on_interrupt=True)
     step = len(losses)
     seconds = time.perf_counter() - t0
+    interrupted = step < total_steps
 
     mask_rule = MASK_RULE
     if cfg.mask_rule == "expected":
@@ -238,11 +262,13 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
                      f"mean(1 - sigmoid(nu)) = {target:.6f}")
 
     golds = np.array([e.label for e in dev_set])
-    dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.eval_batch_size,
-                                        desc="dev (deterministic mask)" if progress else None, device=device),
-                          golds)
+    dev: dict[str, float] = {}
+    if not interrupted:
+        dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length,
+                                            cfg.eval_batch_size, desc="dev (deterministic mask)" if progress else None,
+                                            device=device), golds)
     bern = {}
-    if cfg.bernoulli_samples > 0:
+    if cfg.bernoulli_samples > 0 and not interrupted:
         bern = evaluate_bernoulli(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.bernoulli_samples,
                                   cfg.eval_batch_size, seed=cfg.seed, device=device)
     sparsity = model.sparsity()
@@ -259,7 +285,13 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         "hardware": {**hardware(), "device": str(device)},
         "command": command,
     }
+    if interrupted:
+        training["interrupted"] = f"stopped by the user after {step} of {total_steps} steps; not evaluated"
     metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
+    if bern:  # how the samples drew masks (evaluate_bernoulli's per="batch"), and the s.d. used (population)
+        metrics["bernoulli_protocol"] = {"per": "batch", "batch_size": cfg.eval_batch_size, "std_ddof": 0}
+    if interrupted:
+        metrics = {}
     data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics, mask_rule)
     atomic_write(cfg.output, data)
     if cfg.save_scores:
@@ -270,7 +302,21 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
                   str(scores_path(cfg.output)))
     log.info("wrote %s (%d bytes), sparsity %.4f, dev %s", cfg.output, len(data), sparsity, dev)
     return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern, losses,
-                       str(device))
+                       str(device), interrupted)
+
+
+def _check_output(output: str | Path) -> None:
+    """Refuse an output path that cannot take the bundle, before any training (creates its folder).
+
+    Raises:
+        ValueError: ``output`` is an existing folder. OSError: its folder cannot be created or written.
+    """
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"output {str(output)!r} is a folder: give a file path, such as {str(path / 'task.smask')!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"cannot write to the folder {str(path.parent)!r} of output {str(output)!r}")
 
 
 def scores_path(bundle_path: str | Path) -> Path:

@@ -49,3 +49,31 @@ def test_the_command_line_module_imports_no_torch():
     code = "import sys, service.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "SST-2", "--batch-size", "0"], "must be >= 1, got 0"),
+    (["train", "SST-2", "--train-limit", "-3"], "must be >= 1, got -3"),
+    (["train", "SST-2", "--max-steps", "ten"], "'ten' is not an integer"),
+    (["train", "SST-2", "--bits", "16"], "invalid choice: 16"),
+    (["evaluate", "x.smask", "--samples", "-1"], "must be >= 0, got -1"),
+])
+def test_out_of_range_numbers_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_shows_zero_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "data order, Bernoulli samples and head init (default: 0)" in out  # --seed
+    assert "start pruned (ν=-5) (default: 0.0)" in out  # --init-sparsity
+
+
+def test_unknown_device_is_a_one_line_error():
+    from training.loop import resolve_device
+
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")

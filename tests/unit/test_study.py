@@ -456,3 +456,80 @@ def test_bernoulli_protocol_script_lists_recorded_and_per_mask_figures(tiny_back
     (tmp_path / "mrpc.smask.scores.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="mask scores"):
         bernoulli_protocol.main(argv)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"task_name": "mrpc v2"}, "InvalidTaskName", "not allowed"),
+    ({"output": "{tmp}"}, "ValueError", "is a folder"),
+    ({"dev_limit": 0}, "ValueError", "dev_limit"),
+    ({"train_limit": 0}, "ValueError", "train_limit"),
+    ({"batch_size": 0}, "ValueError", "batch_size"),
+    ({"max_steps": -5}, "ValueError", "max_steps"),
+])
+def test_bad_settings_are_refused_before_any_loading(tiny_backbone_dir, tmp_path, monkeypatch, change, error, match):
+    from mask_store.errors import InvalidTaskName
+    from training import trainer
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the backbone before checking the settings")
+
+    monkeypatch.setattr(trainer, "load_backbone", no_loading)
+    monkeypatch.setattr(trainer, "read_split", no_loading)
+    kw = dict(task="SST-2", data_dir=str(tmp_path), backbone=str(tiny_backbone_dir), max_steps=2,
+              output=str(tmp_path / "x.smask"))
+    kw.update({k: (v.format(tmp=tmp_path) if isinstance(v, str) and "{tmp}" in v else v) for k, v in change.items()})
+    with pytest.raises({"InvalidTaskName": InvalidTaskName, "ValueError": ValueError}[error], match=match):
+        trainer.train(trainer.TrainConfig(**kw), progress=False)
+
+
+def test_ctrl_c_during_training_writes_the_model_so_far(tiny_backbone_dir, tmp_path, monkeypatch):
+    from mask_store.format import decode_bundle
+    from training import loop
+    from training.trainer import TrainConfig, scores_path, train
+
+    data = _write_glue(tmp_path / "glue")
+    real_loss, calls = loop.loss_fn, []
+
+    def loss_then_interrupt(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*a)
+
+    monkeypatch.setattr(loop, "loss_fn", loss_then_interrupt)
+    out = tmp_path / "sst2.smask"
+    cfg = TrainConfig(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=10, batch_size=4,
+                      max_seq_length=16, output=str(out))
+    try:
+        res = train(cfg, progress=False)
+    except KeyboardInterrupt:  # would otherwise stop the whole pytest session
+        pytest.fail("Ctrl-C during training was not turned into a saved, unevaluated bundle")
+    assert res.interrupted and res.steps == 2 and res.dev_metrics == {}
+    bundle = decode_bundle(out.read_bytes())
+    assert "after 2 of 10 steps" in bundle.header.training["interrupted"] and bundle.header.metrics == {}
+    assert scores_path(out).is_file()
+    calls.clear()
+    monkeypatch.setattr(loop, "loss_fn", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # nothing trained yet: nothing to save
+        train(TrainConfig(**{**cfg.__dict__, "output": str(tmp_path / "none.smask")}), progress=False)
+    assert not (tmp_path / "none.smask").exists()
+
+
+def test_evaluate_a_renamed_and_an_fp32_bundle(tiny_backbone_dir, tmp_path):
+    from training.evaluate import evaluate_bundle
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue")
+    for name, bits in (("sentiment", 8), ("fp32-control", 32)):
+        out = tmp_path / f"{name}.smask"
+        res = train(TrainConfig(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2,
+                                batch_size=4, max_seq_length=16, bernoulli_samples=2, bits=bits, task_name=name,
+                                output=str(out)), progress=False)
+        got = evaluate_bundle(str(out), data, backbone=str(tiny_backbone_dir), samples=2)
+        assert got["glue_task"] == "SST-2" and got["task"] == name  # the task it trained on, not its name
+        if bits == 8:  # the served path is the model trained: the recorded figure is reproduced
+            assert got["deterministic"] == pytest.approx(res.dev_metrics)
+        assert set(got["bernoulli"]) == set(res.bernoulli)
+    with pytest.raises(ValueError, match="labels"):  # an SST-2 bundle is not an MRPC one
+        evaluate_bundle(str(tmp_path / "sentiment.smask"), data, backbone=str(tiny_backbone_dir), samples=0,
+                        glue_task="MRPC")

@@ -23,6 +23,18 @@ def test_straight_through_gradient_reaches_scores():
     torch.testing.assert_close(layer.scores.grad, expected)
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_mask_value_is_exactly_binary(sample):
+    # the straight-through form must not perturb the forward value: (μ + ν) − ν rounds, μ + (ν − ν) does not
+    torch.manual_seed(0)
+    layer = SupermaskLinear(torch.randn(64, 64), None)
+    with torch.no_grad():
+        layer.scores.copy_(5.0 + torch.randn(64, 64) * 3)
+    mu = layer.mask(sample)
+    assert mu.requires_grad
+    assert set(torch.unique(mu.detach()).tolist()) <= {0.0, 1.0}
+
+
 def test_bernoulli_sampling_follows_sigmoid():
     torch.manual_seed(0)
     layer = SupermaskLinear(torch.ones(200, 200), None)
