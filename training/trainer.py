@@ -287,11 +287,11 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     }
     if interrupted:
         training["interrupted"] = f"stopped by the user after {step} of {total_steps} steps; not evaluated"
-    metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
+    metrics: dict = {}  # an interrupted run is not evaluated
+    if not interrupted:
+        metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
     if bern:  # how the samples drew masks (evaluate_bernoulli's per="batch"), and the s.d. used (population)
         metrics["bernoulli_protocol"] = {"per": "batch", "batch_size": cfg.eval_batch_size, "std_ddof": 0}
-    if interrupted:
-        metrics = {}
     data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics, mask_rule)
     atomic_write(cfg.output, data)
     if cfg.save_scores:
