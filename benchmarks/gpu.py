@@ -19,16 +19,22 @@ matrices per layer, run one after another on a [batch x seq, in] input):
    ``torch.cuda.memory_allocated`` and compared with a dense fp16 model copy.
 
 Writes ``benchmarks/results/gpu-<UTC time>.json`` and ``.md`` (or --out-dir).
-Needs CUDA; exits with a message otherwise. Example::
+Needs CUDA; exits with a message otherwise. ``--device cpu`` runs the same
+code in float32 on the CPU (the fused path only under ``TRITON_INTERPRET=1``):
+a smoke check of the script, its figures mean nothing. Example::
 
     .venv/bin/python benchmarks/gpu.py                 # full run (minutes on an H100)
     .venv/bin/python benchmarks/gpu.py --quick         # smoke run
+
+On a GPU machine without network, ``scripts/gpu_check.sh`` runs it with the
+GPU tests and the end-to-end server benchmark (see benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -68,23 +74,30 @@ class Matrix:
 
     w_q: torch.Tensor  # int8 [out, in]
     scale: torch.Tensor  # float32 [out]
-    bias: torch.Tensor  # float16 [out]
-    weight: torch.Tensor  # float16 [out, in], shared deq(W_q) for the complement path
+    bias: torch.Tensor  # activation dtype (float16 on the GPU) [out]
+    weight: torch.Tensor  # activation dtype [out, in], shared deq(W_q) for the complement path
     mask_words: torch.Tensor | None = None  # int32 [tasks, out, ceil(in/32)]
     pruned: list = field(default_factory=list)  # [tasks] CSR or None
-    dense_task0: torch.Tensor | None = None  # float16 [out, in], deq(W_q) ⊙ μ_0 (the dense baseline)
+    dense_task0: torch.Tensor | None = None  # activation dtype [out, in], deq(W_q) ⊙ μ_0 (the dense baseline)
+
+
+def act_dtype(device: torch.device) -> torch.dtype:
+    """Activation dtype: float16 on the GPU (what is measured); float32 on the CPU (smoke runs: CPU sparse
+    products have no float16)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def make_backbone(model: str, n_tasks: int, sparsity: float, device: torch.device,
                   with_fused: bool, seed: int = 0) -> list[Matrix]:
     """Random int8 backbone of ``model``'s shapes with ``n_tasks`` random masks of ``sparsity``."""
+    dtype = act_dtype(device)
     g = torch.Generator(device=device).manual_seed(seed)
     mats = []
     for out, in_ in layer_shapes(model):
         w_q = torch.randint(-127, 128, (out, in_), dtype=torch.int8, device=device, generator=g)
         scale = torch.rand(out, device=device, generator=g) * 0.02 + 1e-3
-        bias = torch.randn(out, device=device, generator=g).half()
-        m = Matrix(w_q, scale, bias, sc.dequantize_weight(w_q, scale, torch.float16))
+        bias = torch.randn(out, device=device, generator=g).to(dtype)
+        m = Matrix(w_q, scale, bias, sc.dequantize_weight(w_q, scale, dtype))
         words = []
         for t in range(n_tasks):
             mask = torch.rand(out, in_, device=device, generator=g) >= sparsity  # bool [out, in]
@@ -140,7 +153,8 @@ def bench_throughput(model: str, mats: list[Matrix], batches: list[int], task_mi
     for batch in batches:
         rows = batch * seq_len
         g = torch.Generator(device=device).manual_seed(batch)
-        x_by_in = {d: torch.randn(rows, d, device=device, generator=g).half() for d in (hidden, inter)}
+        x_by_in = {d: torch.randn(rows, d, device=device, generator=g).to(act_dtype(device))
+                   for d in (hidden, inter)}
 
         def dense():
             for m in mats:
@@ -191,7 +205,7 @@ def check_correctness(mats: list[Matrix], device: torch.device, with_fused: bool
     """Max |error| of each path vs the materialised dense product on the first two matrices (task 0)."""
     report = {}
     for k, m in enumerate(mats[:2]):
-        x = torch.randn(256, m.w_q.shape[1], device=device).half()
+        x = torch.randn(256, m.w_q.shape[1], device=device).to(act_dtype(device))
         ref = F.linear(x.float(), m.dense_task0.float(), m.bias.float())
         denom = float(ref.abs().max())
         comp = sc.complement_linear(x, m.weight, m.bias, m.pruned[0])
@@ -210,7 +224,7 @@ def bench_swap_in(model: str, sparsity: float, repeats: int, device: torch.devic
     for out, in_ in shapes:
         packed = pack_bits(torch.rand(out, in_, generator=g) >= sparsity)
         host.append(packed.pin_memory() if device.type == "cuda" else packed)
-    weights = [torch.randn(out, in_, device=device).half() for out, in_ in shapes]
+    weights = [torch.randn(out, in_, device=device).to(act_dtype(device)) for out, in_ in shapes]
     slots = [torch.empty(tm.mask_words_shape(out, in_), dtype=torch.int32, device=device) for out, in_ in shapes]
     nbytes = sum(p.numel() for p in host)
 
@@ -253,7 +267,7 @@ def bench_memory(model: str, sparsity: float, n_tasks: int, device: torch.device
     """Device bytes per additional resident task for each path (measured and counted)."""
     shapes = layer_shapes(model)
     n_weights = sum(o * i for o, i in shapes)
-    weights = [torch.randn(o, i, device=device).half() for o, i in shapes]
+    weights = [torch.randn(o, i, device=device).to(act_dtype(device)) for o, i in shapes]
     masks = [[pack_bits(torch.rand(o, i, device=device) >= sparsity) for o, i in shapes] for _ in range(n_tasks)]
 
     def allocated() -> int:
@@ -335,6 +349,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swap-repeats", type=int, default=10, help="timed cold swap-ins (median reported)")
     p.add_argument("--memory-tasks", type=int, default=8, help="tasks added when measuring memory per task")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR, help="where the JSON and Markdown go")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a float32 smoke run of this script on the CPU (fused path only under "
+                        "TRITON_INTERPRET=1); its figures are not GPU figures")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batches 1,16; tasks 1,8; 2 timed iterations; 3 swap-ins")
     args = p.parse_args(argv)
@@ -350,13 +367,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU, and torch.cuda.is_available() is False "
               f"(torch {torch.__version__}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch.",
               file=sys.stderr)
         return 2
-    device = torch.device("cuda")
-    with_fused = tm.HAS_TRITON
+    device = torch.device(args.device)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    with_fused = tm.HAS_TRITON and (device.type == "cuda" or interpreted)
     models = args.models.split(",")
     batches, task_mixes = _int_list(args.batches), _int_list(args.tasks)
 
@@ -364,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     if not with_fused:
-        log("triton is not installed: measuring the dense baseline and the complement path only")
+        log("triton is not installed (or, on the CPU, TRITON_INTERPRET is not 1): "
+            "measuring the dense baseline and the complement path only")
     report = {"meta": {"utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                       "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                       "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"CPU ({platform.machine()}, float32 smoke run: not GPU figures)",
+                       "torch": torch.__version__,
                        "triton": getattr(tm.triton, "__version__", None), "python": platform.python_version(),
                        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
               "throughput": [], "swap_in": [], "memory": [], "correctness": {}}
@@ -377,12 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] += bench_throughput(model, mats, batches, task_mixes, args.seq_len, args.sparsity,
                                                  args.warmup, args.iters, device, with_fused, log)
         del mats
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         report["swap_in"].append(bench_swap_in(model, args.sparsity, args.swap_repeats, device, with_fused))
         log(f"{model} swap-in: {report['swap_in'][-1]}")
         report["memory"].append(bench_memory(model, args.sparsity, args.memory_tasks, device, with_fused))
         log(f"{model} memory: {report['memory'][-1]}")
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "gpu-" + report["meta"]["utc"].replace(":", "").replace("-", "")

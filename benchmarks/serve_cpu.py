@@ -11,9 +11,15 @@ store preloaded from the shipped example bundles, then measures, through HTTP:
   shipped tasks in turn (``--mixed-requests`` in all), p50/p99 latency and throughput, against a
   second server started with dynamic batching off (``SUPERMASK_BATCH_WAIT_MS=0``), same machine, same run.
 
-Writes ``benchmarks/results/serve_cpu.json`` and ``.md`` and prints the table.
+Writes ``benchmarks/results/serve_<device>.json`` and ``.md`` and prints the table.
 
     .venv/bin/python benchmarks/serve_cpu.py --data-dir ../shared/data/glue
+    .venv/bin/python benchmarks/serve_cpu.py --device cuda --synthetic bert-base --synthetic-tasks 64
+
+``--synthetic MODEL`` serves a random-weight backbone of MODEL's shape (``benchmarks/synthetic.py``:
+MiniLM or BERT-base, real tokenizer) with ``--synthetic-tasks`` random-mask tasks instead of the
+shipped bundles: latency, swap-in and memory figures of that shape, no dev metrics. It needs neither
+the backbone package's weights nor network, only a tokenizer folder (``--tokenizer-dir``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import platform
 import socket
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +43,16 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import synthetic  # noqa: E402
 from training.glue import compute_metrics, get_task, read_split  # noqa: E402
+
+# inputs of the synthetic tasks when no GLUE data is at hand (short sentences, as in SST-2 and MRPC)
+FALLBACK_SENTENCES = [
+    "the film is a quiet triumph of performance and restraint",
+    "a dull , overlong exercise in style over substance",
+    "the company said quarterly revenue rose four percent on strong demand",
+    "revenue for the quarter grew by four percent , the company reported",
+]
 
 
 def free_port() -> int:
@@ -99,15 +115,17 @@ def latency(client: httpx.Client, task: str, texts: list, batch: int, n: int) ->
 
 def start_server(examples_dir: str, threads: int | None, extra_env: dict[str, str] | None = None
                  ) -> tuple[subprocess.Popen, int]:
-    """``supermask serve`` on a free loopback port with a fresh store preloaded from ``examples_dir``."""
+    """``supermask serve`` on a free loopback port with a fresh store preloaded from ``examples_dir``.
+
+    Started as ``python -m service.cli serve`` with this interpreter, so it also runs where the project
+    is on ``PYTHONPATH`` rather than installed (no ``supermask`` executable)."""
     port = free_port()
     store = tempfile.mkdtemp(prefix="supermask-bench-")
     env = dict(os.environ, SUPERMASK_STORE_DIR=store, SUPERMASK_EXAMPLES_DIR=examples_dir,
                SUPERMASK_PORT=str(port), SUPERMASK_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", **(extra_env or {}))
     if threads:
         env["SUPERMASK_TORCH_THREADS"] = str(threads)
-    exe = Path(sys.executable).with_name("supermask")
-    return subprocess.Popen([str(exe), "serve"], env=env, cwd=REPO), port
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=REPO), port
 
 
 def mixed_load(base_url: str, inputs: dict[str, list], concurrency: int, n: int) -> dict:
@@ -144,37 +162,72 @@ def mixed_load(base_url: str, inputs: dict[str, list], concurrency: int, n: int)
             "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": n / wall}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
-    ap.add_argument("--examples-dir", default=str(REPO / "examples" / "masks"))
-    ap.add_argument("--requests", type=int, default=100, help="timed requests per latency figure")
-    ap.add_argument("--threads", type=int, default=None, help="SUPERMASK_TORCH_THREADS for the server")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_cpu"))
-    ap.add_argument("--mixed-requests", type=int, default=240, help="requests of the mixed-task load (0: skip it)")
-    ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients of the mixed-task load")
-    ap.add_argument("--skip-dev", action="store_true", help="do not evaluate the tasks on their dev sets")
-    ap.add_argument("--batch-wait-ms", type=float, default=2.0,
-                    help="SUPERMASK_BATCH_WAIT_MS of the first server (the second runs with 0: no batching)")
-    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
-                    help="SUPERMASK_DEVICE of the servers (cuda: the same measurements on a GPU machine)")
-    args = ap.parse_args()
+def glue_inputs(data_dir: str, task: str, n: int) -> list | None:
+    """The first ``n`` dev inputs of GLUE ``task`` as JSON inputs (strings or pairs), or None without data."""
+    try:
+        dev = read_split(get_task(task), data_dir, "dev")[:n]
+    except (OSError, ValueError):
+        return None
+    return [[e.text_a, e.text_b] if e.text_b is not None else e.text_a for e in dev] or None
 
-    device_env = {"SUPERMASK_DEVICE": args.device}
-    proc, port = start_server(args.examples_dir, args.threads,
+
+def synthetic_inputs(data_dir: str, pairs: bool, n: int) -> list:
+    """Inputs for a synthetic task: SST-2 sentences or MRPC pairs when the data is at hand, else fixed ones."""
+    found = glue_inputs(data_dir, "MRPC" if pairs else "SST-2", n)
+    if found:
+        return found
+    s = FALLBACK_SENTENCES
+    return [[s[i % 4], s[(i + 1) % 4]] if pairs else s[i % 4] for i in range(n)]
+
+
+def prepare_synthetic(args, work: Path) -> tuple[str, dict[str, str]]:
+    """Random backbone and tasks under ``work``; returns the examples folder and the server's extra env."""
+    print(f"writing a random {args.synthetic} backbone and {args.synthetic_tasks} random-mask tasks "
+          f"(sparsity {args.synthetic_sparsity}) under {work}", flush=True)
+    backbone_dir = synthetic.write_backbone(args.synthetic, work / "backbone", args.tokenizer_dir)
+    tasks_dir = work / "tasks"
+    synthetic.write_tasks(backbone_dir, tasks_dir, args.synthetic_tasks, args.synthetic_sparsity)
+    total = sum(f.stat().st_size for f in tasks_dir.glob("*.smask"))
+    env = {"SUPERMASK_BACKBONE_PATH": str(backbone_dir),
+           # every task resident: the host cache and the GPU slots hold them all (measured: no eviction churn)
+           "SUPERMASK_CACHE_BYTES": str(max(256 * 2**20, 8 * total)),
+           "SUPERMASK_DEVICE_SLOTS": str(args.synthetic_tasks),
+           "SUPERMASK_MAX_BUNDLE_BYTES": str(max(64 * 2**20, 2 * total // args.synthetic_tasks))}
+    return str(tasks_dir), env
+
+
+GLUE_NAMES = ("CoLA", "SST-2", "MRPC", "STS-B", "RTE", "WNLI")
+
+
+def task_inputs(data_dir: str, name: str, pairs: bool, n: int = 16) -> list:
+    """``n`` JSON inputs for task ``name``: its GLUE dev inputs where it is a GLUE task and the data is there."""
+    return (glue_inputs(data_dir, name, n) if name in GLUE_NAMES else None) or synthetic_inputs(data_dir, pairs, n)
+
+
+def record_memory(results: dict, metrics_text: str, when: str) -> None:
+    """Process RSS and GPU memory allocated (0 without CUDA) from a /metrics page, as ``<kind>_<when>_bytes``."""
+    results[f"rss_{when}_bytes"] = metric_value(metrics_text, "supermask_process_resident_memory_bytes")
+    results[f"gpu_allocated_{when}_bytes"] = metric_value(metrics_text, "supermask_gpu_memory_allocated_bytes")
+
+
+def measure(args, examples_dir: str, device_env: dict[str, str]) -> dict:
+    """Everything the tables report, from a batching server and (for the mixed load) an unbatched one."""
+    proc, port = start_server(examples_dir, args.threads,
                               {**device_env, "SUPERMASK_BATCH_WAIT_MS": str(args.batch_wait_ms)})
     results: dict = {"hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
                                   "python": platform.python_version(), "device": args.device}}
+    mixed_inputs: dict[str, list] = {}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             results["start_to_ready_s"] = round(wait_ready(client, proc), 2)
             tasks = [t["name"] for t in client.get("/v1/tasks").json()["tasks"]]
             m = client.get("/metrics").text
-            results["rss_backbone_only_bytes"] = metric_value(m, "supermask_process_resident_memory_bytes")
+            record_memory(results, m, "backbone_only")
             results["backbone_bytes"] = metric_value(m, "supermask_backbone_bytes")
-            per_task = {}
-            for i, name in enumerate(tasks):
+            per_task, pairs = {}, {}
+            for i, name in enumerate(tqdm(tasks, desc="tasks", leave=False)):
                 info = client.get(f"/v1/tasks/{name}").json()
+                pairs[name] = info["text_pairs"]
                 if args.skip_dev:  # one request makes the task resident
                     client.post(f"/v1/tasks/{name}/predict",
                                 json={"inputs": [["a", "b"]] if info["text_pairs"] else ["a"]}).raise_for_status()
@@ -191,30 +244,28 @@ def main() -> int:
                     "cold_swap_in_ms": 1e3 * (metric_value(m, "supermask_task_load_duration_seconds_sum",
                                                            f'task="{name}"') or float("nan")),
                     "resident_bytes": metric_value(m, "supermask_resident_task_bytes", f'task="{name}"'),
+                    "device_swap_in_ms": 1e3 * (metric_value(m, "supermask_device_swap_in_duration_seconds_sum",
+                                                             f'task="{name}"') or float("nan")),
                 }
                 if i == 0:
-                    results["rss_one_task_bytes"] = metric_value(m, "supermask_process_resident_memory_bytes")
-            m = client.get("/metrics").text
-            results["rss_all_tasks_bytes"] = metric_value(m, "supermask_process_resident_memory_bytes")
+                    record_memory(results, m, "one_task")
+            record_memory(results, client.get("/metrics").text, "all_tasks")
             results["tasks"] = per_task
-            texts = [e.text_a for e in read_split(get_task("SST-2"), args.data_dir, "dev")[:32]]
-            if "SST-2" in tasks:
-                results["latency"] = [latency(client, "SST-2", texts, b, args.requests) for b in (1, 32)]
-            if args.mixed_requests > 0:
-                mixed_inputs = {}
-                for name in tasks:
-                    t = get_task(name) if name in ("CoLA", "SST-2", "MRPC", "STS-B", "RTE", "WNLI") else None
-                    if t is None:
-                        continue
-                    dev = read_split(t, args.data_dir, "dev")[:16]
-                    mixed_inputs[name] = [[e.text_a, e.text_b] if e.text_b is not None else e.text_a for e in dev]
+            if tasks:
+                single = [t for t in tasks if not pairs[t]]
+                lat_task = "SST-2" if "SST-2" in tasks else (single or tasks)[0]
+                texts = task_inputs(args.data_dir, lat_task, pairs[lat_task], 32)
+                results["latency_task"] = lat_task
+                results["latency"] = [latency(client, lat_task, texts, b, args.requests) for b in (1, 32)]
+            if args.mixed_requests > 0 and tasks:
+                mixed_inputs = {name: task_inputs(args.data_dir, name, pairs[name]) for name in tasks}
                 results["mixed_load"] = {"batched": mixed_load(f"http://127.0.0.1:{port}", mixed_inputs,
                                                                args.concurrency, args.mixed_requests)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    if args.mixed_requests > 0 and "mixed_load" in results:
-        proc, port2 = start_server(args.examples_dir, args.threads, {**device_env, "SUPERMASK_BATCH_WAIT_MS": "0"})
+    if mixed_inputs:
+        proc, port2 = start_server(examples_dir, args.threads, {**device_env, "SUPERMASK_BATCH_WAIT_MS": "0"})
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port2}", timeout=120) as client:
                 wait_ready(client, proc)
@@ -223,13 +274,62 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
+    ap.add_argument("--examples-dir", default=str(REPO / "examples" / "masks"))
+    ap.add_argument("--requests", type=int, default=100, help="timed requests per latency figure")
+    ap.add_argument("--threads", type=int, default=None, help="SUPERMASK_TORCH_THREADS for the server")
+    ap.add_argument("--out", default=None,
+                    help="output path without suffix (default: benchmarks/results/serve_<device>[_<synthetic>])")
+    ap.add_argument("--mixed-requests", type=int, default=240, help="requests of the mixed-task load (0: skip it)")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients of the mixed-task load")
+    ap.add_argument("--skip-dev", action="store_true", help="do not evaluate the tasks on their dev sets")
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0,
+                    help="SUPERMASK_BATCH_WAIT_MS of the first server (the second runs with 0: no batching)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                    help="SUPERMASK_DEVICE of the servers (cuda: the same measurements on a GPU machine)")
+    ap.add_argument("--synthetic", choices=sorted(synthetic.SHAPES), default=None,
+                    help="serve a random-weight backbone of this shape with random-mask tasks (no dev metrics)")
+    ap.add_argument("--synthetic-tasks", type=int, default=8, help="random-mask tasks of --synthetic")
+    ap.add_argument("--synthetic-sparsity", type=float, default=0.05,
+                    help="fraction of weights each random mask prunes")
+    ap.add_argument("--tokenizer-dir", default=None,
+                    help="local tokenizer folder for --synthetic (default: the shipped backbone's)")
+    args = ap.parse_args(argv)
+    if args.synthetic and args.synthetic_tasks < 1:
+        ap.error("--synthetic-tasks must be >= 1")
+    if args.out is None:
+        args.out = str(REPO / "benchmarks" / "results" / "_".join(
+            ["serve", args.device] + ([args.synthetic] if args.synthetic else [])))
+
+    device_env = {"SUPERMASK_DEVICE": args.device}
+    work = Path(tempfile.mkdtemp(prefix="supermask-synthetic-")) if args.synthetic else None
+    examples_dir = args.examples_dir
+    if work is not None:
+        examples_dir, extra = prepare_synthetic(args, work)
+        device_env.update(extra)
+        args.skip_dev = True  # random weights: dev metrics mean nothing
+    try:
+        results = measure(args, examples_dir, device_env)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.synthetic:
+        results["synthetic"] = {"model": args.synthetic, "tasks": args.synthetic_tasks,
+                                "sparsity": args.synthetic_sparsity}
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    command = ".venv/bin/python benchmarks/serve_cpu.py " + " ".join(sys.argv[1:])
+    command = ".venv/bin/python benchmarks/serve_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    kind = (f"; random-weight {args.synthetic} backbone, {args.synthetic_tasks} random-mask tasks"
+            if args.synthetic else "")
     md = [f"# Serving benchmark (device {args.device}; {results['hardware']['cpus']} CPUs, "
-          f"{results['hardware']['machine']})", "",
+          f"{results['hardware']['machine']}{kind})", "",
           "Produced by (from the repository root):", "", f"    {command.strip()}", "",
           f"start-to-ready {results['start_to_ready_s']} s; backbone tensors {results['backbone_bytes'] / 2**20:.1f} MiB", "",
           "| task | bundle bytes | sparsity | dev via REST | recorded | Bernoulli mean ± s.d. (10) | cold swap-in ms | resident bytes |",
@@ -239,8 +339,9 @@ def main() -> int:
         rec = {k: round(v, 4) for k, v in (t["recorded"] or {}).items()}
         bern = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in (t["bernoulli"] or {}).items())
         md.append(f"| {name} | {t['bundle_bytes']} | {t['sparsity']:.4f} | {ev} | {rec} | {bern} | "
-                  f"{t['cold_swap_in_ms']:.1f} | {t['resident_bytes']:.0f} |")
-    md += ["", "| batch | p50 ms | p99 ms | requests |", "|---|---|---|---|"]
+                  f"{t['cold_swap_in_ms']:.1f} | {t['resident_bytes'] or float('nan'):.0f} |")
+    md += ["", f"Latency of task {results.get('latency_task')}, one client:", "",
+           "| batch | p50 ms | p99 ms | requests |", "|---|---|---|---|"]
     for row in results.get("latency", []):
         md.append(f"| {row['batch']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} |")
     ml = results.get("mixed_load")
@@ -257,8 +358,14 @@ def main() -> int:
             md += ["", f"Throughput ratio batched / unbatched: "
                        f"{ml['batched']['throughput_rps'] / ml['unbatched']['throughput_rps']:.2f}"]
     md += ["", "| resident memory | MiB |", "|---|---|"]
-    for k in ("rss_backbone_only_bytes", "rss_one_task_bytes", "rss_all_tasks_bytes"):
-        md.append(f"| {k.replace('_bytes', '')} | {results[k] / 2**20:.1f} |")
+    kinds = ("rss", "gpu_allocated") if args.device != "cpu" else ("rss",)
+    for k in [f"{kind}_{when}_bytes" for kind in kinds for when in ("backbone_only", "one_task", "all_tasks")]:
+        md.append(f"| {k.replace('_bytes', '')} | {(results.get(k) or float('nan')) / 2**20:.1f} |")
+    if args.device != "cpu":
+        swaps = [t["device_swap_in_ms"] for t in results["tasks"].values()]
+        if swaps:
+            md += ["", f"GPU slot swap-in per task (ms, first use): median {np.nanmedian(swaps):.2f}, "
+                       f"max {np.nanmax(swaps):.2f}"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -28,21 +28,37 @@ GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 EXAMPLES_DIR = REPO / "examples" / "masks"
 
 
+def tokenizer_dir() -> Path:
+    """Where the tests read the uncased BERT tokenizer: ``$SUPERMASK_TEST_TOKENIZER_DIR`` if set (a machine
+    without the backbone package, e.g. an offline GPU machine: scripts/gpu_check.sh), else the folder of the
+    default backbone package. Skips the calling test when neither is there."""
+    from service.backbone import BackboneLoadError, default_backbone_path
+
+    override = os.environ.get("SUPERMASK_TEST_TOKENIZER_DIR")
+    if override:
+        if not Path(override).is_dir():
+            pytest.skip(f"SUPERMASK_TEST_TOKENIZER_DIR={override} is not a folder")
+        return Path(override)
+    try:
+        return default_backbone_path()
+    except BackboneLoadError as exc:
+        pytest.skip(f"no tokenizer for the tiny backbone: {exc}; or set SUPERMASK_TEST_TOKENIZER_DIR")
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 random BertModel with the real uncased BERT tokenizer, saved to a folder."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from service.backbone import default_backbone_path
-
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=128)
     model = BertModel(cfg)
     folder = tmp_path_factory.mktemp("tiny-bert")
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(default_backbone_path()), local_files_only=True).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
