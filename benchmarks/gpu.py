@@ -27,7 +27,7 @@ a smoke check of the script, its figures mean nothing. Example::
     .venv/bin/python benchmarks/gpu.py --quick         # smoke run
 
 On a GPU machine without network, ``scripts/gpu_check.sh`` runs it with the
-GPU tests and the end-to-end server benchmark (see benchmarks/README.md).
+GPU tests and the end-to-end server benchmark (README, "GPU checks and benchmarks").
 """
 
 from __future__ import annotations
