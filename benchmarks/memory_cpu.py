@@ -76,7 +76,7 @@ def measure(backbone_dir: str | None, examples_dir: str, rounds: int = 3, batch:
     tasks = store.tasks()
     if not tasks:
         raise FileNotFoundError(f"no task bundles in {examples_dir}")
-    engine = Engine(backbone, store, Metrics(), cache_bytes=2**40)
+    engine = Engine(backbone, store, Metrics(), cache_bytes=2**40, device="cpu")  # a CPU benchmark, also on a GPU machine
     out: dict = {"malloc_trim": trim is not None, "tasks": {}, "rss": {"backbone": rss_bytes()}}
 
     def trimmed(key: str) -> None:

@@ -13,7 +13,10 @@ on CUDA, from the host tier) are copied host → device and re-laid out into the
 slot. The time, synchronised on CUDA, is exported as
 ``supermask_device_swap_in_duration_seconds{task}``. Optionally (for the
 ``gpu_complement`` path) each slot also keeps a CSR matrix of the task's pruned
-entries per matrix, built from the shared de-quantized weights at swap-in.
+entries per matrix, built from the shared de-quantized weights at swap-in, for
+the matrices pruned lightly enough for that path to be chosen
+(``csr_max_sparsity``); :meth:`DeviceTaskCache.has_pruned` says whether a batch's
+slots all have theirs.
 
 Nothing here is thread-safe: the engine calls it under its lock. Works on any
 device (``"cpu"`` in the tests).
@@ -56,10 +59,15 @@ class DeviceTaskCache:
         weights: module name → the shared de-quantized weight ``[out, in]`` on ``device``; when given,
             every swap-in also builds the slot's pruned-entry CSR matrices (``pruned``) for the
             ``gpu_complement`` path.
+        csr_max_sparsity: with ``weights``, build a matrix's CSR only when the task's sparsity of that
+            matrix (passed to :meth:`acquire`) is at most this: the automatic kernel rule never runs the
+            complement path above it, so the CSR would be memory and swap-in time for nothing.
+            None: build every one.
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], slots: int, device: torch.device | str,
-                 metrics: Metrics | None = None, weights: Mapping[str, torch.Tensor] | None = None):
+                 metrics: Metrics | None = None, weights: Mapping[str, torch.Tensor] | None = None,
+                 csr_max_sparsity: float | None = None):
         if slots <= 0:
             raise ValueError(f"device slots must be > 0, got {slots}")
         self.device = torch.device(device)
@@ -77,6 +85,9 @@ class DeviceTaskCache:
         self.weights = dict(weights) if weights is not None else None
         # module -> [slots] CSR [out, in] of the slot task's pruned entries (None: nothing pruned / no weights)
         self.pruned: dict[str, list[torch.Tensor | None]] = {n: [None] * slots for n in self.shapes}
+        self.csr_max_sparsity = csr_max_sparsity
+        # module -> [slots] whether pruned[module][slot] is the slot task's (built, or None as nothing is pruned)
+        self.csr_ready: dict[str, list[bool]] = {n: [False] * slots for n in self.shapes}
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # task -> slot, least recently used first
         self.free: list[int] = list(range(slots))  # [<= slots] free slot indices, lowest first
         self.last_swap_in_seconds: float = 0.0  # seconds of the latest swap-in
@@ -91,13 +102,19 @@ class DeviceTaskCache:
         """Tasks holding a slot, least recently used first."""
         return list(self.slot_of)
 
+    def has_pruned(self, name: str, slots: Collection[int]) -> bool:
+        """Whether every slot in ``slots`` holds its task's pruned-entry CSR for module ``name``
+        (so the ``gpu_complement`` path may run that matrix for them)."""
+        ready = self.csr_ready[name]
+        return all(ready[s] for s in slots)
+
     def nbytes(self) -> int:
         """Device bytes of the slot tensors (all slots, whether used or not)."""
         return sum(w.numel() * w.element_size() for w in self.words.values())
 
     # ---- acquire / release ------------------------------------------------------------------
     def acquire(self, task: str, packed_masks: Mapping[str, torch.Tensor],
-                in_use: Collection[str] = ()) -> int:
+                in_use: Collection[str] = (), sparsity: Mapping[str, float] | None = None) -> int:
         """Slot of ``task``, swapping its masks in on a miss.
 
         Args:
@@ -105,6 +122,8 @@ class DeviceTaskCache:
             packed_masks: module name → uint8 ``[ceil(out * in / 8)]`` packed bits in the bundle's order
                 (host, pinned on CUDA, or already on the device); a module absent here keeps every weight.
             in_use: tasks of the batch being built: their slots are never evicted.
+            sparsity: module name → the task's fraction of pruned weights there (the bundle header's);
+                compared with ``csr_max_sparsity``. None: every CSR is built.
 
         Returns:
             The slot index in ``[0, slots)``.
@@ -128,11 +147,14 @@ class DeviceTaskCache:
                 if packed is None:
                     self.words[name][slot].copy_(self._keep_all[name])
                     self.pruned[name][slot] = None
+                    self.csr_ready[name][slot] = self.weights is not None  # nothing pruned: no correction
                     continue
                 src = packed.to(self.device, non_blocking=True)  # uint8 [ceil(out * in / 8)]
                 self.words[name][slot].copy_(relayout_mask(src, out, in_))
-                if self.weights is not None:
+                if self.weights is not None and (self.csr_max_sparsity is None or sparsity is None
+                                                 or sparsity.get(name, 1.0) <= self.csr_max_sparsity):
                     self.pruned[name][slot] = pruned_csr(self.weights[name], src)
+                    self.csr_ready[name][slot] = True
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception:
@@ -178,6 +200,7 @@ class DeviceTaskCache:
     def _clear(self, slot: int) -> None:
         for name in self.shapes:
             self.pruned[name][slot] = None  # frees the CSR; the words are overwritten by the next swap-in
+            self.csr_ready[name][slot] = False
 
     def _set_gauge(self) -> None:
         if self.metrics is not None:

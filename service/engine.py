@@ -61,7 +61,7 @@ from service.errors import InputInvalid, TaskTooLarge
 from service.kernels import cpu as cpu_kernels
 from service.kernels import sparse_complement, triton_masked
 from service.kernels.reference import masked_linear_reference
-from service.kernels.selector import AUTO, select_path
+from service.kernels.selector import AUTO, GPU_COMPLEMENT_MAX_SPARSITY, select_path
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -376,10 +376,24 @@ class Engine:
             for n, ml in self.layers.items():
                 ml.w_q = self.backbone.qweight[n].to(self.device)
                 ml.scale = self.backbone.scale[n].to(self.device)
-        need_csr = self._device_override in (*AUTO, None, "gpu_complement")
+        automatic = self._device_override in (*AUTO, None)
+        need_csr = automatic or self._device_override == "gpu_complement"
+        if need_csr:
+            dtype = next(iter(self.layers.values())).weight.dtype
+            reason = sparse_complement.complement_unsupported(self.device, dtype)
+            if reason is not None:
+                if not automatic or not triton_masked.HAS_TRITON:
+                    raise ValueError(f"kernel path 'gpu_complement' cannot run on {self.device} in {dtype} here "
+                                     f"({reason}), and it is the only path"
+                                     + ("" if automatic else " asked for (SUPERMASK_KERNEL_PATH)"))
+                log.warning("sparse products in %s fail on %s (%s): serving every batch with triton_fused",
+                            dtype, self.device, reason)
+                need_csr = False
         self.device_cache = DeviceTaskCache(
             shapes, device_slots, self.device, self.metrics,
-            weights={n: ml.weight for n, ml in self.layers.items()} if need_csr else None)
+            weights={n: ml.weight for n, ml in self.layers.items()} if need_csr else None,
+            # the automatic rule (with triton) takes the complement path only for lightly pruned matrices
+            csr_max_sparsity=GPU_COMPLEMENT_MAX_SPARSITY if automatic and triton_masked.HAS_TRITON else None)
         for n, ml in self.layers.items():
             ml.device_words = self.device_cache.words[n]
             ml.device_pruned = self.device_cache.pruned[n]
@@ -464,6 +478,10 @@ class Engine:
                 return entry
             self._drop(task)  # replaced in the store since it was loaded: load the new bundle
         self.metrics.cache_misses.labels(task).inc()
+        if self.device_cache is not None:
+            # a GPU slot can outlive its host entry (host eviction keeps it), and the bundle may have been
+            # replaced since: never pair the loaded header and head with masks swapped in from older bytes
+            self.device_cache.invalidate(task)
         entry = self._load(task)
         for name in self.cache.put(task, entry):
             self.metrics.cache_evictions.inc()
@@ -577,12 +595,20 @@ class Engine:
         if self.device_cache is not None:
             in_use = {t for t, _, _ in segs}
             slots = [self.device_cache.acquire(
-                t, {n: st.packed for n, st in e.layers.items() if st.packed is not None}, in_use)
+                t, {n: st.packed for n, st in e.layers.items() if st.packed is not None}, in_use,
+                sparsity={n: st.sparsity for n, st in e.layers.items()})
                 for t, e, _ in segs]
             paths = {}
             for name in self.layers:
                 sparsity = max((e.layers[name].sparsity if name in e.layers else 0.0) for _, e, _ in segs)
-                paths[name] = select_path("cuda", sparsity, batch * seq_len, self._device_override)
+                path = select_path("cuda", sparsity, batch * seq_len, self._device_override)
+                if path == "gpu_complement" and not self.device_cache.has_pruned(name, slots):
+                    # a slot without this matrix's CSR (not built: sparsity above the automatic threshold,
+                    # or sparse products unavailable): the fused kernel needs only the mask words
+                    if not triton_masked.HAS_TRITON:
+                        raise RuntimeError(f"no CSR of pruned entries for {name} in slots {slots} and no triton")
+                    path = "triton_fused"
+                paths[name] = path
             table = SegmentTable(
                 row_starts, slots=slots, paths=paths,
                 seg_starts=torch.tensor(row_starts, dtype=torch.int32).to(self.device, non_blocking=True),

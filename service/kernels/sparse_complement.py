@@ -152,3 +152,28 @@ def segmented_complement_linear(x: torch.Tensor, weight: torch.Tensor, bias: tor
         if csr is not None and b > a:
             _subtract_correction(y[a:b], x[a:b], csr)
     return y
+
+
+def complement_unsupported(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why this path cannot run with ``dtype`` on ``device``, or None when it can.
+
+    Runs :func:`complement_linear` once on a 2x4 weight with one pruned entry and compares it with
+    the dense masked product. Sparse CSR products are not available for every dtype on every device
+    and library version (CPU has no float16; cuSPARSE of some CUDA releases refuses float16 SpMM,
+    e.g. pytorch#72234), so the engine asks once at start-up instead of failing on a request.
+
+    Returns:
+        None, or a one-line reason (the exception raised, or the wrong result).
+    """
+    try:
+        weight = torch.arange(1, 9, dtype=torch.float32).reshape(2, 4).to(device=device, dtype=dtype)
+        mask = torch.ones(2, 4, dtype=torch.bool, device=weight.device)
+        mask[1, 2] = False
+        x = torch.ones(3, 4, dtype=dtype, device=weight.device)
+        got = complement_linear(x, weight, None, pruned_csr_from_mask(weight, mask)).float().cpu()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    want = torch.tensor([[10.0, 19.0]] * 3)  # rows of W ⊙ μ summed: 1+2+3+4, 5+6+8
+    if not torch.allclose(got, want):
+        return f"wrong result {got[0].tolist()} instead of {want[0].tolist()}"
+    return None

@@ -25,7 +25,7 @@ def snapshot(folder) -> dict[str, str]:
 
 @pytest.fixture
 def server(tiny_backbone, tmp_path):
-    settings = Settings(store_dir=tmp_path / "store", examples_dir=None, admin_token=TOKEN,
+    settings = Settings(device="cpu", store_dir=tmp_path / "store", examples_dir=None, admin_token=TOKEN,
                         max_bundle_bytes=200_000, max_inputs_per_request=8, max_input_chars=200)
     app = create_app(settings, backbone=tiny_backbone)
     with TestClient(app) as client:
@@ -163,7 +163,7 @@ def test_admin_auth(server, headers, status):
 
 
 def test_admin_disabled_without_token(tiny_backbone, tmp_path):
-    app = create_app(Settings(store_dir=tmp_path, examples_dir=None, admin_token=None), backbone=tiny_backbone)
+    app = create_app(Settings(device="cpu", store_dir=tmp_path, examples_dir=None, admin_token=None), backbone=tiny_backbone)
     with TestClient(app) as client:
         r = client.put("/v1/tasks/toy", content=make_bundle(tiny_backbone, "toy"), headers=AUTH)
         assert r.status_code == 403 and "SUPERMASK_ADMIN_TOKEN" in r.json()["error"]["message"]
@@ -215,14 +215,14 @@ def test_examples_preloaded_into_empty_store(tiny_backbone, tmp_path):
     examples = tmp_path / "examples"
     examples.mkdir()
     (examples / "ex.smask").write_bytes(make_bundle(tiny_backbone, "ex"))
-    app = create_app(Settings(store_dir=tmp_path / "store", examples_dir=examples), backbone=tiny_backbone)
+    app = create_app(Settings(device="cpu", store_dir=tmp_path / "store", examples_dir=examples), backbone=tiny_backbone)
     with TestClient(app) as client:
         assert [t["name"] for t in client.get("/v1/tasks").json()["tasks"]] == ["ex"]
         assert client.post("/v1/tasks/ex/predict", json={"inputs": ["x"]}).status_code == 200
 
 
 def test_upload_too_large_for_the_cache_is_refused_before_it_is_stored(tiny_backbone, tmp_path):
-    settings = Settings(store_dir=tmp_path / "store", examples_dir=None, admin_token=TOKEN, cache_bytes=4096)
+    settings = Settings(device="cpu", store_dir=tmp_path / "store", examples_dir=None, admin_token=TOKEN, cache_bytes=4096)
     with TestClient(create_app(settings, backbone=tiny_backbone)) as client:
         r = client.put("/v1/tasks/toy", content=make_bundle(tiny_backbone, "toy", sparsity=0.3), headers=AUTH)
         assert r.status_code == 507 and "cache" in r.json()["error"]["message"], r.text

@@ -133,3 +133,12 @@ def test_segmented_complement_cuda_fp16(shape):
                                             bias)
     # fp16 weights and an fp16 subtraction: a few fp16 ulps of the unmasked output.
     _assert_close(y, ref, rtol=1e-2)
+
+
+def test_complement_unsupported_probe():
+    assert sc.complement_unsupported("cpu", torch.float32) is None
+    if torch.cuda.is_available():  # report, do not assume: cuSPARSE float16 support varies by release
+        print("cuda float16:", sc.complement_unsupported("cuda", torch.float16))
+    else:  # CPU sparse products have no float16: the probe says why instead of raising
+        reason = sc.complement_unsupported("cpu", torch.float16)
+        assert reason is not None and "Half" in reason

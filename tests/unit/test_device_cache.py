@@ -132,6 +132,30 @@ def test_pruned_csr_per_slot_when_weights_given():
     assert all(cache.pruned[name][slot] is None for name in SHAPES)
 
 
+def test_csr_only_for_matrices_the_automatic_rule_can_run_on_the_complement_path():
+    g = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(shape, generator=g) for n, shape in SHAPES.items()}
+    cache = DeviceTaskCache(SHAPES, slots=2, device="cpu", weights=weights, csr_max_sparsity=0.02)
+    masks = _masks(1)
+    # l0 is lightly pruned (per the header), l1 heavily; l2 has no entry in the sparsity map: not built
+    slot = cache.acquire("a", masks, sparsity={"l0": 0.01, "l1": 0.3})
+    assert cache.pruned["l0"][slot] is not None and cache.pruned["l1"][slot] is None and cache.pruned["l2"][slot] is None
+    assert cache.has_pruned("l0", [slot]) and not cache.has_pruned("l1", [slot]) and not cache.has_pruned("l2", [slot])
+    # a module without a mask keeps every weight: nothing to subtract, ready as it is
+    other = cache.acquire("b", {"l0": masks["l0"]}, sparsity={"l0": 0.5})
+    assert cache.has_pruned("l1", [other]) and not cache.has_pruned("l0", [other])
+    assert not cache.has_pruned("l0", [slot, other]) and cache.has_pruned("l0", [slot])
+    cache.invalidate("a")  # a freed slot is never ready: the next task's CSRs are not built yet
+    assert not cache.has_pruned("l0", [slot])
+    # without a threshold (forced gpu_complement) or without sparsities, every CSR is built
+    full = DeviceTaskCache(SHAPES, slots=1, device="cpu", weights=weights)
+    s0 = full.acquire("a", masks, sparsity={"l0": 0.9, "l1": 0.9, "l2": 0.9})
+    assert all(full.has_pruned(n, [s0]) for n in SHAPES)
+    # without weights no CSR is ever ready (complement path unavailable)
+    bare = DeviceTaskCache(SHAPES, slots=1, device="cpu")
+    assert not bare.has_pruned("l1", [bare.acquire("a", {"l0": masks["l0"]})])
+
+
 def test_swap_in_duration_metric_and_gpu_gauges(cache, metrics):
     cache.acquire("a", _masks(1))
     assert cache.last_swap_in_seconds > 0

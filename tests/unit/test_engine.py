@@ -41,7 +41,7 @@ def test_served_forward_equals_materialised_reference(tiny_backbone, tiny_backbo
     data = make_bundle(tiny_backbone, sparsity=sparsity, seed=int(sparsity * 100))
     store = LocalMaskStore(tmp_path)
     store.put("toy", data)
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, kernel_path=kernel_path)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", kernel_path=kernel_path)
     got = engine.logits("toy", TEXTS)
     want = reference_logits(tiny_backbone_dir, data, TEXTS)
     assert got.shape == (3, 2)
@@ -59,7 +59,7 @@ def test_mask_changes_output(tiny_backbone, tmp_path):
     assert decode_bundle(dense).head[HEAD_WEIGHT].tolist() == decode_bundle(sparse).head[HEAD_WEIGHT].tolist()
     store.put("dense", dense)
     store.put("sparse", sparse)
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu")
     a, b = engine.logits("dense", TEXTS), engine.logits("sparse", TEXTS)
     assert (a - b).abs().max() > 1e-3
 
@@ -67,7 +67,7 @@ def test_mask_changes_output(tiny_backbone, tmp_path):
 def test_backbone_not_copied_per_task(tiny_backbone, tmp_path):
     store = LocalMaskStore(tmp_path)
     store.put("t1", make_bundle(tiny_backbone, task="t1", sparsity=0.05))
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu")
     ptrs = {n: engine.layers[n].weight.data_ptr() for n in engine.layers}
     engine.logits("t1", TEXTS)
     entry = engine.cache.tasks["t1"]
@@ -81,11 +81,11 @@ def test_cache_is_lru_bounded_in_bytes(tiny_backbone, tmp_path):
     store = LocalMaskStore(tmp_path)
     for i in range(3):
         store.put(f"t{i}", make_bundle(tiny_backbone, task=f"t{i}", sparsity=0.1, seed=i))
-    probe = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    probe = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu")
     one = probe.build_task(store.get("t0")).nbytes
     tiny2 = load_backbone(tiny_backbone.path)
     metrics = Metrics()
-    engine = Engine(tiny2, store, metrics, cache_bytes=int(2.5 * one))
+    engine = Engine(tiny2, store, metrics, cache_bytes=int(2.5 * one), device="cpu")
     engine.logits("t0", TEXTS[:1])
     engine.logits("t1", TEXTS[:1])
     engine.logits("t0", TEXTS[:1])  # t0 now most recent
@@ -109,7 +109,7 @@ def test_choose_path():
 
 def test_errors(tiny_backbone, tmp_path):
     store = LocalMaskStore(tmp_path)
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu")
     with pytest.raises(TaskNotFound):
         engine.logits("missing", TEXTS)
     bad = make_bundle(tiny_backbone, task="other", fingerprint="0" * 64)
@@ -135,7 +135,7 @@ def test_predict_output_shape(tiny_backbone, tmp_path):
     store = LocalMaskStore(tmp_path)
     store.put("toy", make_bundle(tiny_backbone))
     store.put("reg", make_bundle(tiny_backbone, task="reg", labels=()))
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, max_batch_size=2)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", max_batch_size=2)
     preds = engine.predict(PredictRequest("toy", tuple(TEXTS)))
     assert len(preds) == 3
     for p in preds:
@@ -144,7 +144,7 @@ def test_predict_output_shape(tiny_backbone, tmp_path):
         assert abs(sum(p["scores"].values()) - 1) < 1e-5
         assert p["score"] == max(p["scores"].values())
     # chunking by max_batch_size (2 rows per pass here) gives the same answer as one pass
-    one_pass = Engine(load_backbone(tiny_backbone.path), store, Metrics(), cache_bytes=1 << 30, max_batch_size=8)
+    one_pass = Engine(load_backbone(tiny_backbone.path), store, Metrics(), cache_bytes=1 << 30, device="cpu", max_batch_size=8)
     torch.testing.assert_close(engine.logits("toy", TEXTS), one_pass.logits("toy", TEXTS), rtol=1e-4, atol=1e-5)
     reg = engine.predict(PredictRequest("reg", tuple(TEXTS)))
     assert all(set(p) == {"value"} and np.isfinite(p["value"]) for p in reg)
@@ -155,7 +155,7 @@ def test_a_replacement_or_deletion_by_another_worker_is_served_without_invalidat
     # two store objects over one directory, as two server workers: only the other one sees the upload
     mine, other = LocalMaskStore(tmp_path), LocalMaskStore(tmp_path)
     metrics = Metrics()
-    engine = Engine(tiny_backbone, mine, metrics, cache_bytes=1 << 30)
+    engine = Engine(tiny_backbone, mine, metrics, cache_bytes=1 << 30, device="cpu")
     other.put("toy", make_bundle(tiny_backbone, seed=1))
     engine.logits("toy", TEXTS)
     engine.logits("toy", TEXTS)

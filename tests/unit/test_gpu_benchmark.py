@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -35,7 +36,10 @@ def test_cpu_smoke_run_writes_a_consistent_report(tiny_models, tmp_path):
     # throughput: batch 1 caps every mix at one task (measured once); batch 4 gives 1 and 3 (8 is capped to 4)
     rows = [(r["batch"], r["tasks_in_batch"]) for r in report["throughput"]]
     assert rows == [(1, 1), (4, 1), (4, 3), (4, 4)]
-    paths = ["complement"] + (["fused"] if tm.HAS_TRITON else [])
+    # the benchmark's own rule: on the CPU the fused kernel runs only under the interpreter (set by
+    # tests/conftest.py when there is no CUDA; on a GPU machine this CPU smoke run has no fused path)
+    with_fused = tm.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+    paths = ["complement"] + (["fused"] if with_fused else [])
     for r in report["throughput"]:
         assert r["rows"] == r["batch"] * 4
         for name in paths:
@@ -53,7 +57,7 @@ def test_cpu_smoke_run_writes_a_consistent_report(tiny_models, tmp_path):
     (mem,) = report["memory"]
     n = sum(o * i for o, i in gpu.layer_shapes("tiny"))
     assert mem["mask_information_bytes"] == n / 8 and mem["dense_fp16_copy_bytes"] == 2 * n
-    if tm.HAS_TRITON:  # the fused layout holds one bit per weight, padded to 32-bit words per row
+    if with_fused:  # the fused layout holds one bit per weight, padded to 32-bit words per row
         assert mem["fused_counted_bytes_per_task"] == sum(4 * o * math.ceil(i / 32) for o, i in gpu.layer_shapes("tiny"))
     md = md_path.read_text()
     assert "| tiny | 4 | 16 | 3 |" in md and "## Correctness" in md

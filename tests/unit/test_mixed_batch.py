@@ -55,7 +55,7 @@ def _assert_all_close(got, want, rtol=1e-4, atol=1e-5):
 
 
 def test_mixed_equals_per_task_on_cpu(tiny_backbone, store):
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu")
     want = per_task_logits(engine, ITEMS)
     passes = []
     hook = tiny_backbone.model.register_forward_hook(lambda m, a, o: passes.append(1))
@@ -71,7 +71,7 @@ def test_mixed_equals_per_task_on_cpu(tiny_backbone, store):
 
 
 def test_mixed_chunks_by_max_batch_size(tiny_backbone, store):
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, max_batch_size=3)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", max_batch_size=3)
     passes = []
     hook = tiny_backbone.model.register_forward_hook(lambda m, a, o: passes.append(1))
     got = engine.logits_mixed(ITEMS)
@@ -81,7 +81,7 @@ def test_mixed_chunks_by_max_batch_size(tiny_backbone, store):
 
 
 def test_mixed_preserves_order_and_repeated_tasks(tiny_backbone, store):
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu")
     forward = engine.logits_mixed(ITEMS)
     backward = engine.logits_mixed(ITEMS[::-1])
     _assert_all_close(backward[::-1], forward)
@@ -99,7 +99,7 @@ def test_mixed_preserves_order_and_repeated_tasks(tiny_backbone, store):
         not (triton_masked.HAS_TRITON and INTERPRET), reason="needs triton and TRITON_INTERPRET=1 (no CUDA)")),
 ])
 def test_device_tier_equals_cpu_path(tiny_backbone, tiny_backbone_dir, store, monkeypatch, path):
-    want = per_task_logits(Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30), ITEMS)
+    want = per_task_logits(Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu"), ITEMS)
     calls = []
     for mod, fn in ((triton_masked, "segmented_masked_linear_triton"),
                     (sparse_complement, "segmented_complement_linear")):
@@ -128,7 +128,7 @@ def test_device_tier_equals_cpu_path(tiny_backbone, tiny_backbone_dir, store, mo
 
 
 def test_device_tier_with_fewer_slots_than_tasks(tiny_backbone, tiny_backbone_dir, store):
-    want = per_task_logits(Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30), ITEMS)
+    want = per_task_logits(Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu"), ITEMS)
     engine = Engine(load_backbone(tiny_backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu",
                     device_slots=2, emulate_device_path="gpu_complement")
     passes = []
@@ -140,6 +140,54 @@ def test_device_tier_with_fewer_slots_than_tasks(tiny_backbone, tiny_backbone_di
     # replacing a task drops its slot; the next call swaps the new masks in
     engine.invalidate("reg")
     assert engine.device_cache.lookup("reg") is None and not engine.is_resident("reg")
+
+
+def test_slot_left_from_before_a_host_eviction_is_not_served_after_a_replacement(tiny_backbone, tiny_backbone_dir,
+                                                                                 store):
+    """A task evicted from the host tier keeps its GPU slot; if its bundle is then replaced, the next request
+    must run the new masks, not the slot's old ones with the new head."""
+    mask_bytes = sum((q.numel() + 7) // 8 for q in tiny_backbone.qweight.values())
+    one = mask_bytes + (2 * tiny_backbone.hidden_size + 2) * 4
+    rows = [("a charming and affecting journey", None)]
+    for t in ("a", "b", "c"):
+        store.put(t, make_bundle(tiny_backbone, task=t, sparsity=0.3, seed=1))
+    engine = Engine(load_backbone(tiny_backbone_dir), store, Metrics(), cache_bytes=2 * one + 200, device="cpu",
+                    device_slots=2, emulate_device_path="reference")
+    engine.logits("a", rows)
+    engine.logits("b", rows)
+    engine.warm("c")  # the host tier holds two tasks: "a" leaves it, its slot stays
+    assert not engine.is_resident("a") and engine.device_cache.lookup("a") is not None
+    store.put("a", make_bundle(tiny_backbone, task="a", sparsity=0.9, seed=1))  # same head, other masks
+    want = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu").logits("a", rows)
+    torch.testing.assert_close(engine.logits("a", rows), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not (triton_masked.HAS_TRITON and INTERPRET), reason="needs triton and TRITON_INTERPRET=1")
+def test_matrix_without_a_csr_in_some_slot_runs_fused_instead_of_uncorrected(tiny_backbone, tiny_backbone_dir,
+                                                                             store, monkeypatch):
+    """The complement path subtracts nothing for a slot whose CSR was not built (None also means "nothing
+    pruned"); the engine must then take the fused kernel for that matrix, never give the unmasked product."""
+    want = per_task_logits(Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu"), ITEMS)
+    engine = Engine(load_backbone(tiny_backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu",
+                    emulate_device_path="gpu_complement")
+    engine.device_cache.csr_max_sparsity = 0.15  # s0, s10, reg get CSRs; s50 and pairs do not
+    calls = []
+    for mod, fn in ((triton_masked, "segmented_masked_linear_triton"),
+                    (sparse_complement, "segmented_complement_linear")):
+        orig = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, _o=orig, _n=fn, **k: calls.append(_n) or _o(*a, **k))
+    _assert_all_close(engine.logits_mixed(ITEMS), want)
+    assert set(calls) == {"segmented_masked_linear_triton"}  # every matrix of the mixed batch fell back
+    calls.clear()
+    _assert_all_close([engine.logits("s10", ITEMS[0][1])], [want[0]])
+    assert set(calls) == {"segmented_complement_linear"}  # a batch whose slots all have CSRs keeps the path
+
+
+def test_forced_complement_path_that_cannot_run_is_refused_at_start(tiny_backbone, store, monkeypatch):
+    monkeypatch.setattr(sparse_complement, "complement_unsupported", lambda device, dtype: "NotImplementedError: no")
+    with pytest.raises(ValueError, match="'gpu_complement' cannot run .*NotImplementedError: no"):
+        Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu",
+               emulate_device_path="gpu_complement")
 
 
 def test_device_tier_checks_host_capacity(tiny_backbone, store):
@@ -193,7 +241,7 @@ def test_cuda_engine_matches_cpu_engine(tiny_backbone, tiny_backbone_dir, store,
 def test_mixed_rows_of_very_different_lengths_run_in_separate_passes(tiny_backbone, store):
     """A 3-token row is not padded to a 100-token one: length classes split the pass, results unchanged."""
     store.put("long", make_bundle(tiny_backbone, task="long", sparsity=0.1, seed=7, max_seq_length=128))
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30)
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu")
     items = [("s10", [("short one", None)]), ("long", [(" ".join(["word"] * 100), None), ("tiny", None)]),
              ("s50", [("also short", None)])]
     passes = []
