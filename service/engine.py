@@ -383,9 +383,11 @@ class Engine:
             reason = sparse_complement.complement_unsupported(self.device, dtype)
             if reason is not None:
                 if not automatic or not triton_masked.HAS_TRITON:
+                    why = ("without triton it is the only GPU path" if automatic
+                           else "SUPERMASK_KERNEL_PATH asks for it"
+                           + ("; 'auto' would use triton_fused" if triton_masked.HAS_TRITON else ""))
                     raise ValueError(f"kernel path 'gpu_complement' cannot run on {self.device} in {dtype} here "
-                                     f"({reason}), and it is the only path"
-                                     + ("" if automatic else " asked for (SUPERMASK_KERNEL_PATH)"))
+                                     f"({reason}), and {why}")
                 log.warning("sparse products in %s fail on %s (%s): serving every batch with triton_fused",
                             dtype, self.device, reason)
                 need_csr = False
