@@ -224,6 +224,15 @@ def test_cpu_dockerfile_never_takes_the_cuda_torch():
     assert "--constraint" in text  # the project install cannot replace torch
 
 
+def test_cuda_runtime_stage_can_build_triton_launchers():
+    """The fused kernel is JIT-compiled by Triton, whose launcher needs a C compiler and Python.h at run time."""
+    text = (DOCKER / "Dockerfile.cuda").read_text()
+    runtime = re.split(r"^FROM ", text, flags=re.M)[-1]  # the last stage is the image that runs
+    installs = " ".join(re.findall(r"apt-get install [^&]*", runtime))
+    for package in ("gcc", "libc6-dev", "python3-dev"):
+        assert re.search(rf"(?<![\w-]){re.escape(package)}(?![\w-])", installs), package
+
+
 def test_dockerignore_keeps_the_context_small():
     lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
     for entry in (".git", ".venv", "runs", "masks", "**/__pycache__"):
