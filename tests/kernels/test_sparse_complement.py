@@ -8,18 +8,10 @@ import torch
 from service.kernels import sparse_complement as sc
 from service.kernels.packing import pack_bits
 from service.kernels.reference import masked_linear_reference, segmented_masked_linear_reference
+from tests.kernels.problems import masked_problem
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768)]  # [out, in]
 SPARSITIES = [0.0, 0.01, 0.13, 0.5]
-
-
-def _problem(out: int, in_: int, sparsity: float, slots: int = 1, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    w_q = torch.randint(-127, 128, (out, in_), dtype=torch.int8, generator=g)
-    scale = torch.rand(out, generator=g) * 0.02 + 1e-3
-    bias = torch.randn(out, generator=g)
-    masks = torch.rand(slots, out, in_, generator=g) >= sparsity  # True keeps
-    return w_q, scale, bias, masks
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -39,7 +31,7 @@ def test_dequantize_weight_is_per_output_channel():
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_pruned_csr_holds_exactly_the_pruned_entries(sparsity):
     out, in_ = 64, 96
-    w_q, scale, _, masks = _problem(out, in_, sparsity)
+    w_q, scale, _, masks = masked_problem(out, in_, sparsity)
     weight = sc.dequantize_weight(w_q, scale, torch.float32)
     csr = sc.pruned_csr(weight, pack_bits(masks[0]))
     n_pruned = int((~masks[0]).sum())
@@ -58,7 +50,7 @@ def test_pruned_csr_holds_exactly_the_pruned_entries(sparsity):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_complement_linear_matches_reference(shape, sparsity):
     out, in_ = shape
-    w_q, scale, bias, masks = _problem(out, in_, sparsity)
+    w_q, scale, bias, masks = masked_problem(out, in_, sparsity)
     weight = sc.dequantize_weight(w_q, scale, torch.float32)
     x = torch.randn(7, in_, generator=torch.Generator().manual_seed(1))
     csr = sc.pruned_csr(weight, pack_bits(masks[0]))
@@ -67,7 +59,7 @@ def test_complement_linear_matches_reference(shape, sparsity):
 
 
 def test_complement_linear_without_bias_and_mask_matters():
-    w_q, scale, _, masks = _problem(48, 80, 0.5)
+    w_q, scale, _, masks = masked_problem(48, 80, 0.5)
     weight = sc.dequantize_weight(w_q, scale, torch.float32)
     x = torch.randn(5, 80)
     y = sc.complement_linear(x, weight, None, sc.pruned_csr(weight, pack_bits(masks[0])))
@@ -79,7 +71,7 @@ def test_complement_linear_without_bias_and_mask_matters():
 def test_segmented_complement_mixed_batch(shape):
     # 4 resident tasks (one with nothing pruned), uneven segments, an empty one, a repeated slot.
     out, in_ = shape
-    w_q, scale, bias, masks = _problem(out, in_, 0.13, slots=4)
+    w_q, scale, bias, masks = masked_problem(out, in_, 0.13, slots=4)
     masks[2] = True  # nothing pruned -> CSR None
     weight = sc.dequantize_weight(w_q, scale, torch.float32)
     pruned = [sc.pruned_csr(weight, pack_bits(m)) for m in masks]
@@ -96,7 +88,7 @@ def test_segmented_complement_mixed_batch(shape):
 
 
 def test_segmented_complement_accepts_python_lists():
-    w_q, scale, bias, masks = _problem(32, 64, 0.2, slots=2)
+    w_q, scale, bias, masks = masked_problem(32, 64, 0.2, slots=2)
     weight = sc.dequantize_weight(w_q, scale, torch.float32)
     pruned = [sc.pruned_csr(weight, pack_bits(m)) for m in masks]
     x = torch.randn(6, 64)
@@ -106,7 +98,7 @@ def test_segmented_complement_accepts_python_lists():
 
 
 def test_segmented_complement_validates_metadata():
-    w_q, scale, bias, masks = _problem(16, 32, 0.2, slots=2)
+    w_q, scale, bias, masks = masked_problem(16, 32, 0.2, slots=2)
     weight = sc.dequantize_weight(w_q, scale, torch.float32)
     pruned = [sc.pruned_csr(weight, pack_bits(m)) for m in masks]
     x = torch.randn(6, 32)
@@ -123,7 +115,7 @@ def test_segmented_complement_validates_metadata():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_segmented_complement_cuda_fp16(shape):
     out, in_ = shape
-    w_q, scale, bias, masks = _problem(out, in_, 0.13, slots=4)
+    w_q, scale, bias, masks = masked_problem(out, in_, 0.13, slots=4)
     weight = sc.dequantize_weight(w_q.cuda(), scale.cuda(), torch.float16)
     pruned = [sc.pruned_csr(weight, pack_bits(m).cuda()) for m in masks]
     seg_starts, seg_slots = [0, 50, 50, 300, 301], [3, 1, 0, 2]

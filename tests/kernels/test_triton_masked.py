@@ -18,6 +18,7 @@ import torch
 from service.kernels import triton_masked as tm
 from service.kernels.packing import pack_bits
 from service.kernels.reference import masked_linear_reference, segmented_masked_linear_reference
+from tests.kernels.problems import masked_problem
 
 ON_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,16 +39,6 @@ ROWS = [5] if INTERPRET else [5, 300]
 # Relative tolerance of one output: float32 accumulation in a different order,
 # then one rounding to the output dtype.
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
-
-
-def _problem(out: int, in_: int, sparsity: float, seed: int = 0, slots: int = 1):
-    """Random int8 weight, per-channel scale, bias and ``slots`` masks of the given sparsity."""
-    g = torch.Generator().manual_seed(seed)
-    w_q = torch.randint(-127, 128, (out, in_), dtype=torch.int8, generator=g)
-    scale = torch.rand(out, generator=g) * 0.02 + 1e-3
-    bias = torch.randn(out, generator=g)
-    masks = torch.rand(slots, out, in_, generator=g) >= sparsity  # True keeps
-    return w_q, scale, bias, masks
 
 
 def _x(rows: int, in_: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
@@ -122,7 +113,7 @@ def test_relayout_rejects_wrong_byte_count():
 # --------------------------------------------------------------------------- #
 
 def _check_single(out, in_, sparsity, dtype, rows, with_bias=True, **blocks):
-    w_q, scale, bias, masks = _problem(out, in_, sparsity)
+    w_q, scale, bias, masks = masked_problem(out, in_, sparsity)
     mask = masks[0]
     bias = bias if with_bias else None
     x = _x(rows, in_, dtype)
@@ -175,7 +166,7 @@ def test_masked_linear_ragged_edges_and_no_bias():
 @requires_triton
 def test_masked_linear_mask_is_applied():
     # The masked output must differ from the unmasked one (guards against ignoring the mask bits).
-    w_q, scale, bias, masks = _problem(64, 96, 0.5)
+    w_q, scale, bias, masks = masked_problem(64, 96, 0.5)
     x = _x(4, 96, torch.float32)
     y = tm.masked_linear_triton(*_on(x, w_q, scale, _words(masks[0]), bias)).cpu()
     y_full = tm.masked_linear_triton(*_on(x, w_q, scale, _words(torch.ones(64, 96, dtype=torch.bool)), bias)).cpu()
@@ -185,7 +176,7 @@ def test_masked_linear_mask_is_applied():
 
 @requires_triton
 def test_masked_linear_validates_shapes():
-    w_q, scale, bias, masks = _problem(32, 64, 0.1)
+    w_q, scale, bias, masks = masked_problem(32, 64, 0.1)
     x = _x(2, 64, torch.float32)
     with pytest.raises(ValueError, match="mask_words"):
         tm.masked_linear_triton(x, w_q, scale, _words(masks[0])[:, :1], bias)
@@ -210,7 +201,7 @@ def _segments(lengths, slots):
 
 
 def _check_segmented(out, in_, dtype, lengths=SEG_LENGTHS, slots=SEG_SLOTS, n_tasks=4, sparsity=0.13, **blocks):
-    w_q, scale, bias, masks = _problem(out, in_, sparsity, slots=n_tasks)
+    w_q, scale, bias, masks = masked_problem(out, in_, sparsity, slots=n_tasks)
     seg_starts, seg_slots = _segments(lengths, slots)
     x = _x(int(seg_starts[-1]), in_, dtype)
     ref = segmented_masked_linear_reference(x, w_q, scale, masks, seg_starts, seg_slots, bias)
@@ -249,7 +240,7 @@ def test_segmented_many_small_segments():
 
 @requires_triton
 def test_segmented_single_segment_equals_single_task():
-    w_q, scale, bias, masks = _problem(96, 128, 0.13, slots=3)
+    w_q, scale, bias, masks = masked_problem(96, 128, 0.13, slots=3)
     x = _x(21, 128, torch.float16)
     words = torch.stack([_words(m) for m in masks])
     seg_starts, seg_slots = _segments([21], [2])
@@ -274,7 +265,7 @@ def test_segmented_gpu_sweep(shape, dtype, n_tasks):
 
 @requires_triton
 def test_segmented_validates_metadata():
-    w_q, scale, bias, masks = _problem(32, 64, 0.1, slots=2)
+    w_q, scale, bias, masks = masked_problem(32, 64, 0.1, slots=2)
     words = torch.stack([_words(m) for m in masks])
     x = _x(4, 64, torch.float32)
     with pytest.raises(ValueError, match="num_segments"):
@@ -287,7 +278,7 @@ def test_segmented_validates_metadata():
 
 @requires_triton
 def test_empty_batches():
-    w_q, scale, bias, masks = _problem(32, 64, 0.1, slots=2)
+    w_q, scale, bias, masks = masked_problem(32, 64, 0.1, slots=2)
     words = torch.stack([_words(m) for m in masks])
     x = _x(0, 64, torch.float16)
     y = tm.masked_linear_triton(*_on(x, w_q, scale, words[0].contiguous(), bias))
