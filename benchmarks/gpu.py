@@ -21,10 +21,14 @@ matrices per layer, run one after another on a [batch x seq, in] input):
 Writes ``benchmarks/results/gpu-<UTC time>.json`` and ``.md`` (or --out-dir).
 Needs CUDA; exits with a message otherwise. ``--device cpu`` runs the same
 code in float32 on the CPU (the fused path only under ``TRITON_INTERPRET=1``):
-a smoke check of the script, its figures mean nothing. Example::
+a smoke check of the script, its figures mean nothing. On the CPU ``--models``
+and ``--seq-len`` default to the ``tiny`` shape (2 layers, hidden 32,
+intermediate 64) and 8 tokens, which the interpreter runs in seconds; real
+shapes under the interpreter take tens of minutes. Example::
 
     .venv/bin/python benchmarks/gpu.py                 # full run (minutes on an H100)
-    .venv/bin/python benchmarks/gpu.py --quick         # smoke run
+    .venv/bin/python benchmarks/gpu.py --quick         # smoke run on the GPU
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/gpu.py --device cpu --quick   # smoke run, no GPU
 
 On a GPU machine without network, ``scripts/gpu_check.sh`` runs it with the
 GPU tests and the end-to-end server benchmark (README, "GPU checks and benchmarks").
@@ -57,7 +61,12 @@ from service.kernels.packing import pack_bits  # noqa: E402
 MODELS = {
     "bert-base": {"hidden": 768, "intermediate": 3072, "layers": 12},
     "minilm": {"hidden": 384, "intermediate": 1536, "layers": 6},
+    "tiny": {"hidden": 32, "intermediate": 64, "layers": 2},  # CPU smoke runs (Triton interpreter)
 }
+GPU_DEFAULTS = {"models": "bert-base,minilm", "seq_len": 128}
+"""``--models`` and ``--seq-len`` when not given, on CUDA (the issue's shapes)."""
+CPU_DEFAULTS = {"models": "tiny", "seq_len": 8}
+"""``--models`` and ``--seq-len`` when not given, with ``--device cpu`` (a smoke run)."""
 DEFAULT_RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
@@ -343,10 +352,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         pass
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.add_argument("--models", default="bert-base,minilm", help=f"comma list from {sorted(MODELS)}")
+    p.add_argument("--models", default=None,
+                   help=f"comma list from {sorted(MODELS)} (default: {GPU_DEFAULTS['models']} on cuda, "
+                        f"{CPU_DEFAULTS['models']} on cpu)")
     p.add_argument("--batches", default="1,4,16,64,256", help="comma list of batch sizes (sequences)")
     p.add_argument("--tasks", default="1,8,64", help="comma list: tasks mixed in one batch (capped at the batch)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence; rows = batch x seq-len")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence; rows = batch x seq-len (default: {GPU_DEFAULTS['seq_len']} on cuda, "
+                        f"{CPU_DEFAULTS['seq_len']} on cpu)")
     p.add_argument("--sparsity", type=float, default=0.05, help="fraction of pruned weights in every random mask")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     p.add_argument("--iters", type=int, default=10, help="timed calls (median reported)")
@@ -361,6 +374,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.tasks, args.iters, args.warmup, args.swap_repeats = "1,16", "1,8", 2, 1, 3
+    defaults = CPU_DEFAULTS if args.device == "cpu" else GPU_DEFAULTS
+    if args.models is None:
+        args.models = defaults["models"]
+    if args.seq_len is None:
+        args.seq_len = defaults["seq_len"]
+    if args.seq_len <= 0:
+        p.error(f"--seq-len must be > 0, got {args.seq_len}")
     for name in args.models.split(","):
         if name not in MODELS:
             p.error(f"unknown model {name!r}; choose from {sorted(MODELS)}")

@@ -17,13 +17,8 @@ from benchmarks import gpu
 from service.kernels import triton_masked as tm
 
 
-@pytest.fixture
-def tiny_models(monkeypatch):
-    # two layers of a model small enough for the interpreter; same six matrices per layer as BERT
-    monkeypatch.setitem(gpu.MODELS, "tiny", {"hidden": 32, "intermediate": 64, "layers": 2})
-
-
-def test_cpu_smoke_run_writes_a_consistent_report(tiny_models, tmp_path):
+def test_cpu_smoke_run_writes_a_consistent_report(tmp_path):
+    # "tiny": two layers small enough for the interpreter, the same six matrices per layer as BERT
     rc = gpu.main(["--device", "cpu", "--models", "tiny", "--batches", "1,4", "--tasks", "1,3,8",
                    "--seq-len", "4", "--warmup", "0", "--iters", "1", "--swap-repeats", "1",
                    "--memory-tasks", "2", "--sparsity", "0.13", "--out-dir", str(tmp_path)])
@@ -75,3 +70,17 @@ def test_rejects_unknown_model_and_bad_sparsity():
         gpu.parse_args(["--models", "bert-large"])
     with pytest.raises(SystemExit):
         gpu.parse_args(["--sparsity", "1.5"])
+
+
+def test_shape_defaults_follow_the_device():
+    # on CUDA the shapes; on the CPU (a smoke run, fused path interpreted) the tiny shape, so that
+    # `gpu.py --device cpu --quick` finishes in seconds instead of tens of minutes
+    gpu_args = gpu.parse_args([])
+    assert (gpu_args.models, gpu_args.seq_len) == ("bert-base,minilm", 128)
+    cpu_args = gpu.parse_args(["--device", "cpu", "--quick"])
+    assert (cpu_args.models, cpu_args.seq_len) == ("tiny", 8)
+    assert gpu.layer_shapes("tiny") == [(32, 32)] * 4 + [(64, 32), (32, 64)] + [(32, 32)] * 4 + [(64, 32), (32, 64)]
+    given = gpu.parse_args(["--device", "cpu", "--models", "minilm", "--seq-len", "16"])
+    assert (given.models, given.seq_len) == ("minilm", 16)
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--seq-len", "0"])
