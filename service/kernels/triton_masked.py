@@ -57,6 +57,12 @@ WORD_BITS = 32
 
 _SUPPORTED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+NUM_WARPS = 4
+"""Warps per program of both kernels unless the caller passes ``num_warps``."""
+
+NUM_STAGES = 3
+"""Software-pipelining stages of the K loop unless the caller passes ``num_stages``."""
+
 
 # --------------------------------------------------------------------------- #
 # Mask re-layout (plain torch, CPU or GPU)
@@ -260,13 +266,27 @@ def _check_common(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, bias:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
 
 
-def _pick_blocks(rows_per_tile: int, block_m: int | None, block_n: int | None,
-                 block_k: int | None) -> tuple[int, int, int]:
-    """Tile sizes: BLOCK_M follows the (average) rows per task segment, 16..64."""
+def pick_blocks(rows_per_tile: int, block_m: int | None, block_n: int | None,
+                block_k: int | None, dtype: torch.dtype = torch.float16) -> tuple[int, int, int]:
+    """Tile sizes ``(BLOCK_M, BLOCK_N, BLOCK_K)`` a launch uses; a None argument takes its default.
+
+    float16 / bfloat16 activations (tensor cores): BLOCK_M follows the (average) rows per task
+    segment, the next power of two clamped to 16..64; BLOCK_N 128; BLOCK_K 64. float32 (the
+    "ieee" dot on CUDA cores) takes smaller tiles: BLOCK_M 16..32, BLOCK_N 64, BLOCK_K 32. With the
+    half-precision tiles the float32 kernels spill 0.6-8.8 KB of registers per thread to the stack
+    on sm_80/sm_90; with these, at most 16 bytes (``benchmarks/kernel_compile.py``, compiled for
+    those targets without a GPU).
+
+    Raises:
+        ValueError: a block that is not a power of two >= 16, or ``block_k`` not a multiple of 32.
+    """
+    wide = dtype != torch.float32
     if block_m is None:
-        block_m = min(64, max(16, triton.next_power_of_2(max(rows_per_tile, 1))))
-    block_n = 128 if block_n is None else block_n
-    block_k = 64 if block_k is None else block_k
+        block_m = min(64 if wide else 32, max(16, triton.next_power_of_2(max(rows_per_tile, 1))))
+    if block_n is None:
+        block_n = 128 if wide else 64
+    if block_k is None:
+        block_k = 64 if wide else 32
     if block_k % WORD_BITS or block_k <= 0:
         raise ValueError(f"block_k must be a positive multiple of {WORD_BITS}, got {block_k}")
     for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
@@ -277,7 +297,8 @@ def _pick_blocks(rows_per_tile: int, block_m: int | None, block_n: int | None,
 
 def masked_linear_triton(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, mask_words: torch.Tensor,
                          bias: torch.Tensor | None, *, block_m: int | None = None, block_n: int | None = None,
-                         block_k: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                         block_k: int | None = None, num_warps: int = NUM_WARPS,
+                         num_stages: int = NUM_STAGES) -> torch.Tensor:
     """One task's masked linear layer in one fused kernel.
 
     Semantics: ``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with ``μ`` read from ``mask_words``
@@ -306,7 +327,7 @@ def masked_linear_triton(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor
         return y
     if in_ == 0:
         return y.copy_(torch.zeros_like(y) if bias is None else bias.to(x.dtype).expand_as(y))
-    bm, bn, bk = _pick_blocks(rows, block_m, block_n, block_k)
+    bm, bn, bk = pick_blocks(rows, block_m, block_n, block_k, x.dtype)
     grid = (triton.cdiv(out, bn), triton.cdiv(rows, bm))
     _masked_linear_kernel[grid](
         x, w_q, scale, mask_words, bias if bias is not None else scale, y, rows, out, in_,
@@ -321,8 +342,8 @@ def segmented_masked_linear_triton(x: torch.Tensor, w_q: torch.Tensor, scale: to
                                    mask_words_slots: torch.Tensor, seg_starts: torch.Tensor,
                                    seg_slots: torch.Tensor, bias: torch.Tensor | None, *,
                                    block_m: int | None = None, block_n: int | None = None,
-                                   block_k: int | None = None, num_warps: int = 4,
-                                   num_stages: int = 3) -> torch.Tensor:
+                                   block_k: int | None = None, num_warps: int = NUM_WARPS,
+                                   num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Mixed-task batch in one launch: each row segment uses its task's mask.
 
     Semantics: for every segment ``s``, rows ``seg_starts[s] : seg_starts[s+1]`` get
@@ -363,7 +384,7 @@ def segmented_masked_linear_triton(x: torch.Tensor, w_q: torch.Tensor, scale: to
         return y
     if in_ == 0:
         return y.copy_(torch.zeros_like(y) if bias is None else bias.to(x.dtype).expand_as(y))
-    bm, bn, bk = _pick_blocks(rows // num_segments, block_m, block_n, block_k)
+    bm, bn, bk = pick_blocks(rows // num_segments, block_m, block_n, block_k, x.dtype)
     grid = (triton.cdiv(out, bn), triton.cdiv(rows, bm) + num_segments)
     _segmented_masked_linear_kernel[grid](
         x, w_q, scale, mask_words_slots, bias if bias is not None else scale, y,
