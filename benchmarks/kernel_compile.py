@@ -237,6 +237,16 @@ def _csv(choices):
     return parse
 
 
+def _positive_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma list of positive integers")
+    return vals
+
+
 def _arch_list(text: str) -> list[int]:
     try:
         archs = [int(v) for v in text.split(",") if v.strip()]
@@ -252,11 +262,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         pass
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.add_argument("--kernels", type=_csv(KERNELS), default=list(KERNELS), help="comma list")
-    p.add_argument("--dtypes", type=_csv(DTYPES), default=list(DTYPES), help="comma list of activation dtypes")
-    p.add_argument("--archs", type=_arch_list, default=[80, 90],
+    p.add_argument("--kernels", type=_csv(KERNELS), default=",".join(KERNELS), help="comma list")
+    p.add_argument("--dtypes", type=_csv(DTYPES), default=",".join(DTYPES), help="comma list of activation dtypes")
+    p.add_argument("--archs", type=_arch_list, default="80,90",
                    help="comma list of compute capabilities (80 A100, 90 H100/H200)")
-    p.add_argument("--rows-per-tile", type=lambda t: [int(v) for v in t.split(",")], default=list(ROWS_PER_TILE),
+    p.add_argument("--rows-per-tile", type=_positive_list, default=",".join(map(str, ROWS_PER_TILE)),
                    help="rows per task segment; each sets BLOCK_M via pick_blocks")
     p.add_argument("--bias", choices=("yes", "no", "both"), default="yes", help="HAS_BIAS branch(es) to compile")
     p.add_argument("--out", type=Path, default=None,
