@@ -77,7 +77,7 @@ _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 _CONSTEXPRS = ("HAS_BIAS", "IEEE", "SEG_BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 _MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*")
-_RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 
 
 class CannotRun(RuntimeError):
@@ -117,7 +117,7 @@ def signature(kernel: str, dtype: str, has_bias: bool) -> tuple[dict[str, str], 
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int] | None:
-    """Registers, shared and local bytes of the cubin's kernel, from the wheel's ``cuobjdump``; None if absent."""
+    """Registers and stack bytes per thread of the cubin's kernel, from the wheel's ``cuobjdump``; None if absent."""
     try:
         from triton import knobs
 
@@ -133,8 +133,7 @@ def _resource_usage(cubin: bytes) -> dict[str, int] | None:
     m = _RESOURCES.search(res.stdout)
     if res.returncode != 0 or m is None:
         return None
-    return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2)), "static_shared_bytes": int(m.group(3)),
-            "local_bytes": int(m.group(4))}
+    return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2))}
 
 
 def compile_one(kernel: str, dtype: str, arch: int, rows_per_tile: int, has_bias: bool = True,
@@ -237,24 +236,17 @@ def _csv(choices):
     return parse
 
 
-def _positive_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if not vals or any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"{text!r}: comma list of positive integers")
-    return vals
-
-
-def _arch_list(text: str) -> list[int]:
-    try:
-        archs = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        archs = []
-    if not archs or any(a < 75 for a in archs):
-        raise argparse.ArgumentTypeError(f"{text!r}: comma list of compute capabilities >= 75, e.g. 80,90")
-    return archs
+def _int_list(minimum: int, what: str):
+    """argparse type: a comma list of integers, each at least ``minimum`` (``what`` names them in the error)."""
+    def parse(text: str) -> list[int]:
+        try:
+            vals = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            vals = []
+        if not vals or any(v < minimum for v in vals):
+            raise argparse.ArgumentTypeError(f"{text!r}: comma list of {what}")
+        return vals
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -264,9 +256,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--kernels", type=_csv(KERNELS), default=",".join(KERNELS), help="comma list")
     p.add_argument("--dtypes", type=_csv(DTYPES), default=",".join(DTYPES), help="comma list of activation dtypes")
-    p.add_argument("--archs", type=_arch_list, default="80,90",
+    p.add_argument("--archs", type=_int_list(75, "compute capabilities >= 75, e.g. 80,90"), default="80,90",
                    help="comma list of compute capabilities (80 A100, 90 H100/H200)")
-    p.add_argument("--rows-per-tile", type=_positive_list, default=",".join(map(str, ROWS_PER_TILE)),
+    p.add_argument("--rows-per-tile", type=_int_list(1, "positive integers"), default=",".join(map(str, ROWS_PER_TILE)),
                    help="rows per task segment; each sets BLOCK_M via pick_blocks")
     p.add_argument("--bias", choices=("yes", "no", "both"), default="yes", help="HAS_BIAS branch(es) to compile")
     p.add_argument("--out", type=Path, default=None,
