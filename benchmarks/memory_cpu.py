@@ -63,7 +63,7 @@ def measure(backbone_dir: str | None, examples_dir: str, rounds: int = 3, batch:
     import torch
 
     from mask_store.local import LocalMaskStore
-    from service.backbone import load_backbone
+    from backbone import load_backbone
     from service.engine import Engine, PredictRequest
     from service.metrics import Metrics
 
@@ -133,7 +133,7 @@ def markdown(res: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.cli import HelpFormatter
+    from supermask.cli import HelpFormatter
 
     ap = argparse.ArgumentParser(prog="memory_cpu.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)

@@ -117,7 +117,7 @@ def start_server(examples_dir: str, threads: int | None, extra_env: dict[str, st
                  ) -> tuple[subprocess.Popen, int]:
     """``supermask serve`` on a free loopback port with a fresh store preloaded from ``examples_dir``.
 
-    Started as ``python -m service.cli serve`` with this interpreter, so it also runs where the project
+    Started as ``python -m supermask.cli serve`` with this interpreter, so it also runs where the project
     is on ``PYTHONPATH`` rather than installed (no ``supermask`` executable)."""
     port = free_port()
     store = tempfile.mkdtemp(prefix="supermask-bench-")
@@ -125,7 +125,7 @@ def start_server(examples_dir: str, threads: int | None, extra_env: dict[str, st
                SUPERMASK_PORT=str(port), SUPERMASK_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", **(extra_env or {}))
     if threads:
         env["SUPERMASK_TORCH_THREADS"] = str(threads)
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=REPO), port
+    return subprocess.Popen([sys.executable, "-m", "supermask.cli", "serve"], env=env, cwd=REPO), port
 
 
 def mixed_load(base_url: str, inputs: dict[str, list], concurrency: int, n: int) -> dict:

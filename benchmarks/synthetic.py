@@ -39,7 +39,7 @@ def write_backbone(model: str, out_dir: str | Path, tokenizer_dir: str | Path | 
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from service.backbone import default_backbone_path
+    from backbone import default_backbone_path
 
     shape = SHAPES[model]
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or default_backbone_path()), local_files_only=True)
@@ -66,7 +66,7 @@ def write_tasks(backbone_dir: str | Path, out_dir: str | Path, n_tasks: int, spa
         ValueError: ``n_tasks`` < 1 or ``sparsity`` outside [0, 1].
     """
     from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
-    from service.backbone import load_backbone
+    from backbone import load_backbone
 
     if n_tasks < 1 or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"need n_tasks >= 1 and sparsity in [0, 1], got {n_tasks}, {sparsity}")

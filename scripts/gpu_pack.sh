@@ -72,7 +72,7 @@ echo "gpu_pack: downloading wheels for CPython $PYVER (manylinux x86-64): $specs
 "$VENV_PY" - "$DEST" <<'EOF'
 import shutil, sys
 from pathlib import Path
-from service.backbone import default_backbone_path
+from backbone import default_backbone_path
 dest = Path(sys.argv[1])
 src = default_backbone_path()
 for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):

@@ -1,3 +1,5 @@
 """Multi-task model server for supermask-fine-tuned BERT."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("supermask-server")  # one source of truth: pyproject.toml

@@ -55,7 +55,7 @@ from torch import nn
 from mask_store.errors import BackboneMismatch, TaskNotFound
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid
 from mask_store.local import LocalMaskStore
-from service.backbone import Backbone, mean_pool, replace_module
+from backbone import Backbone, mean_pool, replace_module
 from service.device_cache import DeviceTaskCache
 from service.errors import InputInvalid, TaskTooLarge
 from service.kernels import cpu as cpu_kernels

@@ -32,7 +32,7 @@ def tokenizer_dir() -> Path:
     """Where the tests read the uncased BERT tokenizer: ``$SUPERMASK_TEST_TOKENIZER_DIR`` if set (a machine
     without the backbone package, e.g. an offline GPU machine: scripts/gpu_check.sh), else the folder of the
     default backbone package. Skips the calling test when neither is there."""
-    from service.backbone import BackboneLoadError, default_backbone_path
+    from backbone import BackboneLoadError, default_backbone_path
 
     override = os.environ.get("SUPERMASK_TEST_TOKENIZER_DIR")
     if override:
@@ -65,7 +65,7 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_backbone(tiny_backbone_dir):
     """A fresh quantized tiny backbone (each test gets its own modules)."""
-    from service.backbone import load_backbone
+    from backbone import load_backbone
 
     return load_backbone(tiny_backbone_dir)
 

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from service.backbone import Backbone, compute_fingerprint, dequantize, quantize_per_channel
+from backbone import Backbone, compute_fingerprint, dequantize, quantize_per_channel
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def shuffle_masked_weights(backbone: Backbone, seed: int, float_weights: bool = 
     trained on the shuffled backbone can never be served on the real one.
 
     Args:
-        backbone: a loaded backbone (``service.backbone.load_backbone``).
+        backbone: a loaded backbone (``backbone.load_backbone``).
         seed: seed of the permutations (one independent permutation per matrix).
         float_weights: keep the permuted float values in the modules (fp32 study);
             by default the modules hold ``deq(W_q)`` of the re-quantized matrix,
@@ -72,7 +72,7 @@ def restore_float_weights(backbone: Backbone) -> Backbone:
     """
     from transformers import AutoModel
 
-    from service.backbone import BackboneLoadError
+    from backbone import BackboneLoadError
 
     try:
         original = AutoModel.from_pretrained(backbone.path, local_files_only=True)

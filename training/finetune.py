@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.backbone import default_backbone_path, load_backbone, mean_pool
+from backbone import default_backbone_path, load_backbone, mean_pool
 from training.glue import compute_metrics, get_task, read_split
 from training.supermask import TaskHead
 from training.loop import predict_examples, resolve_device, run_steps
@@ -104,7 +104,7 @@ def load_encoder(path: str | None, bits: int) -> tuple[nn.Module, object]:
     """The encoder to fine-tune, with every parameter trainable, and its tokenizer.
 
     ``bits == 32`` loads the checkpoint as is; ``1 <= bits <= 8`` starts from the
-    de-quantized weights of :func:`service.backbone.load_backbone`. The pooler is
+    de-quantized weights of :func:`backbone.load_backbone`. The pooler is
     dropped (mean pooling is used).
 
     Raises:
@@ -114,7 +114,7 @@ def load_encoder(path: str | None, bits: int) -> tuple[nn.Module, object]:
     if bits == 32:
         from transformers import AutoModel, AutoTokenizer
 
-        from service.backbone import BackboneLoadError
+        from backbone import BackboneLoadError
 
         folder = Path(path) if path is not None else default_backbone_path()
         try:

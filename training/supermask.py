@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from service.backbone import Backbone, dequantize, mean_pool, replace_module
+from backbone import Backbone, dequantize, mean_pool, replace_module
 
 SCORE_INIT = 5.0  # |ν| at initialization (paper: ν = ±5)
 

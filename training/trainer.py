@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
 from mask_store.local import check_task_name
-from service.backbone import Backbone, load_backbone
+from backbone import Backbone, load_backbone
 from training import BERNOULLI_PER, MASK_RULES, check_choice
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
@@ -153,8 +154,6 @@ def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name
         HEAD_WEIGHT: model.head.classifier.weight.detach().cpu().numpy(),
         HEAD_BIAS: model.head.classifier.bias.detach().cpu().numpy(),
     }
-    from service import __version__
-
     return encode_bundle(
         task=name,
         problem_type=task.problem_type,  # type: ignore[arg-type]
@@ -168,7 +167,7 @@ def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name
         training=training,
         metrics=metrics,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        library_version=__version__,
+        library_version=version("supermask-server"),
         mask_rule=mask_rule,
     )
 

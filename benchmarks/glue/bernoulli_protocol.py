@@ -26,7 +26,7 @@ STEM = "bernoulli_protocol"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.cli import HelpFormatter
+    from supermask.cli import HelpFormatter
 
     p = argparse.ArgumentParser(
         prog="bernoulli_protocol.py", formatter_class=HelpFormatter,
@@ -50,7 +50,7 @@ def evaluate_one(path: Path, args: argparse.Namespace) -> dict:
         FileNotFoundError: the bundle or its mask scores file is missing.
     """
     from mask_store.format import read_header_file
-    from training.evaluate import evaluate_bundle
+    from supermask.evaluate import evaluate_bundle
     from training.trainer import scores_path
 
     if not scores_path(path).is_file():

@@ -82,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
 # ---------------------------------------------------------------- command line
 
 
-from service.cli import HelpFormatter  # noqa: E402  (one help formatter for every command line)
+from supermask.cli import HelpFormatter  # noqa: E402  (one help formatter for every command line)
 
 
 def base_parser(prog: str, description: str, default_tasks: Iterable[str], seeds_help: str) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mask_store.local import LocalMaskStore
-from service.backbone import Backbone
+from backbone import Backbone
 from service.batcher import MicroBatcher
 from service.engine import Engine
 from service.errors import AdminDisabled, Forbidden, Unauthorized

@@ -16,7 +16,7 @@ from service import __version__
 from service.api import errors
 from service.api.deps import AppState
 from service.api.routes import router
-from service.backbone import Backbone, load_backbone
+from backbone import Backbone, load_backbone
 from service.batcher import MicroBatcher
 from service.engine import Engine
 from service.metrics import Metrics

@@ -61,7 +61,7 @@ def _shipped(task: str):
     ("CoLA", "mcc", None), ("RTE", "accuracy", None), ("WNLI", "accuracy", None)])
 def test_shipped_bundle_reproduces_recorded_dev_metric(task, metric, floor):
     _need(task)
-    from training.evaluate import evaluate_bundle
+    from supermask.evaluate import evaluate_bundle
 
     res = evaluate_bundle(str(_shipped(task)), data_dir=str(GLUE_DIR), samples=0)
     got, recorded = res["deterministic"][metric], res["recorded"][metric]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mask_store.format import pack_mask
-from service.backbone import dequantize
+from backbone import dequantize
 from service.kernels import cpu
 from service.kernels.packing import pack_bits, unpack_bits
 from service.kernels.reference import masked_linear_packed_reference, masked_linear_reference

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.backbone import dequantize, load_backbone, masked_linear_names, quantize_per_channel
+from backbone import dequantize, load_backbone, masked_linear_names, quantize_per_channel
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -58,7 +58,7 @@ def test_fingerprint_is_stable_and_sensitive(tiny_backbone_dir, tmp_path):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    from service.backbone import BackboneLoadError
+    from backbone import BackboneLoadError
 
     with pytest.raises(BackboneLoadError, match="config.json"):
         load_backbone(tmp_path / "nowhere")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service import cli
+from supermask import cli
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "inspect", "serve"])
@@ -46,7 +46,7 @@ def test_mask_rule_choices_are_the_trainers_and_an_unknown_rule_is_refused(capsy
 
 def test_the_command_line_module_imports_no_torch():
     # --help and `supermask inspect` must stay fast: torch loads inside the subcommands only
-    code = "import sys, service.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, supermask.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0
 

@@ -9,7 +9,7 @@ import torch
 from mask_store.errors import BackboneMismatch, TaskNotFound
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle
 from mask_store.local import LocalMaskStore
-from service.backbone import dequantize, load_backbone, mean_pool
+from backbone import dequantize, load_backbone, mean_pool
 from service.engine import Engine, PredictRequest, choose_path
 from service.errors import InputInvalid
 from service.metrics import Metrics

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mask_store.local import LocalMaskStore
-from service.backbone import load_backbone
+from backbone import load_backbone
 from service.engine import Engine, resolve_device
 from service.kernels import sparse_complement, triton_masked
 from service.metrics import Metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.glue import common, heatmap_overlap, table_a
-from service.backbone import dequantize, load_backbone
+from backbone import dequantize, load_backbone
 from training.controls import restore_float_weights, shuffle_masked_weights
 
 from tests.conftest import make_bundle
@@ -405,7 +405,7 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
     from safetensors.torch import load_file
 
     from mask_store.format import MASK_RULE, read_header_file
-    from training.evaluate import evaluate_bundle
+    from supermask.evaluate import evaluate_bundle
     from training.supermask import expected_sparsity
     from training.trainer import TrainConfig, train
 
@@ -516,7 +516,7 @@ def test_ctrl_c_during_training_writes_the_model_so_far(tiny_backbone_dir, tmp_p
 
 
 def test_evaluate_a_renamed_and_an_fp32_bundle(tiny_backbone_dir, tmp_path):
-    from training.evaluate import evaluate_bundle
+    from supermask.evaluate import evaluate_bundle
     from training.trainer import TrainConfig, train
 
     data = _write_glue(tmp_path / "glue")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle
 from mask_store.local import LocalMaskStore
-from service.backbone import Backbone, load_backbone
+from backbone import Backbone, load_backbone
 from service.engine import Engine
 from service.metrics import Metrics
 from training import BERNOULLI_PER, check_choice

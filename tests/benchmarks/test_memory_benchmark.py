@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import memory_cpu
-from service.backbone import load_backbone
+from backbone import load_backbone
 from tests.conftest import make_bundle
 
 MiB = 2**20

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import serve_cpu, synthetic
 from mask_store.format import decode_bundle
-from service.backbone import load_backbone
+from backbone import load_backbone
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 

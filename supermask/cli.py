@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_bundle
+    from supermask.evaluate import evaluate_bundle
 
     result = evaluate_bundle(args.bundle, data_dir=args.data_dir, backbone=args.backbone, scores=args.scores,
                              samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task,
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # user-facing errors: one line, no traceback unless -v
         from mask_store.errors import MaskStoreError
-        from service.backbone import BackboneLoadError
+        from backbone import BackboneLoadError
         from training.glue import GlueDataError
 
         if isinstance(exc, (MaskStoreError, BackboneLoadError, GlueDataError, ValueError, OSError)) \
