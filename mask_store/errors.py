@@ -1,7 +1,7 @@
 """Typed errors raised by the bundle format and the stores.
 
 The API layer maps each class to one HTTP status in a single table
-(``service/errors.py``); nothing here knows about HTTP.
+(``service/api/errors.py``); nothing here knows about HTTP.
 """
 
 from __future__ import annotations

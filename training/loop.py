@@ -35,23 +35,6 @@ def loss_fn(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch
     return nn.functional.cross_entropy(logits, labels)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` → ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``; any other name as given.
-
-    Raises:
-        ValueError: a CUDA device is asked for and CUDA is not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:  # torch: "Expected one of cpu, cuda, ... device type at start of device string"
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__})")
-    return device
-
-
 def forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
     """``model(input_ids, attention_mask, token_type_ids)`` with the batch moved to ``device``."""
     b = {k: v.to(device) for k, v in batch.items()}

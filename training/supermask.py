@@ -87,7 +87,34 @@ class TaskHead(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-class SupermaskModel(nn.Module):
+class EncoderWithHead(nn.Module):
+    """An encoder and a :class:`TaskHead` over its mean-pooled token vectors: the task model that
+    supermask training (:class:`SupermaskModel`) and the fine-tuning baseline
+    (``training.finetune.FinetuneModel``) share. Subclasses set ``self.encoder`` (a Hugging Face
+    encoder returning ``last_hidden_state``) and ``self.head`` in ``__init__``.
+    """
+
+    encoder: nn.Module
+    head: TaskHead
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Head outputs for a tokenized batch.
+
+        Args:
+            input_ids, attention_mask (and token_type_ids, optional; omitted from the encoder call
+                when None): int64 ``[batch, seq]``; ``attention_mask`` is 1 for tokens, 0 for padding.
+        Returns:
+            ``[batch, num_outputs]`` in the encoder's dtype, float32 in training (logits; one value per
+            row for regression, STS-B).
+        """
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**kwargs).last_hidden_state
+        return self.head(mean_pool(hidden, attention_mask))
+
+
+class SupermaskModel(EncoderWithHead):
     """Backbone with every masked matrix replaced by a :class:`SupermaskLinear`, plus a task head.
 
     The backbone's own modules are modified in place; build one per training run.
@@ -129,20 +156,6 @@ class SupermaskModel(nn.Module):
         """Back to a fresh draw per sampling forward."""
         for layer in self.masked_layers().values():
             layer.drawn = None
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """Head outputs for a tokenized batch.
-
-        Args:
-            input_ids, attention_mask (and token_type_ids, optional): int64 ``[batch, seq]``.
-        Returns:
-            float32 ``[batch, num_outputs]`` (logits; one value per row for regression, STS-B).
-        """
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(**kwargs).last_hidden_state
-        return self.head(mean_pool(hidden, attention_mask))
 
     def sparsity(self) -> float:
         """Fraction of zeros in the deterministic mask over all masked weights."""

@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
-from mask_store.local import check_task_name
-from backbone import Backbone, load_backbone
+from mask_store.local import atomic_write, check_task_name
+from backbone import Backbone, load_backbone, resolve_torch_device
 from training import BERNOULLI_PER, MASK_RULES, check_choice
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
-from training.loop import predict_examples, resolve_device, run_steps
+from training.loop import predict_examples, run_steps
 from training.supermask import SupermaskModel, expected_sparsity, threshold_for_sparsity
 
 log = logging.getLogger(__name__)
@@ -172,18 +172,6 @@ def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name
     )
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = True,
           command: str = "") -> TrainResult:
     """Train a supermask for one GLUE task and write its bundle to ``cfg.output``.
@@ -205,7 +193,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
             for without CUDA.
         OSError: the output cannot be written.
     """
-    device = resolve_device(cfg.device)
+    device = resolve_torch_device(cfg.device)
     if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
         raise ValueError(f"learning rates must be positive, got mask_lr={cfg.mask_lr}, head_lr={cfg.head_lr}")
     check_choice("mask_rule", cfg.mask_rule, MASK_RULES)
@@ -292,7 +280,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     if bern:  # how the samples drew masks (evaluate_bernoulli's per="batch"), and the s.d. used (population)
         metrics["bernoulli_protocol"] = {"per": "batch", "batch_size": cfg.eval_batch_size, "std_ddof": 0}
     data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics, mask_rule)
-    atomic_write(cfg.output, data)
+    write_output(cfg.output, data)
     if cfg.save_scores:
         from safetensors.torch import save_file
 
@@ -316,6 +304,24 @@ def _check_output(output: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(path.parent, os.W_OK):
         raise PermissionError(f"cannot write to the folder {str(path.parent)!r} of output {str(output)!r}")
+
+
+def write_output(path: str | Path, data: bytes) -> None:
+    """Write a run's output file (a bundle, a JSON result) atomically, creating its folder if missing.
+
+    :func:`mask_store.local.atomic_write` (temporary ``.tmp-*`` file in the same folder, fsync,
+    ``os.replace``, folder fsync, temporary file removed on any error) with the permission bits a
+    plain ``open(path, "wb")`` gives (0o666 less the umask), so the file can be shared as before.
+
+    Args:
+        path: the file; its parent folders are created.
+        data: the complete contents, bytes.
+    Raises:
+        OSError: the folder cannot be created or the file cannot be written; ``path`` is then unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data, mode=0o666)
 
 
 def scores_path(bundle_path: str | Path) -> Path:

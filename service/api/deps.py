@@ -10,7 +10,6 @@ from fastapi import Depends, Request
 
 from mask_store.local import LocalMaskStore
 from backbone import Backbone
-from service.batcher import MicroBatcher
 from service.engine import Engine
 from service.errors import AdminDisabled, Forbidden, Unauthorized
 from service.metrics import Metrics
@@ -24,7 +23,6 @@ class AppState:
     store: LocalMaskStore
     engine: Engine
     metrics: Metrics
-    batcher: MicroBatcher | None = None  # None: each predict request runs on its own
 
 
 def get_state(request: Request) -> AppState:

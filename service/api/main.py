@@ -17,7 +17,6 @@ from service.api import errors
 from service.api.deps import AppState
 from service.api.routes import router
 from backbone import Backbone, load_backbone
-from service.batcher import MicroBatcher
 from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -48,21 +47,17 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     metrics = Metrics()
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
-                    device=settings.device, device_slots=settings.device_slots)
-    batcher = (MicroBatcher(engine.predict_mixed, max_rows=settings.max_batch_size,
-                            max_wait_s=settings.batch_wait_ms / 1e3) if settings.batch_wait_ms > 0 else None)
+                    device=settings.device, device_slots=settings.device_slots, batch_wait_ms=settings.batch_wait_ms)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        if batcher is not None:
-            await batcher.close()
+        await engine.close()
 
     app = FastAPI(title="supermask", version=__version__, lifespan=lifespan,
                   description="Multi-task server for supermask-fine-tuned BERT: one int8 backbone, "
                   "one bit-packed mask + head per task.")
-    app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics,
-                                   batcher=batcher)
+    app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics)
     errors.install(app)
     app.include_router(router)
     if settings.admin_token is None:

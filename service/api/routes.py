@@ -9,9 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from mask_store.errors import BundleTooLarge, MaskStoreError
 from mask_store.format import BundleHeader
+from mask_store.local import check_task_name
 from service.api.deps import Admin, State
 from service.api.schemas import HealthPublic, PredictIn, PredictPublic, TaskPublic, TasksPublic
-from service.batcher import predict_batched
 from service.engine import PredictRequest
 from service.errors import InputInvalid
 from service.metrics import CONTENT_TYPE_LATEST
@@ -63,12 +63,8 @@ async def predict(task: str, body: PredictIn, state: State) -> PredictPublic:
     """Predict with a task's supermask; the task is loaded on first use."""
     s = state.settings
     req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars))
-    state.store.path(task)  # validates the name (422) before any work
-    if state.batcher is not None:  # shares forward passes with concurrent requests of any task
-        preds = await predict_batched(state.engine, state.batcher, req)
-    else:
-        preds = await run_in_threadpool(state.engine.predict, req)
-    return PredictPublic(task=task, predictions=preds)
+    check_task_name(task)  # 422 before any work
+    return PredictPublic(task=task, predictions=await state.engine.predict_async(req))
 
 
 @router.get("/v1/tasks", response_model=TasksPublic, response_model_exclude_none=True)
@@ -109,35 +105,23 @@ async def upload_task(task: str, request: Request, response: Response, state: St
     The bundle is fully validated and built against the running backbone
     before it is stored; on any error the store and the cache are unchanged.
     """
-    state.store.path(task)
+    check_task_name(task)
     data = await _read_body(request, state.settings.max_bundle_bytes)
-
-    def store() -> tuple[BundleHeader, bool]:
-        bundle = state.store.validate(task, data, state.backbone.fingerprint)
-        state.engine.build_task(bundle)  # same checks the first predict would make
-        _, created = state.store.put(task, data, state.backbone.fingerprint)
-        state.engine.invalidate(task)
-        return bundle.header, created
-
-    header, created = await run_in_threadpool(store)
+    header, created = await run_in_threadpool(state.engine.register, task, data)
     response.status_code = 201 if created else 200
     return _task_public(state, task, header, detail=True)
 
 
 @router.delete("/v1/tasks/{task}", status_code=204, dependencies=[Admin])
 async def delete_task(task: str, state: State) -> Response:
-    def delete() -> None:  # in a worker thread: invalidate waits for a forward pass holding the engine lock
-        state.store.delete(task)
-        state.engine.invalidate(task)
-
-    await run_in_threadpool(delete)
+    await run_in_threadpool(state.engine.delete, task)  # a worker thread: it may wait for a forward pass
     return Response(status_code=204)
 
 
 @router.get("/healthz", response_model=HealthPublic)
 async def healthz(state: State) -> HealthPublic:
     return HealthPublic(status="ok", backbone=state.backbone.name, backbone_fingerprint=state.backbone.fingerprint,
-                        tasks=len(state.store.tasks()), resident_tasks=len(state.engine.cache.tasks))
+                        tasks=len(state.store.tasks()), resident_tasks=state.engine.status()["resident_tasks"])
 
 
 @router.get("/metrics")

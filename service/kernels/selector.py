@@ -4,7 +4,7 @@ Paths (module that implements each):
 
 ==================  =========================================================
 ``reference``       :mod:`service.kernels.reference` (any device; slow, exact)
-``cpu_complement``  :func:`service.kernels.cpu.masked_linear_complement`
+``cpu_complement``  :func:`service.kernels.sparse_complement.complement_linear`
 ``cpu_dense``       :func:`service.kernels.cpu.masked_linear_dense`
 ``triton_fused``    :mod:`service.kernels.triton_masked` (CUDA, needs triton)
 ``gpu_complement``  :mod:`service.kernels.sparse_complement` (CUDA)
@@ -30,13 +30,35 @@ For a mixed-task batch pass the largest sparsity among its tasks.
 
 from __future__ import annotations
 
-from service.kernels import triton_masked
+from enum import Enum
 
-PATHS = ("reference", "cpu_complement", "cpu_dense", "triton_fused", "gpu_complement")
+
+class KernelPath(str, Enum):
+    """The one vocabulary of masked-matmul paths (used by :class:`service.settings.Settings`,
+    this selector and the engine); ``AUTO`` lets :func:`select_path` choose."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    CPU_COMPLEMENT = "cpu_complement"
+    CPU_DENSE = "cpu_dense"
+    TRITON_FUSED = "triton_fused"
+    GPU_COMPLEMENT = "gpu_complement"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PATHS = tuple(p.value for p in KernelPath if p is not KernelPath.AUTO)
 """Every path name :func:`select_path` can return or accept as an override."""
 
-AUTO = ("", "auto")
+AUTO = ("", KernelPath.AUTO.value)
 """Override values that mean "choose automatically" (as does None)."""
+
+CPU_ONLY_PATHS = (KernelPath.CPU_COMPLEMENT.value, KernelPath.CPU_DENSE.value)
+"""Paths that run only on the CPU (with ``device="auto"``: the off-switch for the CUDA paths)."""
+
+DEVICE_TIER_PATHS = (KernelPath.TRITON_FUSED.value, KernelPath.GPU_COMPLEMENT.value, KernelPath.REFERENCE.value)
+"""Paths the device tier can run (``reference``: exact, slow, any device)."""
 
 CPU_COMPLEMENT_MAX_SPARSITY = 0.25
 """CPU: largest pruned fraction for which the sparse-complement path is chosen."""
@@ -47,7 +69,7 @@ GPU_COMPLEMENT_MAX_SPARSITY = 0.02
 GPU_COMPLEMENT_MIN_ROWS = 4096
 """CUDA: smallest batch (token rows) for which the sparse-complement path may be chosen."""
 
-_CUDA_ONLY = ("triton_fused", "gpu_complement")
+_CUDA_ONLY = (KernelPath.TRITON_FUSED.value, KernelPath.GPU_COMPLEMENT.value)
 
 
 def select_path(device_type: str, sparsity: float, rows: int, override: str | None) -> str:
@@ -68,6 +90,8 @@ def select_path(device_type: str, sparsity: float, rows: int, override: str | No
             (a CUDA path off CUDA, ``triton_fused`` without triton), or
             ``sparsity`` / ``rows`` out of range.
     """
+    from service.kernels import triton_masked  # here, not at import: Settings imports this module, torch-free
+
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if rows < 0:

@@ -1,4 +1,4 @@
-"""Sparse-complement masked products for a mixed-task batch (GPU path; plain torch).
+"""Sparse-complement masked products, one task or a mixed-task batch, CPU and GPU (plain torch).
 
 Semantics (same as :func:`service.kernels.reference.masked_linear_reference`)::
 
@@ -17,8 +17,11 @@ product, so the pruned terms cancel up to float rounding. Pays off when the
 masks are very sparse in zeros (the papers' 1-13 % pruned); the fused Triton
 kernel (:mod:`service.kernels.triton_masked`) does not depend on sparsity.
 
-Everything here is torch-only and runs on CPU as well (tested in float32
-there; CPU sparse products may not support float16).
+Everything here is torch-only. On the CPU (``cpu_complement``, the default
+for low sparsity) it runs in float32 over the backbone's float32 ``deq(W_q)``
+(CPU sparse products do not support float16), and the correction is taken
+``PRUNED_PRODUCT_ROWS`` token rows at a time; on CUDA (``gpu_complement``) in
+float16 with cuSPARSE.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
+from backbone import dequantize
 from service.kernels.packing import unpack_bits
+
+#: row chunk of the CPU sparse correction (token rows per sparse product; see :func:`pruned_product`)
+PRUNED_PRODUCT_ROWS = 128
 
 
 def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -44,13 +51,13 @@ def dequantize_weight(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
         raise ValueError(f"w_q must be int8 [out, in], got {w_q.dtype} {list(w_q.shape)}")
     if tuple(scale.shape) != (w_q.shape[0],):
         raise ValueError(f"scale must be [{w_q.shape[0]}], got {list(scale.shape)}")
-    return (w_q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype).contiguous()
+    return dequantize(w_q, scale.to(torch.float32)).to(dtype).contiguous()
 
 
 def pruned_csr(weight: torch.Tensor, packed_uint8: torch.Tensor) -> torch.Tensor | None:
     """CSR matrix of one task's pruned entries ``W ⊙ ¬μ`` (built once at task load).
 
-    Semantics: entry ``[o, i]`` is ``weight[o, i]`` where the mask bit is 0, absent elsewhere.
+    Semantics: entry ``[o, i]`` is ``weight[o, i]`` where the mask bit is 0 absent elsewhere.
 
     Input shapes:
         weight: ``[out, in]``, the shared de-quantized weight (its dtype and device are kept).
@@ -64,12 +71,21 @@ def pruned_csr(weight: torch.Tensor, packed_uint8: torch.Tensor) -> torch.Tensor
     return pruned_csr_from_mask(weight, mask)
 
 
-def pruned_csr_from_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """As :func:`pruned_csr`, with the mask as bool ``[out, in]`` (True keeps)."""
+def pruned_csr_from_mask(weight: torch.Tensor, mask: torch.Tensor, skip_zeros: bool = False) -> torch.Tensor | None:
+    """As :func:`pruned_csr`, with the mask as bool ``[out, in]`` (True keeps).
+
+    ``skip_zeros``: leave out pruned entries whose weight is zero (they change no product; the CPU
+    resident form does, saving their bytes). Returns None when no entry is left.
+
+    Raises:
+        ValueError: the mask's shape is not the weight's.
+    """
     if tuple(mask.shape) != tuple(weight.shape):
         raise ValueError(f"mask shape {list(mask.shape)} does not match weight shape {list(weight.shape)}")
     out, in_ = weight.shape
     pruned = ~mask.to(device=weight.device, dtype=torch.bool)
+    if skip_zeros:
+        pruned &= weight != 0
     rows, cols = pruned.nonzero(as_tuple=True)  # [nnz] each, row-major order
     if rows.numel() == 0:
         return None
@@ -90,10 +106,29 @@ def csr_nbytes(csr: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
 
 
+def pruned_product(x: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """``x · (W ⊙ ¬μ)ᵀ``, the correction the complement path subtracts from the dense product.
+
+    Args:
+        x: ``[rows, in]`` in the CSR's dtype.
+        pruned: CSR ``[out, in]`` from :func:`pruned_csr` / :func:`pruned_csr_from_mask`.
+    Returns:
+        ``[rows, out]``.
+
+    On the CPU rows are taken ``PRUNED_PRODUCT_ROWS`` at a time: the CSR product's ``[out, rows]``
+    result stays in cache, which on a 2-core x86 machine made an 800-row product about 2x faster
+    than one call (each output element is the same sum either way). On CUDA: one call.
+    """
+    n = x.shape[0]
+    if x.device.type != "cpu" or n <= PRUNED_PRODUCT_ROWS:
+        return torch.sparse.mm(pruned, x.t()).t()
+    return torch.cat([torch.sparse.mm(pruned, x[i : i + PRUNED_PRODUCT_ROWS].t()).t()
+                      for i in range(0, n, PRUNED_PRODUCT_ROWS)])
+
+
 def _subtract_correction(y: torch.Tensor, x: torch.Tensor, csr: torch.Tensor) -> None:
     """In place: ``y -= x · csrᵀ``. ``x`` ``[rows, in]``, ``y`` ``[rows, out]``."""
-    corr_t = torch.sparse.mm(csr, x.t())  # [out, rows]
-    y.sub_(corr_t.t())
+    y.sub_(pruned_product(x, csr))
 
 
 def complement_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -101,17 +136,17 @@ def complement_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """One task: ``y = x · Wᵀ + b − x · (W ⊙ ¬μ)ᵀ``.
 
     Input shapes:
-        x: ``[rows, in]`` in ``weight.dtype``.
+        x: ``[..., in]`` in ``weight.dtype``.
         weight: ``[out, in]`` shared de-quantized weight.
         bias: ``[out]`` or None.
         pruned: CSR ``[out, in]`` from :func:`pruned_csr`, or None (nothing pruned).
 
     Returns:
-        ``[rows, out]`` in ``x.dtype``.
+        ``[..., out]`` in ``x.dtype``.
     """
     y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-    if pruned is not None and x.shape[0]:
-        _subtract_correction(y, x, pruned)
+    if pruned is not None and x.numel():
+        _subtract_correction(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), pruned)
     return y
 
 

@@ -9,6 +9,7 @@ import torch
 from mask_store.format import pack_mask
 from backbone import dequantize
 from service.kernels import cpu
+from service.kernels import sparse_complement as sc
 from service.kernels.packing import pack_bits, unpack_bits
 from service.kernels.reference import masked_linear_packed_reference, masked_linear_reference
 
@@ -32,12 +33,12 @@ def test_complement_and_dense_match_reference(shape, sparsity):
     x, w_q, scale, bias, mask = _problem(*shape, sparsity)
     want = masked_linear_reference(x, w_q, scale, mask, bias)
     w = dequantize(w_q, scale)
-    pruned = cpu.pruned_complement(w, mask)
+    pruned = sc.pruned_csr_from_mask(w, mask, skip_zeros=True)
     assert (pruned is None) == bool(mask.all())
     if pruned is not None:
         assert pruned._nnz() == int((~mask & (w != 0)).sum())  # pruned zeros need no entry
-        assert cpu.csr_bytes(pruned) < w.numel() * 4 * max(sparsity * 3, 0.05) + 8 * (shape[0] + 1)
-    torch.testing.assert_close(cpu.masked_linear_complement(x, w, bias, pruned), want, rtol=1e-4, atol=1e-4)
+        assert sc.csr_nbytes(pruned) < w.numel() * 4 * max(sparsity * 3, 0.05) + 8 * (shape[0] + 1)
+    torch.testing.assert_close(sc.complement_linear(x, w, bias, pruned), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cpu.masked_linear_dense(x, w, bias, mask), want, rtol=1e-4, atol=1e-4)
     if not mask.all():  # the mask changes the product, so a kernel ignoring it would fail above
         assert not torch.allclose(torch.nn.functional.linear(x, w, bias), want, atol=1e-3)
@@ -63,13 +64,13 @@ def test_unpack_rejects_wrong_length():
         unpack_bits(torch.zeros(3, dtype=torch.uint8), (5, 5))
 
 
-@pytest.mark.parametrize("rows", [1, cpu.PRUNED_PRODUCT_ROWS, cpu.PRUNED_PRODUCT_ROWS + 1, 3 * cpu.PRUNED_PRODUCT_ROWS + 7])
+@pytest.mark.parametrize("rows", [1, sc.PRUNED_PRODUCT_ROWS, sc.PRUNED_PRODUCT_ROWS + 1, 3 * sc.PRUNED_PRODUCT_ROWS + 7])
 def test_complement_over_many_rows_is_chunked_without_changing_the_result(rows):
     """Row counts around the chunk size of the sparse correction (a mixed batch of long sequences)."""
     x, w_q, scale, bias, mask = _problem(384, 384, 0.13)
     x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(3))
     w = dequantize(w_q, scale)
     want = masked_linear_reference(x, w_q, scale, mask, bias)
-    got = cpu.masked_linear_complement(x, w, bias, cpu.pruned_complement(w, mask))
+    got = sc.complement_linear(x, w, bias, sc.pruned_csr_from_mask(w, mask, skip_zeros=True))
     assert got.shape == (rows, 384)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

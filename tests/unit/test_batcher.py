@@ -103,12 +103,12 @@ def test_server_batches_concurrent_requests_across_tasks_with_the_same_answers(t
             rs = await asyncio.gather(*(client.post(f"/v1/tasks/{t}/predict", json={"inputs": x})
                                         for t, x in texts.items()))
             bad = await client.post("/v1/tasks/nope/predict", json={"inputs": ["x"]})
-        await state.batcher.close()
+        await state.engine.batcher.close()
         return rs, bad
 
     responses, bad = asyncio.run(main())
     assert bad.status_code == 404
-    assert state.batcher.batches == 1  # three requests of three tasks, one gathered forward call
+    assert state.engine.batcher.batches == 1  # three requests of three tasks, one gathered forward call
     for (task, inputs), r in zip(texts.items(), responses):
         assert r.status_code == 200, r.text
         # the same answers as the task's own forward pass, without batching
@@ -127,7 +127,6 @@ def test_server_batches_concurrent_requests_across_tasks_with_the_same_answers(t
 def test_a_task_replaced_while_its_request_waits_is_answered_by_one_bundle(tiny_backbone, tmp_path):
     """The early input check reads the old header; the answer must be decoded with the bundle the forward used."""
     from service.api.main import create_app
-    from service.batcher import predict_batched
     from service.engine import PredictRequest
     from service.settings import Settings
 
@@ -147,9 +146,9 @@ def test_a_task_replaced_while_its_request_waits_is_answered_by_one_bundle(tiny_
 
     async def main():
         try:
-            return await predict_batched(state.engine, state.batcher, req)
+            return await state.engine.predict_async(req)
         finally:
-            await state.batcher.close()
+            await state.engine.batcher.close()
 
     preds = asyncio.run(main())
     assert [set(p["scores"]) for p in preds] == [{"a", "b", "c"}] * 2

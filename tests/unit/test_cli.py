@@ -73,7 +73,7 @@ def test_help_shows_zero_defaults(capsys):
 
 
 def test_unknown_device_is_a_one_line_error():
-    from training.loop import resolve_device
+    from backbone import resolve_torch_device
 
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
-        resolve_device("gpu")
+        resolve_torch_device("gpu")

@@ -10,7 +10,8 @@ from mask_store.errors import BackboneMismatch, TaskNotFound
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle
 from mask_store.local import LocalMaskStore
 from backbone import dequantize, load_backbone, mean_pool
-from service.engine import Engine, PredictRequest, choose_path
+from service.engine import Engine, PredictRequest
+from service.tasks import choose_path
 from service.errors import InputInvalid
 from service.metrics import Metrics
 from tests.conftest import make_bundle

@@ -10,7 +10,8 @@ import torch
 
 from mask_store.local import LocalMaskStore
 from backbone import load_backbone
-from service.engine import Engine, resolve_device
+from service.dispatch import resolve_device
+from service.engine import Engine
 from service.kernels import sparse_complement, triton_masked
 from service.metrics import Metrics
 from tests.conftest import make_bundle

@@ -1,0 +1,204 @@
+"""Forward: tokenize once, plan length-classed mixed-task batches, run each as one segmented pass, decode.
+
+A request of one task is a mixed batch of one: every pass, on every tier,
+goes through :class:`Forward.run`. Rows are tokenized once per call (each
+task's rows truncated to its own ``max_seq_length``, single texts or pairs as
+the task takes them); the token counts give each row's length class, and
+rows are grouped by length class first, then by task (a batch is padded to
+its longest row, so mixing a 10-token and a 128-token row would make the
+short one cost 128 tokens). Each batch holds at most ``max_batch_size`` rows
+(and at most the tier's ``max_tasks`` tasks) and runs as ONE forward pass over
+the backbone, in which every masked layer applies each segment's mask
+(:mod:`service.masked_linear`, :mod:`service.dispatch`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from backbone import Backbone, mean_pool
+from mask_store.format import BundleHeader
+from service.errors import InputInvalid
+from service.masked_linear import MaskedLinear
+from service.tasks import LoadedTask
+
+Rows = Sequence[tuple[str, str | None]]
+"""``(text_a, text_b)`` per row, ``text_b`` None for single sentences."""
+
+#: length class of every row of up to 2**5 = 32 tokens (see :func:`length_class`)
+SHORT_ROW_CLASS = 5
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """One predict call: ``inputs`` holds ``(text_a, text_b)`` pairs, ``text_b`` None for single sentences."""
+
+    task: str
+    inputs: tuple[tuple[str, str | None], ...]
+
+
+@dataclass
+class Encoded:
+    """One tokenized row: token ids and (when the tokenizer makes them) token type ids."""
+
+    ids: list[int]
+    types: list[int] | None
+
+
+def check_rows(header: BundleHeader, rows: Rows) -> None:
+    """Raise :class:`InputInvalid` unless ``rows`` are sentence pairs exactly when the task takes pairs."""
+    pairs = [r[1] is not None for r in rows]
+    if header.text_pairs and not all(pairs):
+        raise InputInvalid(f"task {header.task!r} takes sentence pairs: send inputs as [[text_a, text_b], ...]")
+    if not header.text_pairs and any(pairs):
+        raise InputInvalid(f"task {header.task!r} takes single texts: send inputs as [text, ...]")
+
+
+def length_class(tokens: int) -> int:
+    """``ceil(log2(tokens))``, at least ``SHORT_ROW_CLASS``: rows of up to 32 tokens share one class;
+    longer rows share a class with rows within a factor of 2 of their length."""
+    return max(SHORT_ROW_CLASS, (tokens - 1).bit_length())
+
+
+def decode(header: BundleHeader, out: torch.Tensor) -> list[dict]:
+    """Head outputs ``[rows, num_outputs]`` float32 → one prediction dict per row: ``{"value"}`` for
+    regression, else ``{"label", "score", "scores"}`` with softmax probabilities."""
+    if header.problem_type == "regression":
+        return [{"value": float(v)} for v in out.squeeze(-1).tolist()]
+    probs = torch.softmax(out, dim=-1)
+    result = []
+    for row in probs.tolist():
+        best = int(np.argmax(row))
+        result.append({"label": header.labels[best], "score": row[best],
+                       "scores": {lab: p for lab, p in zip(header.labels, row)}})
+    return result
+
+
+class Forward:
+    """Runs mixed-task batches over the wrapped backbone.
+
+    Args:
+        backbone: the backbone whose masked modules are ``layers``.
+        layers: the engine's masked layers, by module name.
+        dispatcher: the tier's dispatcher (:mod:`service.dispatch`).
+        device: where the model runs.
+        max_batch_size: rows per pass.
+
+    Not thread-safe: the caller runs one :meth:`run` at a time (the masked layers hold the
+    pass's segment table).
+    """
+
+    def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], dispatcher, device: torch.device,
+                 max_batch_size: int):
+        self.backbone = backbone
+        self.layers = layers
+        self.dispatcher = dispatcher
+        self.device = device
+        self.max_batch_size = max_batch_size
+
+    def tokenize(self, header: BundleHeader, rows: Rows) -> list[Encoded]:
+        """Token ids of ``rows`` as ``header``'s task takes them (truncated to its ``max_seq_length``)."""
+        a = [r[0] for r in rows]
+        b = [r[1] for r in rows] if header.text_pairs else None
+        enc = self.backbone.tokenizer(a, b, truncation=True, max_length=header.max_seq_length)
+        types = enc.get("token_type_ids")
+        return [Encoded(ids, types[k] if types is not None else None) for k, ids in enumerate(enc["input_ids"])]
+
+    @torch.inference_mode()
+    def run(self, items: Sequence[tuple[str, Rows]], entries: dict[str, LoadedTask]) -> list[torch.Tensor]:
+        """Head outputs for the rows of several tasks, with as few passes as possible.
+
+        Args:
+            items: ``(task, rows)`` pairs (a task may appear in several items: one segment).
+            entries: the resident entry of every task named by ``items``.
+
+        Returns:
+            One float32 ``[len(rows), num_outputs]`` tensor per item, in the order of ``items``.
+
+        Raises:
+            InputInvalid: an item's rows are pairs for a single-sentence task or the reverse.
+        """
+        for task, rows in items:
+            check_rows(entries[task].header, rows)
+        encoded = [self.tokenize(entries[task].header, rows) for task, rows in items]
+        by_task: OrderedDict[str, list[tuple[int, int]]] = OrderedDict()  # task -> [(item, row)]
+        for i, (task, rows) in enumerate(items):
+            by_task.setdefault(task, []).extend((i, j) for j in range(len(rows)))
+        results = [torch.empty(len(rows), entries[task].header.num_outputs) for task, rows in items]
+        max_tasks = self.dispatcher.max_tasks or len(by_task)
+        klass = [[length_class(len(e.ids)) for e in enc] for enc in encoded]
+        flat = sorted(((task, i, j) for task, refs in by_task.items() for i, j in refs),
+                      key=lambda r: klass[r[1]][r[2]])  # stable: by task within a class
+        batch: list[tuple[str, int, int]] = []
+        for ref in flat:
+            new_task = not batch or batch[-1][0] != ref[0]
+            if batch and (len(batch) == self.max_batch_size
+                          or klass[ref[1]][ref[2]] != klass[batch[-1][1]][batch[-1][2]]
+                          or (new_task and len({t for t, _, _ in batch}) == max_tasks)):
+                self._run_batch(batch, encoded, entries, results)
+                batch = []
+            batch.append(ref)
+        if batch:
+            self._run_batch(batch, encoded, entries, results)
+        return results
+
+    def _run_batch(self, batch: list[tuple[str, int, int]], encoded: list[list[Encoded]],
+                   entries: dict[str, LoadedTask], results: list[torch.Tensor]) -> None:
+        """Forward ``batch`` (``(task, item, row)`` refs sorted by task) and scatter into ``results``."""
+        segs: list[tuple[str, list[tuple[int, int]]]] = []
+        for task, i, j in batch:
+            if not segs or segs[-1][0] != task:
+                segs.append((task, []))
+            segs[-1][1].append((i, j))
+        outs = self._pass([(task, entries[task]) for task, _ in segs],
+                          [[encoded[i][j] for i, j in refs] for _, refs in segs])
+        for (_, refs), out in zip(segs, outs):
+            for (i, j), row in zip(refs, out):
+                results[i][j] = row
+
+    def _pad(self, rows: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Model inputs int64 ``[batch, T]`` on the CPU, padded to the longest row."""
+        tok = self.backbone.tokenizer
+        seq_len = max(len(r.ids) for r in rows)
+        left = getattr(tok, "padding_side", "right") == "left"
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+        def padded(seqs: list[list[int]], value: int) -> torch.Tensor:
+            fill = [[value] * (seq_len - len(x)) for x in seqs]
+            return torch.tensor([f + x if left else x + f for x, f in zip(seqs, fill)], dtype=torch.long)
+
+        inputs = {"input_ids": padded([r.ids for r in rows], pad_id),
+                  "attention_mask": padded([[1] * len(r.ids) for r in rows], 0)}
+        if all(r.types is not None for r in rows):
+            inputs["token_type_ids"] = padded([r.types for r in rows], 0)
+        return inputs
+
+    def _pass(self, segs: list[tuple[str, LoadedTask]], rows: list[list[Encoded]]) -> list[torch.Tensor]:
+        """ONE forward pass over the rows of several tasks (one segment per task, distinct tasks).
+
+        Returns:
+            float32 ``[len(rows[s]), num_outputs]`` on the CPU per segment.
+        """
+        seq_starts = [0]
+        for r in rows:
+            seq_starts.append(seq_starts[-1] + len(r))
+        inputs = self._pad([e for r in rows for e in r])
+        seq_len = inputs["input_ids"].shape[1]
+        table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts])
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        for layer in self.layers.values():
+            layer.segments = table
+        try:
+            hidden = self.backbone.model(**inputs).last_hidden_state  # [batch, T, hidden]
+        finally:
+            for layer in self.layers.values():
+                layer.segments = None
+        pooled = mean_pool(hidden.float(), inputs["attention_mask"]).cpu()  # [batch, hidden] float32
+        return [nn.functional.linear(pooled[seq_starts[i]:seq_starts[i + 1]], e.head_weight, e.head_bias)
+                for i, (_, e) in enumerate(segs)]
