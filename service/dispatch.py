@@ -1,7 +1,11 @@
 """Tier dispatchers: for each segmented forward pass, build the segment table; for each masked layer,
 call the kernel of each segment's resident form. One class per tier (CPU, device); no arithmetic here.
 
-CPU tier (:class:`CpuDispatcher`). Each segment carries its task's layer
+CPU tier in bf16 / int8 (:class:`HotDispatcher`). Each segment's task is
+taken from the hot tier (:mod:`service.hot_tier`, promoted from its packed
+bits on a miss) and its rows multiply with that task's materialised weights.
+
+CPU tier in fp32 (:class:`CpuDispatcher`, the reference). Each segment carries its task's layer
 states (:class:`service.tasks.LayerState`). When every segment's form of a
 matrix is "none" or "complement", the layer is ONE dense product for the
 whole mixed batch minus each task's sparse correction on its own rows
@@ -31,7 +35,9 @@ import torch
 
 from backbone import Backbone
 from service.device_cache import DeviceTaskCache
+from service.hot_tier import HotTier
 from service.kernels import cpu as cpu_kernels
+from service.kernels import cpu_hot
 from service.kernels import sparse_complement, triton_masked
 from service.kernels.reference import masked_linear_reference
 from service.kernels.selector import (AUTO, CPU_ONLY_PATHS, DEVICE_TIER_PATHS, GPU_COMPLEMENT_MAX_SPARSITY, KernelPath,
@@ -73,8 +79,31 @@ def resolve_device(device: str, kernel_path: str = "auto") -> torch.device:
     raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
 
 
+class HotDispatcher:
+    """CPU tier in bf16 / int8: each segment's task materialised in the hot tier, one dense product per segment.
+
+    Args:
+        hot: the hot tier (:class:`service.hot_tier.HotTier`).
+    """
+
+    max_tasks: int | None = None
+
+    def __init__(self, hot: HotTier):
+        self.hot = hot
+
+    def prepare(self, segs: Segments, row_starts: list[int]) -> SegmentTable:
+        """Promote every task of the pass to the hot tier (a no-op for hot ones)."""
+        return SegmentTable(row_starts, hot=[self.hot.get(t, e) for t, e in segs])
+
+    def linear(self, layer: MaskedLinear, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
+        r = seg.row_starts
+        if len(seg.hot) == 1:
+            return cpu_hot.hot_linear(x, seg.hot[0][layer.name])
+        return torch.cat([cpu_hot.hot_linear(x[r[i]:r[i + 1]], forms[layer.name]) for i, forms in enumerate(seg.hot)])
+
+
 class CpuDispatcher:
-    """CPU tier: each segment's layer states, the CPU kernels."""
+    """CPU tier in fp32: each segment's layer states, the CPU kernels."""
 
     max_tasks: int | None = None  # a pass may mix any number of tasks
 

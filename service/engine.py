@@ -32,14 +32,19 @@ from backbone import Backbone, replace_module
 from mask_store.format import BundleHeader
 from mask_store.local import LocalMaskStore
 from service.batcher import MicroBatcher
-from service.dispatch import CpuDispatcher, DeviceDispatcher, check_host_capacity, resolve_device
+from service.dispatch import CpuDispatcher, DeviceDispatcher, HotDispatcher, check_host_capacity, resolve_device
 from service.forward import Forward, PredictRequest, Rows, check_rows, decode
-from service.kernels.selector import DEVICE_TIER_PATHS, select_path
+from service.hot_tier import HotTier
+from service.kernels import cpu_hot
+from service.kernels.selector import AUTO, DEVICE_TIER_PATHS, select_path
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable, choose_path
 
 __all__ = ["Engine", "PredictRequest"]
+
+LOW_PRECISIONS = ("bf16", "int8")
+"""CPU precisions served through the hot tier (:mod:`service.hot_tier`)."""
 
 
 class Engine:
@@ -56,6 +61,11 @@ class Engine:
         device: "auto", "cpu" or "cuda" (see :func:`service.dispatch.resolve_device`).
         device_slots: GPU mask slots of the device tier (CUDA only); ``cache_bytes`` must hold
             at least this many tasks.
+        precision: CPU compute precision: "fp32" (the reference: float32 over the shared de-quantized
+            weights and sparse corrections), "bf16" or "int8" (the hot tier, :mod:`service.hot_tier`),
+            or "auto" (:func:`service.kernels.cpu_hot.auto_precision` by the CPU's features). Ignored
+            on the device tier.
+        hot_cache_bytes: byte budget of the CPU hot tier (bf16 / int8 only).
         batch_wait_ms: > 0 turns on cross-request micro-batching (:class:`service.batcher.MicroBatcher`)
             for :meth:`predict_async`, gathering for at most this long; 0 runs each request alone.
         emulate_device_path: TEST-ONLY hook. With ``device="cpu"``, serve through the device
@@ -66,13 +76,15 @@ class Engine:
             machine without a GPU; never set by the server.
 
     Raises:
-        ValueError: a kernel path or device that cannot run here, or (device tier) a host cache
-            too small for ``device_slots`` tasks.
+        ValueError: a kernel path or device that cannot run here, an unknown precision, a forced CPU
+            kernel path with a precision other than fp32, or (device tier) a host cache too small for
+            ``device_slots`` tasks.
     """
 
     def __init__(self, backbone: Backbone, store: LocalMaskStore, metrics: Metrics, cache_bytes: int,
                  max_batch_size: int = 32, kernel_path: str = "auto", device: str = "auto",
-                 device_slots: int = 16, batch_wait_ms: float = 0.0, *, emulate_device_path: str | None = None):
+                 device_slots: int = 16, batch_wait_ms: float = 0.0, precision: str = "fp32",
+                 hot_cache_bytes: int = 256 * 1024 * 1024, *, emulate_device_path: str | None = None):
         self.backbone = backbone
         self.store = store
         self.metrics = metrics
@@ -92,6 +104,11 @@ class Engine:
             check_host_capacity(backbone, cache_bytes, device_slots)
         else:
             choose_path(0.5, kernel_path)  # reject a path that cannot run here before any task is loaded
+        #: CPU compute precision ("fp32", "bf16", "int8"); "device" on the device tier
+        self.precision = "device" if self.device_tier else resolve_precision(precision)
+        if self.precision in LOW_PRECISIONS and kernel_path not in AUTO:
+            raise ValueError(f"kernel path {kernel_path!r} is an fp32 CPU path; it cannot run with CPU precision "
+                             f"{self.precision!r} (set SUPERMASK_CPU_PRECISION=fp32 or SUPERMASK_KERNEL_PATH=auto)")
         self._lock = threading.Lock()  # the pass lock: one forward pass at a time over the shared modules
         self.layers: dict[str, MaskedLinear] = {}
         for name in backbone.masked:
@@ -102,15 +119,25 @@ class Engine:
             replace_module(backbone.model, name, ml)
             self.layers[name] = ml
         self._device: DeviceDispatcher | None = None
+        self.hot: HotTier | None = None
+        shapes = {n: ml.weight for n, ml in self.layers.items()}
         if self.device_tier:
             self._device = DeviceDispatcher(backbone, self.layers, self.device, override, device_slots, metrics)
             dispatcher = self._device
+        elif self.precision in LOW_PRECISIONS:
+            self.hot = HotTier({n: (ml.w_q, ml.scale, ml.bias) for n, ml in self.layers.items()}, self.precision,
+                               hot_cache_bytes, metrics)
+            dispatcher = HotDispatcher(self.hot)
+            shapes = {n: ml.w_q for n, ml in self.layers.items()}
+            for ml in self.layers.values():
+                ml.weight = None  # the float32 deq(W_q) is not needed in this precision: not kept
         else:
             dispatcher = CpuDispatcher()
         for ml in self.layers.values():
             ml.dispatcher = dispatcher
-        self.builder = TaskBuilder(backbone, {n: ml.weight for n, ml in self.layers.items()}, cache_bytes,
-                                   kernel_path=kernel_path, device=self.device if self.device_tier else None)
+        metrics.cpu_precision.labels(self.precision).set(1)
+        self.builder = TaskBuilder(backbone, shapes, cache_bytes, kernel_path=kernel_path,
+                                   device=self.device if self.device_tier else None, packed=self.hot is not None)
         self.tasks = TaskTable(store, self.builder, metrics)
         self.forward = Forward(backbone, self.layers, dispatcher, self.device, max_batch_size)
         self.batcher = (MicroBatcher(self.predict_mixed, max_rows=max_batch_size, max_wait_s=batch_wait_ms / 1e3)
@@ -135,8 +162,16 @@ class Engine:
         return self.tasks.is_resident(task)
 
     def status(self) -> dict:
-        """For health checks: ``{"device", "resident_tasks"}``."""
-        return {"device": str(self.device), "resident_tasks": len(self.tasks.resident())}
+        """For health checks: ``{"device", "precision", "resident_tasks", "hot_tasks"}``."""
+        return {"device": str(self.device), "precision": self.precision, "resident_tasks": len(self.tasks.resident()),
+                "hot_tasks": len(self.hot.tasks) if self.hot is not None else None}
+
+    def tier(self, task: str) -> str:
+        """Where ``task`` is now: "hot" (CPU hot tier), "warm" (host cache; on the fp32 CPU path and the
+        device tier every resident task is "warm") or "cold" (only in the store)."""
+        if self.hot is not None and task in self.hot.tasks:
+            return "hot"
+        return "warm" if self.tasks.is_resident(task) else "cold"
 
     # ---- tasks --------------------------------------------------------------------------------
     def build_task(self, bundle) -> LoadedTask:
@@ -174,9 +209,12 @@ class Engine:
         store but did not handle the upload serve the new bundle too. Calling it frees the memory at once.
         """
         self.tasks.drop(task)
-        if self._device is not None:
-            with self._lock:  # a pass may be using the slot
-                self._device.invalidate(task)
+        if self._device is not None or self.hot is not None:
+            with self._lock:  # a pass may be using the slot / hot weights
+                if self._device is not None:
+                    self._device.invalidate(task)
+                if self.hot is not None:
+                    self.hot.drop(task)
 
     # ---- inference ------------------------------------------------------------------------------
     def logits_mixed(self, items: Sequence[tuple[str, Rows]]) -> list[torch.Tensor]:
@@ -291,3 +329,18 @@ class Engine:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""
         if self.batcher is not None:
             await self.batcher.close()
+
+
+def resolve_precision(precision: str) -> str:
+    """The CPU compute precision to use: ``precision`` itself, or for "auto" the one
+    :func:`service.kernels.cpu_hot.auto_precision` picks for this CPU.
+
+    Raises:
+        ValueError: not one of auto, fp32, bf16, int8.
+    """
+    p = str(precision).strip().lower()
+    if p == "auto":
+        return cpu_hot.auto_precision(cpu_hot.cpu_features())
+    if p not in cpu_hot.PRECISIONS:
+        raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
+    return p

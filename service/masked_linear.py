@@ -28,12 +28,13 @@ class SegmentTable:
 
     A sequence padded to the batch's length ``T`` occupies ``T`` consecutive rows of the
     flattened ``[batch * T, in]`` activations, so segment ``s`` covers token rows
-    ``row_starts[s] : row_starts[s + 1]``. CPU tier: ``states`` set. Device tier: ``slots``,
+    ``row_starts[s] : row_starts[s + 1]``. CPU tier: ``states`` set (fp32) or ``hot`` (bf16, int8). Device tier: ``slots``,
     ``seg_starts``, ``seg_slots`` and ``paths`` set.
     """
 
     row_starts: list[int]  # [num_segments + 1] token-row offsets (host), row_starts[-1] = batch * T
-    states: list[dict[str, "LayerState"]] | None = None  # [num_segments] the segment task's layer states (CPU)
+    states: list[dict[str, "LayerState"]] | None = None  # [num_segments] the segment task's layer states (CPU fp32)
+    hot: list[dict] | None = None  # [num_segments] module name -> HotWeight of the segment's task (CPU bf16/int8)
     slots: list[int] | None = None  # [num_segments] device-cache slot of each segment's task (host copy)
     seg_starts: torch.Tensor | None = None  # int32 [num_segments + 1] on the device, = row_starts
     seg_slots: torch.Tensor | None = None  # int32 [num_segments] on the device, = slots

@@ -34,6 +34,11 @@ class Metrics:
     supermask_cache_bytes                            gauge      bytes of all resident tasks
     supermask_cache_capacity_bytes                   gauge      the cache's byte budget
     supermask_backbone_bytes                         gauge      bytes of the shared backbone tensors
+    supermask_hot_promotion_duration_seconds{task}  histogram  warm -> hot: unpack mask bits, materialise weights
+    supermask_hot_tasks                              gauge      tasks in the CPU hot tier
+    supermask_hot_bytes                              gauge      bytes of the hot tier's materialised weights
+    supermask_hot_capacity_bytes                     gauge      the hot tier's byte budget
+    supermask_cpu_precision_info{precision}          gauge      1 for the CPU compute precision in use
     supermask_device_swap_in_duration_seconds{task}  histogram  copy a task's mask bits into a GPU slot + relayout
     supermask_device_resident_tasks                  gauge      tasks holding a GPU mask slot
     supermask_gpu_memory_allocated_bytes             gauge      torch.cuda.memory_allocated (0 without CUDA)
@@ -63,6 +68,16 @@ class Metrics:
         self.cache_capacity_bytes = Gauge(f"{PREFIX}_cache_capacity_bytes", "Byte budget of the task cache.",
                                           registry=r)
         self.backbone_bytes = Gauge(f"{PREFIX}_backbone_bytes", "Bytes of the shared backbone tensors.", registry=r)
+        self.hot_promotion_seconds = Histogram(
+            f"{PREFIX}_hot_promotion_duration_seconds",
+            "CPU hot tier promotion time in seconds (unpack a warm task's mask bits, materialise its weights).",
+            ["task"], buckets=SWAP_IN_BUCKETS_SECONDS, registry=r)
+        self.hot_tasks = Gauge(f"{PREFIX}_hot_tasks", "Tasks in the CPU hot tier.", registry=r)
+        self.hot_bytes = Gauge(f"{PREFIX}_hot_bytes", "Bytes of the CPU hot tier's materialised weights.", registry=r)
+        self.hot_capacity_bytes = Gauge(f"{PREFIX}_hot_capacity_bytes", "Byte budget of the CPU hot tier.",
+                                        registry=r)
+        self.cpu_precision = Gauge(f"{PREFIX}_cpu_precision_info", "1 for the CPU compute precision in use.",
+                                   ["precision"], registry=r)
         self.device_swap_in_seconds = Histogram(
             f"{PREFIX}_device_swap_in_duration_seconds",
             "Device tier swap-in time in seconds (host-to-device copy of the packed masks and relayout into a slot).",

@@ -8,7 +8,9 @@ it (:class:`TaskBuilder`), and its head becomes two small tensors. The forms:
   (a CSR matrix of the pruned entries ``W ⊙ ¬μ``, for low sparsity),
   ``"dense"`` (the bool mask itself, for high sparsity) or ``"reference"``
   (the bool mask, for the slow exact kernel) — named by :data:`CPU_FORMS`
-  from the kernel path the selector picks;
+  from the kernel path the selector picks; in a low CPU precision,
+  ``"packed"`` (the bundle's bits: the warm form, materialised by the hot
+  tier, :mod:`service.hot_tier`);
 * device tier: ``"device"`` (the bundle's packed bits, copied into a device
   slot when the task is used).
 
@@ -61,7 +63,8 @@ class LayerState:
     ``path`` is "none" (nothing pruned: plain dense product), "complement"
     (``pruned`` is a CSR ``[out, in]`` of ``W ⊙ ¬μ``), "dense" (``mask`` is
     bool ``[out, in]``) or "reference" (``mask`` set; the slow reference kernel)
-    on the CPU; "device" on the device tier (``packed`` holds the bundle's bits,
+    on the CPU in fp32; "packed" on the CPU in bf16/int8 (``packed`` holds the bundle's bits, the hot
+    tier materialises them); "device" on the device tier (``packed`` holds the bundle's bits,
     copied into a device slot when the task is used).
     """
 
@@ -152,10 +155,13 @@ class TaskBuilder:
         capacity_bytes: a task whose resident form exceeds this is refused (the whole task cache).
         kernel_path: the CPU path override ("auto": the selector's rule).
         device: None for the CPU tier; the device of the device tier (its packed bits are pinned on CUDA).
+        packed: CPU tier in low precision: keep the packed bits (the warm form; the hot tier,
+            :mod:`service.hot_tier`, materialises them).
     """
 
     def __init__(self, backbone: Backbone, weights: dict[str, torch.Tensor], capacity_bytes: int,
-                 kernel_path: str = KernelPath.AUTO.value, device: torch.device | None = None):
+                 kernel_path: str = KernelPath.AUTO.value, device: torch.device | None = None, packed: bool = False):
+        self.packed = packed
         self.backbone = backbone
         self.weights = weights
         self.capacity_bytes = capacity_bytes
@@ -203,13 +209,13 @@ class TaskBuilder:
         return LoadedTask(h, layers, head_w, head_b, nbytes=nbytes, bundle_bytes=bundle.size_bytes)
 
     def _layer_state(self, bundle: Bundle, name: str, sparsity: float, weight: torch.Tensor) -> LayerState | None:
-        if self.device is not None:  # device tier
-            if sparsity == 0.0:  # an all-ones mask needs no bits: the device cache keeps every weight
+        if self.device is not None or self.packed:  # device tier, or the warm form of the CPU hot tier
+            if sparsity == 0.0:  # an all-ones mask needs no bits: the tier keeps the plain weight
                 return None
             packed = torch.frombuffer(bytearray(bundle.masks[name]), dtype=torch.uint8)
-            if self.device.type == "cuda":
+            if self.device is not None and self.device.type == "cuda":
                 packed = packed.pin_memory()  # asynchronous host-to-device copy at swap-in
-            return LayerState("device", packed=packed, sparsity=sparsity)
+            return LayerState("device" if self.device is not None else "packed", packed=packed, sparsity=sparsity)
         path = choose_path(sparsity, self.kernel_path)
         if path == "none":
             return LayerState("none")

@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Servers built from Settings() in tests compute in the reference precision unless a test asks for another
+# (the server's own default, "auto", picks int8 or bf16 by the CPU; tests/unit/test_precision.py covers those).
+os.environ.setdefault("SUPERMASK_CPU_PRECISION", "fp32")
 
 
 def _cuda_available() -> bool:

@@ -32,6 +32,7 @@ def _task_public(state, task: str, header: BundleHeader, detail: bool) -> TaskPu
         masked_weights=header.masked_weights,
         bytes=state.store.size_bytes(task),
         resident=state.engine.is_resident(task),
+        tier=state.engine.tier(task),
         backbone_fingerprint=header.backbone_fingerprint,
         metrics=header.metrics,
         training=header.training if detail else None,
@@ -121,7 +122,7 @@ async def delete_task(task: str, state: State) -> Response:
 @router.get("/healthz", response_model=HealthPublic)
 async def healthz(state: State) -> HealthPublic:
     return HealthPublic(status="ok", backbone=state.backbone.name, backbone_fingerprint=state.backbone.fingerprint,
-                        tasks=len(state.store.tasks()), resident_tasks=state.engine.status()["resident_tasks"])
+                        tasks=len(state.store.tasks()), **state.engine.status())
 
 
 @router.get("/metrics")

@@ -42,6 +42,8 @@ class TaskPublic(BaseModel):
     masked_weights: int
     bytes: int = Field(description="Bundle file size in bytes.")
     resident: bool = Field(description="Whether the task is loaded in the cache now.")
+    tier: str = Field(description="hot (CPU: weights materialised in the compute precision), warm (loaded: "
+                      "packed mask bits or sparse forms + head) or cold (only in the store).")
     backbone_fingerprint: str
     metrics: dict[str, Any]
     training: dict[str, Any] | None = None
@@ -59,6 +61,9 @@ class HealthPublic(BaseModel):
     backbone_fingerprint: str
     tasks: int
     resident_tasks: int
+    device: str
+    precision: str = Field(description="CPU compute precision (fp32, bf16, int8), or 'device' on the GPU tier.")
+    hot_tasks: int | None = Field(None, description="Tasks in the CPU hot tier (bf16 / int8 only).")
 
 
 class ErrorBody(BaseModel):

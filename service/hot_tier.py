@@ -1,0 +1,125 @@
+"""CPU hot tier: tasks whose masked weights are materialised in the compute precision, an LRU bounded in bytes.
+
+Residency on the CPU in low precision (``SUPERMASK_CPU_PRECISION`` bf16 or int8):
+
+* **hot** — every masked matrix of the task materialised once as
+  ``deq(W_q) ⊙ μ`` in the compute precision and layout
+  (:func:`service.kernels.cpu_hot.materialize`: int8 ``W_q ⊙ μ`` with the
+  backbone's per-channel scales, prepacked for oneDNN; or bfloat16), so a hot
+  request costs exactly a dense single-model forward. Held here, least
+  recently used evicted beyond ``SUPERMASK_HOT_CACHE_BYTES``.
+* **warm** — the task's packed mask bits and head only (≈ the bundle's
+  bytes), in the host task cache (:mod:`service.tasks`). A pass that needs a
+  warm task promotes it (unpack + materialise; timed and exported as
+  ``supermask_hot_promotion_duration_seconds``).
+* **cold** — in the store; loaded into the warm tier first.
+
+Matrices a task leaves unmasked share one materialised form of the plain
+backbone weight (built once at start-up). Not thread-safe: the engine calls it
+under its pass lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from service.kernels.cpu_hot import HotWeight, materialize
+from service.kernels.packing import unpack_bits
+from service.metrics import Metrics
+from service.tasks import LoadedTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HotTask:
+    """One task's materialised matrices (module name → :class:`HotWeight`), from one load generation."""
+
+    generation: int
+    layers: dict[str, HotWeight]
+    nbytes: int
+
+
+class HotTier:
+    """Task → materialised weights, LRU bounded in bytes.
+
+    Args:
+        matrices: module name → ``(w_q int8 [out, in], scale float32 [out], bias [out] or None)``.
+        precision: "bf16" or "int8" (see :mod:`service.kernels.cpu_hot`).
+        capacity_bytes: byte budget (> 0); a task larger than the whole budget is materialised for
+            its pass only.
+        metrics: promotions and residency are recorded here (None: nothing recorded).
+    """
+
+    def __init__(self, matrices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                 precision: str, capacity_bytes: int, metrics: Metrics | None = None):
+        if capacity_bytes <= 0:
+            raise ValueError(f"hot tier capacity must be > 0 bytes, got {capacity_bytes}")
+        self.matrices = matrices
+        self.precision = precision
+        self.capacity_bytes = capacity_bytes
+        self.metrics = metrics
+        self.tasks: OrderedDict[str, HotTask] = OrderedDict()
+        self.used_bytes = 0
+        #: the plain backbone weight of every matrix, for the matrices a task does not mask
+        self.base = {n: materialize(w_q, scale, None, bias, precision) for n, (w_q, scale, bias) in matrices.items()}
+        if metrics is not None:
+            metrics.hot_capacity_bytes.set(capacity_bytes)
+            self._gauges()
+
+    def get(self, task: str, entry: LoadedTask) -> dict[str, HotWeight]:
+        """``task``'s materialised matrices (all of them: unmasked ones from :attr:`base`), promoting it on a miss.
+
+        A hot entry from another load generation (a replaced bundle) is rebuilt from ``entry``.
+        """
+        hot = self.tasks.get(task)
+        if hot is not None and hot.generation == entry.generation:
+            self.tasks.move_to_end(task)
+            return hot.layers
+        self.drop(task)
+        t0 = time.perf_counter()
+        layers = dict(self.base)
+        nbytes = 0
+        for name, st in entry.layers.items():
+            if st.packed is None:
+                continue
+            w_q, scale, bias = self.matrices[name]
+            mask = unpack_bits(st.packed, tuple(w_q.shape))
+            layers[name] = materialize(w_q, scale, mask, bias, self.precision)
+            nbytes += layers[name].nbytes()
+        seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
+        log.debug("promoted task %s to the hot tier in %.1f ms (%d bytes)", task, seconds * 1e3, nbytes)
+        if nbytes > self.capacity_bytes:
+            log.warning("task %s needs %d hot bytes, more than SUPERMASK_HOT_CACHE_BYTES=%d: materialised for "
+                        "this pass only", task, nbytes, self.capacity_bytes)
+            return layers
+        while self.tasks and self.used_bytes + nbytes > self.capacity_bytes:
+            _, old = self.tasks.popitem(last=False)
+            self.used_bytes -= old.nbytes
+        self.tasks[task] = HotTask(entry.generation, layers, nbytes)
+        self.used_bytes += nbytes
+        self._gauges()
+        return layers
+
+    def drop(self, task: str) -> None:
+        """Forget ``task``'s materialised weights (no-op when it is not hot)."""
+        hot = self.tasks.pop(task, None)
+        if hot is not None:
+            self.used_bytes -= hot.nbytes
+            self._gauges()
+
+    def task_bytes(self, entry: LoadedTask) -> int:
+        """Bytes ``entry`` would take when hot (without materialising it)."""
+        return sum(self.base[n].nbytes() for n, st in entry.layers.items() if st.packed is not None)
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.hot_tasks.set(len(self.tasks))
+            self.metrics.hot_bytes.set(self.used_bytes)
