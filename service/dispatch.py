@@ -96,10 +96,16 @@ class HotDispatcher:
         return SegmentTable(row_starts, hot=[self.hot.get(t, e) for t, e in segs])
 
     def linear(self, layer: MaskedLinear, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
+        return self.product(layer.name, x, seg)
+
+    @staticmethod
+    def product(group: str, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
+        """Product group ``group`` (a module, or the lean encoder's fused Q|K|V) for the rows ``x``
+        ``[rows, in]`` float32 of every segment, each with its task's hot weights → float32 ``[rows, out]``."""
         r = seg.row_starts
         if len(seg.hot) == 1:
-            return cpu_hot.hot_linear(x, seg.hot[0][layer.name])
-        return torch.cat([cpu_hot.hot_linear(x[r[i]:r[i + 1]], forms[layer.name]) for i, forms in enumerate(seg.hot)])
+            return cpu_hot.hot_linear(x, seg.hot[0][group])
+        return torch.cat([cpu_hot.hot_linear(x[r[i]:r[i + 1]], forms[group]) for i, forms in enumerate(seg.hot)])
 
 
 class CpuDispatcher:

@@ -21,6 +21,7 @@ run outside it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ from backbone import Backbone, replace_module
 from mask_store.format import BundleHeader
 from mask_store.local import LocalMaskStore
 from service.batcher import MicroBatcher
+from service.encoder import LeanEncoder
 from service.dispatch import CpuDispatcher, DeviceDispatcher, HotDispatcher, check_host_capacity, resolve_device
 from service.forward import Forward, PredictRequest, Rows, check_rows, decode
 from service.hot_tier import HotTier
@@ -42,6 +44,8 @@ from service.metrics import Metrics
 from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable, choose_path
 
 __all__ = ["Engine", "PredictRequest"]
+
+log = logging.getLogger(__name__)
 
 LOW_PRECISIONS = ("bf16", "int8")
 """CPU precisions served through the hot tier (:mod:`service.hot_tier`)."""
@@ -120,13 +124,19 @@ class Engine:
             self.layers[name] = ml
         self._device: DeviceDispatcher | None = None
         self.hot: HotTier | None = None
+        self.encoder: LeanEncoder | None = None  # the hot tier's lean encoder, where the layout is recognised
         shapes = {n: ml.weight for n, ml in self.layers.items()}
         if self.device_tier:
             self._device = DeviceDispatcher(backbone, self.layers, self.device, override, device_slots, metrics)
             dispatcher = self._device
         elif self.precision in LOW_PRECISIONS:
+            reason = LeanEncoder.unsupported(backbone.model)
+            if reason is None:
+                self.encoder = LeanEncoder(backbone.model)
+            else:
+                log.info("lean encoder not used (%s): the hot tier runs the model module by module", reason)
             self.hot = HotTier({n: (ml.w_q, ml.scale, ml.bias) for n, ml in self.layers.items()}, self.precision,
-                               hot_cache_bytes, metrics)
+                               hot_cache_bytes, metrics, groups=self.encoder.groups if self.encoder else None)
             dispatcher = HotDispatcher(self.hot)
             shapes = {n: ml.w_q for n, ml in self.layers.items()}
             for ml in self.layers.values():
@@ -139,7 +149,7 @@ class Engine:
         self.builder = TaskBuilder(backbone, shapes, cache_bytes, kernel_path=kernel_path,
                                    device=self.device if self.device_tier else None, packed=self.hot is not None)
         self.tasks = TaskTable(store, self.builder, metrics)
-        self.forward = Forward(backbone, self.layers, dispatcher, self.device, max_batch_size)
+        self.forward = Forward(backbone, self.layers, dispatcher, self.device, max_batch_size, encoder=self.encoder)
         self.batcher = (MicroBatcher(self.predict_mixed, max_rows=max_batch_size, max_wait_s=batch_wait_ms / 1e3)
                         if batch_wait_ms > 0 else None)
         metrics.backbone_bytes.set(backbone.parameter_bytes())

@@ -24,6 +24,7 @@ from torch import nn
 
 from backbone import Backbone, mean_pool
 from mask_store.format import BundleHeader
+from service.encoder import LeanEncoder
 from service.errors import InputInvalid
 from service.masked_linear import MaskedLinear
 from service.tasks import LoadedTask
@@ -89,13 +90,16 @@ class Forward:
         dispatcher: the tier's dispatcher (:mod:`service.dispatch`).
         device: where the model runs.
         max_batch_size: rows per pass.
+        encoder: the lean encoder (:mod:`service.encoder`) to run instead of the model's modules (CPU hot
+            tier, with a dispatcher that has ``product(group, x, table)``), or None.
 
     Not thread-safe: the caller runs one :meth:`run` at a time (the masked layers hold the
     pass's segment table).
     """
 
     def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], dispatcher, device: torch.device,
-                 max_batch_size: int):
+                 max_batch_size: int, encoder: LeanEncoder | None = None):
+        self.encoder = encoder
         self.backbone = backbone
         self.layers = layers
         self.dispatcher = dispatcher
@@ -192,13 +196,18 @@ class Forward:
         seq_len = inputs["input_ids"].shape[1]
         table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts])
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        for layer in self.layers.values():
-            layer.segments = table
-        try:
-            hidden = self.backbone.model(**inputs).last_hidden_state  # [batch, T, hidden]
-        finally:
+        if self.encoder is not None:
+            product = self.dispatcher.product
+            hidden = self.encoder(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
+                                  lambda group, x: product(group, x, table))
+        else:
             for layer in self.layers.values():
-                layer.segments = None
+                layer.segments = table
+            try:
+                hidden = self.backbone.model(**inputs).last_hidden_state  # [batch, T, hidden]
+            finally:
+                for layer in self.layers.values():
+                    layer.segments = None
         pooled = mean_pool(hidden.float(), inputs["attention_mask"]).cpu()  # [batch, hidden] float32
         return [nn.functional.linear(pooled[seq_starts[i]:seq_starts[i + 1]], e.head_weight, e.head_bias)
                 for i, (_, e) in enumerate(segs)]

@@ -14,8 +14,11 @@ Residency on the CPU in low precision (``SUPERMASK_CPU_PRECISION`` bf16 or int8)
   ``supermask_hot_promotion_duration_seconds``).
 * **cold** — in the store; loaded into the warm tier first.
 
-Matrices a task leaves unmasked share one materialised form of the plain
-backbone weight (built once at start-up). Not thread-safe: the engine calls it
+Matrices are materialised by *product group*: one module, or several that
+multiply the same input and are concatenated along the output dimension
+(the lean encoder's fused Q|K|V, :mod:`service.encoder`). Groups a task
+leaves unmasked share one materialised form of the plain backbone weights
+(built once at start-up). Not thread-safe: the engine calls it
 under its pass lock.
 """
 
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HotTask:
-    """One task's materialised matrices (module name → :class:`HotWeight`), from one load generation."""
+    """One task's materialised product groups (group name → :class:`HotWeight`), from one load generation."""
 
     generation: int
     layers: dict[str, HotWeight]
@@ -51,29 +54,55 @@ class HotTier:
     Args:
         matrices: module name → ``(w_q int8 [out, in], scale float32 [out], bias [out] or None)``.
         precision: "bf16" or "int8" (see :mod:`service.kernels.cpu_hot`).
+        groups: product group → its member modules (same ``in``, concatenated along ``out`` in this
+            order); None: every module its own group.
         capacity_bytes: byte budget (> 0); a task larger than the whole budget is materialised for
             its pass only.
         metrics: promotions and residency are recorded here (None: nothing recorded).
     """
 
     def __init__(self, matrices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                 precision: str, capacity_bytes: int, metrics: Metrics | None = None):
+                 precision: str, capacity_bytes: int, metrics: Metrics | None = None,
+                 groups: dict[str, list[str]] | None = None):
         if capacity_bytes <= 0:
             raise ValueError(f"hot tier capacity must be > 0 bytes, got {capacity_bytes}")
         self.matrices = matrices
+        self.groups = groups if groups is not None else {n: [n] for n in matrices}
         self.precision = precision
         self.capacity_bytes = capacity_bytes
         self.metrics = metrics
         self.tasks: OrderedDict[str, HotTask] = OrderedDict()
         self.used_bytes = 0
-        #: the plain backbone weight of every matrix, for the matrices a task does not mask
-        self.base = {n: materialize(w_q, scale, None, bias, precision) for n, (w_q, scale, bias) in matrices.items()}
+        #: the plain backbone weights of every group, for the groups a task does not mask
+        self.base = {g: self._materialize(members, None) for g, members in self.groups.items()}
         if metrics is not None:
             metrics.hot_capacity_bytes.set(capacity_bytes)
             self._gauges()
 
+    def _materialize(self, members: list[str], entry: LoadedTask | None) -> HotWeight:
+        """One group's hot form: the members' ``W_q``, scales, masks (all-ones where a member is
+        unmasked) and biases concatenated along ``out``."""
+        parts = [self.matrices[n] for n in members]
+        masks = []
+        for n, (w_q, _, _) in zip(members, parts):
+            st = entry.layers.get(n) if entry is not None else None
+            masks.append(None if st is None or st.packed is None else unpack_bits(st.packed, tuple(w_q.shape)))
+        if len(members) == 1:
+            w_q, scale, bias = parts[0]
+            return materialize(w_q, scale, masks[0], bias, self.precision)
+        mask = None if all(m is None for m in masks) else torch.cat(
+            [torch.ones(p[0].shape, dtype=torch.bool) if m is None else m for p, m in zip(parts, masks)])
+        biases = [p[2] for p in parts]
+        bias = None if any(b is None for b in biases) else torch.cat(biases)
+        return materialize(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), mask, bias,
+                           self.precision)
+
+    def _masked_groups(self, entry: LoadedTask) -> list[str]:
+        return [g for g, members in self.groups.items()
+                if any(n in entry.layers and entry.layers[n].packed is not None for n in members)]
+
     def get(self, task: str, entry: LoadedTask) -> dict[str, HotWeight]:
-        """``task``'s materialised matrices (all of them: unmasked ones from :attr:`base`), promoting it on a miss.
+        """``task``'s materialised groups (all of them: unmasked ones from :attr:`base`), promoting it on a miss.
 
         A hot entry from another load generation (a replaced bundle) is rebuilt from ``entry``.
         """
@@ -85,13 +114,9 @@ class HotTier:
         t0 = time.perf_counter()
         layers = dict(self.base)
         nbytes = 0
-        for name, st in entry.layers.items():
-            if st.packed is None:
-                continue
-            w_q, scale, bias = self.matrices[name]
-            mask = unpack_bits(st.packed, tuple(w_q.shape))
-            layers[name] = materialize(w_q, scale, mask, bias, self.precision)
-            nbytes += layers[name].nbytes()
+        for g in self._masked_groups(entry):
+            layers[g] = self._materialize(self.groups[g], entry)
+            nbytes += layers[g].nbytes()
         seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
@@ -117,7 +142,7 @@ class HotTier:
 
     def task_bytes(self, entry: LoadedTask) -> int:
         """Bytes ``entry`` would take when hot (without materialising it)."""
-        return sum(self.base[n].nbytes() for n, st in entry.layers.items() if st.packed is not None)
+        return sum(self.base[g].nbytes() for g in self._masked_groups(entry))
 
     def _gauges(self) -> None:
         if self.metrics is not None:
