@@ -9,7 +9,7 @@ store preloaded from the shipped example bundles, then measures, through HTTP:
 * server resident memory with the backbone only, with 1 task and with all tasks loaded;
 * a mixed-task load: ``--concurrency`` loopback clients each sending single-input requests to the
   shipped tasks in turn (``--mixed-requests`` in all), p50/p99 latency and throughput, against a
-  second server started with dynamic batching off (``SUPERMASK_BATCH_WAIT_MS=0``), same machine, same run.
+  second server started with dynamic batching off (``SUPERMASK_BATCHING=false``), same machine, same run.
 
 Writes ``benchmarks/results/serve_<device>.json`` and ``.md`` and prints the table.
 
@@ -269,7 +269,7 @@ def measure(args, examples_dir: str, device_env: dict[str, str]) -> dict:
         proc.terminate()
         proc.wait(timeout=30)
     if mixed_inputs:
-        proc, port2 = start_server(examples_dir, args.threads, {**device_env, "SUPERMASK_BATCH_WAIT_MS": "0"})
+        proc, port2 = start_server(examples_dir, args.threads, {**device_env, "SUPERMASK_BATCHING": "false"})
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port2}", timeout=120) as client:
                 wait_ready(client, proc)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients of the mixed-task load")
     ap.add_argument("--skip-dev", action="store_true", help="do not evaluate the tasks on their dev sets")
     ap.add_argument("--batch-wait-ms", type=float, default=2.0,
-                    help="SUPERMASK_BATCH_WAIT_MS of the first server (the second runs with 0: no batching)")
+                    help="SUPERMASK_BATCH_WAIT_MS of the first server (the second runs with SUPERMASK_BATCHING=false)")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                     help="SUPERMASK_DEVICE of the servers (cuda: the same measurements on a GPU machine)")
     ap.add_argument("--synthetic", choices=sorted(synthetic.SHAPES), default=None,
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{b['concurrency']} concurrent loopback clients.", "",
                "| server | p50 ms | p99 ms | requests/s |", "|---|---|---|---|"]
         for k, label in (("batched", f"dynamic batching (SUPERMASK_BATCH_WAIT_MS={args.batch_wait_ms:g})"),
-                         ("unbatched", "one request per forward (SUPERMASK_BATCH_WAIT_MS=0)")):
+                         ("unbatched", "one request per forward (SUPERMASK_BATCHING=false)")):
             if k in ml:
                 md.append(f"| {label} | {ml[k]['p50_ms']:.1f} | {ml[k]['p99_ms']:.1f} | {ml[k]['throughput_rps']:.1f} |")
         if "unbatched" in ml:

@@ -9,9 +9,12 @@ pruned-entry correction is applied to its own rows; on CUDA, one segmented
 kernel launch per layer). This is the serving side of Punica-style
 multi-adapter batching (Chen et al. 2023, SGMV) for supermasks.
 
-A gathered batch is closed when it holds ``max_rows`` rows or ``max_wait_s``
-has passed since its first request, whichever comes first; a lone request
-therefore waits at most ``max_wait_s`` (a few milliseconds by default).
+Continuous batching: requests that arrive while a forward pass runs are
+queued and taken together (up to ``max_rows`` rows) as soon as it ends, with
+no further wait. A request that arrives while the batcher is idle runs at
+once when ``max_wait_s`` is 0 (the default: no latency added to a lone
+request); with ``max_wait_s`` > 0 it first waits for company until its
+batch holds ``max_rows`` rows or ``max_wait_s`` has passed.
 
 Errors stay with their request: when a gathered batch fails (an unknown or
 corrupt task among them), each of its requests is run again on its own, so
@@ -50,7 +53,7 @@ class MicroBatcher:
     Args:
         forward: the mixed-task forward, normally ``engine.predict_mixed`` (run in a worker thread).
         max_rows: close a gathered batch once it holds this many rows (> 0).
-        max_wait_s: close a gathered batch this many seconds after its first submission (>= 0).
+        max_wait_s: an idle batcher's first submission waits this many seconds for company (>= 0; 0: none).
 
     Use from one asyncio event loop; the gathering task starts with the first :meth:`submit`.
     """
@@ -69,6 +72,7 @@ class MicroBatcher:
         self._full: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._backlog = False  # the queue filled while a forward pass ran: take it without a wait
         self.batches = 0  # forward calls made (for tests and logs)
 
     async def submit(self, task: str, rows: Rows) -> Any:
@@ -109,7 +113,7 @@ class MicroBatcher:
         assert self._arrived is not None and self._full is not None
         while True:
             await self._arrived.wait()
-            if self._queued_rows < self.max_rows and self.max_wait_s > 0:
+            if self._queued_rows < self.max_rows and self.max_wait_s > 0 and not self._backlog:
                 try:
                     await asyncio.wait_for(self._full.wait(), self.max_wait_s)
                 except asyncio.TimeoutError:
@@ -122,6 +126,7 @@ class MicroBatcher:
             live = [p for p in batch if not p.future.done()]  # a cancelled client needs no answer
             if live:
                 await self._run(live)
+            self._backlog = bool(self._queue)  # arrived during the pass: they go next, without a window
 
     def _take(self) -> list[_Pending]:
         """Pop the oldest submissions holding at most ``max_rows`` rows (always at least one)."""

@@ -70,8 +70,9 @@ class Engine:
             or "auto" (:func:`service.kernels.cpu_hot.auto_precision` by the CPU's features). Ignored
             on the device tier.
         hot_cache_bytes: byte budget of the CPU hot tier (bf16 / int8 only).
-        batch_wait_ms: > 0 turns on cross-request micro-batching (:class:`service.batcher.MicroBatcher`)
-            for :meth:`predict_async`, gathering for at most this long; 0 runs each request alone.
+        batching: cross-request micro-batching (:class:`service.batcher.MicroBatcher`) for
+            :meth:`predict_async`; False runs each request alone.
+        batch_wait_ms: with batching, how long a request arriving at an idle server waits for company.
         emulate_device_path: TEST-ONLY hook. With ``device="cpu"``, serve through the device
             tier (host tier of packed masks, :class:`DeviceTaskCache` on the CPU, segmented
             kernels) with this path forced: "triton_fused" (needs ``TRITON_INTERPRET=1`` set
@@ -87,7 +88,7 @@ class Engine:
 
     def __init__(self, backbone: Backbone, store: LocalMaskStore, metrics: Metrics, cache_bytes: int,
                  max_batch_size: int = 32, kernel_path: str = "auto", device: str = "auto",
-                 device_slots: int = 16, batch_wait_ms: float = 0.0, precision: str = "fp32",
+                 device_slots: int = 16, batching: bool = False, batch_wait_ms: float = 0.0, precision: str = "fp32",
                  hot_cache_bytes: int = 256 * 1024 * 1024, *, emulate_device_path: str | None = None):
         self.backbone = backbone
         self.store = store
@@ -151,7 +152,7 @@ class Engine:
         self.tasks = TaskTable(store, self.builder, metrics)
         self.forward = Forward(backbone, self.layers, dispatcher, self.device, max_batch_size, encoder=self.encoder)
         self.batcher = (MicroBatcher(self.predict_mixed, max_rows=max_batch_size, max_wait_s=batch_wait_ms / 1e3)
-                        if batch_wait_ms > 0 else None)
+                        if batching else None)
         metrics.backbone_bytes.set(backbone.parameter_bytes())
         metrics.cache_capacity_bytes.set(cache_bytes)
         metrics.resident_tasks.set(0)

@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.kernels.selector import KernelPath
 
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+"""Values of ``SUPERMASK_CPU_PRECISION`` (and ``supermask evaluate --precision``)."""
+
 #: bundles shipped with the project, preloaded into an empty store
 DEFAULT_EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "masks"
 
@@ -53,10 +56,13 @@ class Settings(BaseSettings):
     """Longest text (characters) in one input; tokens beyond the task's max sequence length are truncated."""
     max_batch_size: int = Field(32, gt=0)
     """Rows per forward pass; longer requests run in several passes."""
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
-    """Dynamic batching: how long (milliseconds) the first predict request of a batch waits for concurrent
-    requests, of any task, to share its forward passes (up to ``max_batch_size`` rows); 0 turns cross-request
-    batching off (each request runs on its own)."""
+    batching: bool = True
+    """Cross-request batching: requests of any task that arrive while a forward pass runs share the next pass
+    (up to ``max_batch_size`` rows); False runs each request on its own."""
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000)
+    """With batching on: how long (milliseconds) a request that finds the server idle waits for concurrent
+    requests to share its pass; 0 (the default) runs it at once (requests that arrive during a pass are
+    batched either way)."""
     kernel_path: KernelPath = KernelPath.AUTO
     """Masked-matmul path; 'auto' lets the selector choose per device and sparsity (the off-switch for kernels)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -64,7 +70,7 @@ class Settings(BaseSettings):
     device_slots: int = Field(16, gt=0)
     """GPU mask slots: tasks whose masks are resident on the device at once (a mixed batch holds at most
     this many tasks). The engine checks at start-up that ``cache_bytes`` holds at least this many tasks."""
-    cpu_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    cpu_precision: Literal[CPU_PRECISIONS] = "auto"
     """CPU compute precision of the masked products. 'fp32': float32 over the shared de-quantized backbone
     plus each task's sparse correction (the reference, bit-compatible with earlier releases); 'int8' (oneDNN
     int8 GEMM over ``W_q ⊙ μ`` with the backbone's per-channel scales, activations quantized per token) or

@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from service.settings import CPU_PRECISIONS  # torch-free (pydantic)
 from training import BERNOULLI_PER, MASK_RULES  # torch-free: the package top level names choices only
 
 DEFAULT_DATA_DIR = "../shared/data/glue"
@@ -71,7 +72,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_bundle(args.bundle, data_dir=args.data_dir, backbone=args.backbone, scores=args.scores,
                              samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task,
-                             bernoulli_per=args.bernoulli_per)
+                             bernoulli_per=args.bernoulli_per, precision=args.precision)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "examples (the figures recorded at training time); 'mask', one mask for the whole dev set "
                         "(the paper's reading; its s.d. is the spread between single masks)")
     e.add_argument("--dev-limit", type=positive_int, help="evaluate on only the first N dev examples")
+    e.add_argument("--precision", choices=CPU_PRECISIONS, default="fp32",
+                   help="CPU compute precision to serve the mask in, as SUPERMASK_CPU_PRECISION: 'fp32' (the "
+                        "reference, reproduces the recorded figure), 'bf16', 'int8' (the hot tier), 'auto' (the "
+                        "server's default: int8 / bf16 / fp32 by this CPU's features)")
     e.set_defaults(func=_evaluate)
 
     i = sub.add_parser("inspect", help="print a bundle's header as JSON (no torch needed)")

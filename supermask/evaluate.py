@@ -31,8 +31,11 @@ from training.supermask import SupermaskModel
 
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
                     samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
-                    batch_size: int = 64, bernoulli_per: str = "batch") -> dict:
+                    batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32") -> dict:
     """Evaluate a bundle on its GLUE task's dev split.
+
+    ``precision``: the server's CPU compute precision to serve it in ("fp32", "bf16", "int8" or "auto",
+    see :class:`service.settings.Settings`); recorded in the result (resolved).
 
     ``bernoulli_per``: how the Bernoulli samples draw masks ("batch" or "mask", see
     :func:`training.trainer.evaluate_bernoulli`); recorded in the result.
@@ -62,9 +65,11 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalMaskStore(tmp)
         store.put(header.task, data, bb.fingerprint)
-        engine = Engine(bb, store, Metrics(), cache_bytes=1 << 34, max_batch_size=batch_size)
+        engine = Engine(bb, store, Metrics(), cache_bytes=1 << 34, max_batch_size=batch_size, device="cpu",
+                        precision=precision)
         outs = []
-        for i in tqdm(range(0, len(dev), batch_size), desc=f"dev {task.name} (served mask)", leave=False):
+        for i in tqdm(range(0, len(dev), batch_size), desc=f"dev {task.name} (served mask, {engine.precision})",
+                      leave=False):
             rows = [(e.text_a, e.text_b) for e in dev[i : i + batch_size]]
             outs.append(engine.logits(header.task, rows))
     logits = torch.cat(outs)
@@ -73,6 +78,7 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         "task": header.task,
         "glue_task": task.name,
         "dev_examples": len(dev),
+        "precision": engine.precision,
         "sparsity": header.sparsity,
         "deterministic": compute_metrics(task, preds, golds),
         "recorded": header.metrics.get("deterministic", {}),

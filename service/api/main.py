@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     metrics = Metrics()
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
-                    device=settings.device, device_slots=settings.device_slots, batch_wait_ms=settings.batch_wait_ms,
+                    device=settings.device, device_slots=settings.device_slots, batching=settings.batching, batch_wait_ms=settings.batch_wait_ms,
                     precision=settings.cpu_precision, hot_cache_bytes=settings.hot_cache_bytes)
 
     @asynccontextmanager

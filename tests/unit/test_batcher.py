@@ -47,18 +47,49 @@ def test_concurrent_requests_of_several_tasks_share_one_forward_and_get_their_ow
     assert outs[2].tolist() == [[1.0, 0.0]]
 
 
-def test_a_full_batch_does_not_wait_and_rows_are_capped():
+def test_a_full_batch_does_not_wait_rows_are_capped_and_the_backlog_runs_next_without_a_window():
     fwd = FakeForward()
 
     async def main():
-        b = MicroBatcher(fwd, max_rows=4, max_wait_s=30.0)  # only a full batch can finish within the timeout
-        outs = await asyncio.wait_for(asyncio.gather(*(b.submit("t", _rows(2)) for _ in range(3))), timeout=2)
+        b = MicroBatcher(fwd, max_rows=4, max_wait_s=30.0)  # a window no test could wait out
+        outs = await asyncio.wait_for(asyncio.gather(*(b.submit("t", _rows(2)) for _ in range(3))), timeout=5)
         await b.close()
         return outs
 
-    with pytest.raises(asyncio.TimeoutError):  # the third request's batch (2 of 4 rows) waits its 30 s
-        asyncio.run(main())
-    assert fwd.calls[0] == [("t", 2), ("t", 2)]  # the first two filled a batch and ran at once
+    outs = asyncio.run(main())
+    # the first two filled a batch and ran at once; the third, queued meanwhile, ran right after it
+    assert fwd.calls == [[("t", 2), ("t", 2)], [("t", 2)]]
+    assert [o.shape[0] for o in outs] == [2, 2, 2]
+
+
+def test_without_a_window_a_lone_request_runs_at_once_and_arrivals_during_a_pass_share_the_next():
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    class SlowFirst(FakeForward):
+        def __call__(self, items):
+            if not self.calls:
+                started.set()
+                assert release.wait(10)
+            return super().__call__(items)
+
+    fwd = SlowFirst()
+
+    async def main():
+        b = MicroBatcher(fwd, max_rows=64, max_wait_s=0.0)
+        first = asyncio.ensure_future(b.submit("a", _rows(1)))
+        while not started.is_set():  # the lone request started its pass without waiting for company
+            await asyncio.sleep(0.001)
+        later = [asyncio.ensure_future(b.submit(t, _rows(1))) for t in ("b", "cc", "b")]
+        await asyncio.sleep(0.05)  # all three are queued behind the running pass
+        release.set()
+        outs = await asyncio.wait_for(asyncio.gather(first, *later), timeout=5)
+        await b.close()
+        return outs
+
+    asyncio.run(main())
+    assert fwd.calls == [[("a", 1)], [("b", 1), ("cc", 1), ("b", 1)]]
 
 
 def test_errors_stay_with_the_request_that_caused_them():

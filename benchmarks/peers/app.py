@@ -1,0 +1,224 @@
+"""A peer server for ``benchmarks/cpu_peers.py``: one model per task, this server's REST route.
+
+    python -m benchmarks.peers.app --kind hf-fp32 --backbone DIR --task-names a,b,c --port 8100
+
+Kinds:
+
+* ``hf-fp32``: one Hugging Face ``AutoModel`` per task, loaded from the local backbone folder, its
+  weights copied into the process (a fine-tuned model per task shares nothing with the others; without
+  the copy every model would map the same safetensors file), mean pooling, a linear head;
+* ``hf-int8``: the same with each model's ``nn.Linear`` layers converted by torch dynamic int8
+  quantization (``torch.ao.quantization.quantize_dynamic``);
+* ``ort-int8``: one ONNX Runtime session per task over the int8 model of
+  :mod:`benchmarks.peers.onnx_export` (``--onnx``), pooling and head in NumPy.
+
+Heads are random (seeded per task): the figures are costs, the logits mean nothing. A task's model is
+loaded on its first request, as this server loads a task. Forward passes run one at a time on a single
+worker thread (concurrent requests queue; no cross-request batching), each with ``--threads`` intra-op
+threads. Routes: ``POST /v1/tasks/{task}/predict`` (body ``{"inputs": ["text", ...]}`` or pairs
+``[["a", "b"], ...]``; answer ``{"task", "predictions": [{"label", "score", "scores"}]}``),
+``GET /v1/tasks``, ``GET /healthz``. Binds 127.0.0.1 only.
+"""
+
+import argparse
+import asyncio
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+KINDS = ("hf-fp32", "hf-int8", "ort-int8")
+LABELS = ("negative", "positive")
+
+
+class Runner:
+    """Per-task models behind one tokenizer; :meth:`logits` loads a task's model on first use."""
+
+    def __init__(self, backbone: str, names: list[str], max_seq_length: int = 128, seed: int = 0):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.backbone = backbone
+        self.max_seq_length = max_seq_length
+        self.tok = AutoTokenizer.from_pretrained(backbone, local_files_only=True)
+        hidden = AutoConfig.from_pretrained(backbone, local_files_only=True).hidden_size
+        self.heads = {}
+        for i, name in enumerate(names):
+            rng = np.random.default_rng(seed + i)
+            self.heads[name] = (rng.normal(0, 0.02, size=(len(LABELS), hidden)).astype(np.float32),
+                                np.zeros(len(LABELS), dtype=np.float32))
+        self.models: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def encode(self, rows: list[tuple[str, str | None]], tensors: str):
+        a = [r[0] for r in rows]
+        b = [r[1] for r in rows] if rows[0][1] is not None else None
+        return self.tok(a, b, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors=tensors)
+
+    def model(self, task: str):
+        with self._lock:
+            if task not in self.models:
+                self.models[task] = self.load()
+            return self.models[task]
+
+    def logits(self, task: str, rows: list[tuple[str, str | None]]) -> np.ndarray:
+        pooled = self.pooled(self.model(task), rows)
+        w, b = self.heads[task]
+        return pooled @ w.T + b
+
+    def load(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pooled(self, model, rows) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class HFRunner(Runner):
+    def __init__(self, *args, int8: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int8 = int8
+
+    def load(self):
+        import warnings
+
+        import torch
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.backbone, local_files_only=True).eval()
+        with torch.no_grad():  # own the weights (see the module docstring)
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.clone()
+        if self.int8:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; fine for a peer
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8,
+                                                               inplace=True)
+        return model
+
+    def pooled(self, model, rows) -> np.ndarray:
+        import torch
+
+        enc = self.encode(rows, "pt")
+        with torch.inference_mode():
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            return ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().numpy()
+
+
+class ORTRunner(Runner):
+    def __init__(self, *args, onnx_path: str, threads: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.onnx_path = onnx_path
+        self.threads = threads
+
+    def load(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(self.onnx_path, so, providers=["CPUExecutionProvider"])
+
+    def pooled(self, session, rows) -> np.ndarray:
+        enc = self.encode(rows, "np")
+        wanted = {i.name for i in session.get_inputs()}
+        feed = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
+        h = session.run(["last_hidden_state"], feed)[0]
+        m = feed["attention_mask"][..., None].astype(h.dtype)
+        return (h * m).sum(1) / np.maximum(m.sum(1), 1)
+
+
+def make_runner(kind: str, backbone: str, names: list[str], threads: int | None, onnx_path: str | None,
+                max_seq_length: int = 128, seed: int = 0) -> Runner:
+    if kind == "ort-int8":
+        if not onnx_path:
+            raise ValueError("--kind ort-int8 needs --onnx (benchmarks/peers/onnx_export.py writes it)")
+        return ORTRunner(backbone, names, max_seq_length, seed, onnx_path=onnx_path, threads=threads)
+    if kind in ("hf-fp32", "hf-int8"):
+        return HFRunner(backbone, names, max_seq_length, seed, int8=kind == "hf-int8")
+    raise ValueError(f"unknown peer kind {kind!r}; one of {', '.join(KINDS)}")
+
+
+def create_app(runner: Runner, kind: str):
+    from fastapi import FastAPI, HTTPException
+    from pydantic import BaseModel
+
+    class PredictIn(BaseModel):  # resolved at definition: this module has no `from __future__ import annotations`
+        inputs: list[str | list[str]]
+
+    app = FastAPI(title=f"peer {kind}")
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")  # one forward at a time
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "kind": kind, "tasks": len(runner.heads), "resident_tasks": len(runner.models)}
+
+    @app.get("/v1/tasks")
+    async def tasks():
+        return {"tasks": [{"name": n, "resident": n in runner.models, "labels": list(LABELS)} for n in runner.heads]}
+
+    @app.post("/v1/tasks/{task}/predict")
+    async def predict(task: str, body: PredictIn):
+        if task not in runner.heads:
+            raise HTTPException(404, f"task {task!r} not found")
+        if not body.inputs:
+            raise HTTPException(422, "inputs is empty")
+        rows = []
+        for item in body.inputs:
+            texts = [item] if isinstance(item, str) else item
+            if len(texts) not in (1, 2):
+                raise HTTPException(422, "each input is a text or a [text_a, text_b] pair")
+            rows.append((texts[0], texts[1] if len(texts) == 2 else None))
+        if len({r[1] is None for r in rows}) > 1:
+            raise HTTPException(422, "mix of single texts and pairs in one request")
+        logits = await asyncio.get_running_loop().run_in_executor(worker, runner.logits, task, rows)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)
+        preds = []
+        for p in probs:
+            k = int(p.argmax())
+            preds.append({"label": LABELS[k], "score": float(p[k]),
+                          "scores": {lab: float(v) for lab, v in zip(LABELS, p)}})
+        return {"task": task, "predictions": preds}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from supermask.cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.peers.app", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--kind", choices=KINDS, required=True, help="how each task's model is held and run")
+    ap.add_argument("--backbone", required=True, help="local Hugging Face encoder folder")
+    ap.add_argument("--task-names", required=True, help="comma-separated task names to serve")
+    ap.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (torch / ONNX Runtime)")
+    ap.add_argument("--onnx", default=None, help="int8 ONNX model file (--kind ort-int8)")
+    ap.add_argument("--max-seq-length", type=int, default=128, help="tokens per input after truncation")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random heads (task i uses seed + i)")
+    args = ap.parse_args(argv)
+    names = [n for n in args.task_names.split(",") if n]
+    if not names:
+        ap.error("--task-names is empty")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    import uvicorn
+
+    runner = make_runner(args.kind, args.backbone, names, args.threads, args.onnx, args.max_seq_length, args.seed)
+    uvicorn.run(create_app(runner, args.kind), host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

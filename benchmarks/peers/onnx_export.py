@@ -1,0 +1,74 @@
+"""The ONNX Runtime peer's model: the backbone exported to ONNX offline, then dynamically quantized to int8.
+
+``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``: the newer exporter needs
+``onnxscript``), inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` with dynamic batch and
+sequence axes, output ``last_hidden_state``; then ``onnxruntime.quantization.quantize_dynamic`` with int8
+weights per output channel (per-tensor scales lose most of MiniLM's accuracy: mean-pooled cosine to fp32
+0.84-0.93 on short sentences, against 0.96+ per channel). Pooling and the task head run outside the graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+
+INSTALL_HINT = "pip install -e '.[bench]'   (or: .venv/bin/pip install 'onnxruntime>=1.17' 'onnx>=1.15')"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def missing() -> str | None:
+    """Why the ONNX Runtime peer cannot run here (with how to install what it lacks), or None."""
+    lacking = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    if lacking:
+        return f"{' and '.join(lacking)} not installed: {INSTALL_HINT}"
+    return None
+
+
+def export_int8(backbone_dir: str | Path, out_dir: str | Path, opset: int = 17) -> Path:
+    """Write ``out_dir/backbone-int8.onnx`` (dynamic int8 quantization of the fp32 export) and return it.
+
+    Raises:
+        ImportError: onnx or onnxruntime missing (see :func:`missing`).
+    """
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModel, AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp32, int8 = out / "backbone-fp32.onnx", out / "backbone-int8.onnx"
+    model = AutoModel.from_pretrained(str(backbone_dir), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True)
+    enc = tok(["a short example", "and a somewhat longer second example sentence"], padding=True,
+              return_tensors="pt")
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+    axes = {k: {0: "batch", 1: "seq"} for k in (*INPUT_NAMES, "last_hidden_state")}
+    kwargs = dict(input_names=list(INPUT_NAMES), output_names=["last_hidden_state"], dynamic_axes=axes,
+                  opset_version=opset)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings and the legacy exporter's deprecation notice
+        args = tuple(enc[k] for k in INPUT_NAMES)
+        try:
+            torch.onnx.export(Hidden(model), args, str(fp32), dynamo=False, **kwargs)
+        except TypeError:  # torch < 2.5: no `dynamo` argument, the TorchScript exporter is the only one
+            torch.onnx.export(Hidden(model), args, str(fp32), **kwargs)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" notice
+    try:
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+    fp32.unlink(missing_ok=True)
+    return int8
