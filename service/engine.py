@@ -347,11 +347,14 @@ def resolve_precision(precision: str) -> str:
     :func:`service.kernels.cpu_hot.auto_precision` picks for this CPU.
 
     Raises:
-        ValueError: not one of auto, fp32, bf16, int8.
+        ValueError: not one of auto, fp32, bf16, int8, or one this torch build / CPU cannot run.
     """
     p = str(precision).strip().lower()
     if p == "auto":
         return cpu_hot.auto_precision(cpu_hot.cpu_features())
     if p not in cpu_hot.PRECISIONS:
         raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
+    reason = cpu_hot.unavailable_reason(p)
+    if reason is not None:
+        raise ValueError(f"CPU precision {p!r} cannot run here ({reason}); use 'auto' or 'fp32'")
     return p

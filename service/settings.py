@@ -72,10 +72,10 @@ class Settings(BaseSettings):
     this many tasks). The engine checks at start-up that ``cache_bytes`` holds at least this many tasks."""
     cpu_precision: Literal[CPU_PRECISIONS] = "auto"
     """CPU compute precision of the masked products. 'fp32': float32 over the shared de-quantized backbone
-    plus each task's sparse correction (the reference, bit-compatible with earlier releases); 'int8' (oneDNN
-    int8 GEMM over ``W_q ⊙ μ`` with the backbone's per-channel scales, activations quantized per token) or
-    'bf16': each task's masked weights materialised once in the hot tier; 'auto': int8 where the CPU has
-    VNNI, else bf16 where it has AVX-512 BF16 / AMX, else fp32."""
+    plus each task's sparse correction (the reference, bit-compatible with earlier releases); 'bf16' or
+    'int8' (oneDNN int8 GEMM over ``W_q ⊙ μ`` with the backbone's per-channel scales, activations quantized
+    per token): each task's masked weights materialised once in the hot tier; 'auto': bf16 where the CPU has
+    AVX-512 BF16 / AMX-BF16, else int8 where it has VNNI, else fp32."""
     hot_cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the CPU hot tier (bf16 / int8): tasks' materialised masked weights, least recently used
     evicted to the warm tier (packed mask bits + head in the task cache)."""

@@ -1,174 +1,504 @@
-"""CPU hot-tier products: one task's masked weight materialised once in a compute precision, then dense products.
+"""CPU "hot tier": a task's masked weight materialised once, so a request costs one dense product.
 
-Semantics (same as :func:`service.kernels.reference.masked_linear_reference`)::
+Semantics (same as reference): ``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with ``deq(W_q)[o, i] = W_q[o, i] · scale[o]``
+(:func:`service.kernels.reference.masked_linear_reference`). A :class:`HotWeight` holds ``deq(W_q) ⊙ μ`` of one
+matrix for one task in one compute precision and layout; :func:`materialize` builds it (once per task load) and
+:func:`hot_linear` multiplies by it (per request). Nothing is shared with the backbone: a :class:`HotWeight`
+owns every tensor it holds (bar one read-only int64 zero-point vector per ``out`` size, shared process-wide), and
+:meth:`HotWeight.nbytes` counts them exactly.
 
-    y = x · (deq(W_q) ⊙ μ)ᵀ + b,   deq(W_q)[o, i] = W_q[o, i] · scale[o]
+Precisions. Measured on the 2-core AMD EPYC dev box (avx512_bf16 + avx512_vnni, no AMX; torch 2.13, 2 threads):
+ms per product of ``rows x [1536, 384]`` (out x in), best of 3 x 15 interleaved rounds; ``err`` = max |y - exact| /
+max |exact| per matrix, worst of MiniLM's 36 matrices on 1570 real SST-2 token activations with 13 % masks;
+``cos`` = cosine of MiniLM sentence embeddings to the fp32 path (128 SST-2 sentences, mean / min)::
 
-* ``fp32``: ``deq(W_q) ⊙ μ`` in float32, ``F.linear`` (the reference arithmetic).
-* ``bf16``: ``deq(W_q) ⊙ μ`` rounded to bfloat16; activations cast to bfloat16,
-  oneDNN bf16 GEMM (AVX-512 BF16 / AMX where the CPU has them), result float32.
-* ``int8``: ``W_q ⊙ μ`` is still int8 with the backbone's per-channel scales,
-  so the int8 hot weight is the exact served weight; it is prepacked once for
-  oneDNN (``torch.ops.onednn.qlinear_prepack``). Activations are quantized
-  per token row, symmetric: ``s_r = max_i |x[r, i]| / 127``, stored as uint8
-  with zero point 128; ``torch.ops.onednn.qlinear_pointwise`` computes
-  ``Σ_i (x_q[r, i]) · W_q[o, i] · scale[o]`` (exact int32 accumulation), then
-  ``y[r, o] = s_r · that + b[o]``. Per-row scales make a row's result
-  independent of the other rows in its batch (a mixed batch equals the
-  single-task passes). These are the plain-tensor oneDNN ops PyTorch's
-  inductor x86 int8 lowering uses; the quantized-tensor API
-  (``torch.ao.quantization``, ``quantize_per_channel``) is deprecated in this
-  torch and not used.
+    precision       stored weight                      1 row  12 rows  128 rows  1408 rows   err     cos (mean/min)
+    fp32            float32 [out, in], F.linear        0.033  0.143    0.751     7.45        7e-7    1 (bit-identical)
+    fp32_packed     float32, oneDNN-blocked (opt-in)   0.029  0.053    0.322     3.47        1.2e-6  1.000000/1.000000
+    bf16            bfloat16, oneDNN-blocked           0.025  0.041    0.197     2.13        7.5e-3  0.999989/0.999982
+    int8 (row)      int8 W_q ⊙ μ, oneDNN-prepacked     0.044  0.057    0.167     1.61        2.0e-2  0.99941/0.99900
+    int8 (tensor)   (act_quant="tensor")               0.051  0.062    0.157     1.28        4.2e-2  0.99441/0.99109
 
-Measured on a 2-core AMD EPYC (avx512_bf16, avx512_vnni, no AMX), torch 2.13,
-one 1536x384 matrix: 1,408 token rows fp32 7.0 ms, bf16 2.1 ms, int8 1.5 ms;
-32 rows 0.25 / 0.11 / 0.08 ms.
+* ``"fp32"``: ``deq(W_q) ⊙ μ`` as a plain float32 ``[out, in]`` tensor, multiplied with ``F.linear``: the product is
+  bit-identical (``torch.equal``) to ``F.linear(x, deq(W_q) * mask, b)``, i.e. to today's fp32 serving path.
+* ``"fp32_packed"`` (opt-in, not in :data:`PRECISIONS`): the same float32 weight reordered once into oneDNN's
+  blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied with
+  ``torch.ops.mkldnn._linear_pointwise``: fp32 accuracy, 2.1-2.7x faster than ``F.linear`` here, but a different
+  summation order, so not bit-identical to the fp32 path.
+* ``"bf16"``: ``deq(W_q) ⊙ μ`` rounded to bfloat16 (one rounding of each weight, relative error <= 2^-9) and
+  reordered into oneDNN's blocked layout; activations are rounded to bfloat16 per call, accumulation is float32,
+  the output is rounded to bfloat16 by oneDNN and the bias is added in float32.
+* ``"int8"``: since ``W_q ⊙ μ`` is still int8 with the same per-channel scales, the stored weight is *exactly* the
+  served weight (prepacked with ``torch.ops.onednn.qlinear_prepack``, the op PyTorch's inductor x86 int8 lowering
+  uses; no deprecated quantized-tensor API). Only the activations are quantized, dynamically per call to uint8
+  (asymmetric, ``qmax + 1`` levels, see :attr:`HotWeight.act_qmax`): per row by default (each row's own min/max:
+  2-3x more accurate than one scale per tensor on MiniLM activations, and a row's result does not depend on the
+  other rows of the batch), or per tensor (``act_quant="tensor"``: faster for many rows, batch-dependent).
+  Signed int8 activations are not used: oneDNN runs them on a reference path (seconds per call here).
+
+Inference only: the oneDNN paths have no autograd. The oneDNN layouts are chosen for the CPU the process runs on, and
+their opaque tensors cannot be pickled, deep-copied or ``torch.save``-d (``NotImplementedError``): build a
+:class:`HotWeight` where it is used.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from service.kernels.packing import unpack_bits
+
+#: precisions of the hot tier, in order of accuracy (fp32 is the exact served path)
 PRECISIONS = ("fp32", "bf16", "int8")
-"""Every compute precision :func:`materialize` accepts."""
+#: opt-in oneDNN-blocked float32: fp32 accuracy, faster than "fp32", not bit-identical to it
+FP32_PACKED = "fp32_packed"
+#: every precision :func:`materialize` accepts
+ALL_PRECISIONS = PRECISIONS + (FP32_PACKED,)
+#: activation quantization modes of the int8 precision (see :func:`hot_linear`)
+ACT_QUANT = ("row", "tensor")
 
-_ZERO_POINT = 128  # uint8 activations: x_u8 = round(x / s_r) + 128
+#: the smallest activation step (scale) used, so a constant row or tensor does not divide by zero
+_MIN_ACT_SCALE = 1e-30
+_HALF = torch.tensor(0.5)
 
 
-@dataclass
+# --------------------------------------------------------------------------------------------------- CPU features
+
+
+def cpu_features() -> frozenset[str]:
+    """Instruction-set features of this CPU, as lowercase cpuinfo-style names (``"avx512_vnni"``, ``"avx_vnni"``,
+    ``"amx_int8"``, ``"avx512_bf16"``, ``"amx_bf16"``, ``"avx2"``, ``"avx512_f"``, ...).
+
+    Source: torch's own report, ``torch.cpu.get_capabilities()`` (where torch has it, else
+    ``torch._C._cpu._get_cpu_capability``; both read the CPU via cpuinfo), every key whose value is ``True``; plus ``"aten_<level>"`` for the ATen kernel
+    dispatch level of ``torch.backends.cpu.get_cpu_capability()`` (e.g. ``"aten_avx512"``). Where torch reports
+    nothing (older torch), the ``flags`` line of ``/proc/cpuinfo``, with ``avx512xx`` renamed ``avx512_xx`` to match
+    torch's names. Empty if neither is readable. Cached after the first call.
+    """
+    return _cpu_features()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_features() -> frozenset[str]:
+    feats: set[str] = set()
+    report = getattr(torch.cpu, "get_capabilities", None)
+    try:
+        caps = report() if report is not None else torch._C._cpu._get_cpu_capability()
+        feats |= {str(k).lower() for k, v in caps.items() if v is True}
+    except Exception:  # noqa: BLE001 - any failure of the report means "use the fallback"
+        pass
+    if not feats:
+        feats |= _proc_cpuinfo_flags()
+    try:
+        feats.add("aten_" + torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_"))
+    except Exception:  # noqa: BLE001
+        pass
+    return frozenset(feats)
+
+
+def _proc_cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """``flags`` of the first processor in ``path``, ``avx512f`` -> ``avx512_f`` etc.; empty if unreadable."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = line.partition(":")[2].split()
+                    return {re.sub(r"^avx512(?!_)(\w+)$", r"avx512_\1", f.lower()) for f in flags}
+    except OSError:
+        pass
+    return set()
+
+
+#: int8 dot-product instructions (u8 x s8 -> s32 without the 16-bit saturation of vpmaddubsw)
+INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+#: bfloat16 dot-product instructions
+BF16_DOT_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def auto_precision(features: frozenset[str] | set[str] | None = None, rows: int | None = None) -> str:
+    """The hot-tier precision for a CPU.
+
+    Args:
+        features: as :func:`cpu_features` (default: this CPU's).
+        rows: the typical number of token rows per product, if known; None: not considered.
+    Returns:
+        one of :data:`PRECISIONS`: ``"bf16"`` where a bfloat16 dot-product instruction exists
+        (:data:`BF16_DOT_FEATURES`), except ``"int8"`` when ``rows`` is given, is at least :data:`INT8_MIN_ROWS`
+        and an int8 one exists too; else ``"int8"`` where an int8 dot-product instruction exists
+        (:data:`INT8_DOT_FEATURES`) and the int8 ops work in this process (:func:`unavailable_reason`); else
+        ``"fp32"``.
+
+    Why (measured here, avx512_vnni + avx512_bf16, no AMX; ms per MiniLM layer = 4 x [384, 384] + [1536, 384] +
+    [384, 1536]): bf16 0.17 / 0.65 / 1.15 / 6.05 ms at 12 / 128 / 256 / 1408 rows against int8 (per-row
+    activations) 0.30 / 0.72 / 1.15 / 5.72: the int8 GEMM is the fastest (0.82 ms for 1408 x [1536, 384] against
+    bf16's 2.1) but the activation quantization's ~10 small torch ops (~25 us) and the zero-point pass over the
+    output eat the gain below ~256 rows (~128 with Q|K|V fused into one [1152, 384]). Without VNNI the int8 path must
+    use 7-bit activations (:attr:`HotWeight.act_qmax` 127) and u8 x s8 products without dot-product instructions;
+    without avx512_bf16 / amx_bf16 oneDNN converts bf16 in software, so fp32 is the default there. int8's error is
+    ~3x bf16's (per-matrix 2.0e-2 vs 7.5e-3; embedding cosine 0.9994 vs 0.99999; served GLUE dev figures: bf16
+    within 0.4 points of fp32 on all six shipped bundles, int8 up to 1.4), so where both exist bf16 is the
+    choice unless batches are known to be large (``rows``).
+    """
+    feats = cpu_features() if features is None else frozenset(features)
+    has_int8 = bool(feats & INT8_DOT_FEATURES) and unavailable_reason("int8") is None
+    has_bf16 = bool(feats & BF16_DOT_FEATURES)
+    if has_bf16 and (rows is None or not has_int8 or rows < INT8_MIN_ROWS):
+        return "bf16"
+    if has_int8:
+        return "int8"
+    return "fp32"
+
+
+#: with bfloat16 dot products present, the row count from which int8 is faster than bf16 (see auto_precision)
+INT8_MIN_ROWS = 256
+
+
+# --------------------------------------------------------------------------------------------- availability
+
+
+def unavailable_reason(precision: str) -> str | None:
+    """Why ``precision`` cannot be materialised in this process, or None when it can.
+
+    ``"fp32"`` and ``"bf16"`` are always available (bf16 falls back to a plain bfloat16 weight and ``F.linear`` where
+    oneDNN's bf16 reorder is missing); ``"int8"`` needs ``torch.ops.onednn.qlinear_prepack`` and
+    ``qlinear_pointwise``, ``"fp32_packed"`` needs ``torch.ops.mkldnn._reorder_linear_weight`` and
+    ``_linear_pointwise``. Each is probed once with a tiny product and the answer cached.
+
+    Raises:
+        ValueError: unknown precision.
+    """
+    if precision not in ALL_PRECISIONS:
+        raise ValueError(f"precision must be one of {ALL_PRECISIONS}, got {precision!r}")
+    return _probe(precision)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(precision: str) -> str | None:
+    if precision in ("fp32", "bf16"):
+        return None
+    w_q = torch.tensor([[1, -2, 3], [4, 5, -6]], dtype=torch.int8)
+    scale = torch.tensor([0.5, 0.25])
+    x = torch.tensor([[1.0, 2.0, -1.0]])
+    try:
+        hot = _materialize_checked(w_q, scale, None, None, precision)
+        y = hot_linear(x, hot)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
+        return f"{precision} hot weights are unavailable in torch {torch.__version__}: {type(exc).__name__}: {exc}"
+    want = x @ (w_q.to(torch.float32) * scale[:, None]).t()
+    if not torch.allclose(y, want, rtol=0.05, atol=0.05):
+        return f"{precision} probe product {y.tolist()} differs from {want.tolist()}"
+    return None
+
+
+def int8_available() -> bool:
+    """Whether the int8 precision works in this process (``unavailable_reason("int8") is None``)."""
+    return unavailable_reason("int8") is None
+
+
+def _mkldnn_bf16_pack_ok() -> bool:
+    fn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# ------------------------------------------------------------------------------------------------- hot weights
+
+
+@dataclass(eq=False)
 class HotWeight:
-    """One matrix of one task materialised in ``precision``.
+    """The materialised ``deq(W_q) ⊙ μ`` of one masked matrix for one task in one precision (from
+    :func:`materialize`; multiply with :func:`hot_linear`).
 
-    ``weight``: fp32 / bf16 ``[out, in]``, or (int8) the oneDNN-prepacked int8 ``W_q ⊙ μ``;
-    ``scale``: float32 ``[out]`` per-channel scales (int8 only); ``bias``: float32 ``[out]`` or None.
+    Attributes:
+        precision: one of :data:`ALL_PRECISIONS`.
+        out_features, in_features: the matrix shape ``[out, in]``.
+        weight: ``"fp32"``: float32 ``[out, in]`` contiguous (``deq(W_q) ⊙ μ``); ``"fp32_packed"`` / ``"bf16"``: the
+            same in float32 / bfloat16, as an opaque oneDNN (``torch._mkldnn``) tensor of logical shape ``[out, in]``
+            (``"bf16"``: a plain bfloat16 ``[out, in]`` tensor where oneDNN bf16 is unsupported); ``"int8"``: the
+            opaque prepacked int8 ``W_q ⊙ μ`` (logical shape ``[in, out]``).
+        bias: float32 ``[out]`` or None.
+        scale: ``"int8"`` only: float32 ``[out]``, the backbone's per-channel scales (a copy); else None.
+        row_sum: ``"int8"`` only: float32 ``[out]``, ``Σ_i deq(W_q)[o, i] · μ[o, i]`` (exact integer sum times
+            ``scale[o]``), for the activation zero-point correction of per-row quantization; else None.
+        act_qmax: ``"int8"`` only: the largest uint8 activation code, 255 where the CPU has int8 dot products
+            (:data:`INT8_DOT_FEATURES`), else 127 (PyTorch's x86 ``reduce_range``: without VNNI, u8 x s8 pairs are
+            summed in 16 bits with saturation); 0 for the other precisions.
     """
 
     precision: str
     out_features: int
     in_features: int
     weight: torch.Tensor
-    scale: torch.Tensor | None
     bias: torch.Tensor | None
+    scale: torch.Tensor | None = None
+    row_sum: torch.Tensor | None = None
+    act_qmax: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this weight holds."""
+        return [t for t in (self.weight, self.bias, self.scale, self.row_sum) if t is not None]
 
     def nbytes(self) -> int:
-        """Bytes held by this form's own tensors (the bias is the backbone's, shared). For int8 the
-        prepacked oneDNN tensor is opaque: its logical size (1 byte per weight) is counted."""
-        n = self.weight.numel() * self.weight.element_size()
-        if self.scale is not None:
-            n += self.scale.numel() * self.scale.element_size()
-        return n
+        """Exact bytes of tensor data held (for a byte-bounded cache): plain tensors ``numel * element_size``,
+        oneDNN tensors their buffer size (``torch.ops.mkldnn._nbytes``: blocked layout incl. padding and, for int8,
+        oneDNN's per-channel compensation). Excludes the Python objects (a few hundred bytes) and, for int8, the
+        weight zero points oneDNN takes (int64 zeros ``[out]``, one shared constant per ``out``)."""
+        return sum(_tensor_nbytes(t) for t in self.tensors())
 
 
-def int8_available() -> bool:
-    """Whether the oneDNN int8 ops exist in this torch build."""
-    return hasattr(torch.ops.onednn, "qlinear_prepack") and hasattr(torch.ops.onednn, "qlinear_pointwise") \
-        and torch.backends.mkldnn.is_available()
-
-
-def cpu_features() -> frozenset[str]:
-    """CPU features relevant to the precision choice, from ``/proc/cpuinfo`` flags (Linux) and torch's
-    capability report (``torch.backends.cpu.get_cpu_capability()``, e.g. "AVX512")."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    try:
-        flags.add("torch_" + torch.backends.cpu.get_cpu_capability().lower())
-    except (AttributeError, RuntimeError):
-        pass
-    keep = {"avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16", "avx512f", "avx2"}
-    return frozenset(f for f in flags if f in keep or f.startswith("torch_"))
-
-
-def auto_precision(features: frozenset[str] | set[str]) -> str:
-    """The precision "auto" means on a CPU with ``features`` (from :func:`cpu_features`).
-
-    int8 where the CPU has VNNI (avx512_vnni, avx_vnni or amx_int8) and the oneDNN int8 ops exist:
-    fastest at every batch size measured (module docstring); else bf16 where it has AVX-512 BF16 or
-    AMX-BF16 (oneDNN bf16 GEMM, 2-3x float32); else fp32.
-    """
-    if features & {"avx512_vnni", "avx_vnni", "amx_int8"} and int8_available():
-        return "int8"
-    if features & {"avx512_bf16", "amx_bf16"}:
-        return "bf16"
-    return "fp32"
+def _tensor_nbytes(t: torch.Tensor) -> int:
+    if t.is_mkldnn:
+        return int(torch.ops.mkldnn._nbytes(t))
+    return t.numel() * t.element_size()
 
 
 def materialize(w_q: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None,
                 precision: str) -> HotWeight:
-    """The hot form of ``deq(W_q) ⊙ μ`` in ``precision``.
+    """Build the hot weight ``deq(W_q) ⊙ μ`` of one matrix in ``precision``.
 
     Args:
-        w_q: int8 ``[out, in]``; scale: float32 ``[out]``.
-        mask: bool ``[out, in]`` (True keeps), or None (nothing pruned).
-        bias: ``[out]`` or None (kept as a float32 reference).
-        precision: one of :data:`PRECISIONS`.
+        w_q: int8 ``[out, in]`` (the backbone's quantized weight; not modified, not kept).
+        scale: float32 ``[out]`` per-channel scales (copied for ``"int8"``).
+        mask: bool ``[out, in]`` (True keeps), or uint8 ``[ceil(out*in/8)]`` packed bits in the bundle's bit order
+            (:func:`service.kernels.packing.unpack_bits`), or None (nothing pruned).
+        bias: ``[out]`` float (kept as a float32 copy) or None.
+        precision: one of :data:`ALL_PRECISIONS`.
+    Returns:
+        a :class:`HotWeight` owning all its tensors, on the CPU.
     Raises:
-        ValueError: unknown precision, wrong dtypes or shapes. RuntimeError: int8 without the oneDNN ops.
+        ValueError: unknown precision, or a tensor of the wrong dtype, shape or device.
+        RuntimeError: the precision is unavailable in this process (:func:`unavailable_reason`).
+
+    Cost of one MiniLM task (36 matrices, 10.6 M weights, this dev box; from bool masks / from packed bits, the
+    latter including :func:`~service.kernels.packing.unpack_bits`, 2.7 ms): fp32 6.0 / 7.3 ms, bf16 9.1 / 11.3 ms
+    (4.7 ms of it oneDNN's reorder), int8 19.1 / 21.8 ms (16.9 ms of it ``qlinear_prepack``, already on both
+    cores), fp32_packed 9.0 / 11.9 ms. Bytes held per task: fp32 42.6 MB, bf16 21.3 MB, int8 10.9 MB.
     """
-    if w_q.dtype != torch.int8 or w_q.dim() != 2:
-        raise ValueError(f"w_q must be int8 [out, in], got {w_q.dtype} {list(w_q.shape)}")
-    out, in_ = w_q.shape
-    if tuple(scale.shape) != (out,):
-        raise ValueError(f"scale must be [{out}], got {list(scale.shape)}")
-    if mask is not None and tuple(mask.shape) != (out, in_):
-        raise ValueError(f"mask must be [{out}, {in_}], got {list(mask.shape)}")
-    b = None if bias is None else bias.detach().to(torch.float32)
+    if precision not in ALL_PRECISIONS:
+        raise ValueError(f"precision must be one of {ALL_PRECISIONS}, got {precision!r}")
+    if precision not in ("fp32", "bf16"):
+        reason = unavailable_reason(precision)
+        if reason is not None:
+            raise RuntimeError(reason)
+    return _materialize_checked(w_q, scale, mask, bias, precision)
+
+
+def _materialize_checked(w_q, scale, mask, bias, precision) -> HotWeight:
+    if w_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.device.type != "cpu":
+        raise ValueError(f"w_q must be a CPU int8 [out, in] tensor, got {w_q.dtype} {list(w_q.shape)} on {w_q.device}")
+    out_f, in_f = (int(s) for s in w_q.shape)
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (out_f,) or scale.device.type != "cpu":
+        raise ValueError(f"scale must be a CPU float32 [{out_f}] tensor, got {scale.dtype} {list(scale.shape)}")
+    if bias is not None:
+        if not bias.is_floating_point() or tuple(bias.shape) != (out_f,) or bias.device.type != "cpu":
+            raise ValueError(f"bias must be a CPU float [{out_f}] tensor or None, got {bias.dtype} {list(bias.shape)}")
+        bias = bias.detach().to(torch.float32, copy=True).contiguous()
+    if mask is not None:
+        if mask.device.type != "cpu":
+            raise ValueError(f"mask must be on the CPU, got {mask.device}")
+        if mask.dtype == torch.uint8 and mask.dim() == 1:
+            mask = unpack_bits(mask, (out_f, in_f))  # raises ValueError on a wrong byte count
+        elif mask.dtype != torch.bool or tuple(mask.shape) != (out_f, in_f):
+            raise ValueError(f"mask must be bool [{out_f}, {in_f}] or packed uint8 [{(out_f * in_f + 7) // 8}], "
+                             f"got {mask.dtype} {list(mask.shape)}")
+    w_q = w_q.detach().contiguous()
+    scale = scale.detach().contiguous()
+
     if precision == "int8":
-        if not int8_available():
-            raise RuntimeError("CPU precision int8 needs torch's oneDNN int8 ops (torch.ops.onednn.qlinear_*), "
-                               "absent from this torch build; use bf16 or fp32")
-        q = w_q if mask is None else w_q * mask.to(torch.int8)
-        packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
-        return HotWeight("int8", out, in_, packed, scale.detach().to(torch.float32).contiguous(), b)
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    w = w_q.to(torch.float32) * scale.to(torch.float32)[:, None]
+        w_m = w_q if mask is None else w_q * mask  # int8 * bool -> int8: still the exact int8 grid
+        packed = torch.ops.onednn.qlinear_prepack(w_m, None)
+        row_sum = w_m.sum(dim=1, dtype=torch.int32).to(torch.float32) * scale
+        return HotWeight("int8", out_f, in_f, packed, bias, scale=scale.clone(), row_sum=row_sum,
+                         act_qmax=_act_qmax())
+
+    # deq(W_q) ⊙ μ exactly as the fp32 serving path forms it (backbone.dequantize, then * mask)
+    w = w_q.to(torch.float32) * scale[:, None]
     if mask is not None:
         w = w * mask
-    if precision == "bf16":
-        return HotWeight("bf16", out, in_, w.to(torch.bfloat16).contiguous(), None, b)
-    return HotWeight("fp32", out, in_, w.contiguous(), None, b)
+    if precision == "fp32":
+        return HotWeight("fp32", out_f, in_f, w, bias)
+    if precision == FP32_PACKED:
+        return HotWeight(FP32_PACKED, out_f, in_f, torch.ops.mkldnn._reorder_linear_weight(w), bias)
+    w_bf = w.to(torch.bfloat16)
+    if _mkldnn_bf16_pack_ok():
+        w_bf = torch.ops.mkldnn._reorder_linear_weight(w_bf)
+    return HotWeight("bf16", out_f, in_f, w_bf, bias)
 
 
-def hot_linear(x: torch.Tensor, hot: HotWeight) -> torch.Tensor:
-    """``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with ``hot`` from :func:`materialize`.
+@functools.lru_cache(maxsize=1)
+def _act_qmax() -> int:
+    return 255 if cpu_features() & INT8_DOT_FEATURES else 127
+
+
+# -------------------------------------------------------------------------------------------------- products
+
+
+def hot_linear(x: torch.Tensor, hot: HotWeight, *, act_quant: str = "row") -> torch.Tensor:
+    """``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with a :class:`HotWeight`: exactly one dense product.
 
     Args:
-        x: float32 (or bfloat16) ``[..., in]``.
+        x: CPU ``[..., in]`` float32 or bfloat16 (bf16 precision: used as is; the others: converted to float32
+            first, so a bf16 ``x`` is exact input for them).
+        hot: from :func:`materialize`.
+        act_quant: ``"int8"`` only: ``"row"`` (default) quantizes each row of ``x`` (each token) with its own
+            min/max to ``hot.act_qmax + 1`` uint8 levels and corrects the zero point with ``hot.row_sum``;
+            ``"tensor"`` uses one min/max for all of ``x`` (zero kept exact) and lets oneDNN apply scale, zero point
+            and bias in the product. Ignored by the other precisions.
     Returns:
-        float32 ``[..., out]``.
+        float32 ``[..., out]`` whatever ``x``'s dtype. ``"fp32"``: bit-identical to
+        ``F.linear(x, deq(W_q) * mask, b)``. A non-finite ``x`` gives non-finite outputs (int8: in the whole row,
+        or everywhere for ``"tensor"``).
+    Raises:
+        ValueError: ``x``'s last dimension is not ``in``, its dtype is not accepted, it is not on the CPU, or
+            ``act_quant`` is unknown.
     """
-    if hot.precision == "fp32":
-        return F.linear(x.to(torch.float32), hot.weight, hot.bias)
-    if hot.precision == "bf16":
-        y = F.linear(x.to(torch.bfloat16), hot.weight)
-        return y.float() + hot.bias if hot.bias is not None else y.float()
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be on the CPU, got {x.device}")
+    if x.dim() == 0 or x.shape[-1] != hot.in_features:
+        raise ValueError(f"x must be [..., {hot.in_features}], got {list(x.shape)}")
+    if x.dtype != torch.float32 and x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+    p = hot.precision
+    if p != "bf16" and x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    if p == "fp32":
+        return F.linear(x, hot.weight, hot.bias)
+
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, hot.in_features).to(torch.float32)
-    s = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127.0  # [rows, 1] per-token scales
-    xq = torch.round(x2 / s).add_(_ZERO_POINT).to(torch.uint8)
-    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, _ZERO_POINT, hot.weight, hot.scale, _W_ZERO_POINTS(hot), None,
-                                           1.0, 0, torch.float32, "none", [], "")
-    y = y * s
-    if hot.bias is not None:
-        y += hot.bias
+    x2 = x.reshape(-1, hot.in_features).contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, hot.out_features), dtype=torch.float32)
+    if p == FP32_PACKED:
+        y = torch.ops.mkldnn._linear_pointwise(x2, hot.weight, hot.bias, "none", [], "")
+    elif p == "bf16":
+        xb = x2.to(torch.bfloat16)
+        if hot.weight.is_mkldnn:
+            y = torch.ops.mkldnn._linear_pointwise(xb, hot.weight, None, "none", [], "")
+        else:
+            y = F.linear(xb, hot.weight)
+        # bf16 product + float32 bias -> float32 in one pass
+        y = torch.add(y, hot.bias) if hot.bias is not None else y.to(torch.float32)
+    elif act_quant == "row":
+        y = _int8_per_row(x2, hot)
+    else:
+        y = _int8_per_tensor(x2, hot)
     return y.reshape(*lead, hot.out_features)
 
 
-def _W_ZERO_POINTS(hot: HotWeight) -> torch.Tensor:  # noqa: N802 - a cached constant per shape
-    zp = _ZPS.get(hot.out_features)
-    if zp is None:
-        zp = _ZPS[hot.out_features] = torch.zeros(hot.out_features, dtype=torch.long)
-    return zp
+def _qlinear(q: torch.Tensor, x_scale, x_zp, hot: HotWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``[rows, out] = x_scale · scale[o] · Σ_i (q - x_zp)[r, i] · (W_q ⊙ μ)[o, i] + bias[o]``."""
+    op = torch.ops.onednn.qlinear_pointwise
+    if isinstance(x_scale, torch.Tensor):
+        op = op.tensor
+    return op(q, x_scale, x_zp, hot.weight, hot.scale, _weight_zero_points(hot.out_features), bias, 1.0, 0,
+              torch.float32, "none", [], "")
 
 
-_ZPS: dict[int, torch.Tensor] = {}
+@functools.lru_cache(maxsize=None)
+def _weight_zero_points(out_features: int) -> torch.Tensor:
+    """int64 zeros ``[out]``: the symmetric int8 weight's zero points, one read-only constant per ``out``."""
+    return torch.zeros(out_features, dtype=torch.int64)
+
+
+def _quantize_rows(x2: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric uint8 codes: ``x ≈ lo + step · q``, ``q = floor((x - lo) / step + 1/2)`` in ``[0, qmax]``.
+
+    Returns ``(q uint8 [rows, in], lo float32 [rows, 1], step float32 [rows, 1])``. Rounding is the float -> int
+    truncation of a non-negative value (+1/2). Float cancellation can garble codes only in a row whose range is below
+    ~2^-15 of its magnitude; with ``qmax`` 255 any uint8 code still decodes inside ``[lo, hi]``, so the error stays
+    below that tiny range (for ``qmax`` < 255 the codes are clamped, one more pass).
+    """
+    # as few ops as possible: each costs ~2 us at 12 rows, and ten of them cost as much as the GEMM there
+    hi = x2.amax(dim=-1, keepdim=True)  # amax + amin: 20x faster than aminmax(dim=-1) in torch 2.13 on CPU
+    lo = x2.amin(dim=-1, keepdim=True)
+    width = (hi - lo).clamp_(min=_MIN_ACT_SCALE * qmax)
+    inv = torch.div(qmax, width)
+    offset = torch.addcmul(_HALF, lo, inv, value=-1.0)  # 1/2 - lo / step
+    # float -> int16 -> uint8 is 2.5-3x faster than float -> uint8 in torch 2.13 on x86
+    t = torch.addcmul(offset, x2, inv)
+    if qmax != 255:
+        t = t.clamp_(0.0, qmax + 0.5)
+    return t.to(torch.int16).to(torch.uint8), lo, width.mul_(1.0 / qmax)
+
+
+def _int8_per_row(x2: torch.Tensor, hot: HotWeight) -> torch.Tensor:
+    q, lo, step = _quantize_rows(x2, hot.act_qmax)
+    raw = _qlinear(q, 1.0, 0, hot, None)  # Σ_i q[r, i] · deq(W_q ⊙ μ)[o, i]
+    # y = lo[r] · row_sum[o] + b[o] + step[r] · raw[r, o]
+    # (an outer-product addcmul is 1.7x faster than a rank-1 addmm for [1408, 1536] here)
+    base = torch.addcmul(hot.bias, lo, hot.row_sum) if hot.bias is not None else lo * hot.row_sum
+    return base.addcmul_(raw, step)
+
+
+def _quantize_tensor(x2: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor asymmetric uint8 codes with zero exact: ``x ≈ step · (q - zp)``, ``zp`` an integer in
+    ``[0, qmax]``. Returns ``(q uint8 [rows, in], step float32 0-d, zp int64 0-d)``."""
+    lo, hi = torch.aminmax(x2)
+    width = (hi.clamp(min=0.0) - lo.clamp(max=0.0)).clamp_(min=_MIN_ACT_SCALE * qmax)
+    inv = torch.div(qmax, width)
+    zp = (lo * inv).round_().neg_().clamp_(0, qmax)
+    q = torch.addcmul(zp + 0.5, x2, inv).clamp_(0.0, qmax).to(torch.int16).to(torch.uint8)
+    return q, width.mul_(1.0 / qmax), zp.to(torch.int64)
+
+
+def _int8_per_tensor(x2: torch.Tensor, hot: HotWeight) -> torch.Tensor:
+    q, step, zp = _quantize_tensor(x2, hot.act_qmax)
+    return _qlinear(q, step, zp, hot, hot.bias)
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def hot_linear_reference(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None,
+                         bias: torch.Tensor | None, precision: str, *, act_quant: str = "row",
+                         act_qmax: int | None = None) -> torch.Tensor:
+    """Plain-torch model of :func:`hot_linear`'s arithmetic, computed in float64 (the error budget of a precision
+    minus the kernel's own float32 summation order).
+
+    ``"fp32"`` / ``"fp32_packed"``: the exact product (as
+    :func:`service.kernels.reference.masked_linear_reference`); ``"bf16"``: weights and ``x`` rounded to bfloat16,
+    the product rounded to bfloat16, then the float32 bias added; ``"int8"``: ``x`` replaced by its decoded uint8
+    codes (same quantizer as the kernel; ``act_quant`` as :func:`hot_linear`, ``act_qmax`` as
+    :attr:`HotWeight.act_qmax`, default this CPU's).
+
+    Args:
+        x: float32 ``[..., in]``; w_q int8 ``[out, in]``; scale float32 ``[out]``; mask bool ``[out, in]`` or None;
+        bias ``[out]`` or None.
+    Returns:
+        float32 ``[..., out]``.
+    Raises:
+        ValueError: unknown precision or act_quant.
+    """
+    if precision not in ALL_PRECISIONS:
+        raise ValueError(f"precision must be one of {ALL_PRECISIONS}, got {precision!r}")
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+    w = w_q.to(torch.float64) * scale.to(torch.float64)[:, None]
+    if mask is not None:
+        w = w * mask
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    qmax = _act_qmax() if act_qmax is None else act_qmax
+    if precision == "bf16":
+        w = w.to(torch.float32).to(torch.bfloat16).to(torch.float64)
+        y = (x2.to(torch.bfloat16).to(torch.float64) @ w.t()).to(torch.bfloat16).to(torch.float64)
+    elif precision == "int8" and x2.shape[0] == 0:
+        y = x2.to(torch.float64) @ w.t()
+    elif precision == "int8" and act_quant == "row":
+        q, lo, step = _quantize_rows(x2, qmax)
+        y = (lo.double() + step.double() * q.double()) @ w.t()
+    elif precision == "int8":
+        q, step, zp = _quantize_tensor(x2, qmax)
+        y = (step.double() * (q.double() - zp.double())) @ w.t()
+    else:
+        y = x2.to(torch.float64) @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(torch.float32).reshape(*x.shape[:-1], w_q.shape[0])
