@@ -261,12 +261,15 @@ class Engine:
     def _mixed(self, items: Sequence[tuple[str, Rows]]) -> tuple[list[torch.Tensor], list[BundleHeader]]:
         """:meth:`logits_mixed` and the header used for each item."""
         entries: dict[str, LoadedTask] = {}
-        for task, rows in items:
+        for task, rows in items:  # outside the pass lock: a cold load or a promotion stalls no pass
             if task not in entries:
-                entries[task] = self.tasks.get(task)  # outside the pass lock: a cold load stalls no pass
+                entries[task] = self.tasks.get(task)
+                if self.hot is not None:
+                    self.hot.get(task, entries[task])
             check_rows(entries[task].header, rows)
+        encoded = self.forward.encode(items, entries)  # tokenized outside the pass lock too
         with self._lock:
-            outs = self.forward.run(items, entries)
+            outs = self.forward.run(items, entries, encoded)
         return outs, [entries[task].header for task, _ in items]
 
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:

@@ -18,13 +18,17 @@ Matrices are materialised by *product group*: one module, or several that
 multiply the same input and are concatenated along the output dimension
 (the lean encoder's fused Q|K|V, :mod:`service.encoder`). Groups a task
 leaves unmasked share one materialised form of the plain backbone weights
-(built once at start-up). Not thread-safe: the engine calls it
-under its pass lock.
+(built once at start-up).
+
+Thread-safe: the engine promotes a request's tasks before it takes the
+pass lock, so a promotion (a few ms to ~20 ms on MiniLM) never stalls the
+passes of other tasks; a promotion runs once however many requests wait for it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -73,6 +77,8 @@ class HotTier:
         self.metrics = metrics
         self.tasks: OrderedDict[str, HotTask] = OrderedDict()
         self.used_bytes = 0
+        self._lock = threading.Lock()  # guards tasks / used_bytes / _promoting; never held while materialising
+        self._promoting: dict[tuple[str, int], threading.Event] = {}
         #: the plain backbone weights of every group, for the groups a task does not mask
         self.base = {g: self._materialize(members, None) for g, members in self.groups.items()}
         if metrics is not None:
@@ -104,13 +110,33 @@ class HotTier:
     def get(self, task: str, entry: LoadedTask) -> dict[str, HotWeight]:
         """``task``'s materialised groups (all of them: unmasked ones from :attr:`base`), promoting it on a miss.
 
-        A hot entry from another load generation (a replaced bundle) is rebuilt from ``entry``.
+        A hot entry from another load generation (a replaced bundle) is rebuilt from ``entry``. The
+        materialisation runs outside the tier's lock, once however many threads ask for the same
+        ``(task, generation)`` at a time (the others wait for it).
         """
-        hot = self.tasks.get(task)
-        if hot is not None and hot.generation == entry.generation:
-            self.tasks.move_to_end(task)
-            return hot.layers
-        self.drop(task)
+        key = (task, entry.generation)
+        while True:
+            with self._lock:
+                hot = self.tasks.get(task)
+                if hot is not None and hot.generation == entry.generation:
+                    self.tasks.move_to_end(task)
+                    return hot.layers
+                flight = self._promoting.get(key)
+                if flight is None:
+                    flight = self._promoting[key] = threading.Event()
+                    break
+            flight.wait()  # another thread is materialising it; then look again
+        try:
+            layers, nbytes = self._promote(task, entry)
+            with self._lock:
+                self._insert(task, HotTask(entry.generation, layers, nbytes))
+        finally:
+            with self._lock:
+                del self._promoting[key]
+            flight.set()
+        return layers
+
+    def _promote(self, task: str, entry: LoadedTask) -> tuple[dict[str, HotWeight], int]:
         t0 = time.perf_counter()
         layers = dict(self.base)
         nbytes = 0
@@ -121,20 +147,28 @@ class HotTier:
         if self.metrics is not None:
             self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
         log.debug("promoted task %s to the hot tier in %.1f ms (%d bytes)", task, seconds * 1e3, nbytes)
-        if nbytes > self.capacity_bytes:
+        return layers, nbytes
+
+    def _insert(self, task: str, hot: HotTask) -> None:
+        """Put ``hot`` in the LRU, evicting the least recently used beyond the budget (caller holds the lock)."""
+        self._pop(task)
+        if hot.nbytes > self.capacity_bytes:
             log.warning("task %s needs %d hot bytes, more than SUPERMASK_HOT_CACHE_BYTES=%d: materialised for "
-                        "this pass only", task, nbytes, self.capacity_bytes)
-            return layers
-        while self.tasks and self.used_bytes + nbytes > self.capacity_bytes:
+                        "this pass only", task, hot.nbytes, self.capacity_bytes)
+            return
+        while self.tasks and self.used_bytes + hot.nbytes > self.capacity_bytes:
             _, old = self.tasks.popitem(last=False)
             self.used_bytes -= old.nbytes
-        self.tasks[task] = HotTask(entry.generation, layers, nbytes)
-        self.used_bytes += nbytes
+        self.tasks[task] = hot
+        self.used_bytes += hot.nbytes
         self._gauges()
-        return layers
 
     def drop(self, task: str) -> None:
         """Forget ``task``'s materialised weights (no-op when it is not hot)."""
+        with self._lock:
+            self._pop(task)
+
+    def _pop(self, task: str) -> None:
         hot = self.tasks.pop(task, None)
         if hot is not None:
             self.used_bytes -= hot.nbytes

@@ -104,3 +104,35 @@ def test_precision_choices_and_refusals(tiny_backbone_dir, store):
         resolve_precision("fp16")
     with pytest.raises(ValueError, match="fp32 CPU path"):
         _engine(tiny_backbone_dir, store, "int8", kernel_path="cpu_dense")
+
+
+def test_a_promotion_runs_once_outside_the_pass_lock(tiny_backbone_dir, store):
+    import threading
+
+    engine = _engine(tiny_backbone_dir, store, "bf16")
+    want_hot = engine.logits("s0", ROWS)  # s0 hot
+    engine.warm("s50")  # loaded, not yet materialised
+    gate, promoted = threading.Event(), []
+    real = engine.hot._promote
+
+    def slow_promote(task, entry):
+        promoted.append(task)
+        assert gate.wait(30), "test gate never opened"
+        return real(task, entry)
+
+    engine.hot._promote = slow_promote
+    threads = [threading.Thread(target=engine.logits, args=("s50", ROWS)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        while not promoted:
+            threading.Event().wait(0.01)
+        # s50 is being materialised (held at the gate): a pass of the hot task runs meanwhile
+        assert torch.equal(engine.logits("s0", ROWS), want_hot)
+        assert engine.tier("s50") == "warm"
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(30)
+    assert promoted == ["s50"]  # four requests, one promotion
+    assert engine.tier("s50") == "hot"
