@@ -1,12 +1,13 @@
 """Dynamic batching of concurrent predict requests, across tasks.
 
-Requests that arrive within ``max_wait_s`` of each other are gathered into one
-call of the engine's mixed-task forward (:meth:`service.engine.Engine.predict_mixed`) (``logits_mixed`` decoded), which sorts their rows into
-per-task segments and runs them as few forward passes as ``max_batch_size``
-allows: rows of different tasks share one pass over the backbone (on the CPU,
-the dense product ``x·Wᵀ`` of every masked layer is shared and each task's
-pruned-entry correction is applied to its own rows; on CUDA, one segmented
-kernel launch per layer). This is the serving side of Punica-style
+Concurrent requests are gathered into one call of the engine's mixed-task
+forward (:meth:`service.engine.Engine.predict_mixed`), which sorts their rows
+into per-task segments and runs them as few forward passes as
+``max_batch_size`` allows: rows of different tasks share one pass over the
+backbone (CPU fp32: the dense product ``x·Wᵀ`` of every masked layer is shared
+and each task's pruned-entry correction is applied to its own rows; CPU
+bf16 / int8: each segment multiplies with its task's hot weights; CUDA: one
+segmented kernel launch per layer). This is the serving side of Punica-style
 multi-adapter batching (Chen et al. 2023, SGMV) for supermasks.
 
 Continuous batching: requests that arrive while a forward pass runs are
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
 
-from fastapi.concurrency import run_in_threadpool
+from concurrent.futures import Executor
 
 from service.forward import Rows
 
@@ -51,14 +52,18 @@ class MicroBatcher:
     """Gathers concurrent ``(task, rows)`` submissions into mixed-task forward passes.
 
     Args:
-        forward: the mixed-task forward, normally ``engine.predict_mixed`` (run in a worker thread).
+        forward: the mixed-task forward, normally ``engine.predict_mixed``.
+        executor: where ``forward`` runs (the engine's one forward thread: torch's intra-op thread team
+            stays with one calling thread, which on 2 cores made a batch-1 pass ~3 ms faster than
+            hopping between pool threads); None: the event loop's default executor.
         max_rows: close a gathered batch once it holds this many rows (> 0).
         max_wait_s: an idle batcher's first submission waits this many seconds for company (>= 0; 0: none).
 
     Use from one asyncio event loop; the gathering task starts with the first :meth:`submit`.
     """
 
-    def __init__(self, forward: MixedForward, max_rows: int, max_wait_s: float):
+    def __init__(self, forward: MixedForward, max_rows: int, max_wait_s: float, executor: Executor | None = None):
+        self._executor = executor
         if max_rows <= 0:
             raise ValueError(f"max_rows must be positive, got {max_rows}")
         if max_wait_s < 0:
@@ -84,6 +89,7 @@ class MicroBatcher:
         if self._worker is None or self._worker.done() or self._loop is not loop:
             # first use, or the event loop changed (a test client that starts one per call): start afresh
             self._arrived, self._full, self._loop = asyncio.Event(), asyncio.Event(), loop
+            self._backlog = False
             self._queue = [p for p in self._queue if p.future.get_loop() is loop]
             self._queued_rows = sum(len(p.rows) for p in self._queue)
             self._worker = loop.create_task(self._gather_forever(), name="supermask-batcher")
@@ -138,10 +144,13 @@ class MicroBatcher:
         self._queued_rows -= rows
         return batch
 
+    async def _call(self, items: list[tuple[str, Rows]]) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, items)
+
     async def _run(self, batch: list[_Pending]) -> None:
         self.batches += 1
         try:
-            outs = await run_in_threadpool(self._forward, [(p.task, p.rows) for p in batch])
+            outs = await self._call([(p.task, p.rows) for p in batch])
         except Exception as exc:  # noqa: BLE001 - handed to the request(s) that caused it
             if len(batch) == 1:
                 _settle(batch[0], exc=exc)
@@ -149,7 +158,7 @@ class MicroBatcher:
             log.debug("mixed batch of %d requests failed (%s); running them one by one", len(batch), exc)
             for p in batch:
                 try:
-                    out = (await run_in_threadpool(self._forward, [(p.task, p.rows)]))[0]
+                    out = (await self._call([(p.task, p.rows)]))[0]
                 except Exception as one_exc:  # noqa: BLE001
                     _settle(p, exc=one_exc)
                 else:

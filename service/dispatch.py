@@ -91,9 +91,11 @@ class HotDispatcher:
     def __init__(self, hot: HotTier):
         self.hot = hot
 
-    def prepare(self, segs: Segments, row_starts: list[int]) -> SegmentTable:
-        """Promote every task of the pass to the hot tier (a no-op for hot ones)."""
-        return SegmentTable(row_starts, hot=[self.hot.get(t, e) for t, e in segs])
+    def prepare(self, segs: Segments, row_starts: list[int], forms: dict[str, dict] | None = None) -> SegmentTable:
+        """Each segment's hot weights: from ``forms`` (promoted by the engine before the pass lock), else
+        promoted here."""
+        return SegmentTable(row_starts, hot=[forms[t] if forms and t in forms else self.hot.get(t, e)
+                                             for t, e in segs])
 
     def linear(self, layer: MaskedLinear, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
         return self.product(layer.name, x, seg)
@@ -113,8 +115,8 @@ class CpuDispatcher:
 
     max_tasks: int | None = None  # a pass may mix any number of tasks
 
-    def prepare(self, segs: Segments, row_starts: list[int]) -> SegmentTable:
-        """The segment table of one pass (``row_starts`` as in :class:`SegmentTable`)."""
+    def prepare(self, segs: Segments, row_starts: list[int], forms: dict | None = None) -> SegmentTable:
+        """The segment table of one pass (``row_starts`` as in :class:`SegmentTable`; ``forms`` unused)."""
         return SegmentTable(row_starts, states=[e.layers for _, e in segs])
 
     def linear(self, layer: MaskedLinear, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
@@ -175,7 +177,7 @@ class DeviceDispatcher:
         self.device = device
         self.override = override
         self.layers = layers
-        self._generation: dict[str, int] = {}  # task -> generation of the entry its slot was filled from
+        self._slot_bundle: dict[str, tuple] = {}  # task -> identity of the bundle its slot was filled from
         shapes = {n: tuple(ml.w_q.shape) for n, ml in layers.items()}
         if device.type == "cuda":
             backbone.model.to(device=device, dtype=torch.float16)  # shared weights now fp16 on the GPU
@@ -215,21 +217,21 @@ class DeviceDispatcher:
     def invalidate(self, task: str) -> None:
         """Free ``task``'s slot (after a replacement or a delete)."""
         self.cache.invalidate(task)
-        self._generation.pop(task, None)
+        self._slot_bundle.pop(task, None)
 
-    def prepare(self, segs: Segments, row_starts: list[int]) -> SegmentTable:
-        """Acquire a slot per task (swap-in on a miss) and pick each matrix's path for this pass."""
+    def prepare(self, segs: Segments, row_starts: list[int], forms: dict | None = None) -> SegmentTable:
+        """Acquire a slot per task (swap-in on a miss) and pick each matrix's path for this pass (``forms`` unused)."""
         in_use = {t for t, _ in segs}
         slots = []
         for t, e in segs:
-            if self._generation.get(t) != e.generation:
+            if self._slot_bundle.get(t) != e.identity:
                 # a slot can outlive its host entry (host eviction keeps it), and the bundle may have been
                 # replaced since: never pair this entry's header and head with masks from older bytes
                 self.cache.invalidate(t)
             slots.append(self.cache.acquire(
                 t, {n: st.packed for n, st in e.layers.items() if st.packed is not None}, in_use,
                 sparsity={n: st.sparsity for n, st in e.layers.items()}))
-            self._generation[t] = e.generation
+            self._slot_bundle[t] = e.identity
         rows = row_starts[-1]
         paths = {}
         for name in self.layers:

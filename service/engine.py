@@ -20,11 +20,13 @@ run outside it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fastapi.concurrency import run_in_threadpool
@@ -149,10 +151,12 @@ class Engine:
         metrics.cpu_precision.labels(self.precision).set(1)
         self.builder = TaskBuilder(backbone, shapes, cache_bytes, kernel_path=kernel_path,
                                    device=self.device if self.device_tier else None, packed=self.hot is not None)
-        self.tasks = TaskTable(store, self.builder, metrics)
+        self.tasks = TaskTable(store, self.builder, metrics, on_drop=self._forget)
         self.forward = Forward(backbone, self.layers, dispatcher, self.device, max_batch_size, encoder=self.encoder)
-        self.batcher = (MicroBatcher(self.predict_mixed, max_rows=max_batch_size, max_wait_s=batch_wait_ms / 1e3)
-                        if batching else None)
+        #: every pass of predict_async runs on this one thread (torch's intra-op team stays with it)
+        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="supermask-forward")
+        self.batcher = (MicroBatcher(self._predict_prepared, max_rows=max_batch_size, max_wait_s=batch_wait_ms / 1e3,
+                                     executor=self._forward_thread) if batching else None)
         metrics.backbone_bytes.set(backbone.parameter_bytes())
         metrics.cache_capacity_bytes.set(cache_bytes)
         metrics.resident_tasks.set(0)
@@ -219,13 +223,16 @@ class Engine:
         (:meth:`LocalMaskStore.version`) and reloads a replaced task, so workers that share the
         store but did not handle the upload serve the new bundle too. Calling it frees the memory at once.
         """
-        self.tasks.drop(task)
-        if self._device is not None or self.hot is not None:
-            with self._lock:  # a pass may be using the slot / hot weights
-                if self._device is not None:
-                    self._device.invalidate(task)
-                if self.hot is not None:
-                    self.hot.drop(task)
+        self.tasks.drop(task)  # calls _forget
+
+    def _forget(self, task: str) -> None:
+        """Free ``task``'s hot weights and device slot (the task table dropped it: invalidated, deleted or
+        replaced in the store). Never called with the pass lock or the task table's lock held."""
+        if self.hot is not None:
+            self.hot.drop(task)
+        if self._device is not None:
+            with self._lock:  # a pass may be using the slot
+                self._device.invalidate(task)
 
     # ---- inference ------------------------------------------------------------------------------
     def logits_mixed(self, items: Sequence[tuple[str, Rows]]) -> list[torch.Tensor]:
@@ -255,22 +262,44 @@ class Engine:
         replaced while the request waited is answered wholly by the old or wholly by the new bundle.
         Raises as :meth:`logits_mixed`.
         """
-        outs, headers = self._mixed(items)
+        return self._predict_mixed(items)
+
+    def _predict_mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True) -> list[list[dict]]:
+        outs, headers = self._mixed(items, count)
         return [decode(h, out) for h, out in zip(headers, outs)]
 
-    def _mixed(self, items: Sequence[tuple[str, Rows]]) -> tuple[list[torch.Tensor], list[BundleHeader]]:
-        """:meth:`logits_mixed` and the header used for each item."""
-        entries: dict[str, LoadedTask] = {}
-        for task, rows in items:  # outside the pass lock: a cold load or a promotion stalls no pass
-            if task not in entries:
-                entries[task] = self.tasks.get(task)
-                if self.hot is not None:
-                    self.hot.get(task, entries[task])
-            check_rows(entries[task].header, rows)
+    def _predict_prepared(self, items: Sequence[tuple[str, Rows]]) -> list[list[dict]]:
+        """:meth:`predict_mixed` for requests :meth:`prepare` already counted in the cache metrics."""
+        return self._predict_mixed(items, count=False)
+
+    def _mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True
+               ) -> tuple[list[torch.Tensor], list[BundleHeader]]:
+        """:meth:`logits_mixed` and the header used for each item (``count`` as in :meth:`_resolve`)."""
+        entries, forms = self._resolve(items, count)
         encoded = self.forward.encode(items, entries)  # tokenized outside the pass lock too
         with self._lock:
-            outs = self.forward.run(items, entries, encoded)
+            outs = self.forward.run(items, entries, encoded, forms)
         return outs, [entries[task].header for task, _ in items]
+
+    def _resolve(self, items: Sequence[tuple[str, Rows]], count: bool = True
+                 ) -> tuple[dict[str, LoadedTask], dict[str, dict] | None]:
+        """Each named task's resident entry (loaded on a miss) and, on the hot tier, its hot weights (promoted
+        on a miss), after checking each item's rows against the entry's header. Outside the pass lock: a cold
+        load or a promotion stalls no pass of other tasks.
+
+        ``count``: record cache hits / misses (False for the second lookup of a request :meth:`prepare`
+        already counted).
+
+        Raises:
+            as :meth:`logits_mixed`.
+        """
+        entries: dict[str, LoadedTask] = {}
+        for task, rows in items:
+            if task not in entries:
+                entries[task] = self.tasks.get(task, count=count)
+            check_rows(entries[task].header, rows)
+        forms = {t: self.hot.get(t, e) for t, e in entries.items()} if self.hot is not None else None
+        return entries, forms
 
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:
         """Head outputs ``[len(rows), num_outputs]`` float32 for ``task`` (a mixed batch of one task).
@@ -331,13 +360,29 @@ class Engine:
             return self.predict_mixed([(req.task, req.inputs)])[0]
 
     async def predict_async(self, req: PredictRequest) -> list[dict]:
-        """:meth:`predict` from the event loop: with micro-batching on, the forward pass is shared with
-        concurrent requests of any task (same result, errors and metrics); else run alone in a worker thread."""
-        if self.batcher is None:
-            return await run_in_threadpool(self.predict, req)
+        """:meth:`predict` from the event loop (same result, errors and metrics).
+
+        The request's inputs are checked and its task loaded and promoted first, in a worker thread
+        (a bad request fails here, not in a gathered batch; a cold task stalls no other request). Then,
+        with micro-batching on, its rows join concurrent requests of any task in the next pass; else they
+        run alone. Passes run on the engine's one forward thread.
+        """
         with self.observed(req):
-            await run_in_threadpool(self.check_inputs, req)  # a bad request fails here, not in a gathered batch
-            return await self.batcher.submit(req.task, req.inputs)
+            await run_in_threadpool(self.prepare, req)
+            if self.batcher is not None:
+                return await self.batcher.submit(req.task, req.inputs)
+            loop = asyncio.get_running_loop()
+            return (await loop.run_in_executor(self._forward_thread, self._predict_prepared,
+                                               [(req.task, req.inputs)]))[0]
+
+    def prepare(self, req: PredictRequest) -> None:
+        """Check ``req``'s inputs (:meth:`check_inputs`), load its task and, on the hot tier, promote it.
+
+        Raises:
+            as :meth:`predict`.
+        """
+        self.check_inputs(req)
+        self._resolve([(req.task, req.inputs)])
 
     async def close(self) -> None:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""

@@ -14,6 +14,7 @@ the backbone, in which every masked layer applies each segment's mask
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,14 @@ Rows = Sequence[tuple[str, str | None]]
 
 #: length class of every row of up to 2**5 = 32 tokens (see :func:`length_class`)
 SHORT_ROW_CLASS = 5
+
+SMALL_PASS_ROWS = 1024
+"""CPU passes of fewer token rows (batch x padded length) run on one intra-op thread.
+
+Measured on a 2-core AMD EPYC, torch 2.13 (GNU OpenMP): in a thread other than the main one — where the
+server runs its passes — each parallel region costs ~50 us more than on the main thread (LayerNorm over 12
+rows: 57 vs 7 us), so a bf16 MiniLM pass of 1 sentence took 5.0 ms on 2 threads against 2.3 ms on one,
+16 sentences (~560 rows) 60 vs 44 ms, while 32 sentences (1,408 rows) took 77 ms on 2 threads against 98 ms."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class Forward:
     def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], dispatcher, device: torch.device,
                  max_batch_size: int, encoder: LeanEncoder | None = None):
         self.encoder = encoder
+        self._tokenizer_lock = threading.Lock()  # HF tokenizers set truncation state per call: one at a time
         self.backbone = backbone
         self.layers = layers
         self.dispatcher = dispatcher
@@ -110,7 +120,8 @@ class Forward:
         """Token ids of ``rows`` as ``header``'s task takes them (truncated to its ``max_seq_length``)."""
         a = [r[0] for r in rows]
         b = [r[1] for r in rows] if header.text_pairs else None
-        enc = self.backbone.tokenizer(a, b, truncation=True, max_length=header.max_seq_length)
+        with self._tokenizer_lock:
+            enc = self.backbone.tokenizer(a, b, truncation=True, max_length=header.max_seq_length)
         types = enc.get("token_type_ids")
         return [Encoded(ids, types[k] if types is not None else None) for k, ids in enumerate(enc["input_ids"])]
 
@@ -126,13 +137,14 @@ class Forward:
 
     @torch.inference_mode()
     def run(self, items: Sequence[tuple[str, Rows]], entries: dict[str, LoadedTask],
-            encoded: list[list[Encoded]] | None = None) -> list[torch.Tensor]:
+            encoded: list[list[Encoded]] | None = None, forms: dict[str, dict] | None = None) -> list[torch.Tensor]:
         """Head outputs for the rows of several tasks, with as few passes as possible.
 
         Args:
             items: ``(task, rows)`` pairs (a task may appear in several items: one segment).
             entries: the resident entry of every task named by ``items``.
             encoded: :meth:`encode`'s result for ``items`` (None: encoded here).
+            forms: hot tier only: each task's hot weights, promoted by the caller (None: promoted here).
 
         Returns:
             One float32 ``[len(rows), num_outputs]`` tensor per item, in the order of ``items``.
@@ -156,15 +168,15 @@ class Forward:
             if batch and (len(batch) == self.max_batch_size
                           or klass[ref[1]][ref[2]] != klass[batch[-1][1]][batch[-1][2]]
                           or (new_task and len({t for t, _, _ in batch}) == max_tasks)):
-                self._run_batch(batch, encoded, entries, results)
+                self._run_batch(batch, encoded, entries, results, forms)
                 batch = []
             batch.append(ref)
         if batch:
-            self._run_batch(batch, encoded, entries, results)
+            self._run_batch(batch, encoded, entries, results, forms)
         return results
 
     def _run_batch(self, batch: list[tuple[str, int, int]], encoded: list[list[Encoded]],
-                   entries: dict[str, LoadedTask], results: list[torch.Tensor]) -> None:
+                   entries: dict[str, LoadedTask], results: list[torch.Tensor], forms: dict[str, dict] | None) -> None:
         """Forward ``batch`` (``(task, item, row)`` refs sorted by task) and scatter into ``results``."""
         segs: list[tuple[str, list[tuple[int, int]]]] = []
         for task, i, j in batch:
@@ -172,7 +184,7 @@ class Forward:
                 segs.append((task, []))
             segs[-1][1].append((i, j))
         outs = self._pass([(task, entries[task]) for task, _ in segs],
-                          [[encoded[i][j] for i, j in refs] for _, refs in segs])
+                          [[encoded[i][j] for i, j in refs] for _, refs in segs], forms)
         for (_, refs), out in zip(segs, outs):
             for (i, j), row in zip(refs, out):
                 results[i][j] = row
@@ -194,7 +206,8 @@ class Forward:
             inputs["token_type_ids"] = padded([r.types for r in rows], 0)
         return inputs
 
-    def _pass(self, segs: list[tuple[str, LoadedTask]], rows: list[list[Encoded]]) -> list[torch.Tensor]:
+    def _pass(self, segs: list[tuple[str, LoadedTask]], rows: list[list[Encoded]],
+              forms: dict[str, dict] | None = None) -> list[torch.Tensor]:
         """ONE forward pass over the rows of several tasks (one segment per task, distinct tasks).
 
         Returns:
@@ -205,20 +218,31 @@ class Forward:
             seq_starts.append(seq_starts[-1] + len(r))
         inputs = self._pad([e for r in rows for e in r])
         seq_len = inputs["input_ids"].shape[1]
-        table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts])
+        table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts], forms)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if self.encoder is not None:
-            product = self.dispatcher.product
-            hidden = self.encoder(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
-                                  lambda group, x: product(group, x, table))
-        else:
-            for layer in self.layers.values():
-                layer.segments = table
-            try:
-                hidden = self.backbone.model(**inputs).last_hidden_state  # [batch, T, hidden]
-            finally:
-                for layer in self.layers.values():
-                    layer.segments = None
+        threads = torch.get_num_threads()
+        small = self.device.type == "cpu" and table.row_starts[-1] < SMALL_PASS_ROWS and threads > 1
+        if small:
+            torch.set_num_threads(1)
+        try:
+            hidden = self._encode_rows(inputs, table)
+        finally:
+            if small:
+                torch.set_num_threads(threads)
         pooled = mean_pool(hidden.float(), inputs["attention_mask"]).cpu()  # [batch, hidden] float32
         return [nn.functional.linear(pooled[seq_starts[i]:seq_starts[i + 1]], e.head_weight, e.head_bias)
                 for i, (_, e) in enumerate(segs)]
+
+    def _encode_rows(self, inputs: dict[str, torch.Tensor], table) -> torch.Tensor:
+        """Last hidden states ``[batch, T, hidden]`` of one pass (lean encoder, or the model's modules)."""
+        if self.encoder is not None:
+            product = self.dispatcher.product
+            return self.encoder(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
+                                lambda group, x: product(group, x, table))
+        for layer in self.layers.values():
+            layer.segments = table
+        try:
+            return self.backbone.model(**inputs).last_hidden_state
+        finally:
+            for layer in self.layers.values():
+                layer.segments = None

@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HotTask:
-    """One task's materialised product groups (group name → :class:`HotWeight`), from one load generation."""
+    """One task's materialised product groups (group name → :class:`HotWeight`), from one bundle
+    (:attr:`service.tasks.LoadedTask.identity`)."""
 
-    generation: int
+    identity: tuple
     layers: dict[str, HotWeight]
     nbytes: int
 
@@ -78,7 +79,7 @@ class HotTier:
         self.tasks: OrderedDict[str, HotTask] = OrderedDict()
         self.used_bytes = 0
         self._lock = threading.Lock()  # guards tasks / used_bytes / _promoting; never held while materialising
-        self._promoting: dict[tuple[str, int], threading.Event] = {}
+        self._promoting: dict[tuple[str, tuple], threading.Event] = {}
         #: the plain backbone weights of every group, for the groups a task does not mask
         self.base = {g: self._materialize(members, None) for g, members in self.groups.items()}
         if metrics is not None:
@@ -110,15 +111,15 @@ class HotTier:
     def get(self, task: str, entry: LoadedTask) -> dict[str, HotWeight]:
         """``task``'s materialised groups (all of them: unmasked ones from :attr:`base`), promoting it on a miss.
 
-        A hot entry from another load generation (a replaced bundle) is rebuilt from ``entry``. The
+        A hot entry from another bundle (a replacement) is rebuilt from ``entry``. The
         materialisation runs outside the tier's lock, once however many threads ask for the same
-        ``(task, generation)`` at a time (the others wait for it).
+        ``(task, bundle)`` at a time (the others wait for it).
         """
-        key = (task, entry.generation)
+        key = (task, entry.identity)
         while True:
             with self._lock:
                 hot = self.tasks.get(task)
-                if hot is not None and hot.generation == entry.generation:
+                if hot is not None and hot.identity == entry.identity:
                     self.tasks.move_to_end(task)
                     return hot.layers
                 flight = self._promoting.get(key)
@@ -129,7 +130,7 @@ class HotTier:
         try:
             layers, nbytes = self._promote(task, entry)
             with self._lock:
-                self._insert(task, HotTask(entry.generation, layers, nbytes))
+                self._insert(task, HotTask(entry.identity, layers, nbytes))
         finally:
             with self._lock:
                 del self._promoting[key]

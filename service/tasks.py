@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,8 +87,9 @@ class LayerState:
 class LoadedTask:
     """A task resident in the cache: header, per-layer states, head ``[num_outputs, hidden]`` and ``[num_outputs]``.
 
-    ``generation`` is unique per load: a device slot filled from one generation is never
-    served with the header and head of another (a replaced bundle).
+    ``generation`` is unique per load; :attr:`identity` names the bundle's bytes: a device slot or hot
+    weights built from one identity are never served with the header and head of another (a replaced
+    bundle), and are kept across a reload of the same unchanged file.
     """
 
     header: BundleHeader
@@ -99,6 +101,11 @@ class LoadedTask:
     bundle_bytes: int = 0
     version: tuple | None = None  # the store's file identity when loaded (:meth:`LocalMaskStore.version`)
     generation: int = field(default_factory=lambda: next(_generations))
+
+    @property
+    def identity(self) -> tuple:
+        """The store's file identity when loaded from a store, else this load's generation."""
+        return ("file", self.version) if self.version is not None else ("load", self.generation)
 
 
 @dataclass
@@ -241,18 +248,27 @@ class TaskTable:
         store: where bundles live.
         builder: builds resident forms.
         metrics: hits, misses, evictions, load time and residency gauges are recorded here.
+        on_drop: called with a task's name after it is dropped (invalidated, or found deleted / replaced in
+            the store), with no lock of the table held: the engine frees the task's hot weights and device slot.
     """
 
-    def __init__(self, store: LocalMaskStore, builder: TaskBuilder, metrics: Metrics):
+    def __init__(self, store: LocalMaskStore, builder: TaskBuilder, metrics: Metrics,
+                 on_drop: Callable[[str], None] | None = None):
         self.store = store
         self.builder = builder
         self.metrics = metrics
+        self.on_drop = on_drop
         self.cache = TaskCache(builder.capacity_bytes)
         self._lock = threading.Lock()  # guards cache and _loading; never held during a load
         self._loading: dict[str, _Flight] = {}
 
-    def get(self, task: str) -> LoadedTask:
+    def get(self, task: str, count: bool = True) -> LoadedTask:
         """The resident form of ``task``, loaded on a miss (once, however many threads ask at a time).
+
+        ``count``: record this lookup in the hit / miss counters (a load is always counted as a miss).
+
+        Metrics: a hit, or a request that waited for another's load, counts a hit; the load a miss
+        (a waiter of a failed load too).
 
         Raises:
             TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge: as the load raises them
@@ -268,8 +284,12 @@ class TaskTable:
             if flight is not None and entry is None:  # another thread is loading it
                 flight.done.wait()
                 if flight.error is not None:
+                    if count:
+                        self.metrics.cache_misses.labels(task).inc()
                     raise flight.error
                 assert flight.entry is not None
+                if count:
+                    self.metrics.cache_hits.labels(task).inc()
                 return flight.entry
             try:
                 fresh = self.store.version(task) == entry.version
@@ -277,27 +297,26 @@ class TaskTable:
                 self._drop_if(task, entry)  # deleted, possibly through another worker sharing the store
                 raise
             if fresh:
-                self.metrics.cache_hits.labels(task).inc()
+                if count:
+                    self.metrics.cache_hits.labels(task).inc()
                 return entry
             self._drop_if(task, entry)  # replaced in the store since it was loaded: load the new bundle
         self.metrics.cache_misses.labels(task).inc()
         try:
             entry = self._load(task)
+            with self._lock:
+                for name in self.cache.put(task, entry):
+                    self.metrics.cache_evictions.inc()
+                    self.metrics.resident_task_bytes.remove(name)
+                self._update_gauges(task, entry)
+            flight.entry = entry
         except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
             with self._lock:
                 del self._loading[task]
-            flight.error = exc
-            flight.done.set()
-            raise
-        with self._lock:
-            evicted = self.cache.put(task, entry)
-            del self._loading[task]
-            for name in evicted:
-                self.metrics.cache_evictions.inc()
-                self.metrics.resident_task_bytes.remove(name)
-            self._update_gauges(task, entry)
-        flight.entry = entry
-        flight.done.set()
+            flight.done.set()  # waiters never block past this load, whatever it raised
         return entry
 
     def _load(self, task: str) -> LoadedTask:
@@ -322,22 +341,23 @@ class TaskTable:
         return entry.header if entry is not None else self.store.header(task)
 
     def drop(self, task: str) -> None:
-        """Remove ``task`` from the cache (no-op when absent)."""
+        """Remove ``task`` from the cache (no-op when absent); then ``on_drop(task)``."""
         with self._lock:
             self._pop(task)
+        if self.on_drop is not None:
+            self.on_drop(task)
 
     def _drop_if(self, task: str, entry: LoadedTask) -> None:
-        """Remove ``task`` only if its resident entry is still ``entry`` (not a newer load)."""
+        """Remove ``task`` only if its resident entry is still ``entry`` (not a newer load); then ``on_drop``."""
         with self._lock:
             if self.cache.tasks.get(task) is entry:
                 self._pop(task)
+        if self.on_drop is not None:
+            self.on_drop(task)  # the deleted / replaced bundle's hot weights and device slot go too
 
     def _pop(self, task: str) -> None:
         if self.cache.pop(task) is not None:
-            try:
-                self.metrics.resident_task_bytes.remove(task)
-            except KeyError:
-                pass
+            self.metrics.resident_task_bytes.remove(task)
         self._update_gauges()
 
     def is_resident(self, task: str) -> bool:
