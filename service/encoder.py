@@ -27,6 +27,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,  # erf form, as transformers' "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+"""``config.hidden_act`` → the function, as transformers names them (its own table is not imported: its module
+pulls in torch._dynamo and inductor, ~190 MiB of resident memory)."""
+
 Linear = Callable[[str, torch.Tensor], torch.Tensor]
 """``linear(group, x)``: ``x`` float32 ``[rows, in]`` → float32 ``[rows, out]`` for the named product group."""
 
@@ -54,9 +65,7 @@ class LeanEncoder:
         self.emb_norm = (emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
         self.hidden = int(cfg.hidden_size)
         self.heads = int(cfg.num_attention_heads)
-        from transformers.activations import ACT2FN
-
-        self.act = ACT2FN[cfg.hidden_act]
+        self.act = ACTIVATIONS[cfg.hidden_act]
         #: product group → the masked modules it concatenates along the output dimension (in order)
         self.groups: dict[str, list[str]] = {}
         self.layers = []
@@ -86,6 +95,8 @@ class LeanEncoder:
             return "no BertEmbeddings / encoder.layer"
         if cfg.hidden_size % cfg.num_attention_heads:
             return "hidden size not divisible by the head count"
+        if not isinstance(cfg.hidden_act, str) or cfg.hidden_act not in ACTIVATIONS:
+            return f"hidden_act {cfg.hidden_act!r} (known: {', '.join(ACTIVATIONS)})"
         return None
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,

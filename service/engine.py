@@ -53,6 +53,18 @@ LOW_PRECISIONS = ("bf16", "int8")
 """CPU precisions served through the hot tier (:mod:`service.hot_tier`)."""
 
 
+def needs_model_forward(settings_device: str, kernel_path: str, precision: str) -> bool:
+    """Whether an engine built with these settings runs the backbone model's own forward (the fp32 CPU
+    path, the device tier), i.e. cannot use a weights-only backbone (:mod:`backbone.weights_only`).
+
+    Raises:
+        ValueError: as :func:`service.dispatch.resolve_device` and :func:`resolve_precision`.
+    """
+    if resolve_device(settings_device, kernel_path).type != "cpu":
+        return True
+    return resolve_precision(precision) not in LOW_PRECISIONS
+
+
 class Engine:
     """Serves predictions for any stored task over one shared backbone.
 
@@ -125,6 +137,10 @@ class Engine:
             ml = MaskedLinear(lin, backbone.qweight[name], backbone.scale[name], name=name)
             replace_module(backbone.model, name, ml)
             self.layers[name] = ml
+        if backbone.weights_only and (self.device_tier or self.precision not in LOW_PRECISIONS
+                                      or LeanEncoder.unsupported(backbone.model) is not None):
+            raise ValueError("a weights-only backbone (load_backbone(weights_only=True)) has no forward of its own: "
+                             "it serves only through the CPU hot tier (precision bf16 / int8, plain BERT layout)")
         self._device: DeviceDispatcher | None = None
         self.hot: HotTier | None = None
         self.encoder: LeanEncoder | None = None  # the hot tier's lean encoder, where the layout is recognised

@@ -36,13 +36,13 @@ Rows = Sequence[tuple[str, str | None]]
 #: length class of every row of up to 2**5 = 32 tokens (see :func:`length_class`)
 SHORT_ROW_CLASS = 5
 
-SMALL_PASS_ROWS = 1024
+SMALL_PASS_ROWS = 448
 """CPU passes of fewer token rows (batch x padded length) run on one intra-op thread.
 
 Measured on a 2-core AMD EPYC, torch 2.13 (GNU OpenMP): in a thread other than the main one — where the
 server runs its passes — each parallel region costs ~50 us more than on the main thread (LayerNorm over 12
-rows: 57 vs 7 us), so a bf16 MiniLM pass of 1 sentence took 5.0 ms on 2 threads against 2.3 ms on one,
-16 sentences (~560 rows) 60 vs 44 ms, while 32 sentences (1,408 rows) took 77 ms on 2 threads against 98 ms."""
+rows: 57 vs 7 us). A bf16 MiniLM pass of 44 / 176 / 352 token rows took 4.6 / 12.0 / 24.8 ms on one thread
+against 7.3 / 14.6 / 33.3 on two; of 528 / 704 / 1,408 rows 57 / 69 / 131 ms against 35 / 48 / 100."""
 
 
 @dataclass(frozen=True)

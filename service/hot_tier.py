@@ -38,7 +38,7 @@ import torch
 from service.kernels.cpu_hot import HotWeight, materialize
 from service.kernels.packing import unpack_bits
 from service.metrics import Metrics
-from service.tasks import LoadedTask
+from service.tasks import LoadedTask, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class HotTier:
             with self._lock:
                 del self._promoting[key]
             flight.set()
+        release_freed_memory()
         return layers
 
     def _promote(self, task: str, entry: LoadedTask) -> tuple[dict[str, HotWeight], int]:

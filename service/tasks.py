@@ -28,6 +28,7 @@ thread; :class:`TaskCache` is not thread-safe (the table guards it).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import threading
@@ -55,6 +56,27 @@ CPU_FORMS = {KernelPath.CPU_COMPLEMENT.value: "complement", KernelPath.CPU_DENSE
 """CPU kernel path → the resident form it needs (the only place the two vocabularies meet)."""
 
 _generations = itertools.count(1)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the process back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Called after a task load or a hot-tier promotion, whose transient buffers (bundle bytes, unpacked
+    masks, float copies of a weight) glibc would otherwise keep: on MiniLM, six tasks left 82 MiB of RSS
+    of which a trim handed back 52 (``benchmarks/memory_cpu.py``).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass
@@ -317,6 +339,7 @@ class TaskTable:
             with self._lock:
                 del self._loading[task]
             flight.done.set()  # waiters never block past this load, whatever it raised
+        release_freed_memory()
         return entry
 
     def _load(self, task: str) -> LoadedTask:

@@ -72,6 +72,14 @@ GPU_COMPLEMENT_MIN_ROWS = 4096
 _CUDA_ONLY = (KernelPath.TRITON_FUSED.value, KernelPath.GPU_COMPLEMENT.value)
 
 
+def _has_triton() -> bool:
+    # imported only when a CUDA path is asked about: Settings imports this module (torch-free), and a CPU
+    # server never loads triton
+    from service.kernels import triton_masked
+
+    return triton_masked.HAS_TRITON
+
+
 def select_path(device_type: str, sparsity: float, rows: int, override: str | None) -> str:
     """Name of the masked-matmul path to use.
 
@@ -90,8 +98,6 @@ def select_path(device_type: str, sparsity: float, rows: int, override: str | No
             (a CUDA path off CUDA, ``triton_fused`` without triton), or
             ``sparsity`` / ``rows`` out of range.
     """
-    from service.kernels import triton_masked  # here, not at import: Settings imports this module, torch-free
-
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if rows < 0:
@@ -104,14 +110,14 @@ def select_path(device_type: str, sparsity: float, rows: int, override: str | No
         if path in _CUDA_ONLY and device_type != "cuda":
             raise ValueError(f"kernel path {path!r} needs a CUDA device, got device type {device_type!r}; "
                              f"allowed off CUDA: {', '.join(p for p in PATHS if p not in _CUDA_ONLY)}")
-        if path == "triton_fused" and not triton_masked.HAS_TRITON:
+        if path == "triton_fused" and not _has_triton():
             raise ValueError("kernel path 'triton_fused' needs triton, which is not installed; "
                              f"allowed: {', '.join(p for p in PATHS if p != 'triton_fused')}")
         return path
     if device_type == "cpu":
         return "cpu_complement" if sparsity <= CPU_COMPLEMENT_MAX_SPARSITY else "cpu_dense"
     if device_type == "cuda":
-        if not triton_masked.HAS_TRITON:
+        if not _has_triton():
             return "gpu_complement"
         if sparsity <= GPU_COMPLEMENT_MAX_SPARSITY and rows >= GPU_COMPLEMENT_MIN_ROWS:
             return "gpu_complement"

@@ -62,3 +62,33 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(BackboneLoadError, match="config.json"):
         load_backbone(tmp_path / "nowhere")
+
+
+def test_weights_only_load_has_the_full_models_state_and_fingerprint(tiny_backbone_dir):
+    import sys
+
+    import torch
+
+    full = load_backbone(tiny_backbone_dir)
+    lean = load_backbone(tiny_backbone_dir, weights_only=True)
+    assert lean.weights_only and not full.weights_only
+    assert lean.fingerprint == full.fingerprint  # bundles trained on the full model are served unchanged
+    assert lean.masked == full.masked
+    a, b = full.model.state_dict(), lean.model.state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lean.model.config.to_dict() == full.model.config.to_dict()
+    assert type(lean.model).__module__.startswith("torch.nn")  # no transformers model class
+
+
+def test_weights_only_falls_back_to_the_full_model_for_other_layouts(tiny_backbone_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "relative"
+    shutil.copytree(tiny_backbone_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["position_embedding_type"] = "relative_key"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    bb = load_backbone(folder, weights_only=True)
+    assert not bb.weights_only and type(bb.model).__name__ == "BertModel"
