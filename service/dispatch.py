@@ -1,5 +1,6 @@
 """Tier dispatchers: for each segmented forward pass, build the segment table; for each masked layer,
-call the kernel of each segment's resident form. One class per tier (CPU, device); no arithmetic here.
+call the kernel of each segment's resident form. One class per tier (CPU fp32, CPU hot tier, device);
+no arithmetic here.
 
 CPU tier in bf16 / int8 (:class:`HotDispatcher`). Each segment's task is
 taken from the hot tier (:mod:`service.hot_tier`, promoted from its packed
@@ -23,13 +24,15 @@ on a miss) and each masked layer runs the path
 one launch for the whole batch; ``gpu_complement``: the shared dense product
 and per-segment CSR corrections), unless ``kernel_path`` forces one.
 
-Neither is thread-safe: the engine runs passes one at a time (its pass lock).
+None is thread-safe: the engine runs passes one at a time (its pass lock).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -41,14 +44,49 @@ from service.kernels import sparse_complement
 from service.kernels.reference import masked_linear_reference
 from service.kernels.selector import (AUTO, CPU_ONLY_PATHS, DEVICE_TIER_PATHS, GPU_COMPLEMENT_MAX_SPARSITY, KernelPath,
                                       select_path)
-from service.masked_linear import MaskedLinear, SegmentTable
 from service.metrics import Metrics
 from service.tasks import LayerState, LoadedTask
+
+if TYPE_CHECKING:  # annotations only: the masked layer sits above this module
+    from service.masked_linear import MaskedLinear
 
 log = logging.getLogger(__name__)
 
 Segments = Sequence[tuple[str, LoadedTask]]
 """``(task, resident entry)`` per segment of one pass, distinct tasks, in batch order."""
+
+
+@dataclass
+class SegmentTable:
+    """Row segments of one mixed-task forward pass, one segment per task, in batch order.
+
+    A sequence padded to the batch's length ``T`` occupies ``T`` consecutive rows of the
+    flattened ``[batch * T, in]`` activations, so segment ``s`` covers token rows
+    ``row_starts[s] : row_starts[s + 1]``. CPU tier: ``states`` set (fp32) or ``hot`` (bf16, int8).
+    Device tier: ``slots``, ``seg_starts``, ``seg_slots`` and ``paths`` set.
+    """
+
+    row_starts: list[int]  # [num_segments + 1] token-row offsets (host), row_starts[-1] = batch * T
+    states: list[dict[str, LayerState]] | None = None  # [num_segments] the segment task's layer states (CPU fp32)
+    hot: list[dict] | None = None  # [num_segments] module name -> HotWeight of the segment's task (CPU bf16/int8)
+    slots: list[int] | None = None  # [num_segments] device-cache slot of each segment's task (host copy)
+    seg_starts: torch.Tensor | None = None  # int32 [num_segments + 1] on the device, = row_starts
+    seg_slots: torch.Tensor | None = None  # int32 [num_segments] on the device, = slots
+    paths: dict[str, str] = field(default_factory=dict)  # module name -> kernel path for this pass
+
+
+class Dispatcher(Protocol):
+    """One per tier: builds a pass's segment table and computes a masked layer's product for its rows."""
+
+    max_tasks: int | None  # most tasks one pass may mix (None: any number)
+
+    def prepare(self, segs: Segments, row_starts: list[int], forms: dict | None = None) -> SegmentTable:
+        """The segment table of one pass."""
+        ...
+
+    def linear(self, layer: "MaskedLinear", x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
+        """``x`` ``[rows, in]`` sorted by segment → ``[rows, out]``, each segment with its task's mask."""
+        ...
 
 
 def resolve_device(device: str, kernel_path: str = "auto") -> torch.device:

@@ -39,7 +39,7 @@ from service.encoder import LeanEncoder
 from service.dispatch import CpuDispatcher, DeviceDispatcher, HotDispatcher, check_host_capacity, resolve_device
 from service.forward import Forward, PredictRequest, Rows, check_rows, decode
 from service.hot_tier import HotTier
-from service.kernels import cpu_hot
+from service.kernels import cpu_features, cpu_hot
 from service.kernels.selector import AUTO, DEVICE_TIER_PATHS, select_path
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
@@ -81,7 +81,7 @@ class Engine:
             at least this many tasks.
         precision: CPU compute precision: "fp32" (the reference: float32 over the shared de-quantized
             weights and sparse corrections), "bf16" or "int8" (the hot tier, :mod:`service.hot_tier`),
-            or "auto" (:func:`service.kernels.cpu_hot.auto_precision` by the CPU's features). Ignored
+            or "auto" (:func:`service.kernels.cpu_features.auto_precision` by the CPU's features). Ignored
             on the device tier.
         hot_cache_bytes: byte budget of the CPU hot tier (bf16 / int8 only).
         batching: cross-request micro-batching (:class:`service.batcher.MicroBatcher`) for
@@ -408,14 +408,14 @@ class Engine:
 
 def resolve_precision(precision: str) -> str:
     """The CPU compute precision to use: ``precision`` itself, or for "auto" the one
-    :func:`service.kernels.cpu_hot.auto_precision` picks for this CPU.
+    :func:`service.kernels.cpu_features.auto_precision` picks for this CPU.
 
     Raises:
         ValueError: not one of auto, fp32, bf16, int8, or one this torch build / CPU cannot run.
     """
     p = str(precision).strip().lower()
     if p == "auto":
-        return cpu_hot.auto_precision(cpu_hot.cpu_features())
+        return cpu_features.auto_precision(cpu_features.cpu_features())
     if p not in cpu_hot.PRECISIONS:
         raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
     reason = cpu_hot.unavailable_reason(p)

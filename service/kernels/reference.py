@@ -59,3 +59,53 @@ def segmented_masked_linear_reference(x: torch.Tensor, w_q: torch.Tensor, scale:
         a, b = int(seg_starts[s]), int(seg_starts[s + 1])
         out[a:b] = masked_linear_reference(x[a:b], w_q, scale, masks[int(seg_slots[s])], bias)
     return out
+
+
+def hot_linear_reference(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None,
+                         bias: torch.Tensor | None, precision: str, *, act_quant: str = "row",
+                         act_qmax: int | None = None) -> torch.Tensor:
+    """Plain-torch model of :func:`service.kernels.cpu_hot.hot_linear`'s arithmetic, computed in float64 (the error budget of a precision
+    minus the kernel's own float32 summation order).
+
+    ``"fp32"`` / ``"fp32_packed"``: the exact product (as
+    :func:`service.kernels.reference.masked_linear_reference`); ``"bf16"``: weights and ``x`` rounded to bfloat16,
+    the product rounded to bfloat16, then the float32 bias added; ``"int8"``: ``x`` replaced by its decoded uint8
+    codes (same quantizer as the kernel; ``act_quant`` as :func:`hot_linear`, ``act_qmax`` as
+    :attr:`service.kernels.cpu_hot.HotWeight.act_qmax`, default this CPU's).
+
+    Args:
+        x: float32 ``[..., in]``; w_q int8 ``[out, in]``; scale float32 ``[out]``; mask bool ``[out, in]`` or None;
+        bias ``[out]`` or None.
+    Returns:
+        float32 ``[..., out]``.
+    Raises:
+        ValueError: unknown precision or act_quant.
+    """
+    from service.kernels.cpu_hot import (ACT_QUANT, ALL_PRECISIONS, _act_qmax, _quantize_rows,  # the kernel's
+                                         _quantize_tensor)  # own activation quantizer: modelled, not re-derived
+
+    if precision not in ALL_PRECISIONS:
+        raise ValueError(f"precision must be one of {ALL_PRECISIONS}, got {precision!r}")
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+    w = w_q.to(torch.float64) * scale.to(torch.float64)[:, None]
+    if mask is not None:
+        w = w * mask
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    qmax = _act_qmax() if act_qmax is None else act_qmax
+    if precision == "bf16":
+        w = w.to(torch.float32).to(torch.bfloat16).to(torch.float64)
+        y = (x2.to(torch.bfloat16).to(torch.float64) @ w.t()).to(torch.bfloat16).to(torch.float64)
+    elif precision == "int8" and x2.shape[0] == 0:
+        y = x2.to(torch.float64) @ w.t()
+    elif precision == "int8" and act_quant == "row":
+        q, lo, step = _quantize_rows(x2, qmax)
+        y = (lo.double() + step.double() * q.double()) @ w.t()
+    elif precision == "int8":
+        q, step, zp = _quantize_tensor(x2, qmax)
+        y = (step.double() * (q.double() - zp.double())) @ w.t()
+    else:
+        y = x2.to(torch.float64) @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(torch.float32).reshape(*x.shape[:-1], w_q.shape[0])

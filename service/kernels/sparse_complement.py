@@ -6,10 +6,11 @@ Semantics (same as :func:`service.kernels.reference.masked_linear_reference`)::
 
 * One **dense** product with a weight de-quantized once at backbone load
   (:func:`dequantize_weight`, fp16 on the GPU) and shared by every task and
-  every row of a mixed batch (cuBLAS).
+  every row of a mixed batch (cuBLAS on the GPU, MKL on the CPU).
 * Minus, per task segment, a **sparse** product with that task's pruned
   entries ``W ⊙ ¬μ``: a CSR matrix built once when the task is loaded
-  (:func:`pruned_csr`), of size proportional to the number of pruned weights
+  (:func:`pruned_csr` from packed bits on the device tier, :func:`pruned_csr_from_mask` on the
+  CPU), of size proportional to the number of pruned weights
   (int32 column index + one value each, plus ``out + 1`` row offsets).
 
 The CSR values are taken from the same shared weight tensor as the dense

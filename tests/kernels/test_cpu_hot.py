@@ -8,8 +8,11 @@ import torch
 from torch.nn import functional as F
 
 from service.kernels import cpu_hot
-from service.kernels.cpu_hot import (ALL_PRECISIONS, FP32_PACKED, PRECISIONS, HotWeight, auto_precision, cpu_features,
-                                     hot_linear, hot_linear_reference, materialize, unavailable_reason)
+from service.kernels import cpu_features as features_mod
+from service.kernels.cpu_features import auto_precision, cpu_features
+from service.kernels.cpu_hot import (ALL_PRECISIONS, FP32_PACKED, PRECISIONS, HotWeight, hot_linear, materialize,
+                                     unavailable_reason)
+from service.kernels.reference import hot_linear_reference
 from service.kernels.packing import pack_bits
 from service.kernels.reference import masked_linear_reference
 from tests.kernels.problems import masked_problem
@@ -252,17 +255,17 @@ def test_cpu_features_reads_torchs_report():
 
 def test_cpu_features_fall_back_to_proc_cpuinfo(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {}, raising=False)
-    monkeypatch.setattr(cpu_hot, "_proc_cpuinfo_flags", lambda: {"avx512_vnni", "avx2"})
-    feats = cpu_hot._cpu_features.__wrapped__()
+    monkeypatch.setattr(features_mod, "_proc_cpuinfo_flags", lambda: {"avx512_vnni", "avx2"})
+    feats = features_mod._cpu_features.__wrapped__()
     assert {"avx512_vnni", "avx2"} <= feats and auto_precision(feats) in PRECISIONS
 
 
 def test_proc_cpuinfo_fallback_normalises_flag_names(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_int8\n")
-    assert cpu_hot._proc_cpuinfo_flags(str(info)) == {"fpu", "avx2", "avx512_f", "avx512_bw", "avx512_vnni",
+    assert features_mod._proc_cpuinfo_flags(str(info)) == {"fpu", "avx2", "avx512_f", "avx512_bw", "avx512_vnni",
                                                       "avx512_bf16", "amx_int8"}
-    assert cpu_hot._proc_cpuinfo_flags(str(tmp_path / "missing")) == set()
+    assert features_mod._proc_cpuinfo_flags(str(tmp_path / "missing")) == set()
 
 
 @pytest.mark.parametrize("features, rows, want", [
@@ -274,7 +277,7 @@ def test_proc_cpuinfo_fallback_normalises_flag_names(tmp_path):
     ({"avx512_f", "avx2"}, None, "fp32"),
     (set(), None, "fp32"),
     ({"avx512_vnni", "avx512_bf16"}, 12, "bf16"),  # few rows: bf16 is faster where both exist
-    ({"avx512_vnni", "avx512_bf16"}, cpu_hot.INT8_MIN_ROWS, "int8"),
+    ({"avx512_vnni", "avx512_bf16"}, features_mod.INT8_MIN_ROWS, "int8"),
     ({"avx512_vnni"}, 12, "int8"),  # no bf16 dot products: int8 at any row count
     ({"avx512_f"}, 4096, "fp32"),
 ])
@@ -283,7 +286,7 @@ def test_auto_precision_rules(features, rows, want, monkeypatch):
     assert auto_precision(frozenset(features), rows) == want
     monkeypatch.setattr(cpu_hot, "_probe", lambda p: "no int8 here" if p == "int8" else None)
     assert auto_precision(frozenset(features), rows) == want.replace(
-        "int8", "bf16" if frozenset(features) & cpu_hot.BF16_DOT_FEATURES else "fp32")
+        "int8", "bf16" if frozenset(features) & features_mod.BF16_DOT_FEATURES else "fp32")
 
 
 # ---------------------------------------------------------------------------------------------- refusals
