@@ -7,6 +7,7 @@ fallback; the products themselves are :mod:`service.kernels.cpu_hot`.
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 

@@ -44,7 +44,6 @@ their opaque tensors cannot be pickled, deep-copied or ``torch.save``-d (``NotIm
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 import torch
@@ -242,6 +241,8 @@ def _materialize_checked(w_q, scale, mask, bias, precision) -> HotWeight:
 
 @functools.lru_cache(maxsize=1)
 def _act_qmax() -> int:
+    from service.kernels.cpu_features import INT8_DOT_FEATURES, cpu_features  # (that module imports this one)
+
     return 255 if cpu_features() & INT8_DOT_FEATURES else 127
 
 
