@@ -138,13 +138,15 @@ class HotDispatcher:
         return self.product(layer.name, x, seg)
 
     @staticmethod
-    def product(group: str, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
+    def product(group: str, x: torch.Tensor, seg: SegmentTable, low: bool = False) -> torch.Tensor:
         """Product group ``group`` (a module, or the lean encoder's fused Q|K|V) for the rows ``x``
-        ``[rows, in]`` float32 of every segment, each with its task's hot weights → float32 ``[rows, out]``."""
+        ``[rows, in]`` (float32, or bf16) of every segment, each with its task's hot weights → float32
+        ``[rows, out]`` (bf16 with ``low`` in the bf16 precision, see :func:`service.kernels.cpu_hot.hot_linear`)."""
         r = seg.row_starts
         if len(seg.hot) == 1:
-            return cpu_hot.hot_linear(x, seg.hot[0][group])
-        return torch.cat([cpu_hot.hot_linear(x[r[i]:r[i + 1]], forms[group]) for i, forms in enumerate(seg.hot)])
+            return cpu_hot.hot_linear(x, seg.hot[0][group], low=low)
+        return torch.cat([cpu_hot.hot_linear(x[r[i]:r[i + 1]], forms[group], low=low)
+                          for i, forms in enumerate(seg.hot)])
 
 
 class CpuDispatcher:

@@ -238,7 +238,7 @@ class Forward:
         if self.encoder is not None:
             product = self.dispatcher.product
             return self.encoder(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
-                                lambda group, x: product(group, x, table))
+                                lambda group, x, low=False: product(group, x, table, low))
         for layer in self.layers.values():
             layer.segments = table
         try:

@@ -249,7 +249,7 @@ def _act_qmax() -> int:
 # -------------------------------------------------------------------------------------------------- products
 
 
-def hot_linear(x: torch.Tensor, hot: HotWeight, *, act_quant: str = "row") -> torch.Tensor:
+def hot_linear(x: torch.Tensor, hot: HotWeight, *, act_quant: str = "row", low: bool = False) -> torch.Tensor:
     """``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with a :class:`HotWeight`: exactly one dense product.
 
     Args:
@@ -260,8 +260,10 @@ def hot_linear(x: torch.Tensor, hot: HotWeight, *, act_quant: str = "row") -> to
             min/max to ``hot.act_qmax + 1`` uint8 levels and corrects the zero point with ``hot.row_sum``;
             ``"tensor"`` uses one min/max for all of ``x`` (zero kept exact) and lets oneDNN apply scale, zero point
             and bias in the product. Ignored by the other precisions.
+        low: ``"bf16"`` only: return the product in bfloat16, the bias added by oneDNN in bf16 (for a consumer that
+            computes in bf16 itself: attention, the activation function); ignored by the other precisions.
     Returns:
-        float32 ``[..., out]`` whatever ``x``'s dtype. ``"fp32"``: bit-identical to
+        float32 ``[..., out]`` whatever ``x``'s dtype (bfloat16 with ``low`` in the bf16 precision). ``"fp32"``: bit-identical to
         ``F.linear(x, deq(W_q) * mask, b)``. A non-finite ``x`` gives non-finite outputs (int8: in the whole row,
         or everywhere for ``"tensor"``).
     Raises:
@@ -288,6 +290,13 @@ def hot_linear(x: torch.Tensor, hot: HotWeight, *, act_quant: str = "row") -> to
         return x.new_empty((*lead, hot.out_features), dtype=torch.float32)
     if p == FP32_PACKED:
         y = torch.ops.mkldnn._linear_pointwise(x2, hot.weight, hot.bias, "none", [], "")
+    elif p == "bf16" and low:
+        xb = x2.to(torch.bfloat16)
+        b = None if hot.bias is None else hot.bias.to(torch.bfloat16)
+        if hot.weight.is_mkldnn:
+            y = torch.ops.mkldnn._linear_pointwise(xb, hot.weight, b, "none", [], "")
+        else:
+            y = F.linear(xb, hot.weight, b)
     elif p == "bf16":
         xb = x2.to(torch.bfloat16)
         if hot.weight.is_mkldnn:

@@ -326,3 +326,16 @@ def test_unavailable_int8_is_refused_with_the_reason(monkeypatch):
         materialize(w_q, scale, mask, bias, "int8")
     assert not cpu_hot.int8_available()
     assert isinstance(materialize(w_q, scale, mask, bias, "bf16"), HotWeight)
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (1152, 384), (7, 13)])
+def test_bf16_low_output_is_the_product_in_bf16_with_its_bias(shape):
+    out, in_ = shape
+    w_q, scale, bias, masks = masked_problem(out, in_, 0.13)
+    x = torch.randn(12, in_, generator=torch.Generator().manual_seed(5))
+    hot = materialize(w_q, scale, masks[0], bias, "bf16")
+    got = hot_linear(x, hot, low=True)
+    assert got.dtype == torch.bfloat16 and got.shape == (12, out)
+    want = masked_linear_reference(x, w_q, scale, masks[0], bias)
+    assert _rel(got.float(), want) <= 2e-2  # one more bf16 rounding (the bias) than the float32 output
+    assert hot_linear(x, materialize(w_q, scale, masks[0], bias, "int8"), low=True).dtype == torch.float32

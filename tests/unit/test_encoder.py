@@ -11,7 +11,7 @@ from service.encoder import LeanEncoder
 
 
 def _linear_from_modules(model, enc: LeanEncoder):
-    def linear(group, x):
+    def linear(group, x, low=False):
         mods = [model.get_submodule(n) for n in enc.groups[group]]
         return torch.cat([F.linear(x, m.weight, m.bias) for m in mods], dim=-1)
     return linear
