@@ -53,9 +53,7 @@ class MicroBatcher:
 
     Args:
         forward: the mixed-task forward, normally ``engine.predict_mixed``.
-        executor: where ``forward`` runs (the engine's one forward thread: torch's intra-op thread team
-            stays with one calling thread, which on 2 cores made a batch-1 pass ~3 ms faster than
-            hopping between pool threads); None: the event loop's default executor.
+        executor: where ``forward`` runs; None: the event loop's default executor (a thread pool).
         max_rows: close a gathered batch once it holds this many rows (> 0).
         max_wait_s: an idle batcher's first submission waits this many seconds for company (>= 0; 0: none).
 

@@ -37,7 +37,7 @@ Rows = Sequence[tuple[str, str | None]]
 SHORT_ROW_CLASS = 5
 
 SMALL_PASS_ROWS = 448
-"""CPU passes of fewer token rows (batch x padded length) run on one intra-op thread.
+"""Hot-tier CPU passes of fewer token rows (batch x padded length) run on one intra-op thread.
 
 Measured on a 2-core AMD EPYC, torch 2.13 (GNU OpenMP): in a thread other than the main one — where the
 server runs its passes — each parallel region costs ~50 us more than on the main thread (LayerNorm over 12
@@ -101,14 +101,18 @@ class Forward:
         max_batch_size: rows per pass.
         encoder: the lean encoder (:mod:`service.encoder`) to run instead of the model's modules (CPU hot
             tier, with a dispatcher that has ``product(group, x, table)``), or None.
+        single_thread_below: CPU passes of fewer token rows run on one intra-op thread (the hot tier:
+            :data:`SMALL_PASS_ROWS`; 0: never — fp32's heavier products gain from 2 threads at every size,
+            e.g. 44 rows 16.5 ms on one thread vs 15.7 on two, 352 rows 96 vs 76).
 
     Not thread-safe: the caller runs one :meth:`run` at a time (the masked layers hold the
     pass's segment table).
     """
 
     def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], dispatcher, device: torch.device,
-                 max_batch_size: int, encoder: LeanEncoder | None = None):
+                 max_batch_size: int, encoder: LeanEncoder | None = None, single_thread_below: int = 0):
         self.encoder = encoder
+        self.single_thread_below = single_thread_below
         self._tokenizer_lock = threading.Lock()  # HF tokenizers set truncation state per call: one at a time
         self.backbone = backbone
         self.layers = layers
@@ -221,7 +225,7 @@ class Forward:
         table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts], forms)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         threads = torch.get_num_threads()
-        small = self.device.type == "cpu" and table.row_starts[-1] < SMALL_PASS_ROWS and threads > 1
+        small = self.device.type == "cpu" and table.row_starts[-1] < self.single_thread_below and threads > 1
         if small:
             torch.set_num_threads(1)
         try:
