@@ -178,7 +178,7 @@ def compute_fingerprint(model: nn.Module, bits: int, qweight: dict[str, torch.Te
 
 def resolve_torch_device(name: str = "auto") -> torch.device:
     """The ``torch.device`` a device name stands for (training and evaluation; the server has its own
-    rule tied to its kernel paths, ``service.engine.resolve_device``).
+    rule tied to its kernel paths, ``service.dispatch.resolve_device``).
 
     Args:
         name: ``"auto"`` → ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``; any other
