@@ -236,3 +236,28 @@ def test_list_skips_unreadable_and_misnamed_bundles(server):
     assert r.status_code == 200, r.text
     assert [t["name"] for t in r.json()["tasks"]] == ["toy"]
     assert server.get("/healthz").json()["tasks"] == 2  # broken.smask is a stored task, toy the other
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_bf16_server_reports_precision_and_tiers_and_matches_fp32(tiny_backbone, tiny_backbone_dir, tmp_path,
+                                                                     batching):
+    from backbone import load_backbone
+
+    texts = ["a lovely film", "a dreadful film"]
+    answers = {}
+    for precision, bb in (("fp32", tiny_backbone), ("bf16", load_backbone(tiny_backbone_dir))):
+        settings = Settings(device="cpu", store_dir=tmp_path / precision, examples_dir=None, admin_token=TOKEN,
+                            cpu_precision=precision, batching=batching)
+        with TestClient(create_app(settings, backbone=bb)) as client:
+            assert client.put("/v1/tasks/toy", content=make_bundle(bb, "toy"), headers=AUTH).status_code == 201
+            assert client.get("/v1/tasks/toy").json()["tier"] == "cold"  # uploaded, not loaded yet
+            r = client.post("/v1/tasks/toy/predict", json={"inputs": texts})
+            assert r.status_code == 200, r.text
+            answers[precision] = r.json()["predictions"]
+            health = client.get("/healthz").json()
+            assert health["precision"] == precision
+            assert client.get("/v1/tasks/toy").json()["tier"] == ("hot" if precision == "bf16" else "warm")
+            assert (health["hot_tasks"] == 1) if precision == "bf16" else health["hot_tasks"] is None
+    for a, b in zip(answers["fp32"], answers["bf16"]):
+        assert a["label"] == b["label"]
+        assert b["scores"] == pytest.approx(a["scores"], abs=0.02)
