@@ -81,28 +81,42 @@ class HotTier:
         self._lock = threading.Lock()  # guards tasks / used_bytes / _promoting; never held while materialising
         self._promoting: dict[tuple[str, tuple], threading.Event] = {}
         #: the plain backbone weights of every group, for the groups a task does not mask
-        self.base = {g: self._materialize(members, None) for g, members in self.groups.items()}
+        #: multi-module groups' concatenated (w_q, scale, bias), built once (a promotion then only unpacks masks)
+        self._cat = {g: self._concat([matrices[n] for n in members])
+                     for g, members in self.groups.items() if len(members) > 1}
+        self.base = {g: self._materialize(g, None) for g in self.groups}
         if metrics is not None:
             metrics.hot_capacity_bytes.set(capacity_bytes)
             self._gauges()
 
-    def _materialize(self, members: list[str], entry: LoadedTask | None) -> HotWeight:
+    def _materialize(self, group: str, entry: LoadedTask | None) -> HotWeight:
         """One group's hot form: the members' ``W_q``, scales, masks (all-ones where a member is
         unmasked) and biases concatenated along ``out``."""
-        parts = [self.matrices[n] for n in members]
-        masks = []
-        for n, (w_q, _, _) in zip(members, parts):
-            st = entry.layers.get(n) if entry is not None else None
-            masks.append(None if st is None or st.packed is None else unpack_bits(st.packed, tuple(w_q.shape)))
+        members = self.groups[group]
         if len(members) == 1:
-            w_q, scale, bias = parts[0]
-            return materialize(w_q, scale, masks[0], bias, self.precision)
-        mask = None if all(m is None for m in masks) else torch.cat(
-            [torch.ones(p[0].shape, dtype=torch.bool) if m is None else m for p, m in zip(parts, masks)])
+            w_q, scale, bias = self.matrices[members[0]]
+            st = entry.layers.get(members[0]) if entry is not None else None
+            mask = None if st is None or st.packed is None else unpack_bits(st.packed, tuple(w_q.shape))
+            return materialize(w_q, scale, mask, bias, self.precision)
+        w_q, scale, bias = self._cat[group]
+        states = [entry.layers.get(n) if entry is not None else None for n in members]
+        mask = None
+        if any(st is not None and st.packed is not None for st in states):
+            mask = torch.ones(w_q.shape, dtype=torch.bool)
+            row = 0
+            for n, st in zip(members, states):
+                rows = self.matrices[n][0].shape[0]
+                if st is not None and st.packed is not None:
+                    mask[row:row + rows] = unpack_bits(st.packed, tuple(self.matrices[n][0].shape))
+                row += rows
+        return materialize(w_q, scale, mask, bias, self.precision)
+
+    @staticmethod
+    def _concat(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         biases = [p[2] for p in parts]
-        bias = None if any(b is None for b in biases) else torch.cat(biases)
-        return materialize(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), mask, bias,
-                           self.precision)
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                None if any(b is None for b in biases) else torch.cat(biases))
 
     def _masked_groups(self, entry: LoadedTask) -> list[str]:
         return [g for g, members in self.groups.items()
@@ -143,7 +157,7 @@ class HotTier:
         layers = dict(self.base)
         nbytes = 0
         for g in self._masked_groups(entry):
-            layers[g] = self._materialize(self.groups[g], entry)
+            layers[g] = self._materialize(g, entry)
             nbytes += layers[g].nbytes()
         seconds = time.perf_counter() - t0
         if self.metrics is not None:
