@@ -137,8 +137,9 @@ class Engine:
             ml = MaskedLinear(lin, backbone.qweight[name], backbone.scale[name], name=name)
             replace_module(backbone.model, name, ml)
             self.layers[name] = ml
+        lean_reason = LeanEncoder.unsupported(backbone.model)  # None: the lean encoder can run this layout
         if backbone.weights_only and (self.device_tier or self.precision not in LOW_PRECISIONS
-                                      or LeanEncoder.unsupported(backbone.model) is not None):
+                                      or lean_reason is not None):
             raise ValueError("a weights-only backbone (load_backbone(weights_only=True)) has no forward of its own: "
                              "it serves only through the CPU hot tier (precision bf16 / int8, plain BERT layout)")
         self._device: DeviceDispatcher | None = None
@@ -149,11 +150,10 @@ class Engine:
             self._device = DeviceDispatcher(backbone, self.layers, self.device, override, device_slots, metrics)
             dispatcher = self._device
         elif self.precision in LOW_PRECISIONS:
-            reason = LeanEncoder.unsupported(backbone.model)
-            if reason is None:
+            if lean_reason is None:
                 self.encoder = LeanEncoder(backbone.model)
             else:
-                log.info("lean encoder not used (%s): the hot tier runs the model module by module", reason)
+                log.info("lean encoder not used (%s): the hot tier runs the model module by module", lean_reason)
             self.hot = HotTier({n: (ml.w_q, ml.scale, ml.bias) for n, ml in self.layers.items()}, self.precision,
                                hot_cache_bytes, metrics, groups=self.encoder.groups if self.encoder else None)
             dispatcher = HotDispatcher(self.hot)

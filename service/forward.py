@@ -130,34 +130,24 @@ class Forward:
         return [Encoded(ids, types[k] if types is not None else None) for k, ids in enumerate(enc["input_ids"])]
 
     def encode(self, items: Sequence[tuple[str, Rows]], entries: dict[str, LoadedTask]) -> list[list[Encoded]]:
-        """Check and tokenize every item's rows (once; no shared state touched: callable outside the pass lock).
-
-        Raises:
-            InputInvalid: an item's rows are pairs for a single-sentence task or the reverse.
-        """
-        for task, rows in items:
-            check_rows(entries[task].header, rows)
+        """Tokenize every item's rows, once, as its task takes them (callable outside the pass lock; the
+        caller has checked the rows against each header, :func:`check_rows`)."""
         return [self.tokenize(entries[task].header, rows) for task, rows in items]
 
     @torch.inference_mode()
     def run(self, items: Sequence[tuple[str, Rows]], entries: dict[str, LoadedTask],
-            encoded: list[list[Encoded]] | None = None, forms: dict[str, dict] | None = None) -> list[torch.Tensor]:
+            encoded: list[list[Encoded]], forms: dict[str, dict] | None = None) -> list[torch.Tensor]:
         """Head outputs for the rows of several tasks, with as few passes as possible.
 
         Args:
             items: ``(task, rows)`` pairs (a task may appear in several items: one segment).
             entries: the resident entry of every task named by ``items``.
-            encoded: :meth:`encode`'s result for ``items`` (None: encoded here).
+            encoded: :meth:`encode`'s result for ``items``.
             forms: hot tier only: each task's hot weights, promoted by the caller (None: promoted here).
 
         Returns:
             One float32 ``[len(rows), num_outputs]`` tensor per item, in the order of ``items``.
-
-        Raises:
-            InputInvalid: an item's rows are pairs for a single-sentence task or the reverse.
         """
-        if encoded is None:
-            encoded = self.encode(items, entries)
         by_task: OrderedDict[str, list[tuple[int, int]]] = OrderedDict()  # task -> [(item, row)]
         for i, (task, rows) in enumerate(items):
             by_task.setdefault(task, []).extend((i, j) for j in range(len(rows)))

@@ -38,7 +38,7 @@ import torch
 from service.kernels.cpu_hot import HotWeight, materialize
 from service.kernels.packing import unpack_bits
 from service.metrics import Metrics
-from service.tasks import LoadedTask, release_freed_memory
+from service.tasks import LoadedTask, TaskCache, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -74,41 +74,54 @@ class HotTier:
         self.matrices = matrices
         self.groups = groups if groups is not None else {n: [n] for n in matrices}
         self.precision = precision
-        self.capacity_bytes = capacity_bytes
         self.metrics = metrics
-        self.tasks: OrderedDict[str, HotTask] = OrderedDict()
-        self.used_bytes = 0
-        self._lock = threading.Lock()  # guards tasks / used_bytes / _promoting; never held while materialising
+        self._lru = TaskCache(capacity_bytes)  # task -> HotTask
+        self._lock = threading.Lock()  # guards _lru / _promoting; never held while materialising
         self._promoting: dict[tuple[str, tuple], threading.Event] = {}
+        #: each group's (w_q, scale, bias): a module's own tensors, or several modules' concatenated once here
+        #: (a promotion then only unpacks masks)
+        self._cat = {g: matrices[members[0]] if len(members) == 1 else self._concat([matrices[n] for n in members])
+                     for g, members in self.groups.items()}
         #: the plain backbone weights of every group, for the groups a task does not mask
-        #: multi-module groups' concatenated (w_q, scale, bias), built once (a promotion then only unpacks masks)
-        self._cat = {g: self._concat([matrices[n] for n in members])
-                     for g, members in self.groups.items() if len(members) > 1}
         self.base = {g: self._materialize(g, None) for g in self.groups}
         if metrics is not None:
             metrics.hot_capacity_bytes.set(capacity_bytes)
             self._gauges()
 
+    @property
+    def tasks(self) -> "OrderedDict[str, HotTask]":
+        """The hot tasks, least recently used first (read-only use)."""
+        return self._lru.tasks
+
+    @property
+    def used_bytes(self) -> int:
+        return self._lru.used_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._lru.capacity_bytes
+
+    @capacity_bytes.setter
+    def capacity_bytes(self, value: int) -> None:
+        self._lru.capacity_bytes = value
+
     def _materialize(self, group: str, entry: LoadedTask | None) -> HotWeight:
         """One group's hot form: the members' ``W_q``, scales, masks (all-ones where a member is
         unmasked) and biases concatenated along ``out``."""
-        members = self.groups[group]
-        if len(members) == 1:
-            w_q, scale, bias = self.matrices[members[0]]
-            st = entry.layers.get(members[0]) if entry is not None else None
-            mask = None if st is None or st.packed is None else unpack_bits(st.packed, tuple(w_q.shape))
-            return materialize(w_q, scale, mask, bias, self.precision)
         w_q, scale, bias = self._cat[group]
-        states = [entry.layers.get(n) if entry is not None else None for n in members]
+        members = self.groups[group]
+        packed = [None if entry is None or n not in entry.layers else entry.layers[n].packed for n in members]
         mask = None
-        if any(st is not None and st.packed is not None for st in states):
-            mask = torch.ones(w_q.shape, dtype=torch.bool)
+        if len(members) == 1 and packed[0] is not None:
+            mask = unpack_bits(packed[0], tuple(w_q.shape))
+        elif any(p is not None for p in packed):
+            mask = torch.ones(w_q.shape, dtype=torch.bool)  # all-ones where a member is unmasked
             row = 0
-            for n, st in zip(members, states):
-                rows = self.matrices[n][0].shape[0]
-                if st is not None and st.packed is not None:
-                    mask[row:row + rows] = unpack_bits(st.packed, tuple(self.matrices[n][0].shape))
-                row += rows
+            for n, bits in zip(members, packed):
+                shape = tuple(self.matrices[n][0].shape)
+                if bits is not None:
+                    mask[row:row + shape[0]] = unpack_bits(bits, shape)
+                row += shape[0]
         return materialize(w_q, scale, mask, bias, self.precision)
 
     @staticmethod
@@ -132,9 +145,8 @@ class HotTier:
         key = (task, entry.identity)
         while True:
             with self._lock:
-                hot = self.tasks.get(task)
+                hot = self._lru.get(task)
                 if hot is not None and hot.identity == entry.identity:
-                    self.tasks.move_to_end(task)
                     return hot.layers
                 flight = self._promoting.get(key)
                 if flight is None:
@@ -172,11 +184,7 @@ class HotTier:
             log.warning("task %s needs %d hot bytes, more than SUPERMASK_HOT_CACHE_BYTES=%d: materialised for "
                         "this pass only", task, hot.nbytes, self.capacity_bytes)
             return
-        while self.tasks and self.used_bytes + hot.nbytes > self.capacity_bytes:
-            _, old = self.tasks.popitem(last=False)
-            self.used_bytes -= old.nbytes
-        self.tasks[task] = hot
-        self.used_bytes += hot.nbytes
+        self._lru.put(task, hot)
         self._gauges()
 
     def drop(self, task: str) -> None:
@@ -185,9 +193,7 @@ class HotTier:
             self._pop(task)
 
     def _pop(self, task: str) -> None:
-        hot = self.tasks.pop(task, None)
-        if hot is not None:
-            self.used_bytes -= hot.nbytes
+        if self._lru.pop(task) is not None:
             self._gauges()
 
     def task_bytes(self, entry: LoadedTask) -> int:

@@ -132,7 +132,8 @@ class LoadedTask:
 
 @dataclass
 class TaskCache:
-    """LRU of loaded tasks bounded in bytes (not thread-safe)."""
+    """LRU of tasks bounded in bytes (not thread-safe). Entries are anything with an ``nbytes``
+    attribute: :class:`LoadedTask` here, :class:`service.hot_tier.HotTask` in the hot tier."""
 
     capacity_bytes: int
     tasks: "OrderedDict[str, LoadedTask]" = field(default_factory=OrderedDict)
