@@ -13,10 +13,12 @@ so the served model is exactly the trained one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,15 +219,32 @@ def load_encoder_folder(path: str | os.PathLike | None = None) -> tuple[nn.Modul
     """
     from transformers import AutoModel, AutoTokenizer
 
+    folder = _model_folder(path)
+    with _load_errors(folder):
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return model, tokenizer, folder
+
+
+def _model_folder(path: str | os.PathLike | None) -> Path:
+    """``path`` (None: the default backbone's folder), checked to hold a ``config.json``.
+
+    Raises:
+        BackboneLoadError: as :func:`load_encoder_folder`.
+    """
     folder = Path(path) if path is not None else default_backbone_path()
     if not (folder / "config.json").is_file():
         raise BackboneLoadError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+@contextlib.contextmanager
+def _load_errors(folder: Path) -> Iterator[None]:
+    """Turn what transformers / safetensors raise for an unreadable folder into :class:`BackboneLoadError`."""
     try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        yield
     except (OSError, ValueError) as exc:
         raise BackboneLoadError(f"cannot load the encoder in {folder}: {exc}") from None
-    return model, tokenizer, folder
 
 
 def load_backbone(path: str | os.PathLike | None = None, bits: int = 8, weights_only: bool = False) -> Backbone:
@@ -246,27 +265,26 @@ def load_backbone(path: str | os.PathLike | None = None, bits: int = 8, weights_
             (see :func:`load_encoder_folder`), or it has no ``nn.Linear`` to mask.
         ValueError: bits outside 1..8.
     """
+    model = None
     if weights_only:
-        folder = Path(path) if path is not None else default_backbone_path()
-        if not (folder / "config.json").is_file():
-            raise BackboneLoadError(f"{folder} is not a Hugging Face model folder (no config.json)")
-        from backbone.weights_only import load_weights_only
         from transformers import AutoTokenizer
 
-        try:
+        from backbone.weights_only import load_weights_only
+
+        folder = _model_folder(path)
+        with _load_errors(folder):
             model, _, reason = load_weights_only(folder)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True) if model is not None else None
-        except (OSError, ValueError) as exc:
-            raise BackboneLoadError(f"cannot load the encoder in {folder}: {exc}") from None
-        if model is not None:
-            name = folder.name if path is not None else DEFAULT_BACKBONE_NAME
-            bb = quantize_backbone(model, tokenizer, bits=bits, name=name, path=str(folder))
-            bb.weights_only = True
-            return bb
-        log.info("backbone %s loaded with its modeling code (not weights-only: %s)", folder, reason)
-    model, tokenizer, folder = load_encoder_folder(path)
+            if model is not None:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if model is None:
+            log.info("backbone %s loaded with its modeling code (not weights-only: %s)", folder, reason)
+    loaded_weights_only = model is not None
+    if model is None:
+        model, tokenizer, folder = load_encoder_folder(path)
     name = folder.name if path is not None else DEFAULT_BACKBONE_NAME
-    return quantize_backbone(model, tokenizer, bits=bits, name=name, path=str(folder))
+    bb = quantize_backbone(model, tokenizer, bits=bits, name=name, path=str(folder))
+    bb.weights_only = loaded_weights_only
+    return bb
 
 
 def quantize_backbone(model: nn.Module, tokenizer: object, bits: int = 8, name: str = "", path: str = "") -> Backbone:
