@@ -1,14 +1,25 @@
-"""Task bundle format v1: one file per task holding its supermask and task head.
+"""Task bundle format v2 (v1 still read): one file per task holding its supermask and task head.
 
 Layout of a bundle file (all integers little-endian)::
 
-    offset 0    8 bytes   magic  b"SUPMASK1"
-    offset 8    4 bytes   uint32 H, length of the JSON header in bytes
-    offset 12   H bytes   JSON header, UTF-8 (schema: :class:`BundleHeader`)
-    offset 12+H           payload: the packed masks, then the head (safetensors)
+    offset 0     8 bytes   magic  b"SUPMASK2" (v1: b"SUPMASK1"; the version is in the magic)
+    offset 8     4 bytes   uint32 H, length of the JSON header in bytes
+    offset 12    H bytes   JSON header, UTF-8 (schema: :class:`BundleHeader`)
+    offset 12+H  32 bytes  v2 only: SHA-256 of bytes 0 .. 12+H (magic, length and header)
+    then                   payload: the packed masks, then the head (safetensors)
 
 Every offset in the header is relative to the start of the payload, and the
 file ends exactly where the last section ends (trailing bytes are rejected).
+The header records a SHA-256 of every payload section and the sections must
+tile the payload, so the header checksum covers the whole file: a flipped
+bit anywhere is rejected (v1 has no header checksum: a flip inside a label
+name went unnoticed; v1 bundles are still read and flagged as such).
+
+Bounds (so that a header that validates can always be listed, served and
+re-serialised): JSON nested at most :data:`MAX_JSON_DEPTH` deep, no NaN or
+Infinity, mask sides at most :data:`MAX_MATRIX_SIDE`, ``max_seq_length`` in
+[:data:`MIN_SEQ_LENGTH`, :data:`MAX_SEQ_LENGTH`], head weights finite and at
+most :data:`MAX_HEAD_ABS` in magnitude.
 
 Masks (Radiya-Dixit & Wang 2020, Eq. 3: ``θ = θ̃ ⊙ μ``) are bit-packed with
 :mod:`bitarray`, one bit per weight: the weight matrix of shape ``[out, in]``
@@ -30,7 +41,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from bitarray import bitarray
@@ -40,10 +51,20 @@ from safetensors.numpy import save as st_save
 
 from mask_store.errors import BundleInvalid, BundleTooLarge
 
-MAGIC = b"SUPMASK1"
+MAGIC = b"SUPMASK2"
+MAGIC_V1 = b"SUPMASK1"
+MAGICS = {MAGIC_V1: 1, MAGIC: 2}
+"""Magic → format version."""
 FORMAT_NAME = "supermask-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+HEADER_DIGEST_BYTES = 32
+MAX_JSON_DEPTH = 32
+MAX_MATRIX_SIDE = 1 << 20
+MAX_SECTION_BYTES = 1 << 40
+MIN_SEQ_LENGTH = 8  # the special tokens ([CLS] a [SEP] b [SEP]) and at least a few tokens of each text
+MAX_SEQ_LENGTH = 8192
+MAX_HEAD_ABS = 1e4
 BIT_ORDER = "row-major, msb-first (bitarray endian='big'); 1 = keep, 0 = prune"
 MASK_RULE = "mu = 1[sigmoid(nu) > 0.5]"
 BUNDLE_SUFFIX = ".smask"
@@ -54,6 +75,8 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 _PREFIX = struct.Struct("<8sI")
 
 ProblemType = Literal["single_label_classification", "regression"]
+Side = Annotated[int, Field(ge=1, le=MAX_MATRIX_SIDE, strict=True)]
+"""One side of a matrix: a JSON integer (not a float such as 1e200) in [1, MAX_MATRIX_SIDE]."""
 
 
 class MaskEntry(BaseModel):
@@ -61,9 +84,9 @@ class MaskEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Parameter name in the backbone, e.g. 'encoder.layer.0.attention.self.query.weight'.")
-    shape: list[int] = Field(description="[out_features, in_features]")
-    offset: int = Field(ge=0, description="Byte offset of the packed bits from the start of the payload.")
-    nbytes: int = Field(ge=0, description="Packed length in bytes, ceil(out*in / 8).")
+    shape: list[Side] = Field(description="[out_features, in_features]")
+    offset: int = Field(ge=0, le=MAX_SECTION_BYTES, description="Byte offset of the packed bits from the start of the payload.")
+    nbytes: int = Field(ge=0, le=MAX_SECTION_BYTES, description="Packed length in bytes, ceil(out*in / 8).")
     sparsity: float = Field(ge=0.0, le=1.0, description="Fraction of zeros (pruned weights).")
     sha256: str = Field(description="SHA-256 of the packed bytes, hex.")
 
@@ -72,24 +95,25 @@ class HeadEntry(BaseModel):
     """The dense task head, stored as a safetensors blob."""
 
     model_config = ConfigDict(extra="forbid")
-    offset: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
+    offset: int = Field(ge=0, le=MAX_SECTION_BYTES)
+    nbytes: int = Field(ge=0, le=MAX_SECTION_BYTES)
     sha256: str
     pooling: Literal["mean"] = "mean"
-    tensors: dict[str, list[int]] = Field(description="Tensor name -> shape.")
+    tensors: dict[str, list[Side]] = Field(description="Tensor name -> shape.")
 
 
 class BundleHeader(BaseModel):
-    """JSON header of a bundle (format v1)."""
+    """JSON header of a bundle (formats v1 and v2 share it; ``format_version`` must match the magic)."""
 
     model_config = ConfigDict(extra="forbid")
     format: str
     format_version: int
     task: str
     problem_type: ProblemType
-    labels: list[str] = Field(description="Label names in logit order; empty for regression.")
+    labels: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        max_length=4096, description="Label names in logit order; empty for regression.")
     text_pairs: bool = Field(False, description="True when every input is a sentence pair (MRPC, RTE, STS-B, WNLI).")
-    max_seq_length: int = Field(gt=0)
+    max_seq_length: int = Field(ge=MIN_SEQ_LENGTH, le=MAX_SEQ_LENGTH)
     backbone_fingerprint: str
     backbone_name: str = ""
     bit_order: str = BIT_ORDER
@@ -282,8 +306,44 @@ def encode_bundle(
     except ValidationError as exc:
         raise BundleInvalid(_pydantic_reason(exc)) from None
     _check_head_shapes(header)
-    header_bytes = header.model_dump_json().encode("utf-8")
-    return _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + bytes(payload)
+    return frame(header.model_dump_json().encode("utf-8"), bytes(payload))
+
+
+def frame(header_json: bytes, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+    """Assemble a bundle file from its JSON header bytes and payload: magic, header length, header,
+    (v2) the header's SHA-256, payload. Nothing is validated (tools and tests that edit a header
+    re-frame it with this).
+
+    Args:
+        header_json: UTF-8 JSON bytes of the header.
+        payload: the packed masks and the head blob, as the header's offsets describe them.
+        version: 2 (default, with the header digest) or 1 (the legacy layout, no digest).
+    Raises:
+        ValueError: an unknown ``version``.
+    """
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"unknown bundle format version {version}")
+    magic = MAGIC if version == 2 else MAGIC_V1
+    prefix = _PREFIX.pack(magic, len(header_json)) + header_json
+    digest = hashlib.sha256(prefix).digest() if version == 2 else b""
+    return prefix + digest + payload
+
+
+def _json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), computed without recursion; stops past ``limit``."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return d
+            depth = max(depth, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return depth
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _pydantic_reason(exc: ValidationError) -> str:
@@ -310,33 +370,52 @@ def decode_header(data: bytes) -> tuple[BundleHeader, int]:
     """Parse and validate the header only.
 
     Args:
-        data: the bundle's bytes, or at least its first ``12 + H`` bytes.
+        data: the bundle's bytes, or at least its first ``12 + H`` bytes (v2: ``12 + H + 32``).
     Returns:
         ``(header, payload_start)`` where ``payload_start`` is the byte offset of the payload.
     Raises:
-        BundleInvalid: wrong magic, truncated header, bad JSON, or a header that
-            fails the schema (unknown format version included).
+        BundleInvalid: wrong magic, truncated header, a v2 header whose SHA-256 does not match, bad
+            JSON (NaN / Infinity, nesting deeper than :data:`MAX_JSON_DEPTH` included), a header that
+            fails the schema (unknown format version, a version that is not the magic's, sizes out of
+            range) or that would not serialise again.
     """
     if len(data) < _PREFIX.size:
         raise BundleInvalid(f"file is {len(data)} bytes, too short to be a bundle (at least {_PREFIX.size})")
     magic, hlen = _PREFIX.unpack_from(data, 0)
-    if magic != MAGIC:
-        raise BundleInvalid(f"not a supermask bundle: magic is {magic!r}, expected {MAGIC!r}")
+    version = MAGICS.get(magic)
+    if version is None:
+        raise BundleInvalid(f"not a supermask bundle: magic is {magic!r}, expected {MAGIC!r} (or {MAGIC_V1!r})")
     if hlen > MAX_HEADER_BYTES:
         raise BundleInvalid(f"header length {hlen} exceeds {MAX_HEADER_BYTES} bytes")
     end = _PREFIX.size + hlen
     if len(data) < end:
         raise BundleInvalid(f"truncated: header needs {hlen} bytes, only {len(data) - _PREFIX.size} present")
+    if version == 2:
+        digest = bytes(data[end : end + HEADER_DIGEST_BYTES])
+        if len(digest) < HEADER_DIGEST_BYTES:
+            raise BundleInvalid("truncated: the header's SHA-256 is missing")
+        if hashlib.sha256(data[:end]).digest() != digest:
+            raise BundleInvalid("header checksum mismatch: the bundle's header is corrupted")
     try:
-        raw = json.loads(data[_PREFIX.size : end].decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; also ints over 4300 digits, deep nesting
+        raw = json.loads(bytes(data[_PREFIX.size : end]).decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, NaN; also ints over 4300 digits, deep nesting
         raise BundleInvalid(f"header is not valid UTF-8 JSON: {str(exc)[:200] or type(exc).__name__}") from None
+    if _json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise BundleInvalid(f"header JSON is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         header = BundleHeader.model_validate(raw)
     except ValidationError as exc:
         raise BundleInvalid(_pydantic_reason(exc)) from None
+    except (RecursionError, OverflowError, ValueError) as exc:  # a validator's arithmetic on extreme values
+        raise BundleInvalid(f"invalid header: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if header.format_version != version:
+        raise BundleInvalid(f"header says format_version {header.format_version}, the magic {magic!r} says {version}")
+    try:  # what the API lists must serialise: a header that validates but cannot be dumped is refused here
+        header.model_dump_json()
+    except Exception as exc:  # pydantic's PydanticSerializationError and recursion limits
+        raise BundleInvalid(f"header cannot be serialised: {str(exc)[:200]}") from None
     _check_head_shapes(header)
-    return header, end
+    return header, end + (HEADER_DIGEST_BYTES if version == 2 else 0)
 
 
 def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
@@ -393,14 +472,21 @@ def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
             raise BundleInvalid(f"head tensor {name!r}: header says float32{shape}, blob holds {got}")
         if not np.all(np.isfinite(arr)):
             raise BundleInvalid(f"head tensor {name!r} holds non-finite values")
+        if arr.size and float(np.abs(arr).max()) > MAX_HEAD_ABS:
+            raise BundleInvalid(f"head tensor {name!r} holds values of magnitude {float(np.abs(arr).max()):.3g}, "
+                                f"more than {MAX_HEAD_ABS:g}: its logits could overflow (not a trained head)")
     return Bundle(header=header, masks=masks, head=head, size_bytes=len(data))
 
 
 def read_header_file(path: str) -> BundleHeader:
-    """Read and validate only the header of a bundle file (no payload checks, no torch)."""
+    """Read and validate only the header of a bundle file (no payload checks, no torch).
+
+    Raises:
+        BundleInvalid: as :func:`decode_header`. OSError: the file cannot be read.
+    """
     with open(path, "rb") as fh:
         prefix = fh.read(_PREFIX.size)
         if len(prefix) == _PREFIX.size:
             _, hlen = _PREFIX.unpack(prefix)
-            prefix += fh.read(min(hlen, MAX_HEADER_BYTES + 1))
+            prefix += fh.read(min(hlen, MAX_HEADER_BYTES + 1) + HEADER_DIGEST_BYTES)
     return decode_header(prefix)[0]

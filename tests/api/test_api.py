@@ -9,7 +9,7 @@ import struct
 import pytest
 from fastapi.testclient import TestClient
 
-from mask_store.format import MAGIC
+from mask_store.format import HEADER_DIGEST_BYTES, MAGIC, frame
 from service.api.main import create_app
 from service.settings import Settings
 from tests.conftest import make_bundle
@@ -97,16 +97,17 @@ def _corrupt(data: bytes) -> bytes:
 
 
 def _edit_header(bundle: bytes, **fields) -> bytes:
-    """``bundle`` with header fields replaced (the encoder refuses invalid headers, so edit the JSON)."""
+    """``bundle`` with header fields replaced (the encoder refuses invalid headers, so edit the JSON and
+    re-frame it with a matching header checksum, so that the check under test is the one reached)."""
     (hlen,) = struct.unpack_from("<I", bundle, len(MAGIC))
     start = len(MAGIC) + 4
     header = json.loads(bundle[start:start + hlen]) | fields
-    return _with_header(json.dumps(header).encode()) + bundle[start + hlen:]
+    return frame(json.dumps(header).encode(), bundle[start + hlen + HEADER_DIGEST_BYTES:])
 
 
 def _with_header(header: bytes) -> bytes:
-    """A bundle prefix (magic, header length) around an arbitrary header."""
-    return MAGIC + struct.pack("<I", len(header)) + header
+    """A bundle prefix (magic, header length, header checksum) around an arbitrary header."""
+    return frame(header, b"")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,9 @@ from mask_store.errors import BundleInvalid, BundleTooLarge
 from mask_store.format import (
     HEAD_BIAS,
     HEAD_WEIGHT,
+    HEADER_DIGEST_BYTES,
     MAGIC,
+    frame,
     decode_bundle,
     decode_header,
     encode_bundle,
@@ -73,11 +75,14 @@ def _encode(task="sst2", labels=("negative", "positive"), problem_type="single_l
 def _split(data: bytes) -> tuple[dict, bytes]:
     assert data[:8] == MAGIC
     (hlen,) = struct.unpack_from("<I", data, 8)
-    return json.loads(data[12 : 12 + hlen].decode("utf-8")), data[12 + hlen :]
+    return json.loads(data[12 : 12 + hlen].decode("utf-8")), data[12 + hlen + HEADER_DIGEST_BYTES :]
 
 
 def _join(header: dict | bytes, payload: bytes, magic: bytes = MAGIC) -> bytes:
+    """Re-frame an edited header (v2: with its recomputed SHA-256, so that the check under test is reached)."""
     hb = header if isinstance(header, bytes) else json.dumps(header).encode("utf-8")
+    if magic == MAGIC:
+        return frame(hb, payload)
     return magic + struct.pack("<I", len(hb)) + hb + payload
 
 
@@ -165,7 +170,7 @@ def test_round_trip_classification():
     h = b.header
 
     assert b.size_bytes == len(data)
-    assert h.format == "supermask-bundle" and h.format_version == 1
+    assert h.format == "supermask-bundle" and h.format_version == 2
     assert h.task == "MRPC-v2.1_x"
     assert h.problem_type == "single_label_classification"
     assert h.labels == ["not_equivalent", "equivalent"]
@@ -206,7 +211,7 @@ def test_round_trip_classification():
     # decode_header agrees and points to the payload right after the header
     h2, start = decode_header(data)
     assert h2 == h
-    assert start == 12 + struct.unpack_from("<I", data, 8)[0]
+    assert start == 12 + struct.unpack_from("<I", data, 8)[0] + HEADER_DIGEST_BYTES
 
 
 def test_round_trip_regression():
@@ -281,8 +286,11 @@ def test_truncated(bundle_bytes, where):
 
 def test_decode_header_accepts_just_the_header_but_not_less(bundle_bytes):
     (hlen,) = struct.unpack_from("<I", bundle_bytes, 8)
-    header, start = decode_header(bundle_bytes[: 12 + hlen])
-    assert header.task == "sst2" and start == 12 + hlen
+    end = 12 + hlen + HEADER_DIGEST_BYTES
+    header, start = decode_header(bundle_bytes[:end])
+    assert header.task == "sst2" and start == end
+    with pytest.raises(BundleInvalid, match="truncated"):
+        decode_header(bundle_bytes[: end - 1])
     with pytest.raises(BundleInvalid, match="truncated"):
         decode_header(bundle_bytes[: 12 + hlen - 1])
 
@@ -326,15 +334,45 @@ def test_header_json_not_an_object(bundle_bytes):
         decode_bundle(_join(b"[1, 2, 3]", payload))
 
 
-def test_format_version_2_rejected_with_version_in_message(bundle_bytes):
+def test_format_version_3_rejected_with_version_in_message(bundle_bytes):
     header, payload = _split(bundle_bytes)
-    assert decode_bundle(_join(header, payload)).header.format_version == 1  # the re-encoding itself is valid
-    header["format_version"] = 2
+    assert decode_bundle(_join(header, payload)).header.format_version == 2  # the re-encoding itself is valid
+    header["format_version"] = 3
     bad = _join(header, payload)
-    with pytest.raises(BundleInvalid, match=r"format_version 2 is not supported"):
+    with pytest.raises(BundleInvalid, match=r"format_version 3 is not supported"):
         decode_bundle(bad)
-    with pytest.raises(BundleInvalid, match=r"format_version 2"):
+    with pytest.raises(BundleInvalid, match=r"format_version 3"):
         decode_header(bad)
+
+
+def test_v1_bundle_still_read(bundle_bytes):
+    """A bundle written before format v2 (magic SUPMASK1, no header digest) decodes to the same contents."""
+    header, payload = _split(bundle_bytes)
+    header["format_version"] = 1
+    v1 = frame(json.dumps(header).encode(), payload, version=1)
+    assert v1[:8] == b"SUPMASK1"
+    old, new = decode_bundle(v1), decode_bundle(bundle_bytes)
+    assert old.header.format_version == 1 and old.masks == new.masks
+    np.testing.assert_array_equal(old.head[HEAD_WEIGHT], new.head[HEAD_WEIGHT])
+    # the version in the magic and in the header must agree, both ways
+    with pytest.raises(BundleInvalid, match="magic"):
+        decode_bundle(frame(json.dumps(header).encode(), payload, version=2))
+    header["format_version"] = 2
+    with pytest.raises(BundleInvalid, match="magic"):
+        decode_bundle(frame(json.dumps(header).encode(), payload, version=1))
+
+
+def test_every_header_bit_flip_rejected(bundle_bytes):
+    """v2's header SHA-256: a flip of any bit of the magic, length, header JSON or digest is rejected
+    (under v1 a flip inside a label name, 'negative' -> 'oegative', was accepted)."""
+    (hlen,) = struct.unpack_from("<I", bundle_bytes, 8)
+    end = 12 + hlen + HEADER_DIGEST_BYTES
+    for i in range(end):
+        for bit in range(8):
+            bad = bytearray(bundle_bytes)
+            bad[i] ^= 1 << bit
+            with pytest.raises(BundleInvalid):
+                decode_bundle(bytes(bad))
 
 
 def test_wrong_format_name(bundle_bytes):
