@@ -48,3 +48,27 @@ class TaskNotFound(MaskStoreError):
 
 class InvalidTaskName(MaskStoreError):
     """The task name is not allowed (see :data:`mask_store.format.TASK_NAME_PATTERN`)."""
+
+
+class BundleUnsupported(BundleInvalid):
+    """A bundle of a format version this reader does not know (a newer writer's): refused, but a
+    stored one is left in place (another, newer server sharing the store may serve it)."""
+
+
+class StoredBundleCorrupt(MaskStoreError):
+    """A bundle already in the store fails validation (corrupted on disk): a server fault, not the
+    client's. The file has been moved aside (quarantined) so that it breaks nothing else."""
+
+    def __init__(self, task: str, reason: str, moved_to: str | None):
+        where = f"moved aside to {moved_to}" if moved_to else "left in place (it changed meanwhile)"
+        super().__init__(f"the stored bundle of task {task!r} is corrupt ({reason}); {where}; re-upload it")
+        self.task = task
+        self.reason = reason
+
+
+class StoreUnavailable(MaskStoreError):
+    """The store's storage failed (read-only file system, permissions, I/O error); nothing was changed."""
+
+
+class StoreFull(StoreUnavailable):
+    """The store's storage is out of space or quota; nothing was changed."""

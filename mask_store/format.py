@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from mask_store.errors import BundleInvalid, BundleTooLarge
+from mask_store.errors import BundleInvalid, BundleTooLarge, BundleUnsupported
 
 MAGIC = b"SUPMASK2"
 MAGIC_V1 = b"SUPMASK1"
@@ -383,6 +383,9 @@ def decode_header(data: bytes) -> tuple[BundleHeader, int]:
         raise BundleInvalid(f"file is {len(data)} bytes, too short to be a bundle (at least {_PREFIX.size})")
     magic, hlen = _PREFIX.unpack_from(data, 0)
     version = MAGICS.get(magic)
+    if version is None and magic[:7] == MAGIC[:7] and magic[7:].isdigit():
+        raise BundleUnsupported(f"bundle format version {magic[7:].decode()} is newer than this reader's "
+                                f"{list(SUPPORTED_VERSIONS)} (magic {magic!r})")
     if version is None:
         raise BundleInvalid(f"not a supermask bundle: magic is {magic!r}, expected {MAGIC!r} (or {MAGIC_V1!r})")
     if hlen > MAX_HEADER_BYTES:

@@ -3,34 +3,74 @@
 A write goes to a temporary file in the same directory, is flushed and
 fsync'd, then renamed over the old file (``os.replace`` is atomic on POSIX),
 and the directory is fsync'd. A crash at any point leaves either the old
-bundle or the new one, never a partial file; stray temporary files are
-ignored by readers and removed on open.
+bundle or the new one, never a partial file. Temporary files are named
+``.tmp-<host>-<pid>-<random>``: readers ignore them; only the writer removes
+its own, and a store that opens sweeps only stale ones (of a dead process on
+this host, or older than :data:`STALE_TMP_SECONDS`), so a second server
+starting on a shared store never breaks another's upload in progress.
+
+Faults: only regular files are tasks (a FIFO or a directory named
+``X.smask`` is ignored with a warning and never opened for a blocking read);
+storage errors become :class:`StoreFull` / :class:`StoreUnavailable`; a
+stored bundle that fails validation is quarantined (renamed to
+``<task>.smask.corrupt-<UTC time>``, logged, reported by
+:meth:`LocalMaskStore.quarantined`) and read as :class:`StoredBundleCorrupt`.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
-from collections.abc import Callable
 import re
 import secrets
+import socket
+import stat
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from mask_store.errors import BackboneMismatch, InvalidTaskName, TaskNotFound
+from mask_store.errors import (
+    BackboneMismatch,
+    BundleUnsupported,
+    InvalidTaskName,
+    StoreFull,
+    StoredBundleCorrupt,
+    StoreUnavailable,
+    TaskNotFound,
+)
 from mask_store.format import (
     BUNDLE_SUFFIX,
+    HEADER_DIGEST_BYTES,
+    MAX_HEADER_BYTES,
     TASK_NAME_PATTERN,
     Bundle,
     BundleHeader,
     BundleInvalid,
     decode_bundle,
-    read_header_file,
+    decode_header,
 )
 
 log = logging.getLogger(__name__)
 _TMP_PREFIX = ".tmp-"
 _TMP_ATTEMPTS = 100  # names tried before giving up, should every random one exist already
+_HOST_ID = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TMP_NAME = re.compile(r"\.tmp-([0-9a-f]{8})-(\d+)-[0-9a-f]+")
+STALE_TMP_SECONDS = 3600.0
+"""A temporary file older than this (by mtime) is a crashed writer's, whatever host wrote it."""
+QUARANTINE_MARK = ".corrupt-"
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def storage_error(exc: OSError, action: str) -> StoreUnavailable:
+    """The typed store error for an ``OSError`` of ``action`` (e.g. "store task 'SST-2'"):
+    :class:`StoreFull` for ENOSPC / EDQUOT, else :class:`StoreUnavailable` (read-only, permissions, I/O)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FULL_ERRNOS:
+        return StoreFull(f"could not {action}: the store's disk is full ({reason}); nothing was changed")
+    return StoreUnavailable(f"could not {action}: {reason}; nothing was changed")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o600) -> None:
@@ -41,7 +81,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o600) -> 
     renamed over ``path`` with ``os.replace`` (atomic on POSIX), then the directory is fsync'd so the
     rename itself survives a crash. Readers see the old file or the new one, never a partial one. On
     any error (``BaseException``, Ctrl-C included) the temporary file is removed and ``path`` is
-    left as it was. :class:`LocalMaskStore` deletes stray ``.tmp-*`` files of its directory on open.
+    left as it was. The temporary file's name carries this host and process (``.tmp-<host>-<pid>-<hex>``),
+    so that :func:`sweep_stale_temps` removes only a dead writer's.
 
     Args:
         path: the file to write; its directory must exist (nothing is created).
@@ -72,7 +113,7 @@ def _create_temp(directory: Path, mode: int) -> tuple[int, Path]:
     but with the permission bits ``mode``). Returns ``(fd, path)``. Raises OSError."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(_TMP_ATTEMPTS):
-        tmp = directory / f"{_TMP_PREFIX}{secrets.token_hex(6)}"
+        tmp = directory / f"{_TMP_PREFIX}{_HOST_ID}-{os.getpid()}-{secrets.token_hex(6)}"
         try:
             return os.open(tmp, flags, mode), tmp
         except FileExistsError:
@@ -93,6 +134,67 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def sweep_stale_temps(directory: Path, max_age_s: float = STALE_TMP_SECONDS, now: float | None = None) -> list[str]:
+    """Remove the temporary files of crashed writers from ``directory``; return their names.
+
+    A ``.tmp-*`` file is removed when its writer is a dead process of this host (the name records the
+    host and pid), or when it is older than ``max_age_s`` (by mtime: a writer on another host, or a
+    name of another form). A live writer's file, on this host or (younger than the bound) another, is
+    never touched, so servers and workers may open one store at any time.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for path in directory.glob(_TMP_PREFIX + "*"):
+        m = _TMP_NAME.fullmatch(path.name)
+        try:
+            dead = m is not None and m.group(1) == _HOST_ID and not _pid_alive(int(m.group(2)))
+            if dead or now - path.lstat().st_mtime > max_age_s:
+                path.unlink()
+                removed.append(path.name)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        except OSError as exc:  # a read-only store: nothing to gain, nothing lost
+            log.warning("could not remove stale temporary file %s: %s", path, exc)
+    if removed:
+        log.info("removed %d stale temporary file(s) from %s", len(removed), directory)
+    return removed
+
+
+def _read_regular(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """Bytes of ``path`` (the first ``limit`` bytes if given) and its ``fstat``, refusing anything but a
+    regular file without blocking (``O_NONBLOCK``: a FIFO's open returns at once and is refused).
+
+    Raises:
+        FileNotFoundError: missing, or not a regular file (logged: it is not a task). OSError: as ``os.open``.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("%s is not a regular file: ignored (not a task)", path)
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit)
+        return data, st
+    finally:
+        os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    # ctime too: restoring size and mtime after an in-place edit (os.utime) cannot restore the ctime
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
 def check_task_name(task: str) -> str:
     """Return ``task`` if it is a valid task name, else raise :class:`InvalidTaskName`."""
     if not re.fullmatch(TASK_NAME_PATTERN, task):
@@ -106,23 +208,52 @@ class LocalMaskStore:
     Args:
         root: directory, created if missing.
         max_bundle_bytes: uploads larger than this raise ``BundleTooLarge``.
+        on_quarantine: called with ``(task, reason)`` after a corrupt stored bundle was moved aside
+            (the server counts it in a metric).
+    Raises:
+        StoreUnavailable: ``root`` cannot be created.
     """
 
-    def __init__(self, root: str | os.PathLike, max_bundle_bytes: int | None = None):
+    def __init__(self, root: str | os.PathLike, max_bundle_bytes: int | None = None,
+                 on_quarantine: Callable[[str, str], object] | None = None):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, f"create the store directory {self.root}") from None
         self.max_bundle_bytes = max_bundle_bytes
+        self.on_quarantine = on_quarantine
         self._lock = threading.Lock()
-        for stray in self.root.glob(_TMP_PREFIX + "*"):
-            stray.unlink(missing_ok=True)
+        self._warned: set[str] = set()
+        sweep_stale_temps(self.root)
 
     def path(self, task: str) -> Path:
         return self.root / f"{check_task_name(task)}{BUNDLE_SUFFIX}"
 
     def tasks(self) -> list[str]:
-        """Names of the stored tasks, sorted (files whose stem is not a valid task name are ignored)."""
-        names = (p.name[: -len(BUNDLE_SUFFIX)] for p in self.root.glob("*" + BUNDLE_SUFFIX))
-        return sorted(n for n in names if re.fullmatch(TASK_NAME_PATTERN, n))
+        """Names of the stored tasks, sorted: regular files ``<valid name>.smask`` (symbolic links to
+        them included); anything else with the suffix (a FIFO, a directory) is ignored with one warning."""
+        names = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError as exc:
+            raise storage_error(exc, f"list the store {self.root}") from None
+        for entry in entries:
+            if not entry.name.endswith(BUNDLE_SUFFIX):
+                continue
+            name = entry.name[: -len(BUNDLE_SUFFIX)]
+            if not re.fullmatch(TASK_NAME_PATTERN, name):
+                continue
+            try:
+                regular = entry.is_file()  # follows symbolic links; no open, so a FIFO never blocks
+            except OSError:
+                regular = False
+            if regular:
+                names.append(name)
+            elif entry.name not in self._warned:
+                self._warned.add(entry.name)
+                log.warning("%s in the store is not a regular file: ignored", entry.path)
+        return sorted(names)
 
     def exists(self, task: str) -> bool:
         return self.path(task).is_file()
@@ -131,44 +262,95 @@ class LocalMaskStore:
         """Header of a stored bundle (reads only the header).
 
         Raises:
-            TaskNotFound: no bundle for ``task``. InvalidTaskName: ``task`` is not a valid name.
-            BundleInvalid: the stored file's header is corrupt or of an unsupported format version.
+            TaskNotFound: no bundle for ``task`` (or not a regular file). InvalidTaskName.
+            StoredBundleCorrupt: the stored header is corrupt (the file is quarantined).
+            BundleUnsupported: a newer format version (left in place). StoreUnavailable: a read error.
         """
         path = self.path(task)
         try:
-            return read_header_file(str(path))
+            data, st = _read_regular(path, limit=12 + MAX_HEADER_BYTES + HEADER_DIGEST_BYTES)
         except FileNotFoundError:
             raise TaskNotFound(task) from None
+        except OSError as exc:
+            raise storage_error(exc, f"read task {task!r}") from None
+        try:
+            return decode_header(data)[0]
+        except BundleUnsupported:
+            raise
+        except BundleInvalid as exc:
+            raise self._quarantine(task, st, str(exc)) from None
 
-    def version(self, task: str) -> tuple[int, int, int]:
-        """An identity of the stored bundle's current file: ``(inode, mtime in ns, size in bytes)``.
+    def version(self, task: str) -> tuple[int, int, int, int]:
+        """An identity of the stored bundle's current file: ``(inode, mtime ns, ctime ns, size in bytes)``.
 
         Every write replaces the file (``os.replace`` of a new inode), so the value changes when the
-        task is replaced, also by another process sharing the directory (another server worker).
-        Costs one ``stat`` call.
+        task is replaced, also by another process sharing the directory (another server worker), and
+        an edit in place changes the ctime even if size and mtime are restored. One ``stat`` call.
 
         Raises:
-            TaskNotFound: no bundle for ``task``. InvalidTaskName: ``task`` is not a valid name.
+            TaskNotFound: no bundle for ``task`` (or not a regular file). InvalidTaskName.
         """
         try:
             st = self.path(task).stat()
         except FileNotFoundError:
             raise TaskNotFound(task) from None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError as exc:
+            raise storage_error(exc, f"stat task {task!r}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise TaskNotFound(task)
+        return _identity(st)
 
     def size_bytes(self, task: str) -> int:
-        try:
-            return self.path(task).stat().st_size
-        except FileNotFoundError:
-            raise TaskNotFound(task) from None
+        return self.version(task)[3]
 
     def get(self, task: str) -> Bundle:
-        """Read and fully validate a stored bundle. Raises TaskNotFound, InvalidTaskName, BundleInvalid."""
+        """Read and fully validate a stored bundle (every checksum: its content, not only its identity).
+
+        Raises:
+            TaskNotFound, InvalidTaskName, BundleUnsupported, StoreUnavailable;
+            StoredBundleCorrupt: it fails validation (the file is quarantined).
+        """
         try:
-            data = self.path(task).read_bytes()
+            data, st = _read_regular(self.path(task))
         except FileNotFoundError:
             raise TaskNotFound(task) from None
-        return decode_bundle(data)
+        except OSError as exc:
+            raise storage_error(exc, f"read task {task!r}") from None
+        try:
+            return decode_bundle(data)
+        except BundleUnsupported:
+            raise
+        except BundleInvalid as exc:
+            raise self._quarantine(task, st, str(exc)) from None
+
+    def _quarantine(self, task: str, st: os.stat_result, reason: str) -> StoredBundleCorrupt:
+        """Move the corrupt file aside if it is still the file that was read; the error to raise."""
+        path = self.path(task)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path.with_name(f"{path.name}{QUARANTINE_MARK}{stamp}-{secrets.token_hex(3)}")
+        moved = None
+        with self._lock:
+            try:
+                if _identity(path.stat()) == _identity(st):  # not replaced by a valid upload meanwhile
+                    os.replace(path, target)
+                    _fsync_dir(self.root)
+                    moved = target.name
+            except OSError as exc:
+                log.error("could not quarantine %s: %s", path, exc)
+        log.error("stored bundle of task %s is corrupt (%s); %s", task, reason,
+                  f"moved to {moved}" if moved else "not moved")
+        if moved and self.on_quarantine is not None:
+            self.on_quarantine(task, reason)
+        return StoredBundleCorrupt(task, reason, moved)
+
+    def quarantined(self) -> list[str]:
+        """Tasks with a quarantined (corrupt) file in the store, by any process sharing it, sorted."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        return sorted({n.split(BUNDLE_SUFFIX + QUARANTINE_MARK)[0] for n in names
+                       if BUNDLE_SUFFIX + QUARANTINE_MARK in n})
 
     def validate(self, task: str, data: bytes, backbone_fingerprint: str | None = None) -> Bundle:
         """Validate an upload for ``task`` without storing it.
@@ -196,7 +378,8 @@ class LocalMaskStore:
         Returns:
             ``(bundle, created)``; ``created`` is False when an existing bundle was replaced.
         Raises:
-            as :meth:`validate`, or as ``check``; on any error the store is unchanged.
+            as :meth:`validate`, or as ``check``; StoreFull / StoreUnavailable: the write failed (disk
+            full, read-only); on any error the store is unchanged.
         """
         bundle = self.validate(task, data, backbone_fingerprint)
         if check is not None:
@@ -204,17 +387,24 @@ class LocalMaskStore:
         with self._lock:
             path = self.path(task)
             created = not path.exists()
-            atomic_write(path, data)
+            try:
+                atomic_write(path, data)
+            except OSError as exc:
+                raise storage_error(exc, f"store task {task!r}") from None
         log.info("stored task %s (%d bytes, %s)", task, len(data), "new" if created else "replaced")
         return bundle, created
 
     def delete(self, task: str) -> None:
-        """Remove a task's bundle. Raises TaskNotFound, InvalidTaskName."""
+        """Remove a task's bundle. Raises TaskNotFound, InvalidTaskName, StoreUnavailable (read-only)."""
         with self._lock:
             try:
                 self.path(task).unlink()
             except FileNotFoundError:
                 raise TaskNotFound(task) from None
+            except IsADirectoryError:
+                raise TaskNotFound(task) from None
+            except OSError as exc:
+                raise storage_error(exc, f"delete task {task!r}") from None
             _fsync_dir(self.root)
 
     def seed_from(self, directory: str | os.PathLike) -> list[str]:

@@ -232,9 +232,12 @@ class Engine:
         return bundle.header, created
 
     def delete(self, task: str) -> None:
-        """Remove ``task`` from the store and the caches. Raises TaskNotFound, InvalidTaskName."""
+        """Remove ``task`` from the store, the caches and the metrics' label sets.
+
+        Raises TaskNotFound, InvalidTaskName, StoreUnavailable."""
         self.store.delete(task)
         self.invalidate(task)
+        self.metrics.forget(task)
 
     def invalidate(self, task: str) -> None:
         """Drop ``task`` from the caches now (after an upload replaced it or a delete).

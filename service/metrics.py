@@ -43,6 +43,7 @@ class Metrics:
     supermask_device_resident_tasks                  gauge      tasks holding a GPU mask slot
     supermask_gpu_memory_allocated_bytes             gauge      torch.cuda.memory_allocated (0 without CUDA)
     supermask_gpu_memory_reserved_bytes              gauge      torch.cuda.memory_reserved (0 without CUDA)
+    supermask_quarantined_bundles_total              counter    corrupt stored bundles moved aside
     supermask_process_resident_memory_bytes          gauge      process RSS (and the other process_* series)
     ===============================================  =========  ==========================================
     """
@@ -93,7 +94,23 @@ class Metrics:
                                                "GPU memory reserved by torch's caching allocator "
                                                "(torch.cuda.memory_reserved).", registry=r)
         self.gpu_memory_reserved_bytes.set_function(_gpu_memory_reserved_bytes)
+        self.quarantined = Counter(f"{PREFIX}_quarantined_bundles", "Corrupt stored bundles moved aside.", registry=r)
         ProcessCollector(namespace=PREFIX, registry=r)
+
+    def forget(self, task: str) -> None:
+        """Remove every series labelled with ``task`` (a deleted task), so that the label set stays the
+        tasks that exist however many are uploaded and deleted over time."""
+        for c in (self.request_seconds, self.rows, self.load_seconds, self.cache_hits, self.cache_misses,
+                  self.resident_task_bytes, self.hot_promotion_seconds, self.device_swap_in_seconds):
+            try:
+                c.remove(task)
+            except KeyError:
+                pass
+        for outcome in ("ok", "error"):
+            try:
+                self.requests.remove(task, outcome)
+            except KeyError:
+                pass
 
     def render(self) -> bytes:
         """Prometheus text exposition of every collector."""

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Uploads larger than this are refused with 413."""
 
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    """Largest request body of every route but uploads (which have ``max_bundle_bytes``), enforced while
+    the body streams in (``Content-Length`` first): a larger one is refused with 413 before it is parsed."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A connection that has not sent a complete request head within this many seconds is closed
+    (half-open and slow-header connections); ``supermask serve`` and the Docker image apply it."""
+    limit_concurrency: int | None = Field(512, gt=0)
+    """Most connections and tasks at once before uvicorn answers 503 (None: no limit)."""
     cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the host task cache (CPU: resident mask forms + heads; CUDA: packed masks + heads);
     least recently used tasks are evicted."""

@@ -290,8 +290,8 @@ class TaskTable:
 
         ``count``: record this lookup in the hit / miss counters (a load is always counted as a miss).
 
-        Metrics: a hit, or a request that waited for another's load, counts a hit; the load a miss
-        (a waiter of a failed load too).
+        Metrics: a hit, or a request that waited for another's load, counts a hit; a successful load a
+        miss. A failed load counts nothing, so that names which are not stored create no series.
 
         Raises:
             TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge: as the load raises them
@@ -307,8 +307,6 @@ class TaskTable:
             if flight is not None and entry is None:  # another thread is loading it
                 flight.done.wait()
                 if flight.error is not None:
-                    if count:
-                        self.metrics.cache_misses.labels(task).inc()
                     raise flight.error
                 assert flight.entry is not None
                 if count:
@@ -324,9 +322,9 @@ class TaskTable:
                     self.metrics.cache_hits.labels(task).inc()
                 return entry
             self._drop_if(task, entry)  # replaced in the store since it was loaded: load the new bundle
-        self.metrics.cache_misses.labels(task).inc()
         try:
             entry = self._load(task)
+            self.metrics.cache_misses.labels(task).inc()  # after the load: no series for names not stored
             with self._lock:
                 for name in self.cache.put(task, entry):
                     self.metrics.cache_evictions.inc()

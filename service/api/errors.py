@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask_store.errors import (
     BackboneMismatch,
@@ -18,6 +19,9 @@ from mask_store.errors import (
     BundleTooLarge,
     InvalidTaskName,
     MaskStoreError,
+    StoredBundleCorrupt,
+    StoreFull,
+    StoreUnavailable,
     TaskNotFound,
 )
 from service.errors import AdminDisabled, Forbidden, InputInvalid, ServiceError, TaskTooLarge, Unauthorized
@@ -30,6 +34,9 @@ STATUS: dict[type[Exception], int] = {
     BundleInvalid: 422,
     BundleTooLarge: 413,
     BackboneMismatch: 409,
+    StoredBundleCorrupt: 500,  # a server fault: the stored file went bad (it is quarantined)
+    StoreFull: 507,
+    StoreUnavailable: 503,
     InputInvalid: 422,
     TaskTooLarge: 507,
     Unauthorized: 401,
@@ -66,6 +73,29 @@ def install(app: FastAPI) -> None:
             parts.append(f"{loc}: {err.get('msg')}")
         return error_response(422, "RequestInvalid", "; ".join(parts))
 
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown route 404, 405, a body over the size limit 413, a body FastAPI
+        could not parse, e.g. nested too deeply, 400) in the documented body; the body-parse 400 becomes
+        the 422 that malformed JSON already gets."""
+        status, kind, message = exc.status_code, _HTTP_KINDS.get(exc.status_code, "HTTPError"), str(exc.detail)
+        if status == 400:
+            status, kind, message = 422, "RequestInvalid", f"the body could not be parsed as JSON ({exc.detail})"
+        elif status == 413:
+            limit = request.app.state.supermask.settings.max_request_bytes
+            message = f"request body is larger than the limit of {limit} bytes (SUPERMASK_MAX_REQUEST_BYTES)"
+        return error_response(status, kind, message, getattr(exc, "headers", None))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """Anything unmapped: logged with its traceback; the client sees no path or stack trace."""
+        log.exception("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return error_response(500, "InternalError", "internal server error (logged on the server)")
+
     app.add_exception_handler(MaskStoreError, typed)
     app.add_exception_handler(ServiceError, typed)
     app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+_HTTP_KINDS = {404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
+

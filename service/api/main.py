@@ -15,6 +15,7 @@ from mask_store.local import LocalMaskStore
 from service import __version__
 from service.api import errors
 from service.api.deps import AppState
+from service.api.limits import BodyLimit
 from service.api.routes import router
 from backbone import Backbone, load_backbone
 from service.engine import Engine, needs_model_forward
@@ -40,30 +41,35 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         # the CPU hot tier never runs the model's own forward: its tensors suffice (~190 MiB less memory)
         lean = not needs_model_forward(settings.device, settings.kernel_path, settings.cpu_precision)
         backbone = load_backbone(settings.backbone_path, bits=settings.backbone_bits, weights_only=lean)
-    store = LocalMaskStore(settings.store_dir, max_bundle_bytes=settings.max_bundle_bytes)
+    metrics = Metrics()
+    store = LocalMaskStore(settings.store_dir, max_bundle_bytes=settings.max_bundle_bytes,
+                           on_quarantine=lambda task, reason: metrics.quarantined.inc())
     if settings.examples_dir is not None and not settings.examples_dir.is_dir():
         log.warning("SUPERMASK_EXAMPLES_DIR %s is not a directory: no example tasks preloaded", settings.examples_dir)
     elif settings.examples_dir is not None:
         seeded = store.seed_from(settings.examples_dir)
         if seeded:
             log.info("preloaded example tasks into %s: %s", settings.store_dir, ", ".join(seeded))
-    metrics = Metrics()
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
                     device=settings.device, device_slots=settings.device_slots, batching=settings.batching, batch_wait_ms=settings.batch_wait_ms,
                     precision=settings.cpu_precision, hot_cache_bytes=settings.hot_cache_bytes)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
+        app.state.ready = True  # the backbone is loaded and the examples preloaded (above)
         yield
+        app.state.ready = False  # /readyz answers 503 while shutting down
         await engine.close()
 
     app = FastAPI(title="supermask", version=__version__, lifespan=lifespan,
                   description="Multi-task server for supermask-fine-tuned BERT: one int8 backbone, "
                   "one bit-packed mask + head per task.")
     app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics)
+    app.state.ready = False
     errors.install(app)
     app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.admin_token is None:
         log.warning("SUPERMASK_ADMIN_TOKEN is not set: uploads and deletes are disabled")
     return app

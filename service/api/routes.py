@@ -11,7 +11,16 @@ from mask_store.errors import BundleTooLarge, MaskStoreError
 from mask_store.format import BundleHeader
 from mask_store.local import check_task_name
 from service.api.deps import Admin, State
-from service.api.schemas import HealthPublic, PredictIn, PredictPublic, TaskPublic, TasksPublic
+from service.api.errors import error_response
+from service.api.schemas import (
+    ErrorPublic,
+    HealthPublic,
+    PredictIn,
+    PredictPublic,
+    ReadyPublic,
+    TaskPublic,
+    TasksPublic,
+)
 from service.engine import PredictRequest
 from service.errors import InputInvalid
 from service.metrics import CONTENT_TYPE_LATEST
@@ -27,6 +36,7 @@ def _task_public(state, task: str, header: BundleHeader, detail: bool) -> TaskPu
         labels=header.labels,
         text_pairs=header.text_pairs,
         max_seq_length=header.max_seq_length,
+        format_version=header.format_version,
         sparsity=header.sparsity,
         masked_matrices=len(header.masks),
         masked_weights=header.masked_weights,
@@ -53,10 +63,20 @@ def _rows(body: PredictIn, max_inputs: int, max_chars: int) -> tuple[tuple[str, 
         for t in texts:
             if not t.strip():
                 raise InputInvalid(f"inputs[{i}] holds an empty text")
+            _check_encodable(t, i)
             if len(t) > max_chars:
                 raise InputInvalid(f"inputs[{i}] is {len(t)} characters, more than the limit of {max_chars}")
         rows.append((texts[0], texts[1] if len(texts) == 2 else None))
     return tuple(rows)
+
+
+def _check_encodable(text: str, i: int) -> None:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``), which no tokenizer takes (a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputInvalid(f"inputs[{i}] holds an unpaired UTF-16 surrogate {text[exc.start]!r} at character "
+                           f"{exc.start}: it is not Unicode text") from None
 
 
 @router.post("/v1/tasks/{task}/predict", response_model=PredictPublic, response_model_exclude_none=True)
@@ -68,22 +88,27 @@ async def predict(task: str, body: PredictIn, state: State) -> PredictPublic:
     return PredictPublic(task=task, predictions=await state.engine.predict_async(req))
 
 
-@router.get("/v1/tasks", response_model=TasksPublic, response_model_exclude_none=True)
-async def list_tasks(state: State) -> TasksPublic:
-    """Every task in the store; a bundle whose header cannot be read (a corrupt file, another format
-    version) is left out of the list with a warning in the log rather than failing the whole list."""
+def _list(state) -> TasksPublic:
     tasks = []
     for t in state.store.tasks():
         try:
             tasks.append(_task_public(state, t, state.store.header(t), detail=False))
-        except MaskStoreError as exc:  # TaskNotFound too: deleted since the listing
+        except MaskStoreError as exc:  # TaskNotFound too: deleted since the listing; corrupt: quarantined
             log.warning("task %s left out of the list: %s", t, exc)
     return TasksPublic(tasks=tasks, count=len(tasks))
 
 
+@router.get("/v1/tasks", response_model=TasksPublic, response_model_exclude_none=True)
+async def list_tasks(state: State) -> TasksPublic:
+    """Every task in the store; a bundle whose header cannot be read (a corrupt file, another format
+    version) is left out of the list with a warning in the log rather than failing the whole list.
+    Store I/O runs in a worker thread, off the event loop."""
+    return await run_in_threadpool(_list, state)
+
+
 @router.get("/v1/tasks/{task}", response_model=TaskPublic, response_model_exclude_none=True)
 async def get_task(task: str, state: State) -> TaskPublic:
-    return _task_public(state, task, state.store.header(task), detail=True)
+    return await run_in_threadpool(lambda: _task_public(state, task, state.store.header(task), detail=True))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -119,10 +144,31 @@ async def delete_task(task: str, state: State) -> Response:
     return Response(status_code=204)
 
 
+def _health(state) -> HealthPublic:
+    quarantined = state.store.quarantined()
+    return HealthPublic(status="degraded" if quarantined else "ok", backbone=state.backbone.name,
+                        backbone_fingerprint=state.backbone.fingerprint, tasks=len(state.store.tasks()),
+                        quarantined=quarantined, **state.engine.status())
+
+
 @router.get("/healthz", response_model=HealthPublic)
 async def healthz(state: State) -> HealthPublic:
-    return HealthPublic(status="ok", backbone=state.backbone.name, backbone_fingerprint=state.backbone.fingerprint,
-                        tasks=len(state.store.tasks()), **state.engine.status())
+    """Liveness, and what the server holds: "degraded" (still 200) when a corrupt stored bundle has been
+    quarantined, naming its tasks (re-upload them; remove the ``*.smask.corrupt-*`` files when done)."""
+    return await run_in_threadpool(_health, state)
+
+
+@router.get("/readyz", response_model=ReadyPublic, responses={503: {"model": ErrorPublic}})
+async def readyz(request: Request, state: State):
+    """Readiness: 200 once start-up is complete (backbone loaded, examples preloaded) and while the store
+    can be listed; 503 before that, during shutdown, or when the store cannot be read."""
+    if not getattr(request.app.state, "ready", False):
+        return error_response(503, "NotReady", "the server is starting or shutting down")
+    try:
+        await run_in_threadpool(state.store.tasks)
+    except MaskStoreError as exc:
+        return error_response(503, "NotReady", str(exc))
+    return ReadyPublic(status="ready")
 
 
 @router.get("/metrics")

@@ -37,6 +37,8 @@ class TaskPublic(BaseModel):
     labels: list[str]
     text_pairs: bool
     max_seq_length: int
+    format_version: int = Field(description="Bundle format: 2 (header checksum), or 1 (legacy: no header "
+                                "checksum; still served, re-save it with a current release to upgrade).")
     sparsity: float = Field(description="Fraction of pruned (zero) weights over all masked matrices.")
     masked_matrices: int
     masked_weights: int
@@ -55,8 +57,13 @@ class TasksPublic(BaseModel):
     count: int
 
 
-class HealthPublic(BaseModel):
+class ReadyPublic(BaseModel):
     status: str
+
+
+class HealthPublic(BaseModel):
+    status: str = Field(description="ok, or degraded when corrupt stored bundles were quarantined.")
+    quarantined: list[str] = Field(default_factory=list, description="Tasks whose stored bundle was found corrupt.")
     backbone: str
     backbone_fingerprint: str
     tasks: int

@@ -236,7 +236,9 @@ def test_list_skips_unreadable_and_misnamed_bundles(server):
     r = server.get("/v1/tasks")
     assert r.status_code == 200, r.text
     assert [t["name"] for t in r.json()["tasks"]] == ["toy"]
-    assert server.get("/healthz").json()["tasks"] == 2  # broken.smask is a stored task, toy the other
+    health = server.get("/healthz").json()  # broken.smask was quarantined when the list read it
+    assert health["tasks"] == 1 and health["status"] == "degraded" and health["quarantined"] == ["broken"]
+    assert not (server.store_dir / "broken.smask").exists()
 
 
 @pytest.mark.parametrize("batching", [True, False])

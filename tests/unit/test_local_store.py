@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 
 import mask_store.local as local_mod
-from mask_store.errors import BackboneMismatch, BundleInvalid, BundleTooLarge, InvalidTaskName, TaskNotFound
+from mask_store.errors import (BackboneMismatch, BundleInvalid, BundleTooLarge, InvalidTaskName, StoreFull,
+                               StoreUnavailable, TaskNotFound)
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle, encode_bundle
 from mask_store.local import LocalMaskStore, check_task_name
 
@@ -252,7 +255,7 @@ def test_failed_write_keeps_old_bundle_and_leaves_no_temp_file(store, monkeypatc
         raise OSError(28, "No space left on device (simulated)")
 
     monkeypatch.setattr(local_mod.os, fail_at, boom)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(StoreFull, match="disk is full.*simulated"):  # typed: the API answers 507
         store.put("t1", make("t1", seed=3))
     monkeypatch.undo()
 
@@ -265,21 +268,54 @@ def test_failed_write_keeps_old_bundle_and_leaves_no_temp_file(store, monkeypatc
 
 def test_failed_write_of_new_task_leaves_nothing(store, monkeypatch):
     monkeypatch.setattr(local_mod.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("simulated")))
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnavailable, match="simulated"):
         store.put("t1", make("t1"))
     monkeypatch.undo()
     assert list(store.root.iterdir()) == []
     assert store.tasks() == []
 
 
-def test_stray_temp_files_removed_on_open(tmp_path):
+def test_only_stale_temp_files_removed_on_open(tmp_path):
+    """Opening a store sweeps crashed writers' temporary files (old ones, or a dead process's on this
+    host) and leaves a live writer's alone: a second server opening a shared store mid-upload used to
+    delete every '.tmp-*' and fail that upload with FileNotFoundError."""
+    import os
+    import subprocess
+    import sys
+
     root = tmp_path / "store"
     LocalMaskStore(root).put("t1", make("t1"))
-    (root / ".tmp-abc123").write_bytes(make("t2")[:50])
-    (root / ".tmp-xyz.smask").write_bytes(b"partial")  # would otherwise look like a task
+    old = time.time() - local_mod.STALE_TMP_SECONDS - 60
+    for name in (".tmp-abc123", ".tmp-xyz.smask"):  # unknown writer, old: removed by age
+        (root / name).write_bytes(b"partial")
+        os.utime(root / name, (old, old))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_name = f".tmp-{local_mod._HOST_ID}-{int(dead.stdout)}-aa"  # a writer of this host that exited
+    (root / dead_name).write_bytes(b"partial")
+    live_name = f".tmp-{local_mod._HOST_ID}-{os.getpid()}-bb"  # this process: a writer in progress
+    (root / live_name).write_bytes(b"partial")
+    foreign = ".tmp-0123abcd-1-cc"  # another host's writer, recent: may be alive
+    (root / foreign).write_bytes(b"partial")
     s = LocalMaskStore(root)
-    assert sorted(p.name for p in root.iterdir()) == ["t1.smask"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([foreign, live_name, "t1.smask"])
     assert s.tasks() == ["t1"]
+
+
+def test_upload_survives_another_store_opening_mid_write(tmp_path, monkeypatch):
+    """A store opened while another's atomic write sits between 'temp written' and 'rename' keeps it."""
+    root = tmp_path / "store"
+    writer = LocalMaskStore(root)
+    real_replace = local_mod.os.replace
+    opened = []
+
+    def replace_after_another_open(src, dst):
+        opened.append(LocalMaskStore(root))  # e.g. a second worker starting now
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(local_mod.os, "replace", replace_after_another_open)
+    writer.put("t1", make("t1"))
+    assert opened and writer.tasks() == ["t1"]
+    assert decode_bundle(writer.path("t1").read_bytes()).header.task == "t1"
 
 
 # ---------------------------------------------------------------------------------------------

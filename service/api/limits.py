@@ -1,0 +1,32 @@
+"""Request body limit: Starlette's ``RequestBodyLimitResponder`` with ``SUPERMASK_MAX_REQUEST_BYTES``.
+
+Applied to every route but uploads (``PUT /v1/tasks/{task}``), which stream their body under their own
+limit (``SUPERMASK_MAX_BUNDLE_BYTES``). The limit is checked against ``Content-Length`` before anything
+is read, and against the bytes received while the body streams in (a chunked body has no length), so
+an oversized body is refused with 413 before it is buffered whole or parsed. The 413 is raised as
+Starlette's ``HTTPException`` inside the app and rendered by :mod:`service.api.errors`.
+"""
+
+from __future__ import annotations
+
+from starlette.middleware.body_limit import RequestBodyLimitResponder
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class BodyLimit:
+    """ASGI middleware: ``max_bytes`` on request bodies, uploads (PUT) excepted.
+
+    Args:
+        app: the wrapped ASGI app.
+        max_bytes: largest body in bytes.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "PUT":
+            await self.app(scope, receive, send)
+            return
+        await RequestBodyLimitResponder(self.app, self.max_bytes)(scope, receive, send)
