@@ -26,6 +26,7 @@ if [ "$#" -eq 0 ]; then
     exec uvicorn service.api.main:create_app --factory \
         --host "${SUPERMASK_HOST:-0.0.0.0}" --port "${SUPERMASK_PORT:-8000}" \
         --workers "${SUPERMASK_WORKERS:-1}" --log-level "$log_level" \
+        --http service.api.server:HeadTimeoutProtocol --limit-concurrency "${SUPERMASK_LIMIT_CONCURRENCY:-512}" \
         --timeout-graceful-shutdown "${SUPERMASK_GRACEFUL_SHUTDOWN_S:-20}"
 fi
 exec "$@"

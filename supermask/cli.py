@@ -90,15 +90,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.api.main import create_app
+    from service.api.server import run
     from service.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "store_dir": args.store_dir,
                                    "backbone_path": args.backbone}.items() if v is not None}
     settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    run(settings)
     return 0
 
 

@@ -9,8 +9,11 @@ Starlette's ``HTTPException`` inside the app and rendered by :mod:`service.api.e
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api.errors import error_response
 
 
 class BodyLimit:
@@ -29,4 +32,11 @@ class BodyLimit:
         if scope["type"] != "http" or scope.get("method") == "PUT":
             await self.app(scope, receive, send)
             return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:  # refused before a byte is read
+            response = error_response(413, "RequestTooLarge", f"request body is {int(declared)} bytes, larger than "
+                                      f"the limit of {self.max_bytes} bytes (SUPERMASK_MAX_REQUEST_BYTES)")
+            await response(scope, receive, send)
+            return
+        # a body without a length (chunked): counted as it streams; Starlette raises its 413 HTTPException
         await RequestBodyLimitResponder(self.app, self.max_bytes)(scope, receive, send)
