@@ -1,0 +1,45 @@
+"""Seeded, bounded bundle fuzzing through the upload path (the long campaign: benchmarks/fuzz_bundles.py).
+
+Every mutant (truncations at many offsets, bit flips, byte runs, hostile header edits re-framed with a
+valid checksum, NaN / huge / misshapen heads, consistent mask edits) must be a typed rejection or a
+bundle that serves finite answers of its header's shape; nothing else, and never a hang.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from benchmarks.fuzz_bundles import KINDS, campaign, make_engine, mutants
+from tests.conftest import make_bundle
+
+CASES = 1_800  # about 30 s on 2 idle cores
+
+
+@pytest.fixture
+def bundles(tiny_backbone):
+    return {"cls": make_bundle(tiny_backbone, "cls", sparsity=0.1, seed=1),
+            "sim": make_bundle(tiny_backbone, "sim", labels=(), text_pairs=True, seed=2)}
+
+
+def test_mutants_are_seeded_and_cover_every_kind(bundles):
+    a = list(mutants(bundles["cls"], seed=7, count=60))
+    b = list(mutants(bundles["cls"], seed=7, count=60))
+    assert a == b and Counter(k for k, _ in a) == Counter({k: 10 for k in KINDS})
+    assert sum(m != bundles["cls"] for _, m in a) >= 55  # mutants, not copies
+
+
+def test_fuzzed_bundles_are_rejected_typed_or_serve_finite_answers(tiny_backbone, bundles, tmp_path):
+    result = campaign(make_engine(tiny_backbone, str(tmp_path / "store")), bundles, CASES, seed=2026,
+                      case_timeout_s=20)
+    counts = result["by_outcome"]
+    assert result["cases"] == CASES
+    assert counts.get("unexpected", 0) == 0 and counts.get("bad_answer", 0) == 0 and counts.get("hang", 0) == 0, \
+        result["findings"][:5]
+    # both outcomes occur: the campaign reaches the deep checks and also serves valid edits
+    assert counts["rejected"] > CASES / 2 and counts["accepted"] >= CASES / len(KINDS) * 0.9
+    assert result["by_kind"].get("head:accepted", 0) == 0  # NaN, infinite, huge or misshapen heads never pass
+    assert result["by_kind"].get("truncate:accepted", 0) == 0
+    assert result["by_kind"].get("bitflip:accepted", 0) == 0  # v2's header checksum and the section digests
+    assert (tmp_path / "store").is_dir() and not list((tmp_path / "store").iterdir())  # every case cleaned up
