@@ -21,9 +21,12 @@ Mutations (:func:`mutants`):
 
 The CI test (``tests/fuzz/``) runs a bounded, seeded sample; this script runs long campaigns::
 
-    .venv/bin/python benchmarks/fuzz_bundles.py --cases 100000 --out benchmarks/results/fuzz_bundles.json
+    .venv/bin/python benchmarks/fuzz_bundles.py --tiny --cases 100000 --out benchmarks/results/fuzz_bundles_tiny.json
+    .venv/bin/python benchmarks/fuzz_bundles.py --cases 10000 --out benchmarks/results/fuzz_bundles.json
 
-(default: the shipped SST-2 and STS-B bundles against the real backbone, all-MiniLM-L6-v2).
+``--tiny``: bundles for a random 2-layer, hidden-32 BERT (the tests' backbone, MiniLM's tokenizer), so that
+a mutant costs milliseconds; without it, the shipped SST-2 and STS-B bundles against the real backbone,
+all-MiniLM-L6-v2 (the same code paths, 1.3 MB bundles: slower per case).
 """
 
 from __future__ import annotations
@@ -307,6 +310,36 @@ def campaign(engine, bundles: dict[str, bytes], cases: int, seed: int, case_time
             "rejections": dict(rejections.most_common()), "findings": findings}
 
 
+def tiny_backbone_folder(folder: Path) -> Path:
+    """Save a random 2-layer, hidden-32 BertModel with the default backbone's tokenizer into ``folder``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from backbone import default_backbone_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_backbone_path()), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def random_bundle(backbone, task: str, labels: list[str], text_pairs: bool, seed: int) -> bytes:
+    """A valid bundle for ``backbone`` with random masks (10 % pruned) and a random head."""
+    from mask_store.format import encode_bundle
+
+    rng = np.random.default_rng(seed)
+    masks = {f"{n}.weight": rng.random(tuple(backbone.qweight[n].shape)) >= 0.1 for n in backbone.masked}
+    n_out = len(labels) or 1
+    head = {HEAD_WEIGHT: rng.normal(size=(n_out, backbone.hidden_size)).astype(np.float32),
+            HEAD_BIAS: rng.normal(size=(n_out,)).astype(np.float32)}
+    return encode_bundle(task=task, problem_type="single_label_classification" if labels else "regression",
+                         labels=labels, max_seq_length=32, backbone_fingerprint=backbone.fingerprint, masks=masks,
+                         head=head, text_pairs=text_pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                     default=[REPO / "examples" / "masks" / "SST-2.smask", REPO / "examples" / "masks" / "STS-B.smask"],
                     help="valid bundles to mutate (default: the shipped SST-2 and STS-B)")
     ap.add_argument("--backbone", default=None, help="local Hugging Face folder (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="fuzz bundles of a random 2-layer BERT instead (fast; --bundles and --backbone ignored)")
     ap.add_argument("--case-timeout", type=float, default=30.0, help="seconds before a case counts as a hang")
     ap.add_argument("--out", type=Path, default=None, help="write the counts as JSON here")
     args = ap.parse_args(argv)
@@ -325,8 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     from backbone import load_backbone
     from mask_store.format import decode_bundle, encode_bundle
 
-    backbone = load_backbone(args.backbone)
-    bundles = {}
+    if args.tiny:
+        tmp_model = tempfile.TemporaryDirectory()
+        backbone = load_backbone(tiny_backbone_folder(Path(tmp_model.name)))
+        bundles = {"cls": random_bundle(backbone, "cls", labels=["neg", "pos"], text_pairs=False, seed=1),
+                   "sim": random_bundle(backbone, "sim", labels=[], text_pairs=True, seed=2)}
+        args.bundles = []
+    else:
+        backbone = load_backbone(args.backbone)
+        bundles = {}
     for path in args.bundles:  # re-encoded as v2, so that mutations meet the current format
         b = decode_bundle(path.read_bytes())
         h = b.header
