@@ -436,7 +436,14 @@ def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
     if max_bytes is not None and len(data) > max_bytes:
         raise BundleTooLarge(len(data), max_bytes)
     header, start = decode_header(data)
-    payload = memoryview(data)[start:]
+    # released on exit, also when a check raises: ``data`` may be a memory map its caller closes
+    with memoryview(data)[start:] as payload:
+        masks, head = _check_payload(header, payload)
+    return Bundle(header=header, masks=masks, head=head, size_bytes=len(data))
+
+
+def _check_payload(header: BundleHeader, payload: memoryview) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """The payload checks of :func:`decode_bundle`; returns copies of the masks' bytes and the head."""
     sections = [(m.offset, m.nbytes, f"mask {m.name!r}") for m in header.masks]
     sections.append((header.head.offset, header.head.nbytes, "head"))
     sections.sort()
@@ -478,7 +485,7 @@ def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
         if arr.size and float(np.abs(arr).max()) > MAX_HEAD_ABS:
             raise BundleInvalid(f"head tensor {name!r} holds values of magnitude {float(np.abs(arr).max()):.3g}, "
                                 f"more than {MAX_HEAD_ABS:g}: its logits could overflow (not a trained head)")
-    return Bundle(header=header, masks=masks, head=head, size_bytes=len(data))
+    return masks, head
 
 
 def read_header_file(path: str) -> BundleHeader:

@@ -19,9 +19,11 @@ stored bundle that fails validation is quarantined (renamed to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -29,7 +31,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mask_store.errors import (
@@ -367,11 +369,35 @@ class LocalMaskStore:
             raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
         return bundle
 
-    def put(self, task: str, data: bytes, backbone_fingerprint: str | None = None,
+    @contextlib.contextmanager
+    def spool(self) -> Iterator[tuple[object, Path]]:
+        """A new temporary file in the store's directory to stream an upload into: yields ``(binary file
+        object open for writing, its path)``; pass the path to :meth:`put` to validate and store it
+        (renamed into place: no second copy). The file is removed on exit unless :meth:`put` took it.
+
+        Raises:
+            StoreFull / StoreUnavailable: it cannot be created (disk full, read-only store).
+        """
+        try:
+            fd, tmp = _create_temp(self.root, 0o600)
+        except OSError as exc:
+            raise storage_error(exc, "create an upload file") from None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh, tmp
+        except OSError as exc:
+            raise storage_error(exc, "write the upload") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put(self, task: str, data: bytes | os.PathLike, backbone_fingerprint: str | None = None,
             check: Callable[[Bundle], object] | None = None) -> tuple[Bundle, bool]:
         """Validate then atomically store a bundle (decoded once).
 
         Args:
+            data: the bundle's bytes, or the path of a :meth:`spool` file holding them (validated from a
+                read-only memory map, then fsync'd and renamed into place: the upload is never held
+                whole in memory nor written twice).
             check: called with the decoded bundle after validation and before the write (the
                 server passes its resident-form builder, so a bundle it cannot serve is never stored);
                 whatever it raises propagates and nothing is written.
@@ -381,18 +407,39 @@ class LocalMaskStore:
             as :meth:`validate`, or as ``check``; StoreFull / StoreUnavailable: the write failed (disk
             full, read-only); on any error the store is unchanged.
         """
-        bundle = self.validate(task, data, backbone_fingerprint)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            bundle = self.validate(task, data, backbone_fingerprint)
+            size = len(data)
+        else:
+            bundle, size = self._validate_file(task, Path(data), backbone_fingerprint)
         if check is not None:
             check(bundle)
         with self._lock:
             path = self.path(task)
             created = not path.exists()
             try:
-                atomic_write(path, data)
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    atomic_write(path, data)
+                else:
+                    with open(data, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                    os.replace(data, path)
+                    _fsync_dir(self.root)
             except OSError as exc:
                 raise storage_error(exc, f"store task {task!r}") from None
-        log.info("stored task %s (%d bytes, %s)", task, len(data), "new" if created else "replaced")
+        log.info("stored task %s (%d bytes, %s)", task, size, "new" if created else "replaced")
         return bundle, created
+
+    def _validate_file(self, task: str, tmp: Path, backbone_fingerprint: str | None) -> tuple[Bundle, int]:
+        try:
+            with open(tmp, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size == 0:
+                    return self.validate(task, b"", backbone_fingerprint), 0  # raises: too short
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    return self.validate(task, mm, backbone_fingerprint), size  # the bundle holds copies
+        except OSError as exc:
+            raise storage_error(exc, f"read the upload of task {task!r}") from None
 
     def delete(self, task: str) -> None:
         """Remove a task's bundle. Raises TaskNotFound, InvalidTaskName, StoreUnavailable (read-only)."""

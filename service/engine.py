@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import logging
 import threading
 import time
@@ -217,9 +218,10 @@ class Engine:
         """Load ``task`` into the cache now (raises as :meth:`predict`)."""
         return self.tasks.get(task)
 
-    def register(self, task: str, data: bytes) -> tuple[BundleHeader, bool]:
+    def register(self, task: str, data: bytes | os.PathLike) -> tuple[BundleHeader, bool]:
         """Store an uploaded bundle for ``task``: decode and validate it once, build its resident form
         (the checks the first predict would make), write it atomically, drop the old resident form.
+        ``data``: the bytes, or the path of the store's spool file holding them (:meth:`LocalMaskStore.spool`).
 
         Returns:
             ``(header, created)``; ``created`` False when it replaced a task.

@@ -111,16 +111,20 @@ async def get_task(task: str, state: State) -> TaskPublic:
     return await run_in_threadpool(lambda: _task_public(state, task, state.store.header(task), detail=True))
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _spool_body(request: Request, fh, limit: int) -> int:
+    """Stream the request body into ``fh`` (the store's spool file), at most ``limit`` bytes: the
+    declared ``Content-Length`` is checked first, then the bytes as they arrive. Returns the size."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BundleTooLarge(int(declared), limit)
-    data = bytearray()
+    size = 0
     async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise BundleTooLarge(len(data), limit)
-    return bytes(data)
+        size += len(chunk)
+        if size > limit:
+            raise BundleTooLarge(size, limit)
+        fh.write(chunk)
+    fh.flush()
+    return size
 
 
 @router.put("/v1/tasks/{task}", response_model=TaskPublic, response_model_exclude_none=True,
@@ -128,12 +132,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def upload_task(task: str, request: Request, response: Response, state: State) -> TaskPublic:
     """Upload a bundle (raw bytes). 201 when new, 200 when it replaced a task.
 
-    The bundle is fully validated and built against the running backbone
-    before it is stored; on any error the store and the cache are unchanged.
+    The body streams into a temporary file in the store (never whole in memory), under the size limit;
+    the bundle is then fully validated from that file and built against the running backbone before it
+    is renamed into place; on any error the store and the cache are unchanged.
     """
     check_task_name(task)
-    data = await _read_body(request, state.settings.max_bundle_bytes)
-    header, created = await run_in_threadpool(state.engine.register, task, data)
+    with state.store.spool() as (fh, path):
+        await _spool_body(request, fh, state.settings.max_bundle_bytes)
+        header, created = await run_in_threadpool(state.engine.register, task, path)
     response.status_code = 201 if created else 200
     return _task_public(state, task, header, detail=True)
 

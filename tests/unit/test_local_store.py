@@ -359,3 +359,33 @@ def test_seed_from_respects_size_limit(tmp_path, examples):
     s = LocalMaskStore(tmp_path / "s", max_bundle_bytes=10)
     assert s.seed_from(examples) == []
     assert s.tasks() == []
+
+
+def test_spooled_upload_is_validated_from_the_file_and_renamed_into_place(store):
+    """An upload streamed into the spool file is stored by renaming that very file (no second copy)."""
+    import os
+
+    data = make("t1")
+    with store.spool() as (fh, path):
+        fh.write(data[:100])
+        fh.write(data[100:])
+        fh.flush()
+        inode = os.stat(path).st_ino
+        bundle, created = store.put("t1", path)
+    assert created and bundle.header.task == "t1"
+    assert store.path("t1").stat().st_ino == inode and store.path("t1").read_bytes() == data
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("content", [b"", b"SUPMASK2", None])
+def test_rejected_spooled_upload_leaves_nothing(store, content):
+    good = make("t1")
+    store.put("t1", good)
+    data = content if content is not None else good[:-5]
+    with pytest.raises(BundleInvalid):
+        with store.spool() as (fh, path):
+            fh.write(data)
+            fh.flush()
+            store.put("t1", path)
+    assert sorted(p.name for p in store.root.iterdir()) == ["t1.smask"]
+    assert store.path("t1").read_bytes() == good
