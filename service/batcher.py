@@ -37,8 +37,10 @@ from service.forward import Rows
 log = logging.getLogger(__name__)
 
 #: ``[(task, rows), ...]`` → one result per item, in order: ``engine.predict_mixed`` (a list of prediction
-#: dicts per item, what the server uses) or ``engine.logits_mixed`` (a float32 ``[len(rows), num_outputs]`` tensor)
-MixedForward = Callable[[list[tuple[str, Rows]]], list[Any]]
+#: dicts per item, what the server uses) or ``engine.logits_mixed`` (a float32 ``[len(rows), num_outputs]`` tensor).
+#: When a gathered batch holds a submission with options, it is called as ``forward(items, options)`` with one
+#: option object (or None) per item.
+MixedForward = Callable[..., list[Any]]
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _Pending:
     task: str
     rows: Rows
     future: asyncio.Future = field(repr=False)
+    options: Any = None
 
 
 class MicroBatcher:
@@ -78,8 +81,10 @@ class MicroBatcher:
         self._backlog = False  # the queue filled while a forward pass ran: take it without a wait
         self.batches = 0  # forward calls made (for tests and logs)
 
-    async def submit(self, task: str, rows: Rows) -> Any:
+    async def submit(self, task: str, rows: Rows, options: Any = None) -> Any:
         """``forward``'s result for ``rows`` of ``task`` (predictions, or head outputs float32 ``[len(rows), num_outputs]``).
+
+        ``options`` (opaque here, e.g. :class:`service.forward.PredictOptions`) travels with the rows to ``forward``.
 
         Raises whatever ``forward`` raises for this request alone (TaskNotFound, BundleInvalid, ...).
         """
@@ -91,7 +96,7 @@ class MicroBatcher:
             self._queue = [p for p in self._queue if p.future.get_loop() is loop]
             self._queued_rows = sum(len(p.rows) for p in self._queue)
             self._worker = loop.create_task(self._gather_forever(), name="supermask-batcher")
-        item = _Pending(task, rows, loop.create_future())
+        item = _Pending(task, rows, loop.create_future(), options)
         self._queue.append(item)
         self._queued_rows += len(rows)
         self._arrived.set()
@@ -142,13 +147,15 @@ class MicroBatcher:
         self._queued_rows -= rows
         return batch
 
-    async def _call(self, items: list[tuple[str, Rows]]) -> list[Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, items)
+    async def _call(self, batch: list[_Pending]) -> list[Any]:
+        items = [(p.task, p.rows) for p in batch]
+        args = (items,) if all(p.options is None for p in batch) else (items, [p.options for p in batch])
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, *args)
 
     async def _run(self, batch: list[_Pending]) -> None:
         self.batches += 1
         try:
-            outs = await self._call([(p.task, p.rows) for p in batch])
+            outs = await self._call(batch)
         except Exception as exc:  # noqa: BLE001 - handed to the request(s) that caused it
             if len(batch) == 1:
                 _settle(batch[0], exc=exc)
@@ -156,7 +163,7 @@ class MicroBatcher:
             log.debug("mixed batch of %d requests failed (%s); running them one by one", len(batch), exc)
             for p in batch:
                 try:
-                    out = (await self._call([(p.task, p.rows)]))[0]
+                    out = (await self._call([p]))[0]
                 except Exception as one_exc:  # noqa: BLE001
                     _settle(p, exc=one_exc)
                 else:

@@ -38,7 +38,9 @@ from mask_store.local import LocalMaskStore
 from service.batcher import MicroBatcher
 from service.encoder import LeanEncoder
 from service.dispatch import CpuDispatcher, DeviceDispatcher, HotDispatcher, check_host_capacity, resolve_device
-from service.forward import SMALL_PASS_ROWS, Forward, PredictRequest, Rows, check_rows, decode
+from service.errors import InputInvalid
+from service.forward import (DEFAULT_OPTIONS, SMALL_PASS_ROWS, Forward, PredictOptions, PredictRequest, Rows,
+                             check_rows, decode)
 from service.hot_tier import HotTier
 from service.kernels import cpu_features, cpu_hot
 from service.kernels.selector import AUTO, DEVICE_TIER_PATHS, select_path
@@ -46,7 +48,7 @@ from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable, choose_path
 
-__all__ = ["Engine", "PredictRequest"]
+__all__ = ["Engine", "PredictOptions", "PredictRequest"]
 
 log = logging.getLogger(__name__)
 
@@ -280,31 +282,37 @@ class Engine:
         """
         return self._mixed(items)[0]
 
-    def predict_mixed(self, items: Sequence[tuple[str, Rows]]) -> list[list[dict]]:
+    def predict_mixed(self, items: Sequence[tuple[str, Rows]],
+                      options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
         """:meth:`logits_mixed` decoded into predictions (as :meth:`predict`), one list per item.
 
+        ``options``: one per item (None: the defaults), as :class:`service.forward.PredictOptions`.
         Each item is decoded with the header of the bundle its forward pass used, so a task
         replaced while the request waited is answered wholly by the old or wholly by the new bundle.
-        Raises as :meth:`logits_mixed`.
+        Raises as :meth:`logits_mixed`; InputInvalid as :meth:`service.forward.Forward.tokenize`.
         """
-        return self._predict_mixed(items)
+        return self._predict_mixed(items, options=options)
 
-    def _predict_mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True) -> list[list[dict]]:
-        outs, headers = self._mixed(items, count)
-        return [decode(h, out) for h, out in zip(headers, outs)]
+    def _predict_mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True,
+                       options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
+        opts = [o or DEFAULT_OPTIONS for o in options] if options is not None else [DEFAULT_OPTIONS] * len(items)
+        outs, headers, encoded = self._mixed(items, count, opts)
+        return [decode(h, out, o, enc) for h, out, o, enc in zip(headers, outs, opts, encoded)]
 
-    def _predict_prepared(self, items: Sequence[tuple[str, Rows]]) -> list[list[dict]]:
+    def _predict_prepared(self, items: Sequence[tuple[str, Rows]],
+                          options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
         """:meth:`predict_mixed` for requests :meth:`prepare` already counted in the cache metrics."""
-        return self._predict_mixed(items, count=False)
+        return self._predict_mixed(items, count=False, options=options)
 
-    def _mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True
-               ) -> tuple[list[torch.Tensor], list[BundleHeader]]:
-        """:meth:`logits_mixed` and the header used for each item (``count`` as in :meth:`_resolve`)."""
+    def _mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True,
+               options: Sequence[PredictOptions] | None = None) -> tuple[list[torch.Tensor], list[BundleHeader], list]:
+        """:meth:`logits_mixed`, the header used for each item and its rows' tokens (``count`` as in
+        :meth:`_resolve`; ``options`` as in :meth:`predict_mixed`, None: the defaults)."""
         entries, forms = self._resolve(items, count)
-        encoded = self.forward.encode(items, entries)  # tokenized outside the pass lock too
+        encoded = self.forward.encode(items, entries, options)  # tokenized outside the pass lock too
         with self._lock:
             outs = self.forward.run(items, entries, encoded, forms)
-        return outs, [entries[task].header for task, _ in items]
+        return outs, [entries[task].header for task, _ in items], encoded
 
     def _resolve(self, items: Sequence[tuple[str, Rows]], count: bool = True
                  ) -> tuple[dict[str, LoadedTask], dict[str, dict] | None]:
@@ -336,18 +344,25 @@ class Engine:
         return self._mixed([(task, rows)])[0][0]
 
     def check_inputs(self, req: PredictRequest) -> BundleHeader:
-        """The header of ``req.task`` after checking that the inputs fit it (single texts or pairs).
+        """The header of ``req.task`` after checking that the inputs fit it (single texts or pairs) and
+        that a regression task is not asked for classification-only options.
 
         A cheap early check, before a request joins a batch: it reads the resident header, or the
         store's header (no torch work) when the task is not resident. The forward pass checks again
         against the bundle it actually uses.
 
         Raises:
-            TaskNotFound: no such task. InputInvalid: pairs for a single-sentence task or the reverse.
+            TaskNotFound: no such task. InputInvalid: pairs for a single-sentence task or the reverse;
+            ``top_k``, ``raw_scores`` or ``function_to_apply`` for a regression task.
             BundleInvalid: the stored header cannot be read.
         """
         header = self.tasks.header(req.task)
         check_rows(header, req.inputs)
+        wrong = req.options.classification_only() if header.problem_type == "regression" else []
+        if wrong:
+            raise InputInvalid(f"task {req.task!r} is a regression task (it answers a value): {', '.join(wrong)} "
+                               f"apply only to classification tasks; a regression task takes truncate and "
+                               f"truncation_direction")
         return header
 
     @contextlib.contextmanager
@@ -382,7 +397,8 @@ class Engine:
             BackboneMismatch, TaskTooLarge: the stored bundle cannot be served.
         """
         with self.observed(req):
-            return self.predict_mixed([(req.task, req.inputs)])[0]
+            self.check_inputs(req)
+            return self.predict_mixed([(req.task, req.inputs)], [req.options])[0]
 
     async def predict_async(self, req: PredictRequest) -> list[dict]:
         """:meth:`predict` from the event loop (same result, errors and metrics).
@@ -395,19 +411,44 @@ class Engine:
         with self.observed(req):
             await run_in_threadpool(self.prepare, req)
             if self.batcher is not None:
-                return await self.batcher.submit(req.task, req.inputs)
+                return await self.batcher.submit(req.task, req.inputs,
+                                                 None if req.options == DEFAULT_OPTIONS else req.options)
             loop = asyncio.get_running_loop()
             return (await loop.run_in_executor(self._forward_thread, self._predict_prepared,
-                                               [(req.task, req.inputs)]))[0]
+                                               [(req.task, req.inputs)], [req.options]))[0]
+
+    async def predict_fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
+        """Predictions for several requests (a fan-out: the same inputs for several tasks) from ONE call
+        of the mixed-task forward (:meth:`predict_mixed`): the rows of every task share each length class's
+        passes (1 input x 6 tasks: one pass of 6 rows), instead of one pass per task.
+
+        Each request is checked, loaded and counted as :meth:`predict_async` does (metrics per task); the
+        call does not join the micro-batcher's gathered passes, it is one of its own.
+
+        Returns:
+            One prediction list per request, in order.
+        Raises:
+            as :meth:`predict` for the first request that fails (nothing is answered then).
+        """
+        with contextlib.ExitStack() as stack:
+            for req in reqs:
+                stack.enter_context(self.observed(req))
+            await run_in_threadpool(lambda: [self.prepare(req) for req in reqs])
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._forward_thread, self._predict_prepared,
+                                              [(r.task, r.inputs) for r in reqs], [r.options for r in reqs])
 
     def prepare(self, req: PredictRequest) -> None:
-        """Check ``req``'s inputs (:meth:`check_inputs`), load its task and, on the hot tier, promote it.
+        """Check ``req``'s inputs (:meth:`check_inputs`; with ``truncate`` off, their token counts), load its
+        task and, on the hot tier, promote it.
 
         Raises:
-            as :meth:`predict`.
+            as :meth:`predict`; InputInvalid: with ``truncate`` off, a row longer than the task's limit.
         """
-        self.check_inputs(req)
+        header = self.check_inputs(req)
         self._resolve([(req.task, req.inputs)])
+        if not req.options.truncate:
+            self.forward.tokenize(header, req.inputs, req.options)  # refuses an over-long row before any pass
 
     async def close(self) -> None:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""

@@ -17,7 +17,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,19 +47,67 @@ against 7.3 / 14.6 / 33.3 on two; of 528 / 704 / 1,408 rows 57 / 69 / 131 ms aga
 
 
 @dataclass(frozen=True)
+class PredictOptions:
+    """How a request's rows are tokenized and its head outputs turned into predictions.
+
+    Named as Hugging Face ``pipeline("text-classification")`` and text-embeddings-inference name them.
+
+    Attributes:
+        truncate: cut a row longer than the task's ``max_seq_length`` tokens (True), or refuse it with
+            :class:`InputInvalid` giving its token count and the limit (False).
+        truncation_direction: which end loses tokens: "right" (the tail, the tokenizer's default) or
+            "left" (the head; a pair loses them from its longer text, the tokenizer's ``longest_first``).
+        function_to_apply: classification scores from the logits ``z``: "softmax" (``exp z / Σ exp z``),
+            "sigmoid" (``1 / (1 + exp -z)`` per label) or "none" (the logits themselves); None: softmax.
+        raw_scores: the logits instead of probabilities (TEI's name for ``function_to_apply="none"``).
+        ranked: add ``"top"``, the labels sorted by score, highest first (``top_k`` of them; None: all).
+        top_k: how many labels ``"top"`` holds when ``ranked`` (None: every label).
+        with_logits: add ``"logits"``, the head's raw outputs (a list of floats), to each prediction.
+    """
+
+    truncate: bool = True
+    truncation_direction: Literal["right", "left"] = "right"
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = None
+    raw_scores: bool = False
+    ranked: bool = False
+    top_k: int | None = None
+    with_logits: bool = False
+
+    @property
+    def function(self) -> str:
+        """The function applied to classification logits: "softmax", "sigmoid" or "none"."""
+        return "none" if self.raw_scores else self.function_to_apply or "softmax"
+
+    def classification_only(self) -> list[str]:
+        """The options set here that only a classification task can honour (request field names)."""
+        return [name for name, on in (("top_k", self.ranked), ("raw_scores", self.raw_scores),
+                                      ("function_to_apply", self.function_to_apply is not None)) if on]
+
+    def for_regression(self) -> "PredictOptions":
+        """These options without the classification-only ones (a fan-out's regression tasks)."""
+        return replace(self, ranked=False, top_k=None, raw_scores=False, function_to_apply=None)
+
+
+DEFAULT_OPTIONS = PredictOptions()
+
+
+@dataclass(frozen=True)
 class PredictRequest:
     """One predict call: ``inputs`` holds ``(text_a, text_b)`` pairs, ``text_b`` None for single sentences."""
 
     task: str
     inputs: tuple[tuple[str, str | None], ...]
+    options: PredictOptions = DEFAULT_OPTIONS
 
 
 @dataclass
 class Encoded:
-    """One tokenized row: token ids and (when the tokenizer makes them) token type ids."""
+    """One tokenized row: token ids, (when the tokenizer makes them) token type ids, and whether the
+    row was cut to its task's ``max_seq_length``."""
 
     ids: list[int]
     types: list[int] | None
+    truncated: bool = False
 
 
 def check_rows(header: BundleHeader, rows: Rows) -> None:
@@ -76,17 +125,36 @@ def length_class(tokens: int) -> int:
     return max(SHORT_ROW_CLASS, (tokens - 1).bit_length())
 
 
-def decode(header: BundleHeader, out: torch.Tensor) -> list[dict]:
-    """Head outputs ``[rows, num_outputs]`` float32 → one prediction dict per row: ``{"value"}`` for
-    regression, else ``{"label", "score", "scores"}`` with softmax probabilities."""
+def decode(header: BundleHeader, out: torch.Tensor, options: PredictOptions = DEFAULT_OPTIONS,
+           encoded: Sequence[Encoded] | None = None) -> list[dict]:
+    """Head outputs ``[rows, num_outputs]`` float32 → one prediction dict per row.
+
+    Regression: ``{"value"}``. Classification: ``{"label", "score", "scores"}``: the arg-max label, its
+    score and every label's score, the scores being ``options.function`` of the logits (softmax
+    probabilities by default; the arg-max is the same under all three); with ``options.ranked`` also ``"top"``, ``[{"label", "score"}, ...]``
+    sorted by score, highest first, ``options.top_k`` long (None or more than the labels: all), as
+    ``pipeline(top_k=...)`` answers. ``options.with_logits`` adds ``"logits"`` (raw head outputs);
+    a row of ``encoded`` that was truncated adds ``"truncated": True``.
+    """
     if header.problem_type == "regression":
-        return [{"value": float(v)} for v in out.squeeze(-1).tolist()]
-    probs = torch.softmax(out, dim=-1)
-    result = []
-    for row in probs.tolist():
-        best = int(np.argmax(row))
-        result.append({"label": header.labels[best], "score": row[best],
-                       "scores": {lab: p for lab, p in zip(header.labels, row)}})
+        result = [{"value": float(v)} for v in out.squeeze(-1).tolist()]
+    else:
+        fn = options.function
+        scores = torch.softmax(out, dim=-1) if fn == "softmax" else torch.sigmoid(out) if fn == "sigmoid" else out
+        result = []
+        for row in scores.tolist():
+            best = int(np.argmax(row))
+            pred = {"label": header.labels[best], "score": row[best],
+                    "scores": {lab: p for lab, p in zip(header.labels, row)}}
+            if options.ranked:
+                order = sorted(range(len(row)), key=lambda k: -row[k])[:options.top_k]
+                pred["top"] = [{"label": header.labels[k], "score": row[k]} for k in order]
+            result.append(pred)
+    for k, pred in enumerate(result):
+        if options.with_logits:
+            pred["logits"] = out[k].tolist()
+        if encoded is not None and encoded[k].truncated:
+            pred["truncated"] = True
     return result
 
 
@@ -120,19 +188,47 @@ class Forward:
         self.device = device
         self.max_batch_size = max_batch_size
 
-    def tokenize(self, header: BundleHeader, rows: Rows) -> list[Encoded]:
-        """Token ids of ``rows`` as ``header``'s task takes them (truncated to its ``max_seq_length``)."""
+    def tokenize(self, header: BundleHeader, rows: Rows, options: PredictOptions = DEFAULT_OPTIONS) -> list[Encoded]:
+        """Token ids of ``rows`` as ``header``'s task takes them, cut to its ``max_seq_length`` at
+        ``options.truncation_direction`` (the tokenizer's ``truncation_side``); a row that lost tokens is
+        marked ``truncated``.
+
+        Raises:
+            InputInvalid: ``options.truncate`` is False and a row is longer than ``max_seq_length`` tokens
+                (the message gives the row, its token count and the limit).
+        """
         a = [r[0] for r in rows]
         b = [r[1] for r in rows] if header.text_pairs else None
+        limit = header.max_seq_length
+        tok = self.backbone.tokenizer
         with self._tokenizer_lock:
-            enc = self.backbone.tokenizer(a, b, truncation=True, max_length=header.max_seq_length)
+            side = tok.truncation_side
+            tok.truncation_side = options.truncation_direction
+            try:
+                enc = tok(a, b, truncation=options.truncate, max_length=limit)
+                ids = enc["input_ids"]
+                # a row cut to the limit has exactly `limit` tokens; only those are tokenized again, whole
+                full = [k for k, x in enumerate(ids) if len(x) == limit] if options.truncate else []
+                whole = tok([a[k] for k in full], [b[k] for k in full] if b else None,
+                            truncation=False)["input_ids"] if full else []
+            finally:
+                tok.truncation_side = side
+        if not options.truncate:
+            for k, x in enumerate(ids):
+                if len(x) > limit:
+                    raise InputInvalid(f"inputs[{k}] is {len(x)} tokens, more than task {header.task!r}'s limit of "
+                                       f"{limit} (send \"truncate\": true to cut it)")
+        cut = {k for k, w in zip(full, whole) if len(w) > limit}
         types = enc.get("token_type_ids")
-        return [Encoded(ids, types[k] if types is not None else None) for k, ids in enumerate(enc["input_ids"])]
+        return [Encoded(x, types[k] if types is not None else None, k in cut) for k, x in enumerate(ids)]
 
-    def encode(self, items: Sequence[tuple[str, Rows]], entries: dict[str, LoadedTask]) -> list[list[Encoded]]:
-        """Tokenize every item's rows, once, as its task takes them (callable outside the pass lock; the
-        caller has checked the rows against each header, :func:`check_rows`)."""
-        return [self.tokenize(entries[task].header, rows) for task, rows in items]
+    def encode(self, items: Sequence[tuple[str, Rows]], entries: dict[str, LoadedTask],
+               options: Sequence[PredictOptions] | None = None) -> list[list[Encoded]]:
+        """Tokenize every item's rows, once, as its task takes them, with the item's ``options`` (None: the
+        defaults) (callable outside the pass lock; the caller has checked the rows against each header,
+        :func:`check_rows`). Raises as :meth:`tokenize`."""
+        opts = options or [DEFAULT_OPTIONS] * len(items)
+        return [self.tokenize(entries[task].header, rows, o) for (task, rows), o in zip(items, opts)]
 
     @torch.inference_mode()
     def run(self, items: Sequence[tuple[str, Rows]], entries: dict[str, LoadedTask],

@@ -21,7 +21,7 @@ from service.api.schemas import (
     TaskPublic,
     TasksPublic,
 )
-from service.engine import PredictRequest
+from service.engine import PredictOptions, PredictRequest
 from service.errors import InputInvalid
 from service.metrics import CONTENT_TYPE_LATEST
 
@@ -83,7 +83,8 @@ def _check_encodable(text: str, i: int) -> None:
 async def predict(task: str, body: PredictIn, state: State) -> PredictPublic:
     """Predict with a task's supermask; the task is loaded on first use."""
     s = state.settings
-    req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars))
+    req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars),
+                         options=PredictOptions(**body.option_kwargs()))
     check_task_name(task)  # 422 before any work
     return PredictPublic(task=task, predictions=await state.engine.predict_async(req))
 

@@ -2,31 +2,81 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TextOrPair = Union[str, list[str]]
 
 
 class PredictIn(BaseModel):
-    """``{"inputs": ["text", ...]}`` or ``{"inputs": [["text a", "text b"], ...]}``."""
+    """``{"inputs": ["text", ...]}`` or ``{"inputs": [["text a", "text b"], ...]}``, with options named as
+    Hugging Face ``pipeline("text-classification")`` and text-embeddings-inference name them. Unknown fields
+    are refused (422 naming them)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     inputs: list[TextOrPair] = Field(description="Texts, or [text_a, text_b] pairs for pair tasks.")
+    top_k: int | None = Field(None, ge=1, description="Add `top`: the labels sorted by score, highest first, this "
+                              "many of them; null: every label. Absent: no `top`. Classification only.")
+    raw_scores: bool = Field(False, description="Scores are the logits instead of probabilities (as "
+                             "function_to_apply: none). Classification only.")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="How scores are made from the logits: softmax (the default), sigmoid (per label) or none "
+        "(the logits). Classification only.")
+    truncate: bool = Field(True, description="Cut an input longer than the task's max_seq_length tokens (the "
+                           "prediction then says truncated: true); false: refuse it with 422, giving its token count.")
+    truncation_direction: Literal["right", "left"] = Field(
+        "right", description="Which end of an over-long input is cut: right (its tail) or left (its head).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PredictIn":
+        if self.raw_scores and self.function_to_apply not in (None, "none"):
+            raise ValueError(f"raw_scores: true asks for the logits, function_to_apply: {self.function_to_apply!r} "
+                             f"for {self.function_to_apply} of them; send one of the two")
+        return self
+
+    def option_kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of ``service.forward.PredictOptions`` (``ranked``: top_k was sent)."""
+        return {"truncate": self.truncate, "truncation_direction": self.truncation_direction,
+                "function_to_apply": self.function_to_apply, "raw_scores": self.raw_scores,
+                "ranked": "top_k" in self.model_fields_set, "top_k": self.top_k}
+
+
+class FanOutIn(PredictIn):
+    """A predict body with ``tasks``: every task answers every input, from one mixed-task forward call."""
+
+    tasks: list[str] | Literal["*"] = Field(description='Task names, or "*" for every stored task that takes '
+                                            "these inputs (single texts or pairs), at most SUPERMASK_MAX_FANOUT_TASKS.")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
 
 
 class PredictionPublic(BaseModel):
-    """Classification: label, score (its probability) and every label's probability; regression: value."""
+    """Classification: label, score and every label's score (probabilities unless raw_scores /
+    function_to_apply say otherwise), with top_k the labels ranked; regression: value. ``truncated``
+    is true when the input was cut to the task's max_seq_length (absent otherwise)."""
 
     label: str | None = None
     score: float | None = None
     scores: dict[str, float] | None = None
+    top: list[LabelScore] | None = None
     value: float | None = None
+    truncated: bool | None = None
 
 
 class PredictPublic(BaseModel):
     task: str
     predictions: list[PredictionPublic]
+
+
+class FanOutPublic(BaseModel):
+    """One result per task, in the order of the request's ``tasks`` (``"*"``: by name)."""
+
+    results: list[PredictPublic]
 
 
 class TaskPublic(BaseModel):
