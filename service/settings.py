@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     """Largest ``inputs`` list one predict request may carry."""
     max_input_chars: int = Field(10_000, gt=0)
     """Longest text (characters) in one input; tokens beyond the task's max sequence length are truncated."""
+    max_fanout_tasks: int = Field(16, gt=0)
+    """Most tasks one fan-out call (``POST /v1/predict`` with ``tasks``) may name, or ``"*"`` may stand for."""
     max_batch_size: int = Field(32, gt=0)
     """Rows per forward pass; longer requests run in several passes."""
     batching: bool = True
