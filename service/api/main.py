@@ -17,7 +17,7 @@ from service.api import errors
 from service.api.deps import AppState
 from service.api.limits import BodyLimit
 from service.api.routes import router
-from service.api import fanout
+from service.api import fanout, v2
 from backbone import Backbone, load_backbone
 from service.engine import Engine, needs_model_forward
 from service.metrics import Metrics
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     errors.install(app)
     app.include_router(router)
     app.include_router(fanout.router)
+    app.include_router(v2.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.admin_token is None:
         log.warning("SUPERMASK_ADMIN_TOKEN is not set: uploads and deletes are disabled")

@@ -1,0 +1,256 @@
+"""Open Inference Protocol v2 (KServe / Triton "predict protocol v2", REST), beside the ``/v1`` routes.
+
+Every stored task is a model named by its task name, version "1":
+
+* ``GET /v2`` — server metadata; ``GET /v2/health/live``, ``GET /v2/health/ready``;
+* ``GET /v2/models/{task}`` — model metadata: inputs ``text`` (and ``text_pair`` for pair tasks), BYTES,
+  shape ``[-1]``; outputs ``label`` (BYTES ``[-1]``, classification only), ``score`` (FP32 ``[-1]``: the
+  label's softmax probability, or a regression task's value) and ``logits`` (FP32 ``[-1, num_outputs]``);
+* ``GET /v2/models/{task}/ready`` — 200 ``{"name", "ready": true}`` for a stored task (a cold one is loaded on
+  its first inference);
+* ``POST /v2/models/{task}/infer`` — the inference request: JSON tensors, or Triton's binary tensor data
+  extension (``Inference-Header-Content-Length``: a JSON header, then each input with
+  ``parameters.binary_data_size`` as raw bytes, BYTES elements as a 4-byte little-endian length and the
+  UTF-8 text), which ``tritonclient`` uses by default. Outputs are answered as JSON tensors (the ones named
+  in ``outputs``, else all); ``binary_data`` requests are honoured as JSON, which every client reads.
+  The same ``/versions/1/`` paths answer too.
+
+Errors are OIP's ``{"error": "<message>"}`` with the status of the one table in
+:mod:`service.api.errors`. Specification: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/
+(REST), Triton's ``binary_data`` extension: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from mask_store.errors import MaskStoreError
+from mask_store.format import BundleHeader
+from mask_store.local import check_task_name
+from service import __version__
+from service.api.deps import State
+from service.api.errors import status_for
+from service.api.routes import _rows
+from service.api.schemas import PredictIn
+from service.engine import PredictOptions, PredictRequest
+from service.errors import InputInvalid, ServiceError
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+
+VERSION = "1"
+PLATFORM = "supermask"
+_LEN = struct.Struct("<I")
+
+
+def _error(exc: Exception) -> JSONResponse:
+    status = status_for(exc)
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc)
+    return JSONResponse({"error": str(exc)}, status_code=status)
+
+
+def _check_version(version: str | None) -> None:
+    if version is not None and version != VERSION:
+        raise InputInvalid(f"model version {version!r} does not exist: every task has the one version {VERSION!r}")
+
+
+def _outputs(header: BundleHeader) -> list[dict]:
+    out = [] if header.problem_type == "regression" else [{"name": "label", "datatype": "BYTES", "shape": [-1]}]
+    return out + [{"name": "score", "datatype": "FP32", "shape": [-1]},
+                  {"name": "logits", "datatype": "FP32", "shape": [-1, header.num_outputs]}]
+
+
+def model_metadata(task: str, header: BundleHeader) -> dict:
+    """OIP ``$metadata_model_response`` of a task."""
+    inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    if header.text_pairs:
+        inputs.append({"name": "text_pair", "datatype": "BYTES", "shape": [-1]})
+    return {"name": task, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs, "outputs": _outputs(header),
+            "parameters": {"problem_type": header.problem_type, "labels": header.labels,
+                           "max_seq_length": header.max_seq_length}}
+
+
+@router.get("")
+async def server_metadata() -> dict:
+    return {"name": "supermask", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(state: State) -> dict:
+    # the app exists only once the backbone is loaded and the example tasks preloaded (create_app)
+    return {"ready": state.engine is not None}
+
+
+@router.get("/models/{task}")
+@router.get("/models/{task}/versions/{version}")
+async def metadata(task: str, state: State, version: str | None = None) -> Any:
+    try:
+        check_task_name(task)
+        _check_version(version)
+        return model_metadata(task, state.engine.tasks.header(task))
+    except (MaskStoreError, ServiceError) as exc:
+        return _error(exc)
+
+
+@router.get("/models/{task}/ready")
+@router.get("/models/{task}/versions/{version}/ready")
+async def model_ready(task: str, state: State, version: str | None = None) -> Any:
+    try:
+        check_task_name(task)
+        _check_version(version)
+        state.engine.tasks.header(task)  # TaskNotFound: 404
+        return {"name": task, "ready": True}
+    except (MaskStoreError, ServiceError) as exc:
+        return _error(exc)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise InputInvalid(f"inference request body over {limit} bytes (SUPERMASK_MAX_INPUTS_PER_REQUEST x "
+                               f"SUPERMASK_MAX_INPUT_CHARS)")
+    return bytes(data)
+
+
+def _flatten(data: Any) -> list:
+    if isinstance(data, list):
+        return [x for item in data for x in _flatten(item)]
+    return [data]
+
+
+def _bytes_elements(raw: bytes, name: str) -> list[str]:
+    """Triton's binary BYTES tensor: each element a uint32 little-endian length, then its bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InputInvalid(f"input {name!r}: binary BYTES data ends inside an element's length")
+        (n,) = _LEN.unpack_from(raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise InputInvalid(f"input {name!r}: binary BYTES element of {n} bytes runs past the data")
+        out.append(_text(raw[pos:pos + n], name))
+        pos += n
+    return out
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputInvalid(f"input {name!r} holds bytes that are not UTF-8 text") from None
+    if not isinstance(value, str):
+        raise InputInvalid(f"input {name!r} holds {type(value).__name__} values; BYTES inputs hold text")
+    return value
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, dict[str, list[str]]]:
+    """The JSON part of an inference request and its BYTES inputs by name (text per element).
+
+    Raises:
+        InputInvalid: malformed JSON or binary framing, a datatype other than BYTES, a shape that does not
+            hold its data, an input named twice.
+    """
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InputInvalid(f"Inference-Header-Content-Length {header_length!r} does not fit a body of "
+                               f"{len(body)} bytes")
+        head, binary = body[:int(header_length)], body[int(header_length):]
+    else:
+        head, binary = body, b""
+    try:
+        doc = json.loads(head)
+    except (ValueError, RecursionError):
+        raise InputInvalid("the inference request is not valid JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise InputInvalid('the inference request needs "inputs": a list of tensors')
+    tensors: dict[str, list[str]] = {}
+    pos = 0
+    for k, t in enumerate(doc["inputs"]):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise InputInvalid(f"inputs[{k}] is not a tensor with a name")
+        name = t["name"]
+        if name in tensors:
+            raise InputInvalid(f"input {name!r} is given twice")
+        if t.get("datatype") != "BYTES":
+            raise InputInvalid(f"input {name!r} has datatype {t.get('datatype')!r}; text inputs are BYTES")
+        params = t.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or pos + size > len(binary):
+                raise InputInvalid(f"input {name!r}: binary_data_size {size!r} does not fit the binary data")
+            values = _bytes_elements(binary[pos:pos + size], name)
+            pos += size
+        else:
+            values = [_text(v, name) for v in _flatten(t.get("data", []))]
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise InputInvalid(f"input {name!r} has shape {shape!r}; expected a list of sizes")
+        count = 1
+        for d in shape:
+            count *= d
+        if count != len(values):
+            raise InputInvalid(f"input {name!r}: shape {shape} holds {count} elements, the data {len(values)}")
+        tensors[name] = values
+    if pos != len(binary):
+        raise InputInvalid(f"{len(binary) - pos} bytes of binary data are not claimed by any input")
+    return doc, tensors
+
+
+@router.post("/models/{task}/infer")
+@router.post("/models/{task}/versions/{version}/infer")
+async def infer(task: str, request: Request, state: State, version: str | None = None) -> Any:
+    """OIP inference: BYTES ``text`` (and ``text_pair``) in; ``label``, ``score``, ``logits`` out."""
+    s = state.settings
+    try:
+        check_task_name(task)
+        _check_version(version)
+        header = state.engine.tasks.header(task)
+        body = await _read_limited(request, 2 * s.max_inputs_per_request * (4 * s.max_input_chars + 8) + 65536)
+        doc, tensors = parse_infer_request(body, request.headers.get("inference-header-content-length"))
+        expected = {"text", "text_pair"} if header.text_pairs else {"text"}
+        unknown = sorted(set(tensors) - expected)
+        if unknown or "text" not in tensors or (header.text_pairs and "text_pair" not in tensors):
+            raise InputInvalid(f"task {task!r} takes the BYTES input(s) {sorted(expected)}; got {sorted(tensors)}")
+        texts = tensors["text"]
+        if header.text_pairs:
+            if len(tensors["text_pair"]) != len(texts):
+                raise InputInvalid(f"text has {len(texts)} elements, text_pair {len(tensors['text_pair'])}")
+            inputs: list = [[a, b] for a, b in zip(texts, tensors["text_pair"])]
+        else:
+            inputs = list(texts)
+        available = {o["name"]: o for o in _outputs(header)}
+        wanted = [o.get("name") if isinstance(o, dict) else None for o in doc.get("outputs") or []] or list(available)
+        missing = [w for w in wanted if w not in available]
+        if missing:
+            raise InputInvalid(f"task {task!r} has no output(s) {missing}; it has {list(available)}")
+        rows = _rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
+        preds = await state.engine.predict_async(PredictRequest(task=task, inputs=rows,
+                                                                options=PredictOptions(with_logits=True)))
+    except (MaskStoreError, ServiceError) as exc:
+        return _error(exc)
+    n = len(preds)
+    data = {"label": [p.get("label") for p in preds],
+            "score": [p["value"] if "value" in p else p["score"] for p in preds],
+            "logits": [x for p in preds for x in p["logits"]]}
+    shapes = {"label": [n], "score": [n], "logits": [n, header.num_outputs]}
+    out = {"model_name": task, "model_version": VERSION,
+           "outputs": [{"name": w, "datatype": available[w]["datatype"], "shape": shapes[w], "data": data[w]}
+                       for w in wanted]}
+    if isinstance(doc.get("id"), str):
+        out["id"] = doc["id"]
+    return out
