@@ -1,4 +1,5 @@
-"""``supermask`` command line: train, evaluate, inspect, serve.
+"""``supermask`` command line: train, evaluate, inspect, export, serve; and, as a client of a running server,
+predict, tasks, upload, delete.
 
 Heavy imports (torch, transformers) happen inside each subcommand so that
 ``supermask inspect`` and ``--help`` stay fast.
@@ -17,6 +18,7 @@ from service.settings import CPU_PRECISIONS  # torch-free (pydantic)
 from training import BERNOULLI_PER, MASK_RULES  # torch-free: the package top level names choices only
 
 DEFAULT_DATA_DIR = "../shared/data/glue"
+CLIENT_COMMANDS = ("predict", "tasks", "upload", "delete")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -98,6 +100,83 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     run(settings)
     return 0
+
+
+def _client(args: argparse.Namespace):
+    from supermask.client import Client
+
+    return Client(args.url, args.token, timeout=args.timeout, retries=args.retries)
+
+
+def _print_json(model) -> None:
+    print(model.model_dump_json(indent=2, exclude_none=True))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    texts = list(args.text)
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.pairs:
+        if len(texts) % 2:
+            raise ValueError(f"--pairs takes an even number of texts (text_a text_b ...), got {len(texts)}")
+        inputs: list = [[texts[k], texts[k + 1]] for k in range(0, len(texts), 2)]
+    else:
+        inputs = texts
+    opts = {"raw_scores": args.raw_scores, "function_to_apply": args.function_to_apply,
+            "truncate": not args.no_truncate, "truncation_direction": args.truncation_direction}
+    if args.top_k is not None:
+        opts["top_k"] = None if args.top_k == "all" else int(args.top_k)
+    tasks = args.task.split(",")
+    with _client(args) as c:
+        if args.task == "*" or len(tasks) > 1:
+            _print_json(c.predict_tasks("*" if args.task == "*" else tasks, inputs, **opts))
+        else:
+            _print_json(c.predict(args.task, inputs, **opts))
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        listing = c.tasks()
+    if args.json:
+        _print_json(listing)
+        return 0
+    rows = [("task", "problem", "labels", "pairs", "sparsity", "bytes", "tier")]
+    for t in listing.tasks:
+        rows.append((t.name, "regression" if t.problem_type == "regression" else "classification",
+                     ",".join(t.labels) or "-", "yes" if t.text_pairs else "no", f"{t.sparsity:.2%}", str(t.bytes),
+                     t.tier))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from mask_store.format import read_header_file
+
+    task = args.task or read_header_file(args.bundle).task
+    with _client(args) as c:
+        info, created = c.upload(task, args.bundle)
+    print(f"{'created' if created else 'replaced'} task {task!r}", file=sys.stderr)
+    _print_json(info)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.delete(args.task)
+    print(f"deleted task {args.task!r}", file=sys.stderr)
+    return 0
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--url", help="server base URL (default: $SUPERMASK_URL or http://127.0.0.1:8000)")
+    g.add_argument("--token", help="admin bearer token for upload / delete (default: $SUPERMASK_ADMIN_TOKEN)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+    g.add_argument("--retries", type=non_negative_int, default=3,
+                   help="further attempts after 429 / 503 / connection refused (waiting as Retry-After says)")
 
 
 def _int_at_least(low: int):
@@ -201,6 +280,39 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--masks", action="store_true", help="list every masked matrix")
     i.set_defaults(func=_inspect)
 
+    pr = sub.add_parser("predict", help="predict with a running server's task(s)", formatter_class=HelpFormatter,
+                        description="Send TEXT... to a running server: one task (POST /v1/tasks/TASK/predict), or "
+                        "several, comma-separated, or '*' for every stored task taking the inputs (one fan-out "
+                        "call, POST /v1/predict). Prints the JSON answer.")
+    pr.add_argument("task", help="task name; A,B,C or '*' for a fan-out")
+    pr.add_argument("text", nargs="+", help="input texts; '-' reads one text per line from stdin")
+    pr.add_argument("--pairs", action="store_true", help="consecutive texts form [text_a, text_b] pairs")
+    pr.add_argument("--top-k", help="add the labels ranked by score: this many, or 'all'")
+    pr.add_argument("--raw-scores", action="store_true", help="scores are the logits")
+    pr.add_argument("--function-to-apply", choices=("softmax", "sigmoid", "none"), help="scores from the logits")
+    pr.add_argument("--no-truncate", action="store_true", help="refuse over-long inputs instead of cutting them")
+    pr.add_argument("--truncation-direction", choices=("right", "left"), help="which end an over-long input loses")
+    _client_options(pr)
+    pr.set_defaults(func=_predict)
+
+    ts = sub.add_parser("tasks", help="list a running server's tasks", formatter_class=HelpFormatter)
+    ts.add_argument("--json", action="store_true", help="print the server's JSON instead of a table")
+    _client_options(ts)
+    ts.set_defaults(func=_tasks)
+
+    up = sub.add_parser("upload", help="upload a bundle to a running server (admin token)",
+                        formatter_class=HelpFormatter)
+    up.add_argument("bundle", help="bundle file (.smask)")
+    up.add_argument("--task", help="task name to serve it under (default: the name in the bundle's header)")
+    _client_options(up)
+    up.set_defaults(func=_upload)
+
+    de = sub.add_parser("delete", help="delete a task from a running server (admin token)",
+                        formatter_class=HelpFormatter)
+    de.add_argument("task")
+    _client_options(de)
+    de.set_defaults(func=_delete)
+
     s = sub.add_parser("serve", help="run the REST server (settings from SUPERMASK_* environment variables)")
     s.add_argument("--host", help="bind address (default: SUPERMASK_HOST or 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: SUPERMASK_PORT or 8000)")
@@ -222,6 +334,18 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # user-facing errors: one line, no traceback unless -v
+        if args.command in CLIENT_COMMANDS and not args.verbose:
+            import httpx
+
+            from supermask.client import ApiError
+
+            if isinstance(exc, ApiError):
+                print(f"supermask {args.command}: error: {exc}", file=sys.stderr)
+                return 2
+            if isinstance(exc, httpx.TransportError):
+                print(f"supermask {args.command}: error: cannot reach the server at {exc.request.url}: "
+                      f"{exc or type(exc).__name__}", file=sys.stderr)
+                return 2
         from mask_store.errors import MaskStoreError
         from backbone import BackboneLoadError
         from training.glue import GlueDataError
