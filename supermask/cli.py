@@ -91,6 +91,17 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+    from supermask.export import export_task
+
+    store_dir = args.store_dir or Settings().store_dir
+    info = export_task(args.source, args.output, store_dir=store_dir, backbone_path=args.backbone, onnx=args.onnx,
+                       force=args.force)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service.api.server import run
     from service.settings import Settings
@@ -280,6 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--masks", action="store_true", help="list every masked matrix")
     i.set_defaults(func=_inspect)
 
+    x = sub.add_parser("export", help="write a task as a plain Hugging Face / sentence-transformers folder",
+                       formatter_class=HelpFormatter,
+                       description="Write TASK_OR_BUNDLE as a plain model folder: the backbone with the task's mask "
+                       "applied to its weights (deq(W_q) x mask, float32), mean pooling and the head, loadable "
+                       "offline with sentence-transformers or transformers (recipe in the folder's README.md), "
+                       "and with --onnx by ONNX Runtime. It answers as the server does, within float rounding.")
+    x.add_argument("source", metavar="TASK_OR_BUNDLE", help="a bundle file, or a task name in the store")
+    x.add_argument("-o", "--output", required=True, help="folder to create (must not exist or be empty)")
+    x.add_argument("--store-dir", help="mask store to find a task name in (default: SUPERMASK_STORE_DIR or ./masks)")
+    x.add_argument("--backbone", help="local encoder folder the bundle was trained on (default: all-MiniLM-L6-v2)")
+    x.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx (input ids -> logits)")
+    x.add_argument("--force", action="store_true", help="replace an existing output folder")
+    x.set_defaults(func=_export)
+
     pr = sub.add_parser("predict", help="predict with a running server's task(s)", formatter_class=HelpFormatter,
                         description="Send TEXT... to a running server: one task (POST /v1/tasks/TASK/predict), or "
                         "several, comma-separated, or '*' for every stored task taking the inputs (one fan-out "
@@ -350,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         from backbone import BackboneLoadError
         from training.glue import GlueDataError
 
-        if isinstance(exc, (MaskStoreError, BackboneLoadError, GlueDataError, ValueError, OSError)) \
+        if isinstance(exc, (MaskStoreError, BackboneLoadError, GlueDataError, ValueError, OSError, ImportError)) \
                 and not args.verbose:
             print(f"supermask {args.command}: error: {exc}", file=sys.stderr)
             return 2
