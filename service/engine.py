@@ -204,6 +204,14 @@ class Engine:
         return {"device": str(self.device), "precision": self.precision, "resident_tasks": len(self.tasks.resident()),
                 "hot_tasks": len(self.hot.tasks) if self.hot is not None else None}
 
+    def header(self, task: str) -> BundleHeader:
+        """The header of ``task`` (the resident one, else read from the store; no torch work).
+
+        Raises:
+            TaskNotFound, InvalidTaskName, BundleInvalid: as :meth:`service.tasks.TaskTable.header`.
+        """
+        return self.tasks.header(task)
+
     def tier(self, task: str) -> str:
         """Where ``task`` is now: "hot" (CPU hot tier), "warm" (host cache; on the fp32 CPU path and the
         device tier every resident task is "warm") or "cold" (only in the store)."""
@@ -361,8 +369,8 @@ class Engine:
         wrong = req.options.classification_only() if header.problem_type == "regression" else []
         if wrong:
             raise InputInvalid(f"task {req.task!r} is a regression task (it answers a value): {', '.join(wrong)} "
-                               f"apply only to classification tasks; a regression task takes truncate and "
-                               f"truncation_direction")
+                               f"{'applies' if len(wrong) == 1 else 'apply'} only to classification tasks; a "
+                               f"regression task takes truncate and truncation_direction")
         return header
 
     @contextlib.contextmanager

@@ -216,8 +216,8 @@ class Forward:
         if not options.truncate:
             for k, x in enumerate(ids):
                 if len(x) > limit:
-                    raise InputInvalid(f"inputs[{k}] is {len(x)} tokens, more than task {header.task!r}'s limit of "
-                                       f"{limit} (send \"truncate\": true to cut it)")
+                    raise InputInvalid(f"inputs[{k}] is {len(x)} tokens, more than the limit of {limit} of task "
+                                       f"{header.task!r} (send \"truncate\": true to cut it)")
         cut = {k for k, w in zip(full, whole) if len(w) > limit}
         types = enc.get("token_type_ids")
         return [Encoded(x, types[k] if types is not None else None, k in cut) for k, x in enumerate(ids)]

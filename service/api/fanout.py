@@ -33,7 +33,7 @@ def fanout_tasks(state, tasks: list[str] | str, pairs: bool) -> list[str]:
         names = []
         for t in state.store.tasks():
             try:
-                if state.engine.tasks.header(t).text_pairs == pairs:
+                if state.engine.header(t).text_pairs == pairs:
                     names.append(t)
             except MaskStoreError as exc:  # unreadable or deleted since the listing: as the task list does
                 log.warning("task %s left out of the fan-out: %s", t, exc)
@@ -67,7 +67,7 @@ async def predict_fanout(body: FanOutIn, state: State) -> FanOutPublic:
     options = PredictOptions(**body.option_kwargs())
     reqs = []
     for t in names:
-        regression = state.engine.tasks.header(t).problem_type == "regression"
+        regression = state.engine.header(t).problem_type == "regression"
         reqs.append(PredictRequest(task=t, inputs=rows, options=options.for_regression() if regression else options))
     outs = await state.engine.predict_fanout_async(reqs)
     return FanOutPublic(results=[PredictPublic(task=r.task, predictions=p) for r, p in zip(reqs, outs)])

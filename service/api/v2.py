@@ -73,7 +73,7 @@ def model_metadata(task: str, header: BundleHeader) -> dict:
     if header.text_pairs:
         inputs.append({"name": "text_pair", "datatype": "BYTES", "shape": [-1]})
     return {"name": task, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs, "outputs": _outputs(header),
-            "parameters": {"problem_type": header.problem_type, "labels": header.labels,
+            "parameters": {"problem_type": header.problem_type, "labels": json.dumps(header.labels),
                            "max_seq_length": header.max_seq_length}}
 
 
@@ -99,7 +99,7 @@ async def metadata(task: str, state: State, version: str | None = None) -> Any:
     try:
         check_task_name(task)
         _check_version(version)
-        return model_metadata(task, state.engine.tasks.header(task))
+        return model_metadata(task, state.engine.header(task))
     except (MaskStoreError, ServiceError) as exc:
         return _error(exc)
 
@@ -110,7 +110,7 @@ async def model_ready(task: str, state: State, version: str | None = None) -> An
     try:
         check_task_name(task)
         _check_version(version)
-        state.engine.tasks.header(task)  # TaskNotFound: 404
+        state.engine.header(task)  # TaskNotFound: 404
         return {"name": task, "ready": True}
     except (MaskStoreError, ServiceError) as exc:
         return _error(exc)
@@ -219,7 +219,7 @@ async def infer(task: str, request: Request, state: State, version: str | None =
     try:
         check_task_name(task)
         _check_version(version)
-        header = state.engine.tasks.header(task)
+        header = state.engine.header(task)
         body = await _read_limited(request, 2 * s.max_inputs_per_request * (4 * s.max_input_chars + 8) + 65536)
         doc, tensors = parse_infer_request(body, request.headers.get("inference-header-content-length"))
         expected = {"text", "text_pair"} if header.text_pairs else {"text"}
