@@ -94,8 +94,12 @@ async def ready(state: State) -> dict:
 
 
 @router.get("/models/{task}")
+async def metadata(task: str, state: State) -> Any:
+    return await metadata_version(task, state, None)
+
+
 @router.get("/models/{task}/versions/{version}")
-async def metadata(task: str, state: State, version: str | None = None) -> Any:
+async def metadata_version(task: str, state: State, version: str | None) -> Any:
     try:
         check_task_name(task)
         _check_version(version)
@@ -105,8 +109,12 @@ async def metadata(task: str, state: State, version: str | None = None) -> Any:
 
 
 @router.get("/models/{task}/ready")
+async def model_ready(task: str, state: State) -> Any:
+    return await model_ready_version(task, state, None)
+
+
 @router.get("/models/{task}/versions/{version}/ready")
-async def model_ready(task: str, state: State, version: str | None = None) -> Any:
+async def model_ready_version(task: str, state: State, version: str | None) -> Any:
     try:
         check_task_name(task)
         _check_version(version)
@@ -211,10 +219,39 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, d
     return doc, tensors
 
 
-@router.post("/models/{task}/infer")
-@router.post("/models/{task}/versions/{version}/infer")
-async def infer(task: str, request: Request, state: State, version: str | None = None) -> Any:
+INFER_REQUEST_SCHEMA = {
+    "type": "object", "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": {
+            "type": "object", "required": ["name", "datatype", "shape"],
+            "properties": {"name": {"type": "string", "enum": ["text", "text_pair"]},
+                           "datatype": {"type": "string", "enum": ["BYTES"]},
+                           "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                           "data": {"type": "array", "items": {"type": "string"}},
+                           "parameters": {"type": "object"}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "enum": ["label", "score", "logits"]}, "parameters": {"type": "object"}}}},
+    },
+    "example": {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                            "data": ["a charming and often affecting journey"]}]},
+}
+"""OpenAPI schema of the JSON inference request (the body is parsed here, to take the binary extension too)."""
+
+
+_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": INFER_REQUEST_SCHEMA}}}}
+
+
+@router.post("/models/{task}/infer", openapi_extra=_INFER_BODY)
+async def infer(task: str, request: Request, state: State) -> Any:
     """OIP inference: BYTES ``text`` (and ``text_pair``) in; ``label``, ``score``, ``logits`` out."""
+    return await infer_version(task, request, state, None)
+
+
+@router.post("/models/{task}/versions/{version}/infer", openapi_extra=_INFER_BODY)
+async def infer_version(task: str, request: Request, state: State, version: str | None) -> Any:
+    """:func:`infer` of the task's one version, "1"."""
     s = state.settings
     try:
         check_task_name(task)
