@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 
 from mask_store.errors import MaskStoreError
 from mask_store.local import check_task_name
@@ -63,11 +64,16 @@ async def predict_fanout(body: FanOutIn, state: State) -> FanOutPublic:
     its value, ignoring the classification-only ones (top_k, raw_scores, function_to_apply)."""
     s = state.settings
     rows = _rows(body, s.max_inputs_per_request, s.max_input_chars)
-    names = fanout_tasks(state, body.tasks, pairs=rows[0][1] is not None)
     options = PredictOptions(**body.option_kwargs())
-    reqs = []
-    for t in names:
-        regression = state.engine.header(t).problem_type == "regression"
-        reqs.append(PredictRequest(task=t, inputs=rows, options=options.for_regression() if regression else options))
+
+    def requests() -> list[PredictRequest]:  # store I/O (listing, headers): in a worker thread
+        reqs = []
+        for t in fanout_tasks(state, body.tasks, pairs=rows[0][1] is not None):
+            regression = state.engine.header(t).problem_type == "regression"
+            reqs.append(PredictRequest(task=t, inputs=rows, options=options.for_regression() if regression
+                                       else options))
+        return reqs
+
+    reqs = await run_in_threadpool(requests)
     outs = await state.engine.predict_fanout_async(reqs)
     return FanOutPublic(results=[PredictPublic(task=r.task, predictions=p) for r, p in zip(reqs, outs)])

@@ -28,6 +28,7 @@ import struct
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from mask_store.errors import MaskStoreError
@@ -88,9 +89,12 @@ async def live() -> dict:
 
 
 @router.get("/health/ready")
-async def ready(state: State) -> dict:
-    # the app exists only once the backbone is loaded and the example tasks preloaded (create_app)
-    return {"ready": state.engine is not None}
+async def ready(request: Request) -> Any:
+    """200 ``{"ready": true}`` once start-up is complete (as ``/readyz``); else 400 ``{"ready": false}`` (OIP: a
+    4xx status means false)."""
+    if getattr(request.app.state, "ready", False):
+        return {"ready": True}
+    return JSONResponse({"ready": False}, status_code=400)
 
 
 @router.get("/models/{task}")
@@ -103,7 +107,7 @@ async def metadata_version(task: str, state: State, version: str | None) -> Any:
     try:
         check_task_name(task)
         _check_version(version)
-        return model_metadata(task, state.engine.header(task))
+        return model_metadata(task, await run_in_threadpool(state.engine.header, task))
     except (MaskStoreError, ServiceError) as exc:
         return _error(exc)
 
@@ -118,20 +122,10 @@ async def model_ready_version(task: str, state: State, version: str | None) -> A
     try:
         check_task_name(task)
         _check_version(version)
-        state.engine.header(task)  # TaskNotFound: 404
+        await run_in_threadpool(state.engine.header, task)  # TaskNotFound: 404
         return {"name": task, "ready": True}
     except (MaskStoreError, ServiceError) as exc:
         return _error(exc)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise InputInvalid(f"inference request body over {limit} bytes (SUPERMASK_MAX_INPUTS_PER_REQUEST x "
-                               f"SUPERMASK_MAX_INPUT_CHARS)")
-    return bytes(data)
 
 
 def _flatten(data: Any) -> list:
@@ -256,8 +250,8 @@ async def infer_version(task: str, request: Request, state: State, version: str 
     try:
         check_task_name(task)
         _check_version(version)
-        header = state.engine.header(task)
-        body = await _read_limited(request, 2 * s.max_inputs_per_request * (4 * s.max_input_chars + 8) + 65536)
+        header = await run_in_threadpool(state.engine.header, task)  # store I/O off the event loop
+        body = await request.body()  # bounded by SUPERMASK_MAX_REQUEST_BYTES (service.api.limits)
         doc, tensors = parse_infer_request(body, request.headers.get("inference-header-content-length"))
         expected = {"text", "text_pair"} if header.text_pairs else {"text"}
         unknown = sorted(set(tensors) - expected)

@@ -125,3 +125,13 @@ def test_error_bodies_are_oip_shaped(base_url):
     ok = httpx.post(base_url + "/v2/models/tri/infer", json={"id": "r-1", "inputs": [
         {"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [["x"]]}]})
     assert ok.status_code == 200 and ok.json()["id"] == "r-1"
+
+
+def test_ready_only_after_start_up(tiny_backbone, tmp_path):
+    from fastapi.testclient import TestClient
+
+    app = create_app(Settings(device="cpu", store_dir=tmp_path / "store", examples_dir=None), backbone=tiny_backbone)
+    before = TestClient(app).get("/v2/health/ready")  # no lifespan run: start-up not complete
+    assert before.status_code == 400 and before.json() == {"ready": False}
+    with TestClient(app) as c:
+        assert c.get("/v2/health/ready").json() == {"ready": True} and c.get("/v2/health/live").status_code == 200
