@@ -100,7 +100,9 @@ def markdown(res: dict) -> str:
     lines = [f"# Fan-out: 1 input x {cfg['tasks']} tasks in one call against {cfg['tasks']} predict calls", "",
              f"`{cfg['command']}` — {hw['cpu_model']}, {hw['logical_cpus']} logical CPUs, "
              f"{cfg['torch_threads']} torch threads, CPU precision `{cfg['precision']}`, loopback HTTP, "
-             f"{cfg['rounds']} interleaved rounds, torch {hw['torch']}.", "",
+             f"{cfg['rounds']} interleaved rounds, torch {hw['torch']}; load average at start "
+             f"{hw['loadavg_start']:.1f} (a machine shared with other jobs: the ratios, measured round by round "
+             f"side by side, are the figures to read).", "",
              "| how | p50 ms | p90 ms | mean ms | p50 / fan-out p50 |", "|---|---|---|---|---|"]
     for name, label in (("fanout", "one fan-out call (one mixed-task pass)"),
                         ("separate_sequential", f"{cfg['tasks']} predict calls, sequential"),
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    loadavg = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="supermask-fanout-"))
     try:
         names = write_tasks(Path(args.backbone) if args.backbone else default_backbone_path(), work / "tasks",
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = {"hardware": {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "machine": platform.machine(),
-                        "torch": torch.__version__},
+                        "torch": torch.__version__, "loadavg_start": loadavg},
            "config": {"tasks": args.tasks, "rounds": args.rounds, "torch_threads": args.threads, "precision": precision,
                       "command": "benchmarks/fanout.py " + " ".join(argv if argv is not None else sys.argv[1:])},
            "figures": figures}
