@@ -106,3 +106,34 @@ def test_fanout_needs_tasks_and_refuses_unknown_fields(server):
     assert r.status_code == 422 and "tasks" in r.json()["error"]["message"]
     r = server.post("/v1/predict", json={"inputs": ["x"], "tasks": ["a"], "models": ["b"]})
     assert r.status_code == 422 and "models" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("engine_kw", [
+    {"precision": "fp32"},
+    {"precision": "bf16"},
+    {"emulate_device_path": "gpu_complement", "device_slots": 2},  # 3 tasks, 2 slots: two passes
+], ids=["fp32", "bf16-hot-tier", "device-tier-2-slots"])
+def test_engine_fanout_equals_separate_predictions_on_every_tier(tiny_backbone, tmp_path, monkeypatch, engine_kw):
+    import asyncio
+
+    from mask_store.local import LocalMaskStore
+    from service.engine import Engine, PredictOptions, PredictRequest
+    from service.kernels import cpu_hot
+    from service.metrics import Metrics
+
+    if engine_kw.get("precision") == "bf16" and cpu_hot.unavailable_reason("bf16"):
+        pytest.skip(f"bf16 hot tier: {cpu_hot.unavailable_reason('bf16')}")
+    store = LocalMaskStore(tmp_path / "s")
+    for seed, (name, labels) in enumerate(SINGLE.items()):
+        store.put(name, make_bundle(tiny_backbone, name, labels=labels, seed=seed, sparsity=0.1 * (seed + 1)))
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", **engine_kw)
+    rows = (("a lovely film", None), ("a dreadful , overlong film", None))
+    opts = PredictOptions(ranked=True, function_to_apply="sigmoid")
+    separate = [engine.predict(PredictRequest(t, rows, opts)) for t in SINGLE]
+    passes = count_passes(engine, monkeypatch)
+    fan = asyncio.run(engine.predict_fanout_async([PredictRequest(t, rows, opts) for t in SINGLE]))
+    assert passes == ([6] if "device_slots" not in engine_kw else [4, 2])
+    for got, want in zip(fan, separate):
+        for g, w in zip(got, want):
+            assert g["label"] == w["label"] and [t["label"] for t in g["top"]] == [t["label"] for t in w["top"]]
+            assert g["scores"] == pytest.approx(w["scores"], rel=1e-4, abs=1e-5)
