@@ -265,6 +265,8 @@ async def infer_version(task: str, request: Request, state: State, version: str 
         else:
             inputs = list(texts)
         available = {o["name"]: o for o in _outputs(header)}
+        if not isinstance(doc.get("outputs") or [], list):
+            raise InputInvalid('"outputs" is a list of {"name": ...} tensors')
         wanted = [o.get("name") if isinstance(o, dict) else None for o in doc.get("outputs") or []] or list(available)
         missing = [w for w in wanted if w not in available]
         if missing:
@@ -278,7 +280,7 @@ async def infer_version(task: str, request: Request, state: State, version: str 
     data = {"label": [p.get("label") for p in preds],
             "score": [p["value"] if "value" in p else p["score"] for p in preds],
             "logits": [x for p in preds for x in p["logits"]]}
-    shapes = {"label": [n], "score": [n], "logits": [n, header.num_outputs]}
+    shapes = {"label": [n], "score": [n], "logits": [n, len(preds[0]["logits"])]}  # the pass's own bundle
     out = {"model_name": task, "model_version": VERSION,
            "outputs": [{"name": w, "datatype": available[w]["datatype"], "shape": shapes[w], "data": data[w]}
                        for w in wanted]}

@@ -116,7 +116,9 @@ def test_error_bodies_are_oip_shaped(base_url):
              ("post", "/v2/models/tri/infer", b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], '
                                               b'"data": ["x"]}]}', 422),
              ("post", "/v2/models/tri/infer", b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], '
-                                              b'"data": ["x"]}], "outputs": [{"name": "embedding"}]}', 422)]
+                                              b'"data": ["x"]}], "outputs": [{"name": "embedding"}]}', 422),
+             ("post", "/v2/models/tri/infer", b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], '
+                                              b'"data": ["x"]}], "outputs": 3}', 422)]
     for method, path, body, status in cases:
         r = httpx.request(method, base_url + path, content=body)
         assert r.status_code == status, (path, body, r.text)
