@@ -136,7 +136,7 @@ def _predict(args: argparse.Namespace) -> int:
     opts = {"raw_scores": args.raw_scores, "function_to_apply": args.function_to_apply,
             "truncate": not args.no_truncate, "truncation_direction": args.truncation_direction}
     if args.top_k is not None:
-        opts["top_k"] = None if args.top_k == "all" else int(args.top_k)
+        opts["top_k"] = None if args.top_k == "all" else args.top_k
     tasks = args.task.split(",")
     with _client(args) as c:
         if args.task == "*" or len(tasks) > 1:
@@ -206,6 +206,14 @@ def _int_at_least(low: int):
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+def _top_k(text: str):
+    """argparse ``type`` of ``--top-k``: 'all' or a positive int."""
+    return "all" if text == "all" else positive_int(text)
+
+
+_top_k.__name__ = "top-k"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -312,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("task", help="task name; A,B,C or '*' for a fan-out")
     pr.add_argument("text", nargs="+", help="input texts; '-' reads one text per line from stdin")
     pr.add_argument("--pairs", action="store_true", help="consecutive texts form [text_a, text_b] pairs")
-    pr.add_argument("--top-k", help="add the labels ranked by score: this many, or 'all'")
+    pr.add_argument("--top-k", type=_top_k, help="add the labels ranked by score: this many, or 'all'")
     pr.add_argument("--raw-scores", action="store_true", help="scores are the logits")
     pr.add_argument("--function-to-apply", choices=("softmax", "sigmoid", "none"), help="scores from the logits")
     pr.add_argument("--no-truncate", action="store_true", help="refuse over-long inputs instead of cutting them")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import io
 import json
 import time
 
@@ -192,3 +193,9 @@ def test_cli_client_commands(base_url, backbone, tmp_path, capsys, monkeypatch):
     assert code == 2 and "404 TaskNotFound" in err
     code, _, err = run_cli(capsys, "tasks", "--url", "http://127.0.0.1:9", "--retries", "0")
     assert code == 2 and "cannot reach the server" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("good\n\nbad\n"))
+    code, out, _ = run_cli(capsys, "predict", "toy", "-")
+    assert code == 0 and json.loads(out) == raw(base_url, "toy", {"inputs": ["good", "bad"]})
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "toy", "x", "--top-k", "0"])
+    assert "--top-k" in capsys.readouterr().err
