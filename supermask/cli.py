@@ -230,8 +230,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="supermask",
-        description="Train, evaluate, inspect and serve supermask-fine-tuned BERT tasks "
-        "(one shared int8 backbone, one bit-packed binary mask + task head per task).",
+        description="Train, evaluate, inspect, export and serve supermask-fine-tuned BERT tasks "
+        "(one shared int8 backbone, one bit-packed binary mask + task head per task), and call a running server "
+        "(predict, tasks, upload, delete).",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
