@@ -30,6 +30,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from mask_store.errors import MaskStoreError
 from mask_store.format import BundleHeader
@@ -48,6 +49,20 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 VERSION = "1"
 PLATFORM = "supermask"
 _LEN = struct.Struct("<I")
+
+
+class OipError(BaseModel):
+    """OIP's error body."""
+
+    error: str
+
+
+class OipReady(BaseModel):
+    ready: bool
+
+
+_ERRORS = {404: {"model": OipError, "description": "no such task"},
+           422: {"model": OipError, "description": "a malformed name, version or request"}}
 
 
 def _error(exc: Exception) -> JSONResponse:
@@ -88,7 +103,8 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses={200: {"model": OipReady}, 400: {"model": OipReady,
+                                                                        "description": "starting or shutting down"}})
 async def ready(request: Request) -> Any:
     """200 ``{"ready": true}`` once start-up is complete (as ``/readyz``); else 400 ``{"ready": false}`` (OIP: a
     4xx status means false)."""
@@ -97,12 +113,12 @@ async def ready(request: Request) -> Any:
     return JSONResponse({"ready": False}, status_code=400)
 
 
-@router.get("/models/{task}")
+@router.get("/models/{task}", responses=_ERRORS)
 async def metadata(task: str, state: State) -> Any:
     return await metadata_version(task, state, None)
 
 
-@router.get("/models/{task}/versions/{version}")
+@router.get("/models/{task}/versions/{version}", responses=_ERRORS)
 async def metadata_version(task: str, state: State, version: str | None) -> Any:
     try:
         check_task_name(task)
@@ -112,12 +128,12 @@ async def metadata_version(task: str, state: State, version: str | None) -> Any:
         return _error(exc)
 
 
-@router.get("/models/{task}/ready")
+@router.get("/models/{task}/ready", responses=_ERRORS)
 async def model_ready(task: str, state: State) -> Any:
     return await model_ready_version(task, state, None)
 
 
-@router.get("/models/{task}/versions/{version}/ready")
+@router.get("/models/{task}/versions/{version}/ready", responses=_ERRORS)
 async def model_ready_version(task: str, state: State, version: str | None) -> Any:
     try:
         check_task_name(task)
@@ -237,13 +253,13 @@ INFER_REQUEST_SCHEMA = {
 _INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": INFER_REQUEST_SCHEMA}}}}
 
 
-@router.post("/models/{task}/infer", openapi_extra=_INFER_BODY)
+@router.post("/models/{task}/infer", openapi_extra=_INFER_BODY, responses=_ERRORS)
 async def infer(task: str, request: Request, state: State) -> Any:
     """OIP inference: BYTES ``text`` (and ``text_pair``) in; ``label``, ``score``, ``logits`` out."""
     return await infer_version(task, request, state, None)
 
 
-@router.post("/models/{task}/versions/{version}/infer", openapi_extra=_INFER_BODY)
+@router.post("/models/{task}/versions/{version}/infer", openapi_extra=_INFER_BODY, responses=_ERRORS)
 async def infer_version(task: str, request: Request, state: State, version: str | None) -> Any:
     """:func:`infer` of the task's one version, "1"."""
     s = state.settings
