@@ -215,8 +215,10 @@ def check_answers(header, predictions: list[dict], rows: int) -> str | None:
     if len(predictions) != rows:
         return f"{len(predictions)} predictions for {rows} rows"
     for p in predictions:
+        if not isinstance(p.get("truncated", False), bool):
+            return f"bad truncation flag {p}"
         if header.problem_type == "regression":
-            if set(p) != {"value"} or not np.isfinite(p["value"]):
+            if set(p) - {"truncated"} != {"value"} or not np.isfinite(p["value"]):
                 return f"bad regression answer {p}"
             continue
         if p.get("label") not in header.labels:
