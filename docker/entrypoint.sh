@@ -23,10 +23,11 @@ fi
 
 if [ "$#" -eq 0 ]; then
     log_level="$(printf '%s' "${SUPERMASK_LOG_LEVEL:-INFO}" | tr '[:upper:]' '[:lower:]')"
+    log_config="$(python3 -c 'from service.api.server import LOG_CONFIG; print(LOG_CONFIG)')"  # request ids in every line
     exec uvicorn service.api.main:create_app --factory \
         --host "${SUPERMASK_HOST:-0.0.0.0}" --port "${SUPERMASK_PORT:-8000}" \
         --workers "${SUPERMASK_WORKERS:-1}" --log-level "$log_level" \
-        --http service.api.server:HeadTimeoutProtocol --limit-concurrency "${SUPERMASK_LIMIT_CONCURRENCY:-512}" \
+        --log-config "$log_config" --http service.api.server:HeadTimeoutProtocol --limit-concurrency "${SUPERMASK_LIMIT_CONCURRENCY:-512}" \
         --timeout-graceful-shutdown "${SUPERMASK_GRACEFUL_SHUTDOWN_S:-20}"
 fi
 exec "$@"

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import anyio
 import torch
 from fastapi.concurrency import run_in_threadpool
 
@@ -38,7 +39,7 @@ from mask_store.local import LocalMaskStore
 from service.batcher import MicroBatcher
 from service.encoder import LeanEncoder
 from service.dispatch import CpuDispatcher, DeviceDispatcher, HotDispatcher, check_host_capacity, resolve_device
-from service.errors import InputInvalid
+from service.errors import InputInvalid, Overloaded, RequestTimedOut
 from service.forward import (DEFAULT_OPTIONS, SMALL_PASS_ROWS, Forward, PredictOptions, PredictRequest, Rows,
                              check_rows, decode)
 from service.hot_tier import HotTier
@@ -106,8 +107,12 @@ class Engine:
     def __init__(self, backbone: Backbone, store: LocalMaskStore, metrics: Metrics, cache_bytes: int,
                  max_batch_size: int = 32, kernel_path: str = "auto", device: str = "auto",
                  device_slots: int = 16, batching: bool = False, batch_wait_ms: float = 0.0, precision: str = "fp32",
-                 hot_cache_bytes: int = 256 * 1024 * 1024, *, emulate_device_path: str | None = None):
+                 hot_cache_bytes: int = 256 * 1024 * 1024, *, emulate_device_path: str | None = None,
+                 max_queued_requests: int | None = None, request_timeout_s: float | None = None):
         self.backbone = backbone
+        self.max_queued = max_queued_requests  # None: unbounded (library use); the server sets both
+        self.request_timeout_s = request_timeout_s
+        self._admitted = 0
         self.store = store
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -408,14 +413,41 @@ class Engine:
             self.check_inputs(req)
             return self.predict_mixed([(req.task, req.inputs)], [req.options])[0]
 
+    @contextlib.asynccontextmanager
+    async def admitted(self, rows: int = 1):
+        """Admission of a predict call: at most ``max_queued_requests`` at once (queued or running), each
+        answered within ``request_timeout_s``. Runs on the event loop (no lock: one thread).
+
+        Raises:
+            Overloaded: the limit is reached (nothing is queued). RequestTimedOut: the block timed out.
+        """
+        if self.max_queued is not None and self._admitted >= self.max_queued:
+            self.metrics.overloaded.inc()
+            raise Overloaded(f"{self._admitted} predict requests are in progress, the limit "
+                             f"(SUPERMASK_MAX_QUEUED_REQUESTS) is {self.max_queued}: retry shortly")
+        self._admitted += 1
+        self.metrics.admitted.set(self._admitted)
+        try:
+            with anyio.fail_after(self.request_timeout_s):  # TimeoutError (anyio: Python 3.10 too)
+                yield
+        except TimeoutError:
+            raise RequestTimedOut(f"no answer within {self.request_timeout_s:g} s (SUPERMASK_REQUEST_TIMEOUT_S)") from None
+        finally:
+            self._admitted -= 1
+            self.metrics.admitted.set(self._admitted)
+
     async def predict_async(self, req: PredictRequest) -> list[dict]:
-        """:meth:`predict` from the event loop (same result, errors and metrics).
+        """:meth:`predict` from the event loop (same result, errors and metrics), under :meth:`admitted`.
 
         The request's inputs are checked and its task loaded and promoted first, in a worker thread
         (a bad request fails here, not in a gathered batch; a cold task stalls no other request). Then,
         with micro-batching on, its rows join concurrent requests of any task in the next pass; else they
         run alone, in a worker thread (see ``_forward_thread``).
         """
+        async with self.admitted():
+            return await self._predict_async(req)
+
+    async def _predict_async(self, req: PredictRequest) -> list[dict]:
         with self.observed(req):
             await run_in_threadpool(self.prepare, req)
             if self.batcher is not None:
@@ -438,6 +470,10 @@ class Engine:
         Raises:
             as :meth:`predict` for the first request that fails (nothing is answered then).
         """
+        async with self.admitted():
+            return await self._fanout_async(reqs)
+
+    async def _fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
         with contextlib.ExitStack() as stack:
             for req in reqs:
                 stack.enter_context(self.observed(req))

@@ -29,3 +29,16 @@ class Unauthorized(ServiceError):
 
 class Forbidden(ServiceError):
     """An admin route was called with a wrong bearer token."""
+
+
+class Overloaded(ServiceError):
+    """More predict requests are queued or running than ``SUPERMASK_MAX_QUEUED_REQUESTS``: retry later
+    (the API answers 429 with ``Retry-After``)."""
+
+    retry_after_s = 1
+
+
+class RequestTimedOut(ServiceError):
+    """A predict request did not finish within ``SUPERMASK_REQUEST_TIMEOUT_S`` (503 with ``Retry-After``)."""
+
+    retry_after_s = 1

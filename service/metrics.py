@@ -44,6 +44,8 @@ class Metrics:
     supermask_gpu_memory_allocated_bytes             gauge      torch.cuda.memory_allocated (0 without CUDA)
     supermask_gpu_memory_reserved_bytes              gauge      torch.cuda.memory_reserved (0 without CUDA)
     supermask_quarantined_bundles_total              counter    corrupt stored bundles moved aside
+    supermask_overloaded_requests_total              counter    predict requests refused with 429 (queue full)
+    supermask_admitted_requests                      gauge      predict requests queued or running now
     supermask_process_resident_memory_bytes          gauge      process RSS (and the other process_* series)
     ===============================================  =========  ==========================================
     """
@@ -94,6 +96,8 @@ class Metrics:
                                                "GPU memory reserved by torch's caching allocator "
                                                "(torch.cuda.memory_reserved).", registry=r)
         self.gpu_memory_reserved_bytes.set_function(_gpu_memory_reserved_bytes)
+        self.overloaded = Counter(f"{PREFIX}_overloaded_requests", "Predict requests refused with 429.", registry=r)
+        self.admitted = Gauge(f"{PREFIX}_admitted_requests", "Predict requests queued or running now.", registry=r)
         self.quarantined = Counter(f"{PREFIX}_quarantined_bundles", "Corrupt stored bundles moved aside.", registry=r)
         ProcessCollector(namespace=PREFIX, registry=r)
 

@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     (half-open and slow-header connections); ``supermask serve`` and the Docker image apply it."""
     limit_concurrency: int | None = Field(512, gt=0)
     """Most connections and tasks at once before uvicorn answers 503 (None: no limit)."""
+    max_queued_requests: int = Field(256, gt=0)
+    """Predict requests admitted at once (queued for a pass or running); one more is refused at once with
+    429 ``Overloaded`` and ``Retry-After``, so that a burst cannot grow the queue (and memory) without bound."""
+    request_timeout_s: float = Field(60.0, gt=0)
+    """A predict request still unanswered after this many seconds gets 503 ``RequestTimedOut``."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed by CORS (JSON list, e.g. ``["https://app.example"]``; ``["*"]`` any); empty: CORS off."""
+    gzip_min_bytes: int | None = Field(None, gt=0)
+    """Compress responses of at least this many bytes when the client accepts gzip; None: off."""
     cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the host task cache (CPU: resident mask forms + heads; CUDA: packed masks + heads);
     least recently used tasks are evicted."""

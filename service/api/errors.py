@@ -24,7 +24,8 @@ from mask_store.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from service.errors import AdminDisabled, Forbidden, InputInvalid, ServiceError, TaskTooLarge, Unauthorized
+from service.errors import (AdminDisabled, Forbidden, InputInvalid, Overloaded, RequestTimedOut, ServiceError,
+                            TaskTooLarge, Unauthorized)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ STATUS: dict[type[Exception], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     AdminDisabled: 403,
+    Overloaded: 429,
+    RequestTimedOut: 503,
 }
 
 
@@ -64,6 +67,8 @@ def install(app: FastAPI) -> None:
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if getattr(exc, "retry_after_s", None):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return error_response(status, type(exc).__name__, str(exc), headers)
 
     async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,7 +9,10 @@ import logging
 from contextlib import asynccontextmanager
 
 import torch
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 
 from mask_store.local import LocalMaskStore
 from service import __version__
@@ -54,7 +57,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
                     device=settings.device, device_slots=settings.device_slots, batching=settings.batching, batch_wait_ms=settings.batch_wait_ms,
-                    precision=settings.cpu_precision, hot_cache_bytes=settings.hot_cache_bytes)
+                    precision=settings.cpu_precision, hot_cache_bytes=settings.hot_cache_bytes,
+                    max_queued_requests=settings.max_queued_requests, request_timeout_s=settings.request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -73,6 +77,13 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     app.include_router(fanout.router)
     app.include_router(v2.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    if settings.gzip_min_bytes is not None:
+        app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+    # outermost: every response, errors and 413s included, carries the request's id
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
     if settings.admin_token is None:
         log.warning("SUPERMASK_ADMIN_TOKEN is not set: uploads and deletes are disabled")
     return app
