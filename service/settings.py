@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     hot_cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the CPU hot tier (bf16 / int8): tasks' materialised masked weights, least recently used
     evicted to the warm tier (packed mask bits + head in the task cache)."""
+    onednn_cache_capacity: int = Field(64, gt=0)
+    """Entries of oneDNN's primitive cache and ideep's computation cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+    ``LRU_CACHE_CAPACITY``; those variables win when set): every distinct batch shape of the bf16 / int8
+    products leaves an entry holding memory, so the default 1,024 let RSS creep under varied traffic."""
     torch_threads: int | None = Field(None, gt=0)
     """torch intra-op threads (None: torch's default)."""
 

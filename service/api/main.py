@@ -23,6 +23,7 @@ from service.api.routes import router
 from service.api import fanout, v2
 from backbone import Backbone, load_backbone
 from service.engine import Engine, needs_model_forward
+from service.kernels.cpu_hot import bound_onednn_caches
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         BackboneLoadError: the backbone cannot be loaded.
     """
     settings = settings or Settings()
+    bound_onednn_caches(settings.onednn_cache_capacity)  # before the first oneDNN primitive of this process
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if backbone is None:

@@ -25,3 +25,13 @@ def test_examples_dir_default_and_explicit(monkeypatch, tmp_path):
     assert Settings().examples_dir == DEFAULT_EXAMPLES_DIR
     monkeypatch.setenv("SUPERMASK_EXAMPLES_DIR", str(tmp_path))
     assert Settings().examples_dir == tmp_path
+
+
+def test_onednn_caches_bounded_unless_the_environment_says_otherwise(monkeypatch):
+    from service.kernels.cpu_hot import ONEDNN_CACHE_ENV, bound_onednn_caches
+
+    for name in ONEDNN_CACHE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert bound_onednn_caches(64) == {name: "64" for name in ONEDNN_CACHE_ENV}
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "16")  # an operator's own choice wins
+    assert bound_onednn_caches(32)["LRU_CACHE_CAPACITY"] == "16"
