@@ -329,6 +329,24 @@ def frame(header_json: bytes, payload: bytes, version: int = FORMAT_VERSION) -> 
     return prefix + digest + payload
 
 
+def upgrade_bundle(data: bytes) -> bytes:
+    """A v1 bundle re-framed as v2 (same header fields but ``format_version``, same payload, the header's
+    SHA-256 added); a v2 bundle is returned unchanged.
+
+    Raises:
+        BundleInvalid / BundleTooLarge: ``data`` is not a valid bundle (it is fully checked first).
+    """
+    bundle = decode_bundle(data)
+    if bundle.header.format_version == FORMAT_VERSION:
+        return data
+    (hlen,) = struct.unpack_from("<I", data, len(MAGIC_V1))
+    raw = json.loads(data[_PREFIX.size:_PREFIX.size + hlen])
+    raw["format_version"] = FORMAT_VERSION
+    upgraded = frame(json.dumps(raw, separators=(",", ":")).encode("utf-8"), data[_PREFIX.size + hlen:])
+    decode_bundle(upgraded)  # the same contents under the new framing
+    return upgraded
+
+
 def _json_depth(value: Any, limit: int) -> int:
     """Nesting depth of parsed JSON (a scalar is 0), computed without recursion; stops past ``limit``."""
     depth, stack = 0, [(value, 1)]

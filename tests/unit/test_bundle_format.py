@@ -539,3 +539,18 @@ def test_reading_bundles_does_not_import_torch(tmp_path, bundle_bytes):
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "OK sst2"
+
+
+def test_upgrade_reframes_v1_as_v2_with_the_same_contents(bundle_bytes):
+    from mask_store.format import upgrade_bundle
+
+    header, payload = _split(bundle_bytes)
+    header["format_version"] = 1
+    v1 = frame(json.dumps(header).encode(), payload, version=1)
+    v2 = upgrade_bundle(v1)
+    assert v2[:8] == MAGIC and upgrade_bundle(v2) == v2
+    old, new = decode_bundle(v1), decode_bundle(v2)
+    assert new.header.format_version == 2 and new.masks == old.masks
+    assert new.header.model_dump(exclude={"format_version"}) == old.header.model_dump(exclude={"format_version"})
+    with pytest.raises(BundleInvalid):
+        upgrade_bundle(v1[:-3])
