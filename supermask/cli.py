@@ -46,6 +46,10 @@ def _train(args: argparse.Namespace) -> int:
         task_name=args.name,
         device=args.device,
         mask_rule=args.mask_rule,
+        heldout_fraction=args.heldout_fraction,
+        heldout_seed=args.heldout_seed,
+        head_refit_steps=args.head_refit_steps,
+        regression_scale=args.regression_scale,
     )
     res = train(cfg, command="supermask " + shlex.join(args.argv))
     summary = {
@@ -58,7 +62,10 @@ def _train(args: argparse.Namespace) -> int:
         "sparsity": round(res.sparsity, 5),
         "dev_deterministic": res.dev_metrics,
         "dev_bernoulli": res.bernoulli,
+        "heldout_deterministic": res.heldout_metrics,
     }
+    if res.head_refit:
+        summary["head_refit"] = {"choice": res.head_refit["choice"], "before": res.head_refit["before"]}
     if res.interrupted:
         summary["interrupted"] = True
     print(json.dumps(summary, indent=2))
@@ -76,6 +83,18 @@ def _evaluate(args: argparse.Namespace) -> int:
                              samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task,
                              bernoulli_per=args.bernoulli_per, precision=args.precision)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _refit_head(args: argparse.Namespace) -> int:
+    from training.refit import refit_bundle
+
+    out = args.output or str(Path(args.bundle).with_name(Path(args.bundle).stem + ".refit.smask"))
+    summary = refit_bundle(args.bundle, out, args.data_dir, steps=args.steps, regression_scale=args.regression_scale,
+                           heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed,
+                           train_limit=args.train_limit, backbone=args.backbone, glue_task=args.glue_task,
+                           command="supermask " + shlex.join(args.argv))
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -272,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic mask written to the bundle: 'sign' is the paper's 1[ν > 0]; 'expected' "
                         "thresholds ν globally so the mask prunes the expected sparsity of the Bernoulli masks "
                         "it was trained with, mean(1 − σ(ν)) (benchmarks/glue/mask_threshold.py, docs/results.md)")
+    t.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="fraction of train.tsv held out (never trained on) to choose the head refit's penalty and to "
+                        "compare runs on; 0 trains on every row (then no --head-refit-steps)")
+    t.add_argument("--heldout-seed", type=int, default=1234,
+                   help="seed of the held-out split (its own: every run of a task holds out the same rows)")
+    t.add_argument("--head-refit-steps", type=non_negative_int, default=200,
+                   help="after the Bernoulli phase, freeze the served deterministic mask and re-fit the head on it "
+                        "(an extension of the paper's method; see docs/results.md): L-BFGS iterations per "
+                        "classification candidate (regression heads are solved in closed form); 0: no refit, the "
+                        "head as trained under sampled masks")
+    t.add_argument("--regression-scale", choices=("mse", "match-sd"), default="match-sd",
+                   help="regression head refit: 'mse' keeps the ridge solution; 'match-sd' maps its outputs "
+                        "affinely to the fitting gold's mean and s.d.")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="GLUE dev metrics of a bundle, through the serving path",
@@ -294,6 +326,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference, reproduces the recorded figure), 'bf16', 'int8' (the hot tier), 'auto' (the "
                         "server's default: int8 / bf16 / fp32 by this CPU's features)")
     e.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("refit-head", help="refit a bundle's task head on its own served mask (writes a new bundle)",
+                       description="Head refit, an extension of the paper's method: freeze the bundle's deterministic "
+                       "(served) mask, cache the mean-pooled features of the task's training examples under it, and "
+                       "re-fit the head on them (ridge for regression, L2 logistic regression for classification), "
+                       "choosing the penalty on a held-out split of the train set (never on dev). Masks, name, labels "
+                       "and max length are kept; the new bundle records the refit and its before/after figures.",
+                       formatter_class=HelpFormatter)
+    r.add_argument("bundle", help="bundle file")
+    r.add_argument("-o", "--output", help="new bundle path (default: <bundle stem>.refit.smask next to it)")
+    r.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
+    r.add_argument("--backbone", help="local encoder folder (default: all-MiniLM-L6-v2)")
+    r.add_argument("--glue-task", help="GLUE task whose train set to fit on (default: the bundle's)")
+    r.add_argument("--steps", type=positive_int, default=200,
+                   help="L-BFGS iterations per classification candidate (regression heads are solved in closed form)")
+    r.add_argument("--regression-scale", choices=("mse", "match-sd"), default="match-sd",
+                   help="regression only: 'mse' keeps the ridge solution (least squares shrinks scores toward the "
+                        "mean); 'match-sd' then maps the outputs affinely so that on the fitting set they have the "
+                        "gold's mean and s.d. (scores on the gold's scale)")
+    r.add_argument("--heldout-fraction", type=float,
+                   help="fraction of train.tsv held out to choose on (default: the split the bundle records, else 0.1)")
+    r.add_argument("--heldout-seed", type=int, help="seed of the held-out split (default: the bundle's, else 1234)")
+    r.add_argument("--train-limit", type=positive_int, help="fit on only the first N non-held-out training examples")
+    r.set_defaults(func=_refit_head)
 
     i = sub.add_parser("inspect", help="print a bundle's header as JSON (no torch needed)")
     i.add_argument("bundle")

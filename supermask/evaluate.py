@@ -24,18 +24,24 @@ from service.engine import Engine
 from service.metrics import Metrics
 from training import BERNOULLI_PER, check_choice
 from training.controls import restore_float_weights
-from training.glue import compute_metrics, get_task, read_split
+from training.glue import calibration, compute_metrics, get_task, read_split
 from training.trainer import evaluate_bernoulli, scores_path
 from training.supermask import SupermaskModel
 
 
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
                     samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
-                    batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32") -> dict:
+                    batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32",
+                    identical_pairs: int = 200) -> dict:
     """Evaluate a bundle on its GLUE task's dev split.
 
     ``precision``: the server's CPU compute precision to serve it in ("fp32", "bf16", "int8" or "auto",
     see :class:`service.settings.Settings`); recorded in the result (resolved).
+
+    ``identical_pairs`` (sentence-pair regression, STS-B): also score that many distinct dev first sentences
+    paired with themselves (gold would be 5), ``result["identical_pairs"] = {"n", "mean", "min",
+    "share_at_least_4"}``; 0: not. Regression results also give ``"calibration"`` (mean / s.d. against gold,
+    :func:`training.glue.calibration`).
 
     ``bernoulli_per``: how the Bernoulli samples draw masks ("batch" or "mask", see
     :func:`training.trainer.evaluate_bernoulli`); recorded in the result.
@@ -72,6 +78,11 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
                       leave=False):
             rows = [(e.text_a, e.text_b) for e in dev[i : i + batch_size]]
             outs.append(engine.logits(header.task, rows))
+        identical = None
+        if task.problem_type == "regression" and task.is_pair and identical_pairs > 0:
+            firsts = list(dict.fromkeys(e.text_a for e in dev))[:identical_pairs]
+            identical = torch.cat([engine.logits(header.task, [(a, a) for a in firsts[i : i + batch_size]])
+                                   for i in range(0, len(firsts), batch_size)]).squeeze(-1).numpy()
     logits = torch.cat(outs)
     preds = logits.squeeze(-1).numpy() if task.problem_type == "regression" else logits.argmax(-1).numpy()
     result = {
@@ -84,6 +95,11 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         "recorded": header.metrics.get("deterministic", {}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if task.problem_type == "regression":
+        result["calibration"] = calibration(preds, golds)
+    if identical is not None:
+        result["identical_pairs"] = {"n": len(identical), "mean": float(identical.mean()),
+                                     "min": float(identical.min()), "share_at_least_4": float((identical >= 4).mean())}
     spath = Path(scores) if scores else scores_path(bundle_path)
     if samples > 0 and spath.is_file():
         result["bernoulli"] = _bernoulli(spath, bundle, backbone, bits, task, dev, samples, batch_size, bernoulli_per)

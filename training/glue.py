@@ -161,16 +161,67 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, golds: np.ndarray) 
         golds: same shape.
     Returns:
         ``{"accuracy"}``; MRPC adds ``"f1"``; CoLA gives ``{"mcc", "accuracy"}``;
-        STS-B gives ``{"pearson", "spearman"}``. Values in [-1, 1].
+        STS-B gives ``{"pearson", "spearman", "mse"}``. Values in [-1, 1], except ``mse`` (mean squared
+        error, in squared score units, >= 0).
     """
     predictions = np.asarray(predictions)
     golds = np.asarray(golds)
     if task.problem_type == "regression":
         p, g = predictions.astype(np.float64), golds.astype(np.float64)
-        return {"pearson": _pearson(p, g), "spearman": _pearson(_rank(p), _rank(g))}
+        return {"pearson": _pearson(p, g), "spearman": _pearson(_rank(p), _rank(g)),
+                "mse": float(np.mean((p - g) ** 2))}
     out = {"accuracy": float(np.mean(predictions == golds))}
     if task.name == "MRPC":
         out["f1"] = _f1(predictions, golds)
     if task.name == "CoLA":
         out["mcc"] = _mcc(predictions, golds)
     return out
+
+
+# The held-out validation split carved from each task's train set: what model selection (head-refit
+# regularisation, mask rule, steps) is judged on, so that GLUE dev is never used to choose.
+HELDOUT_FRACTION = 0.1
+HELDOUT_SEED = 1234
+
+
+def split_heldout(examples: list[Example], fraction: float = HELDOUT_FRACTION,
+                  seed: int = HELDOUT_SEED) -> tuple[list[Example], list[Example], dict]:
+    """Carve a held-out validation split from a task's training examples.
+
+    The split is ``numpy.random.default_rng(seed).permutation(n)``: its first ``round(fraction · n)`` rows
+    (at least one when ``fraction > 0``) are held out, the rest are kept for fitting, each in file order.
+    It depends only on ``n``, ``fraction`` and ``seed``, never on a run's own seed, so every run of a task
+    holds out the same rows.
+
+    Args:
+        examples: the whole ``train.tsv``, in file order.
+        fraction: in [0, 1); 0 holds nothing out.
+        seed: the split's own seed.
+    Returns:
+        ``(fit, heldout, record)``; ``record`` = ``{"fraction", "seed", "examples", "fit_examples", "rule"}``,
+        what a bundle records so the split can be rebuilt.
+    Raises:
+        ValueError: ``fraction`` outside [0, 1), or nothing left to fit on.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    n = len(examples)
+    k = 0 if fraction == 0 else max(1, int(round(fraction * n)))
+    if n - k < 1:
+        raise ValueError(f"holding out {k} of {n} training examples leaves nothing to train on")
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).permutation(n)[:k]] = True
+    fit = [e for e, h in zip(examples, held) if not h]
+    heldout = [e for e, h in zip(examples, held) if h]
+    record = {"fraction": fraction, "seed": seed, "examples": k, "fit_examples": n - k,
+              "rule": "numpy.random.default_rng(seed).permutation(n)[:round(fraction * n)] of train.tsv's rows"}
+    return fit, heldout, record
+
+
+def calibration(predictions: np.ndarray, golds: np.ndarray) -> dict[str, float]:
+    """Location and spread of regression predictions against gold: ``{"mean", "sd", "gold_mean", "gold_sd",
+    "min", "max"}`` (population s.d., ``np.std``), in score units. Pearson and Spearman are blind to a shift
+    or a shrinkage of the scores; these are not."""
+    p, g = np.asarray(predictions, dtype=np.float64), np.asarray(golds, dtype=np.float64)
+    return {"mean": float(p.mean()), "sd": float(p.std()), "gold_mean": float(g.mean()), "gold_sd": float(g.std()),
+            "min": float(p.min()), "max": float(p.max())}

@@ -27,8 +27,10 @@ from mask_store.local import atomic_write, check_task_name
 from backbone import Backbone, load_backbone, resolve_torch_device
 from training import BERNOULLI_PER, MASK_RULES, check_choice
 from training.controls import restore_float_weights, shuffle_masked_weights
-from training.glue import Example, GlueTask, compute_metrics, get_task, read_split
+from training.glue import (HELDOUT_FRACTION, HELDOUT_SEED, Example, GlueTask, calibration, compute_metrics, get_task,
+                           read_split, split_heldout)
 from training.loop import predict_examples, run_steps
+from training.refit import DEFAULT_REFIT_STEPS, REGRESSION_SCALES, refit_head
 from training.supermask import SupermaskModel, expected_sparsity, threshold_for_sparsity
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,14 @@ class TrainConfig:
     # deterministic mask written to the bundle: "sign" = the paper's 1[ν > 0]; "expected" = 1[ν > τ] with one
     # global τ that prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν))
     mask_rule: str = "sign"  # one of training.MASK_RULES
+    # held-out validation split carved from train.tsv (training.glue.split_heldout): not trained on; model
+    # selection is judged on it, never on dev. 0.0: train on every row (runs before held-out splits)
+    heldout_fraction: float = HELDOUT_FRACTION
+    heldout_seed: int = HELDOUT_SEED
+    # head refit on the frozen served mask after the Bernoulli phase (training.refit; an extension of the
+    # paper's method): L-BFGS iterations per classification candidate, regression in closed form; 0: no refit
+    head_refit_steps: int = DEFAULT_REFIT_STEPS
+    regression_scale: str = "match-sd"  # training.refit.REGRESSION_SCALES
 
 
 @dataclass
@@ -78,6 +88,8 @@ class TrainResult:
     sparsity: float
     dev_metrics: dict[str, float]
     bernoulli: dict[str, dict[str, float]] = field(default_factory=dict)
+    heldout_metrics: dict[str, float] = field(default_factory=dict)  # served mask on the held-out split
+    head_refit: dict = field(default_factory=dict)  # training.refit.refit_head's record ({} without a refit)
     losses: list[float] = field(default_factory=list)  # training loss per step
     device: str = "cpu"  # where it trained
     interrupted: bool = False  # stopped by Ctrl-C before all steps: bundle written unevaluated
@@ -203,12 +215,20 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         value = getattr(cfg, opt_name)
         if value is not None and value < 1:
             raise ValueError(f"{opt_name} must be >= 1, got {value}")
+    if cfg.head_refit_steps < 0:
+        raise ValueError(f"head_refit_steps must be >= 0, got {cfg.head_refit_steps}")
+    if cfg.head_refit_steps > 0 and cfg.heldout_fraction == 0:
+        raise ValueError("a head refit chooses its penalty on the held-out split: give heldout_fraction > 0 "
+                         "(or head_refit_steps 0)")
+    check_choice("regression_scale", cfg.regression_scale, REGRESSION_SCALES)
     if cfg.epochs <= 0 or cfg.bernoulli_samples < 0:
         raise ValueError(f"epochs must be > 0 and bernoulli_samples >= 0, got {cfg.epochs}, {cfg.bernoulli_samples}")
     task = get_task(cfg.task)
     check_task_name(cfg.task_name or task.name)
     _check_output(cfg.output)
-    train_set = read_split(task, cfg.data_dir, "train")[: cfg.train_limit]
+    train_set, heldout_set, heldout_split = split_heldout(read_split(task, cfg.data_dir, "train"),
+                                                          cfg.heldout_fraction, cfg.heldout_seed)
+    train_set = train_set[: cfg.train_limit]
     dev_set = read_split(task, cfg.data_dir, "dev")[: cfg.dev_limit]
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -250,14 +270,29 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
 
     golds = np.array([e.label for e in dev_set])
     dev: dict[str, float] = {}
-    if not interrupted:
+    heldout: dict = {}
+    refit: dict = {}
+    bern = {}
+    if cfg.bernoulli_samples > 0 and not interrupted:  # the paper's measure: the trained head, sampled masks
+        bern = evaluate_bernoulli(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.bernoulli_samples,
+                                  cfg.eval_batch_size, seed=cfg.seed, device=device)
+    if cfg.head_refit_steps > 0 and not interrupted:
+        _, refit = refit_head(model, tokenizer, task, train_set, heldout_set, cfg.max_seq_length,
+                              cfg.head_refit_steps, cfg.regression_scale, cfg.eval_batch_size, device, progress,
+                              extra={"dev": dev_set})
+        dev = {k: v for k, v in refit["after"]["dev"].items() if k not in ("calibration", "log_loss")}
+        heldout = refit["after"]["heldout"]
+    elif not interrupted:
         dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length,
                                             cfg.eval_batch_size, desc="dev (deterministic mask)" if progress else None,
                                             device=device), golds)
-    bern = {}
-    if cfg.bernoulli_samples > 0 and not interrupted:
-        bern = evaluate_bernoulli(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.bernoulli_samples,
-                                  cfg.eval_batch_size, seed=cfg.seed, device=device)
+        if heldout_set:
+            held_golds = np.array([e.label for e in heldout_set])
+            held_pred = predict(model, tokenizer, task, heldout_set, cfg.max_seq_length, cfg.eval_batch_size,
+                                desc="held-out (deterministic mask)" if progress else None, device=device)
+            heldout = compute_metrics(task, held_pred, held_golds)
+            if task.problem_type == "regression":
+                heldout["calibration"] = calibration(held_pred, held_golds)
     sparsity = model.sparsity()
     name = cfg.task_name or task.name
     training = {
@@ -266,17 +301,31 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("output",)},
         "steps": step,
         "train_examples": len(train_set),
+        "heldout_split": heldout_split,
         "seconds": round(seconds, 1),
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-50:])),
         "hardware": {**hardware(), "device": str(device)},
         "command": command,
     }
+    if refit:
+        training["head_refit"] = {k: v for k, v in refit.items() if k not in ("before", "after")}
     if interrupted:
         training["interrupted"] = f"stopped by the user after {step} of {total_steps} steps; not evaluated"
     metrics: dict = {}  # an interrupted run is not evaluated
     if not interrupted:
         metrics = {"split": "dev", "dev_examples": len(dev_set), "deterministic": dev, "bernoulli": bern}
+        if heldout:
+            metrics["heldout"] = heldout
+        if refit:
+            metrics["before_head_refit"] = {
+                "deterministic": {k: v for k, v in refit["before"]["dev"].items()
+                                  if k not in ("calibration", "log_loss")},
+                "heldout": refit["before"]["heldout"]}
+            if "calibration" in refit["after"]["dev"]:
+                metrics["calibration"] = refit["after"]["dev"]["calibration"]
+            if bern:
+                metrics["bernoulli_head"] = "the trained head (before the refit), under sampled masks"
     if bern:  # how the samples drew masks (evaluate_bernoulli's per="batch"), and the s.d. used (population)
         metrics["bernoulli_protocol"] = {"per": "batch", "batch_size": cfg.eval_batch_size, "std_ddof": 0}
     data = build_bundle(model, backbone, task, name, cfg.max_seq_length, training, metrics, mask_rule)
@@ -288,8 +337,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
                    for n, layer in model.masked_layers().items()},
                   str(scores_path(cfg.output)))
     log.info("wrote %s (%d bytes), sparsity %.4f, dev %s", cfg.output, len(data), sparsity, dev)
-    return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern, losses,
-                       str(device), interrupted)
+    return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern,
+                       heldout, refit, losses, str(device), interrupted)
 
 
 def _check_output(output: str | Path) -> None:

@@ -58,20 +58,20 @@ class Recipe:
     epochs: float = 3.0
     head_lr: float = 1e-3
     seeds: tuple[int, ...] = (0, 1, 2)  # default seeds of Table A
-    tuned: bool = False  # True: measured on our backbone (DESIGN.md, recipe notes)
+    tuned: bool = False  # True: measured on our backbone (docs/results.md, "Recipe probes")
     note: str = ""
-    baseline_lr: float = 2e-5  # full fine-tuning (standard BERT recipe)
+    baseline_lr: float = 5e-5  # full fine-tuning; every recorded baseline ran at 5e-5
     baseline_epochs: float = 3.0
     baseline_max_seq_length: int = 128
 
 
-#: The per-task recipes. SST-2 and MRPC come from the measurements in docs/DESIGN.md
-#: ("Recipe notes, measured on our backbone"); the others are untuned first guesses.
+#: The per-task recipes. SST-2 and MRPC come from the probes recorded in docs/results.md
+#: ("Recipe probes"); the others are untuned first guesses.
 RECIPES: dict[str, Recipe] = {
     "SST-2": Recipe(64, 0.1, 2000, seeds=(0,), tuned=True,
-                    note="DESIGN.md: 2,000 steps, ν lr 0.1 → acc 0.890, 2.8 % sparsity (max len 64)"),
+                    note="probe: 2,000 steps, ν lr 0.1 → acc 0.890, 2.8 % sparsity (max len 64)"),
     "MRPC": Recipe(128, 0.3, 350, tuned=True,
-                   note="DESIGN.md: 350 steps (~3 epochs), ν lr 0.3 → F1 0.866, 4.4 % sparsity"),
+                   note="probe: 350 steps (~3 epochs), ν lr 0.3 → F1 0.866, 4.4 % sparsity"),
     "RTE": Recipe(128, 0.3, None, note="untuned: 3 epochs, ν lr 0.3 (as MRPC, a small pair task)"),
     "CoLA": Recipe(128, 0.3, None, note="untuned: 3 epochs, ν lr 0.3"),
     "STS-B": Recipe(128, 0.3, None, note="untuned: 3 epochs, ν lr 0.3"),
@@ -162,14 +162,20 @@ def smoke_note(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------- run configs
 
 
-def supermask_config(task: str, seed: int, args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
-    """Result-relevant config of one supermask run (the keys of :class:`training.trainer.TrainConfig`)."""
+def supermask_config(task: str, seed: int, args: argparse.Namespace, heldout: bool = False,
+                     **overrides: Any) -> dict[str, Any]:
+    """Result-relevant config of one supermask run (the keys of :class:`training.trainer.TrainConfig`).
+
+    ``heldout``: hold out the train set's validation split and refit the head on the served mask
+    (``heldout_fraction`` 0.1, seed 1234, ``head_refit_steps`` 200; see :data:`LEGACY_SUPERMASK`)."""
     r = RECIPES[task]
     cfg = {"task": task, "seed": seed, "backbone": args.backbone, "bits": 8, "max_seq_length": r.max_seq_length,
            "batch_size": 32, "epochs": r.epochs, "max_steps": r.max_steps, "mask_lr": r.mask_lr,
            "head_lr": r.head_lr, "warmup_ratio": 0.1, "init_sparsity": 0.0, "shuffle_weights": False,
            "train_limit": args.train_limit, "dev_limit": args.dev_limit,
            "bernoulli_samples": args.bernoulli_samples}
+    if heldout:
+        cfg.update({"heldout_fraction": 0.1, "heldout_seed": 1234, "head_refit_steps": 200})
     cfg.update(steps_override(args))
     cfg.update(overrides)
     return cfg
@@ -202,11 +208,23 @@ def train_supermask(config: dict[str, Any], bundle_path: Path, data_dir: str, sa
     returns the JSON-able summary."""
     from training.trainer import TrainConfig, train
 
-    cfg = TrainConfig(output=str(bundle_path), data_dir=data_dir, save_scores=save_scores, device=device, **config)
+    cfg = TrainConfig(output=str(bundle_path), data_dir=data_dir, save_scores=save_scores, device=device,
+                      **{**LEGACY_SUPERMASK, **config})
     res = train(cfg, progress=progress, command=command)
-    return {"steps": res.steps, "train_seconds": round(res.seconds, 2), "first_loss": res.first_loss,
-            "final_loss": res.final_loss, "sparsity": res.sparsity, "dev": res.dev_metrics,
-            "bernoulli": res.bernoulli, "bundle": bundle_path.name, "device": res.device}
+    out = {"steps": res.steps, "train_seconds": round(res.seconds, 2), "first_loss": res.first_loss,
+           "final_loss": res.final_loss, "sparsity": res.sparsity, "dev": res.dev_metrics,
+           "bernoulli": res.bernoulli, "bundle": bundle_path.name, "device": res.device}
+    if res.heldout_metrics:
+        out["heldout"] = res.heldout_metrics
+    if res.head_refit:
+        out["head_refit"] = {"choice": res.head_refit["choice"], "before": res.head_refit["before"]}
+    return out
+
+
+#: What a supermask config that does not name them means: the runs recorded before held-out splits and
+#: head refits existed trained on every train row and kept the head trained under sampled masks. A config
+#: naming them (:func:`supermask_config` with ``heldout=True``) is a different run (a different name).
+LEGACY_SUPERMASK = {"heldout_fraction": 0.0, "head_refit_steps": 0}
 
 
 def train_finetune(config: dict[str, Any], data_dir: str, progress: bool, command: str,

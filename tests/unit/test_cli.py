@@ -12,7 +12,7 @@ import pytest
 from supermask import cli
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "inspect", "serve"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "refit-head", "inspect", "serve"])
 def test_help_explains_every_option_without_none_defaults(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])

@@ -96,7 +96,8 @@ def test_stsb_pearson_and_spearman_with_ties():
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     y = np.array([2.0, 4.0, 5.0, 4.0, 5.0])
     m = compute_metrics(TASKS["STS-B"], x, y)
-    assert set(m) == {"pearson", "spearman"}
+    assert set(m) == {"pearson", "spearman", "mse"}
+    assert m["mse"] == pytest.approx(1.8)  # errors -1 -2 -2 0 0: (1 + 4 + 4) / 5
     assert m["pearson"] == pytest.approx(6 / math.sqrt(60))
     assert m["spearman"] == pytest.approx(7 / math.sqrt(90))
     if _stats is not None:
