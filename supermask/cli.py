@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto",
                    help="where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
     t.add_argument("--mask-rule", choices=MASK_RULES, default="sign",
-                   help="deterministic mask written to the bundle: 'sign' is the paper's 1[ν > 0]; 'expected' "
+                   help="deterministic mask written to the bundle: 'sign' is 1[ν > 0], i.e. 1[σ(ν) > 0.5] (our rule: the paper reports the mean of 10 Bernoulli samples and states none); 'expected' "
                         "thresholds ν globally so the mask prunes the expected sparsity of the Bernoulli masks "
                         "it was trained with, mean(1 − σ(ν)) (benchmarks/glue/mask_threshold.py, docs/results.md)")
     t.add_argument("--heldout-fraction", type=float, default=0.1,

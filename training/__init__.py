@@ -5,7 +5,8 @@ choices without loading the training stack.
 """
 
 # Deterministic mask written to a bundle after training (TrainConfig.mask_rule):
-# "sign" is the paper's μ = 1[ν > 0]; "expected" is 1[ν > τ] with one global τ that
+# "sign" is μ = 1[ν > 0] = 1[σ(ν) > 0.5] (ours: the paper reports the mean of 10 Bernoulli samples and states no
+# deterministic rule); "expected" is 1[ν > τ] with one global τ that
 # prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν)).
 MASK_RULES = ("sign", "expected")
 

@@ -3,7 +3,8 @@
 A masked layer computes ``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with
 ``μ = Bern(σ(ν))`` (Eq. 3-4). The Bernoulli sample is not differentiable;
 the gradient is passed straight through: ``∂L/∂ν := ∂L/∂μ``. In evaluation
-mode the mask is deterministic, ``μ = 1[σ(ν) > 0.5] = 1[ν > 0]``.
+mode the mask is deterministic, ``μ = 1[σ(ν) > 0.5] = 1[ν > 0]``: our serving rule, not the
+paper's (it reports the mean over 10 Bernoulli samples and states no deterministic rule).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class SupermaskLinear(nn.Module):
         scores: ``ν``, float32 ``[out, in]``, the trainable mask parameter.
         sample: True: ``μ ~ Bern(σ(ν))``; False: ``μ = 1[ν > τ]``; None (default): sample in training
             mode, deterministic in eval mode.
-        threshold: ``τ`` of the deterministic mask, float; 0.0 (default) is the paper's ``1[σ(ν) > 0.5]``.
+        threshold: ``τ`` of the deterministic mask, float; 0.0 (default) is ``1[σ(ν) > 0.5]``
+            (our served rule; the paper reports the mean over 10 Bernoulli samples and states no deterministic rule).
         drawn: None (default: every sampling forward draws a fresh ``μ``), or one drawn mask, float32
             ``[out, in]``, that sampling forwards use until cleared (:meth:`SupermaskModel.draw_masks`).
     """
@@ -135,7 +137,7 @@ class SupermaskModel(EncoderWithHead):
         return {n: self.encoder.get_submodule(n) for n in self.masked_names}
 
     def set_threshold(self, tau: float) -> None:
-        """Use ``μ = 1[ν > τ]`` as every masked layer's deterministic mask (``τ = 0``: the paper's rule)."""
+        """Use ``μ = 1[ν > τ]`` as every masked layer's deterministic mask (``τ = 0``: ``1[σ(ν) > 0.5]``)."""
         for layer in self.masked_layers().values():
             layer.threshold = float(tau)
 
@@ -186,7 +188,7 @@ def expected_sparsity(scores: list[torch.Tensor]) -> float:
 def threshold_for_sparsity(scores: list[torch.Tensor], sparsity: float) -> float:
     """The global threshold ``τ`` such that ``μ = 1[ν > τ]`` prunes ``sparsity`` of all entries.
 
-    ``τ = 0`` is the paper's deterministic rule ``1[σ(ν) > 0.5]``. One threshold over all
+    ``τ = 0`` is the served default ``1[σ(ν) > 0.5]`` (not the paper's: it states no deterministic rule). One threshold over all
     matrices (ties at ``τ`` are pruned, so the achieved sparsity is at least ``sparsity``).
 
     Args:

@@ -65,7 +65,7 @@ class TrainConfig:
     task_name: str | None = None  # name in the bundle; default: the GLUE name
     shuffle_weights: bool = False  # control (paper §4.4): permute each masked matrix's entries first
     device: str = "auto"  # "auto": cuda when available, else cpu; "cpu", "cuda", "cuda:1", ...
-    # deterministic mask written to the bundle: "sign" = the paper's 1[ν > 0]; "expected" = 1[ν > τ] with one
+    # deterministic mask written to the bundle: "sign" = 1[ν > 0] (ours, the paper states no rule); "expected" = 1[ν > τ] with one
     # global τ that prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν))
     mask_rule: str = "sign"  # one of training.MASK_RULES
     # held-out validation split carved from train.tsv (training.glue.split_heldout): not trained on; model

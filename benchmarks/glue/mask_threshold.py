@@ -1,13 +1,14 @@
 """Deterministic mask rule probe: ``1[σ(ν) > 0.5]`` vs a threshold matched to the sampled sparsity.
 
 Training samples ``μ ~ Bern(σ(ν))`` (Radiya-Dixit & Wang 2020, Eq. 3-4), so the
-network is trained under the *expected* sparsity ``mean(1 − σ(ν))``. The paper's
+network is trained under the *expected* sparsity ``mean(1 − σ(ν))``. The
 deterministic rule ``μ = 1[ν > 0]`` prunes only the entries whose ``ν`` crossed
 zero; when training moved many scores from +5 towards (but not past) zero, the
 deterministic mask prunes far less than the masks the network was trained with.
 This script evaluates, for each bundle with its ``.scores.safetensors``:
 
-- the paper's rule ``τ = 0`` (the figure recorded in the bundle);
+- ``τ = 0``, i.e. ``1[σ(ν) > 0.5]`` (the figure recorded in the bundle; our default rule: the paper
+  reports the mean over 10 Bernoulli samples and states no deterministic rule);
 - ``μ = 1[ν > τ_e]`` with one global ``τ_e`` chosen so the mask prunes exactly the
   expected sampled sparsity (computed from ``ν`` alone, no dev data involved);
 
@@ -34,7 +35,7 @@ STEM = "mask_threshold"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mask_threshold.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Evaluate bundles' deterministic masks under the paper's rule 1[ν > 0] and under a global "
+        description="Evaluate bundles' deterministic masks under 1[ν > 0] and under a global "
                     "threshold matched to the expected Bernoulli sparsity mean(1 − σ(ν)). Needs each bundle's "
                     "mask scores (<bundle>.scores.safetensors). Writes mask_threshold.json / .md under --out-dir.")
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle files (.smask) with their mask scores")

@@ -1,7 +1,7 @@
 """Table A (paper Table 4 analogue): full fine-tuning vs the low-sparsity supermask on GLUE dev.
 
 For every task and seed: one ordinary full fine-tuning run of the backbone
-(``training/finetune.py``: fp32 weights, AdamW 2e-5, 3 epochs, max length 128)
+(``training/finetune.py``: fp32 weights, AdamW 5e-5, 3 epochs, max length 128)
 and one supermask run on the int8 backbone with ``s0 = 0`` (the recipe of
 ``common.RECIPES``). Reports the task's GLUE metric of the deterministic served
 mask, the mean ± s.d. over Bernoulli mask samples, the final sparsity, the
@@ -38,10 +38,11 @@ def build_parser():
         common.ALL_TASKS,
         "seeds of every run (default: the recipe's seeds: 0 for SST-2, 0 1 2 for the other tasks)")
     p.add_argument("--skip-baseline", action="store_true", help="supermask runs only")
-    p.add_argument("--baseline-lr", type=float, help="fine-tuning learning rate (default: the recipe's, 2e-5)")
+    p.add_argument("--baseline-lr", type=float, help="fine-tuning learning rate (default: the recipe's, 5e-5)")
     p.add_argument("--ship-to", metavar="DIR",
-                   help="copy the supermask bundle with the best dev metric per task to DIR/<TASK>.smask "
-                        "(with its .scores.safetensors when kept)")
+                   help="copy the supermask bundle with the best held-out metric per task to DIR/<TASK>.smask "
+                        "(with its .scores.safetensors when kept); runs without a held-out split are not chosen "
+                        "from (dev is never used to choose)")
     return p
 
 
@@ -116,7 +117,9 @@ def summarize(records: list[dict], args) -> tuple[list[dict], str]:
 
 
 def ship(records: list[dict], args) -> tuple[list[str], list[str]]:
-    """Copy the best supermask bundle (deterministic main metric, then the lower seed) per task.
+    """Copy the best supermask bundle (served mask's main metric on the held-out split of the train set, then
+    the lower seed) per task. Runs recorded without a held-out split are not candidates: choosing among them
+    would mean choosing on dev.
 
     Every source is checked before anything is copied: a task whose best run's bundle file is
     gone (deleted, or a record copied without its bundle) keeps whatever ``--ship-to`` already
@@ -127,7 +130,12 @@ def ship(records: list[dict], args) -> tuple[list[str], list[str]]:
     plan, not_shipped = [], []
     for task, recs in common.group([r for r in records if r["kind"] == "supermask"],
                                    lambda r: r["config"]["task"]).items():
-        best = max(recs, key=lambda r: (common.metric_of(r) or float("-inf"), -r["seed"]))
+        m = common.main_metric(task)
+        recs = [r for r in recs if r["result"].get("heldout", {}).get(m) is not None]
+        if not recs:
+            not_shipped.append(f"{task}: no run with a held-out figure (dev is not used to choose)")
+            continue
+        best = max(recs, key=lambda r: (r["result"]["heldout"][m], -r["seed"]))
         src = runs / best["result"]["bundle"]
         if src.is_file():
             plan.append((task, best["name"], src))

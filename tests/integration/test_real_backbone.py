@@ -90,3 +90,18 @@ def test_shipped_bundle_in_low_precision_keeps_its_recorded_dev_metric(task, met
     delta = abs(res["deterministic"][metric] - res["recorded"][metric])
     band = 0.005 if precision == "bf16" or task not in ("CoLA", "WNLI") else 0.03
     assert delta <= band, json.dumps(res)
+
+
+def test_shipped_stsb_bundle_is_calibrated_on_dev():
+    """Served STS-B scores on the gold's scale: mean and s.d. within 10 % of gold over the 1,500 dev pairs,
+    MSE at most 0.75, and a sentence paired with itself (gold 5) scored at least 4."""
+    _need("STS-B")
+    from supermask.evaluate import evaluate_bundle
+
+    res = evaluate_bundle(str(_shipped("STS-B")), data_dir=str(GLUE_DIR), samples=0, identical_pairs=100)
+    c, ident = res["calibration"], res["identical_pairs"]
+    assert res["dev_examples"] == 1500
+    assert abs(c["mean"] - c["gold_mean"]) <= 0.10 * c["gold_mean"], json.dumps(res)
+    assert abs(c["sd"] - c["gold_sd"]) <= 0.10 * c["gold_sd"], json.dumps(res)
+    assert res["deterministic"]["mse"] <= 0.75, json.dumps(res)
+    assert ident["n"] == 100 and ident["min"] >= 4.0, json.dumps(res)

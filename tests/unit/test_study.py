@@ -328,20 +328,21 @@ def test_table_a_ship_copies_best_bundle_and_skips_a_missing_one(tmp_path, monke
         f1 = 0.80 + 0.01 * config["seed"]
         bundle_path.parent.mkdir(parents=True, exist_ok=True)
         bundle_path.write_bytes(f"bundle of seed {config['seed']}".encode())
+        held = {0: 0.70, 1: 0.75, 2: 0.72}[config["seed"]]  # seed 1 best on held-out, seed 2 best on dev
         return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
                 "dev": {"accuracy": 0.7, "f1": f1}, "bundle": bundle_path.name, "device": "cpu",
-                "bernoulli": {"f1": {"mean": f1, "std": 0.0, "n": 1}}}
+                "bernoulli": {"f1": {"mean": f1, "std": 0.0, "n": 1}}, "heldout": {"accuracy": 0.6, "f1": held}}
 
     monkeypatch.setattr(common, "train_supermask", fake_supermask)
     out, ship_dir = tmp_path / "out", tmp_path / "examples"
     argv = ["--tasks", "MRPC", "--seeds", "0", "2", "1", "--skip-baseline", "--data-dir", data,
             "--out-dir", str(out), "-q", "--ship-to", str(ship_dir)]
     assert table_a.main(argv) == 0
-    assert (ship_dir / "MRPC.smask").read_bytes() == b"bundle of seed 2"  # the best dev F1
+    assert (ship_dir / "MRPC.smask").read_bytes() == b"bundle of seed 1"  # the best held-out F1, not the best dev F1
     assert json.loads((out / "table_a.json").read_text())["not_shipped"] == []
 
     # the best run's bundle disappears: the task is reported, the shipped file is left as it was
-    best = next((out / "runs").glob("supermask-MRPC-s2-*.smask"))
+    best = next((out / "runs").glob("supermask-MRPC-s1-*.smask"))
     best.unlink()
     (ship_dir / "MRPC.smask").write_bytes(b"previously shipped")
     assert table_a.main(argv + ["--report-only"]) == 0
@@ -349,6 +350,41 @@ def test_table_a_ship_copies_best_bundle_and_skips_a_missing_one(tmp_path, monke
     doc = json.loads((out / "table_a.json").read_text())
     assert doc["shipped"] == [] and len(doc["not_shipped"]) == 1 and best.name in doc["not_shipped"][0]
     assert "Not shipped" in (out / "table_a.md").read_text()
+
+
+def test_table_a_does_not_ship_from_runs_without_a_heldout_split(tmp_path, monkeypatch):
+    def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command, device="auto"):
+        bundle_path.parent.mkdir(parents=True, exist_ok=True)
+        bundle_path.write_bytes(b"legacy run")
+        return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
+                "dev": {"accuracy": 0.7, "f1": 0.9}, "bundle": bundle_path.name, "device": "cpu", "bernoulli": {}}
+
+    monkeypatch.setattr(common, "train_supermask", fake_supermask)
+    out, ship_dir = tmp_path / "out", tmp_path / "examples"
+    assert table_a.main(["--tasks", "MRPC", "--seeds", "0", "--skip-baseline", "--data-dir", _write_glue(tmp_path / "g"),
+                         "--out-dir", str(out), "-q", "--ship-to", str(ship_dir)]) == 0
+    assert not (ship_dir / "MRPC.smask").exists()
+    assert "no run with a held-out figure" in json.loads((out / "table_a.json").read_text())["not_shipped"][0]
+
+
+def test_legacy_supermask_configs_mean_no_split_and_no_refit(tmp_path, monkeypatch):
+    """A recorded config without the held-out keys re-runs as it ran (no split, no refit); ``heldout=True``
+    configs name the split and the refit, so they are other runs."""
+    import argparse
+
+    seen = []
+    monkeypatch.setattr("training.trainer.train", lambda cfg, progress, command: seen.append(cfg) or (_ for _ in ()).throw(
+        RuntimeError("stop")))
+    args = argparse.Namespace(backbone=None, train_limit=None, dev_limit=None, bernoulli_samples=0, max_steps=None,
+                              epochs=None)
+    legacy, new = common.supermask_config("RTE", 0, args), common.supermask_config("RTE", 0, args, heldout=True)
+    assert "heldout_fraction" not in legacy and new["heldout_fraction"] == 0.1 and new["head_refit_steps"] == 200
+    assert common.run_name("supermask", legacy) != common.run_name("supermask", new)
+    for cfg in (legacy, new):
+        with pytest.raises(RuntimeError, match="stop"):
+            common.train_supermask(cfg, tmp_path / "x.smask", "data", False, False)
+    assert (seen[0].heldout_fraction, seen[0].head_refit_steps) == (0.0, 0)
+    assert (seen[1].heldout_fraction, seen[1].head_refit_steps) == (0.1, 200)
 
 
 def test_expected_sparsity_and_threshold_for_sparsity():
