@@ -73,7 +73,7 @@ def _heldout(rec: dict) -> float | None:
     return None if v is None else float(v)
 
 
-def summarize(records: list[dict]) -> tuple[list[dict], str, dict]:
+def summarize(records: list[dict], data_dir: str) -> tuple[list[dict], str, dict]:
     rows, chosen = [], {}
     for key, recs in common.group(records, _key).items():
         held = [_heldout(r) for r in recs]
@@ -102,7 +102,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], str, dict]:
                      f"{common.mean_sd(r['heldout'])} {common.METRIC_LABEL.get(m, m)} | {r['final_loss']:.3f} | "
                      f"{100 * r['sparsity']:.2f} % | {dev} | {bern} |")
     for task in sorted(chosen):
-        maj = common.majority_baseline(task, str(common.DEFAULT_DATA_DIR))
+        maj = common.majority_baseline(task, data_dir)
         if maj:
             m = common.main_metric(task)
             lines.append(f"\n{task}: majority class on dev: {common.pct(maj[m])} {common.METRIC_LABEL.get(m, m)}.")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     common.setup(args)
     command = common.command_line("recipe_sweep.py", argv)
     records = common.run_all(plan_runs(args), args, command, "recipe sweep runs")
-    rows, body, chosen = summarize(records)
+    rows, body, chosen = summarize(records, args.data_dir)
     shipped = ship(chosen, args) if args.ship_to else []
     if shipped:
         body += "\n\nShipping:\n\n" + "\n".join(f"- {s}" for s in shipped)

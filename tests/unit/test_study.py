@@ -569,3 +569,48 @@ def test_evaluate_a_renamed_and_an_fp32_bundle(tiny_backbone_dir, tmp_path):
     with pytest.raises(ValueError, match="labels"):  # an SST-2 bundle is not an MRPC one
         evaluate_bundle(str(tmp_path / "sentiment.smask"), data, backbone=str(tiny_backbone_dir), samples=0,
                         glue_task="MRPC")
+
+
+def test_recipe_sweep_chooses_on_heldout_shows_dev_only_for_the_choice_and_ships_only_a_better_run(
+        tmp_path, monkeypatch, tiny_backbone):
+    from benchmarks.glue import recipe_sweep
+    from mask_store.format import decode_bundle, encode_bundle
+
+    seen = []
+
+    def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command, device="auto"):
+        seen.append(config)
+        lr = config["mask_lr"]
+        bundle_path.parent.mkdir(parents=True, exist_ok=True)
+        bundle_path.write_bytes(f"bundle lr {lr} seed {config['seed']}".encode())
+        held = {0.1: 0.70, 0.3: 0.80}[lr] + 0.01 * config["seed"]  # ν lr 0.3 wins on held-out ...
+        dev = {0.1: 0.90, 0.3: 0.60}[lr]  # ... and loses on dev: dev must not decide
+        return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
+                "dev": {"accuracy": dev, "f1": dev}, "bundle": bundle_path.name, "device": "cpu", "bernoulli": {},
+                "heldout": {"accuracy": held, "f1": held}}
+
+    monkeypatch.setattr(common, "train_supermask", fake_supermask)
+    monkeypatch.setattr(common, "majority_baseline", lambda task, data_dir, dev_limit=None: None)
+    out, ship_dir = tmp_path / "out", tmp_path / "examples"
+    ship_dir.mkdir()
+    argv = ["--tasks", "MRPC", "--mask-lrs", "0.1", "0.3", "--seeds", "0", "1", "--out-dir", str(out), "-q",
+            "--data-dir", str(tmp_path), "--ship-to", str(ship_dir)]
+    assert recipe_sweep.main(argv) == 0
+    assert all(c["heldout_fraction"] == 0.1 and c["head_refit_steps"] == 200 for c in seen) and len(seen) == 4
+    md = (out / "recipe_sweep-MRPC.md").read_text()
+    chosen = next(line for line in md.splitlines() if "**chosen**" in line)
+    assert "| 0.3 |" in chosen and "60.0" in chosen  # chosen on held-out; its dev shown
+    other = next(line for line in md.splitlines() if line.startswith("| MRPC | 0.1 |"))
+    assert "(not chosen)" in other and "90.0" not in other  # the better dev figure is not shown
+    shipped = ship_dir / "MRPC.smask"
+    assert shipped.read_bytes() == b"bundle lr 0.3 seed 1"  # nothing was there: the best held-out run ships
+    # a shipped bundle that records a better held-out figure is kept
+    b = decode_bundle(make_bundle(tiny_backbone, task="MRPC", labels=("not_equivalent", "equivalent")))
+    better = encode_bundle(task="MRPC", problem_type=b.header.problem_type, labels=b.header.labels,
+                           max_seq_length=b.header.max_seq_length, backbone_fingerprint=b.header.backbone_fingerprint,
+                           masks={m.name: b.mask_array(m.name) for m in b.header.masks}, head=b.head,
+                           metrics={"heldout": {"f1": 0.95}})
+    shipped.write_bytes(better)
+    assert recipe_sweep.main(argv) == 0
+    assert shipped.read_bytes() == better
+    assert "not shipped" in json.loads((out / "recipe_sweep-MRPC.json").read_text())["shipped"][0]
