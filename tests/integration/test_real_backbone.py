@@ -72,8 +72,9 @@ def test_shipped_bundle_reproduces_recorded_dev_metric(task, metric, floor):
 
 
 # Each shipped bundle served in the low CPU precisions, against the figure its header records (fp32 above).
-# bf16 keeps every task within 0.5 points; int8 does on four of six (measured: CoLA MCC -1.0, WNLI -2.8, i.e.
-# 2 of 71 examples), so its band is checked where it holds and its miss is bounded where it does not.
+# bf16 keeps every task within 0.5 points but CoLA (refitted head: MCC -0.64, 2 of 1,043 sentences change class;
+# MCC moves ~0.3 points per sentence); int8 does on four of six (measured: CoLA MCC -0.13 with the refitted head,
+# -1.0 before; WNLI -2.8, i.e. 2 of 71 examples), so each band is checked where it holds and a miss is bounded.
 @pytest.mark.parametrize("task,metric", [
     ("SST-2", "accuracy"), ("MRPC", "f1"), ("STS-B", "pearson"), ("CoLA", "mcc"), ("RTE", "accuracy"),
     ("WNLI", "accuracy")])
@@ -88,7 +89,7 @@ def test_shipped_bundle_in_low_precision_keeps_its_recorded_dev_metric(task, met
     res = evaluate_bundle(str(_shipped(task)), data_dir=str(GLUE_DIR), samples=0, precision=precision)
     assert res["precision"] == precision
     delta = abs(res["deterministic"][metric] - res["recorded"][metric])
-    band = 0.005 if precision == "bf16" or task not in ("CoLA", "WNLI") else 0.03
+    band = 0.03 if task == "WNLI" and precision == "int8" else 0.01 if task == "CoLA" else 0.005
     assert delta <= band, json.dumps(res)
 
 
