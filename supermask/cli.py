@@ -110,6 +110,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    from mask_store.errors import MaskStoreError
+    from mask_store.format import upgrade_bundle
+    from mask_store.local import atomic_write
+
+    failed = 0
+    for name in args.bundles:
+        path = Path(name)
+        try:
+            data = path.read_bytes()
+            new = upgrade_bundle(data)
+        except (OSError, MaskStoreError) as exc:
+            print(f"{path}: not upgraded: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if new == data:
+            print(f"{path}: already format v2")
+            continue
+        atomic_write(path, new, mode=0o644)
+        print(f"{path}: upgraded to format v2 (header checksum added, contents unchanged)")
+    return 1 if failed else 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from service.settings import Settings
     from supermask.export import export_task
@@ -355,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--masks", action="store_true", help="list every masked matrix")
     i.set_defaults(func=_inspect)
+
+    g = sub.add_parser("upgrade", help="rewrite format-v1 bundles as v2 in place (adds the header checksum)")
+    g.add_argument("bundles", nargs="+", help="bundle files; each is fully validated first, v2 ones are left as they are")
+    g.set_defaults(func=_upgrade)
 
     x = sub.add_parser("export", help="write a task as a plain Hugging Face / sentence-transformers folder",
                        formatter_class=HelpFormatter,

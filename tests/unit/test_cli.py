@@ -12,7 +12,7 @@ import pytest
 from supermask import cli
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "refit-head", "inspect", "serve"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "refit-head", "inspect", "upgrade", "serve"])
 def test_help_explains_every_option_without_none_defaults(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
@@ -77,3 +77,24 @@ def test_unknown_device_is_a_one_line_error():
 
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         resolve_torch_device("gpu")
+
+
+def test_upgrade_rewrites_v1_bundles_in_place_and_refuses_broken_ones(tmp_path, capsys):
+    import json
+    import struct
+
+    from mask_store.format import HEADER_DIGEST_BYTES, MAGIC, decode_bundle, frame
+
+    good = (Path(__file__).resolve().parents[2] / "examples" / "masks" / "MRPC.smask").read_bytes()
+    (hlen,) = struct.unpack_from("<I", good, 8)
+    header = json.loads(good[12:12 + hlen]) | {"format_version": 1}
+    v1 = tmp_path / "MRPC.smask"
+    v1.write_bytes(frame(json.dumps(header).encode(), good[12 + hlen + HEADER_DIGEST_BYTES:], version=1))
+    broken = tmp_path / "broken.smask"
+    broken.write_bytes(good[:-7])
+    assert cli.main(["upgrade", str(v1), str(broken)]) == 1  # one could not be upgraded
+    out = capsys.readouterr()
+    assert "upgraded to format v2" in out.out and "broken.smask: not upgraded" in out.err
+    assert v1.read_bytes()[:8] == MAGIC and decode_bundle(v1.read_bytes()).masks == decode_bundle(good).masks
+    assert broken.read_bytes() == good[:-7]  # untouched
+    assert cli.main(["upgrade", str(v1)]) == 0 and "already format v2" in capsys.readouterr().out
