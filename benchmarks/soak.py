@@ -54,6 +54,18 @@ WORDS = ("the film was a delight", "a dreadful , tedious mess", "two men are pla
          "a man plays a guitar", "the book was on the table", "he said that she had left", "it rains")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def find_jemalloc() -> str | None:
     return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
 
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     end_ratio = (measured[-1] / warm_rss) if measured and warm_rss else None
     result = {
         "command": "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "server_threads": args.threads,
+        "cpu": cpu_model(), "cores": os.cpu_count(), "server_threads": args.threads,
         "allocator": args.allocator, "server_env": args.env, "precision": health.get("precision"), "clients": args.clients,
         "tasks": len(tasks), "warmup_s": args.warmup_s, "duration_s": args.duration_s,
         "warm_rss_mib": round(warm_rss / 2 ** 20, 1), "max_rss_mib": round(max(measured) / 2 ** 20, 1) if measured else None,
