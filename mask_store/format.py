@@ -401,7 +401,7 @@ def decode_header(data: bytes) -> tuple[BundleHeader, int]:
         raise BundleInvalid(f"file is {len(data)} bytes, too short to be a bundle (at least {_PREFIX.size})")
     magic, hlen = _PREFIX.unpack_from(data, 0)
     version = MAGICS.get(magic)
-    if version is None and magic[:7] == MAGIC[:7] and magic[7:].isdigit():
+    if version is None and magic[:7] == MAGIC[:7] and magic[7:].isdigit() and int(magic[7:]) > FORMAT_VERSION:
         raise BundleUnsupported(f"bundle format version {magic[7:].decode()} is newer than this reader's "
                                 f"{list(SUPPORTED_VERSIONS)} (magic {magic!r})")
     if version is None:

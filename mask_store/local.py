@@ -58,7 +58,19 @@ from mask_store.format import (
 log = logging.getLogger(__name__)
 _TMP_PREFIX = ".tmp-"
 _TMP_ATTEMPTS = 100  # names tried before giving up, should every random one exist already
-_HOST_ID = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def _host_id() -> str:
+    """This host's id in temporary file names: hostname, boot id and pid namespace (containers that share
+    a hostname but not a pid namespace must not take each other's live writers for dead ones)."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(path) if path.endswith("/pid") else Path(path).read_text().strip())
+        except OSError:
+            parts.append("")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+_HOST_ID = _host_id()
 _TMP_NAME = re.compile(r"\.tmp-([0-9a-f]{8})-(\d+)-[0-9a-f]+")
 STALE_TMP_SECONDS = 3600.0
 """A temporary file older than this (by mtime) is a crashed writer's, whatever host wrote it."""
@@ -132,6 +144,9 @@ def _fsync_dir(directory: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError as exc:  # after a rename or unlink that has happened: report it, do not undo the answer
+        log.warning("could not fsync the directory %s (the change is made, its durability unconfirmed): %s",
+                    directory, exc)
     finally:
         os.close(fd)
 
@@ -239,7 +254,8 @@ class LocalMaskStore:
         try:
             entries = list(os.scandir(self.root))
         except OSError as exc:
-            raise storage_error(exc, f"list the store {self.root}") from None
+            log.error("cannot list the store %s: %s", self.root, exc)
+            raise storage_error(exc, "list the store") from None
         for entry in entries:
             if not entry.name.endswith(BUNDLE_SUFFIX):
                 continue

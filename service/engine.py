@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
+from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 
-import anyio
 import torch
 from fastapi.concurrency import run_in_threadpool
 
@@ -51,6 +52,7 @@ from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable, choose_
 
 __all__ = ["Engine", "PredictOptions", "PredictRequest"]
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 LOW_PRECISIONS = ("bf16", "int8")
@@ -413,28 +415,37 @@ class Engine:
             self.check_inputs(req)
             return self.predict_mixed([(req.task, req.inputs)], [req.options])[0]
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, rows: int = 1):
-        """Admission of a predict call: at most ``max_queued_requests`` at once (queued or running), each
-        answered within ``request_timeout_s``. Runs on the event loop (no lock: one thread).
+    async def admitted(self, work: Awaitable[T]) -> T:
+        """Run ``work`` (a predict call) under admission control: at most ``max_queued_requests`` at once
+        (queued or running), each answered within ``request_timeout_s``. A call that times out is answered
+        at once, but its slot stays taken until its work has really finished (the pass it joined still
+        runs), so the bound holds for the work in progress, not only for the waiting clients. Runs on the
+        event loop (no lock: one thread).
 
         Raises:
-            Overloaded: the limit is reached (nothing is queued). RequestTimedOut: the block timed out.
+            Overloaded: the limit is reached (``work`` is closed unrun). RequestTimedOut: no answer in time.
         """
         if self.max_queued is not None and self._admitted >= self.max_queued:
             self.metrics.overloaded.inc()
+            if inspect.iscoroutine(work):
+                work.close()
             raise Overloaded(f"{self._admitted} predict requests are in progress, the limit "
                              f"(SUPERMASK_MAX_QUEUED_REQUESTS) is {self.max_queued}: retry shortly")
         self._admitted += 1
         self.metrics.admitted.set(self._admitted)
-        try:
-            with anyio.fail_after(self.request_timeout_s):  # TimeoutError (anyio: Python 3.10 too)
-                yield
-        except TimeoutError:
-            raise RequestTimedOut(f"no answer within {self.request_timeout_s:g} s (SUPERMASK_REQUEST_TIMEOUT_S)") from None
-        finally:
+        task = asyncio.ensure_future(work)
+
+        def release(done: asyncio.Future) -> None:
             self._admitted -= 1
             self.metrics.admitted.set(self._admitted)
+            if not done.cancelled():
+                done.exception()  # retrieved: a timed-out call's late error is not logged as never retrieved
+
+        task.add_done_callback(release)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimedOut(f"no answer within {self.request_timeout_s:g} s (SUPERMASK_REQUEST_TIMEOUT_S)") from None
 
     async def predict_async(self, req: PredictRequest) -> list[dict]:
         """:meth:`predict` from the event loop (same result, errors and metrics), under :meth:`admitted`.
@@ -444,8 +455,7 @@ class Engine:
         with micro-batching on, its rows join concurrent requests of any task in the next pass; else they
         run alone, in a worker thread (see ``_forward_thread``).
         """
-        async with self.admitted():
-            return await self._predict_async(req)
+        return await self.admitted(self._predict_async(req))
 
     async def _predict_async(self, req: PredictRequest) -> list[dict]:
         with self.observed(req):
@@ -470,8 +480,7 @@ class Engine:
         Raises:
             as :meth:`predict` for the first request that fails (nothing is answered then).
         """
-        async with self.admitted():
-            return await self._fanout_async(reqs)
+        return await self.admitted(self._fanout_async(reqs))
 
     async def _fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
         with contextlib.ExitStack() as stack:

@@ -128,7 +128,12 @@ def _upgrade(args: argparse.Namespace) -> int:
         if new == data:
             print(f"{path}: already format v2")
             continue
-        atomic_write(path, new, mode=0o644)
+        try:
+            atomic_write(path, new, mode=path.stat().st_mode & 0o7777)  # the file's own permissions
+        except OSError as exc:
+            print(f"{path}: not upgraded: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"{path}: upgraded to format v2 (header checksum added, contents unchanged)")
     return 1 if failed else 0
 

@@ -59,6 +59,46 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
+def error_headers(exc: Exception, status: int) -> dict[str, str] | None:
+    """Headers an error answer carries: ``WWW-Authenticate`` on 401, ``Retry-After`` on overload / timeout."""
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if getattr(exc, "retry_after_s", None):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return None
+
+
+class InternalErrors:
+    """ASGI middleware turning any unhandled exception into the documented 500 body, *inside* the other
+    middlewares (a handler for ``Exception`` would run in Starlette's outermost ``ServerErrorMiddleware``,
+    where the response misses the request id and CORS headers). Logged with its traceback; the client
+    sees no path or trace."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_started(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_started)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
+            await error_response(500, "InternalError", "internal server error (logged on the server)")(
+                scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn typed errors into JSON error bodies."""
 
@@ -66,10 +106,7 @@ def install(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        if getattr(exc, "retry_after_s", None):
-            headers = {"Retry-After": str(exc.retry_after_s)}
-        return error_response(status, type(exc).__name__, str(exc), headers)
+        return error_response(status, type(exc).__name__, str(exc), error_headers(exc, status))
 
     async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
@@ -90,16 +127,11 @@ def install(app: FastAPI) -> None:
             message = f"request body is larger than the limit of {limit} bytes (SUPERMASK_MAX_REQUEST_BYTES)"
         return error_response(status, kind, message, getattr(exc, "headers", None))
 
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        """Anything unmapped: logged with its traceback; the client sees no path or stack trace."""
-        log.exception("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        return error_response(500, "InternalError", "internal server error (logged on the server)")
-
     app.add_exception_handler(MaskStoreError, typed)
     app.add_exception_handler(ServiceError, typed)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+    app.add_middleware(InternalErrors)  # added first: the innermost middleware
 
 
 _HTTP_KINDS = {404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}

@@ -37,7 +37,7 @@ from mask_store.format import BundleHeader
 from mask_store.local import check_task_name
 from service import __version__
 from service.api.deps import State
-from service.api.errors import status_for
+from service.api.errors import error_headers, status_for
 from service.api.routes import _rows
 from service.api.schemas import PredictIn
 from service.engine import PredictOptions, PredictRequest
@@ -69,7 +69,7 @@ def _error(exc: Exception) -> JSONResponse:
     status = status_for(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc)
-    return JSONResponse({"error": str(exc)}, status_code=status)
+    return JSONResponse({"error": str(exc)}, status_code=status, headers=error_headers(exc, status))
 
 
 def _check_version(version: str | None) -> None:
@@ -144,10 +144,25 @@ async def model_ready_version(task: str, state: State, version: str | None) -> A
         return _error(exc)
 
 
+MAX_DATA_DEPTH = 8  # a tensor's "data" may nest by its shape; deeper is refused (no recursion)
+
+
 def _flatten(data: Any) -> list:
-    if isinstance(data, list):
-        return [x for item in data for x in _flatten(item)]
-    return [data]
+    """The elements of a tensor's nested ``data`` lists, in order, without recursion.
+
+    Raises:
+        InputInvalid: nested deeper than :data:`MAX_DATA_DEPTH`.
+    """
+    out, stack = [], [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list):
+            if depth >= MAX_DATA_DEPTH:
+                raise InputInvalid(f"tensor data nested more than {MAX_DATA_DEPTH} levels deep")
+            stack.extend((x, depth + 1) for x in reversed(item))
+        else:
+            out.append(item)
+    return out
 
 
 def _bytes_elements(raw: bytes, name: str) -> list[str]:

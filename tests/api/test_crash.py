@@ -34,17 +34,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(backbone_dir: Path, store: Path, port: int) -> subprocess.Popen:
+def _start(backbone_dir: Path, store: Path, port: int, log) -> subprocess.Popen:
     env = dict(os.environ, SUPERMASK_ADMIN_TOKEN=TOKEN, SUPERMASK_EXAMPLES_DIR="", SUPERMASK_DEVICE="cpu",
                SUPERMASK_CPU_PRECISION="fp32", SUPERMASK_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "supermask", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--store-dir", str(store), "--backbone", str(backbone_dir)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            log.flush()
+            pytest.fail(f"server exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return proc
@@ -65,10 +66,12 @@ def test_kill_9_during_uploads_never_corrupts_the_store(tiny_backbone, tiny_back
             versions[hashlib.sha256(data).hexdigest()] = (task, data)
     by_task = {t: [h for h, (task, _) in versions.items() if task == t] for t in TASKS}
     acked: dict[str, str] = {}  # task -> sha of its last acknowledged upload
+    errors: list[str] = []  # what the upload thread saw go wrong (asserted in this thread)
+    log = open(tmp_path / "server.log", "ab")
     interrupted_total = 0
     for kill in range(KILLS):
         port = _free_port()
-        proc = _start(tiny_backbone_dir, store, port)
+        proc = _start(tiny_backbone_dir, store, port, log)
         in_flight: dict[str, str] = {}
         stop = threading.Event()
 
@@ -84,7 +87,9 @@ def test_kill_9_during_uploads_never_corrupts_the_store(tiny_backbone, tiny_back
                         r = client.put(f"/v1/tasks/{task}", content=versions[sha][1])
                     except httpx.HTTPError:
                         return  # the server died under this upload
-                    assert r.status_code in (200, 201), r.text
+                    if r.status_code not in (200, 201):
+                        errors.append(f"upload of {task}: {r.status_code} {r.text}")
+                        return
                     acked[task] = sha
                     del in_flight[task]
                     i += 1
@@ -96,11 +101,15 @@ def test_kill_9_during_uploads_never_corrupts_the_store(tiny_backbone, tiny_back
         proc.wait(10)
         stop.set()
         th.join(15)
+        assert not errors, errors
         interrupted_total += len(in_flight)
         # the store after the crash, before any restart
         for task in TASKS:
             path = store / f"{task}.smask"
-            if task not in acked and task not in in_flight:
+            if task not in acked:  # never acknowledged (perhaps killed during its first upload)
+                if path.exists():
+                    assert hashlib.sha256(path.read_bytes()).hexdigest() == in_flight.get(task)
+                    acked[task] = in_flight[task]
                 continue
             assert path.exists(), f"{task}: an acknowledged upload was lost"
             data = path.read_bytes()
@@ -111,7 +120,7 @@ def test_kill_9_during_uploads_never_corrupts_the_store(tiny_backbone, tiny_back
             acked[task] = sha  # what a reader sees now is the state to build on
     # a restart sweeps the dead server's temporary files and serves every task
     port = _free_port()
-    proc = _start(tiny_backbone_dir, store, port)
+    proc = _start(tiny_backbone_dir, store, port, log)
     try:
         assert not [p.name for p in store.iterdir() if p.name.startswith(".tmp-")]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:

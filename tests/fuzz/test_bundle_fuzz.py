@@ -32,7 +32,7 @@ def test_mutants_are_seeded_and_cover_every_kind(bundles):
 
 def test_fuzzed_bundles_are_rejected_typed_or_serve_finite_answers(tiny_backbone, bundles, tmp_path):
     result = campaign(make_engine(tiny_backbone, str(tmp_path / "store")), bundles, CASES, seed=2026,
-                      case_timeout_s=20)
+                      case_timeout_s=60)
     counts = result["by_outcome"]
     assert result["cases"] == CASES
     assert counts.get("unexpected", 0) == 0 and counts.get("bad_answer", 0) == 0 and counts.get("hang", 0) == 0, \
