@@ -29,3 +29,10 @@ class Unauthorized(ServiceError):
 
 class Forbidden(ServiceError):
     """An admin route was called with a wrong bearer token."""
+
+
+class ReplicaUnavailable(ServiceError):
+    """A fleet replica died or could not be reached while it held the request (Ray Serve); the request may be
+    retried (the ingress has already retried reads). Answered 503 with ``Retry-After``."""
+
+    retry_after_s = 1

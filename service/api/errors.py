@@ -24,7 +24,8 @@ from mask_store.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from service.errors import AdminDisabled, Forbidden, InputInvalid, ServiceError, TaskTooLarge, Unauthorized
+from service.errors import (AdminDisabled, Forbidden, InputInvalid, ReplicaUnavailable, ServiceError, TaskTooLarge,
+                            Unauthorized)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ STATUS: dict[type[Exception], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     AdminDisabled: 403,
+    ReplicaUnavailable: 503,
 }
 
 
@@ -56,6 +58,18 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
 
 
+def typed_response(exc: Exception) -> JSONResponse:
+    """The JSON error response of a typed error: status from :data:`STATUS`, ``WWW-Authenticate`` on 401,
+    ``Retry-After`` on 503."""
+    status = status_for(exc)
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif status == 503:
+        headers = {"Retry-After": str(getattr(exc, "retry_after_s", 1))}
+    return error_response(status, type(exc).__name__, str(exc), headers)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn typed errors into JSON error bodies."""
 
@@ -63,8 +77,7 @@ def install(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return error_response(status, type(exc).__name__, str(exc), headers)
+        return typed_response(exc)
 
     async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
