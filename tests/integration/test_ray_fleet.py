@@ -60,7 +60,8 @@ def fleet(tiny_backbone_dir, tmp_path_factory):
     settings = Settings(host="127.0.0.1", port=port, device="cpu", store_dir=store_dir, examples_dir=None,
                         backbone_path=str(tiny_backbone_dir), admin_token=TOKEN, torch_threads=1,
                         ray_replicas=2, ray_replica_cpus=0.25, ray_tasks_per_replica=8, ray_max_ongoing_requests=1,
-                        ray_metrics_push_s=0.5, ray_retries=3)
+                        ray_metrics_push_s=0.5, ray_retries=3,
+                        batch_wait_ms=25)  # every request stays in flight on its replica >= 25 ms: a kill hits some
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     try:
