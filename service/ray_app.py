@@ -30,6 +30,7 @@ Start it with ``supermask serve --ray`` (a local Ray instance) or ``serve run de
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
@@ -309,16 +310,34 @@ class SupermaskIngress:
                                                  f"({type(last).__name__}); {what}"))
 
 
+def seed_examples(settings: Settings) -> list[str]:
+    """Copy ``settings.examples_dir``'s bundles into the shared store if it holds no task (as the single server
+    does at start-up); the names copied."""
+    from mask_store.store import open_store
+
+    if settings.examples_dir is None or not settings.examples_dir.is_dir():
+        return []
+    store = open_store(settings.store_location(), max_bundle_bytes=settings.max_bundle_bytes,
+                       options=settings.store_options)
+    seeded = store.seed_from(settings.examples_dir)
+    if seeded:
+        log.info("preloaded example tasks into %s: %s", settings.store_location(), ", ".join(seeded))
+    return seeded
+
+
 def build_app(args: dict[str, Any] | None = None):
     """Serve application builder (``import_path: service.ray_app:build_app`` in a Serve config): the ingress
     bound to the model deployment, options from :class:`Settings` (``args`` as its fields, over the
-    ``SUPERMASK_*`` environment). A Serve config's ``deployments:`` section overrides them by name.
+    ``SUPERMASK_*`` environment). A Serve config's ``deployments:`` section overrides them by name. An empty
+    shared store is seeded with the example tasks here, once (:func:`seed_examples`).
 
     Raises:
         pydantic.ValidationError: ``args`` are not valid settings.
     """
     settings = args if isinstance(args, Settings) else Settings(**(args or {}))
+    seed_examples(settings)
     sargs = settings_args(settings)
+    sargs["examples_dir"] = None  # seeded once, here: replicas starting at once would race to seed an empty store
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": settings.ray_replica_cpus},
                                "max_ongoing_requests": settings.ray_max_ongoing_requests}
     if settings.ray_max_replicas is not None and settings.ray_max_replicas > settings.ray_replicas:
@@ -332,29 +351,44 @@ def build_app(args: dict[str, Any] | None = None):
 
 
 def run(settings: Settings, blocking: bool = True) -> None:
-    """Start the fleet: connect to Ray (``settings.ray_address``; None starts a local instance), start Serve's
-    HTTP proxy on ``settings.host:port`` and deploy :func:`build_app` as application ``supermask`` at ``/``.
-    With ``blocking``, serve until Ctrl-C, then delete the application.
+    """Start the fleet: connect to Ray (``settings.ray_address``; None starts a local instance, or joins the one
+    ``RAY_ADDRESS`` names), start Serve's HTTP proxy on ``settings.host:port`` and deploy :func:`build_app` as
+    application ``supermask`` at ``/``. With ``blocking``, serve until Ctrl-C or SIGTERM, then delete the
+    application (and stop the local Ray instance this call started).
 
     Raises:
         ConnectionError: ``settings.ray_address`` cannot be reached.
     """
+    import signal
+
     import ray
 
+    started = False  # a local instance of our own: stopped on exit (a cluster's Serve is left running)
     if not ray.is_initialized():
+        local = settings.ray_address is None and not os.environ.get("RAY_ADDRESS")
         # replicas import this very checkout (not another install of the package) on a local instance
-        runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}} if settings.ray_address is None else None
+        runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}} if local else None
         ray.init(address=settings.ray_address, namespace=APP_NAME, runtime_env=runtime_env)
+        started = local
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     log.info("supermask fleet ready at http://%s:%d/ (%d model replica(s))", settings.host, settings.port,
              settings.ray_replicas)
     if not blocking:
         return
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         log.info("shutting down the fleet")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         serve.delete(APP_NAME)
+        if started:
+            serve.shutdown()
+            ray.shutdown()

@@ -251,7 +251,7 @@ def test_dashboard_has_a_replica_variable_every_query_honours(dashboard):
 RAY_DIR = ROOT / "deploy" / "ray"
 
 
-def test_serve_config_is_valid_and_its_args_are_settings():
+def test_serve_config_is_valid_and_its_args_are_settings(tmp_path):
     from service.settings import Settings
 
     doc = _load_yaml(RAY_DIR / "serve.yaml")
@@ -264,7 +264,8 @@ def test_serve_config_is_valid_and_its_args_are_settings():
     schema.ServeDeploySchema.model_validate(doc)
     from service.ray_app import build_app
 
-    built = build_app(app["args"])  # the application graph, built without a cluster
+    built = build_app({**app["args"], "store_url": tmp_path.as_uri()})  # the graph, built without a cluster
+    assert len(list(tmp_path.glob("*.smask"))) == 6  # an empty store is seeded once, by the builder
     assert type(built).__name__ == "Application"
     names = {d["name"] for d in app["deployments"]}
     assert names <= {"SupermaskModel", "SupermaskIngress"}
