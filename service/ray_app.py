@@ -338,8 +338,11 @@ def build_app(args: dict[str, Any] | None = None):
     seed_examples(settings)
     sargs = settings_args(settings)
     sargs["examples_dir"] = None  # seeded once, here: replicas starting at once would race to seed an empty store
+    # Serve's per-request access log line costs each hop CPU time: kept only at SUPERMASK_LOG_LEVEL=DEBUG
+    logging_config = {"log_level": settings.log_level, "enable_access_log": settings.log_level == "DEBUG"}
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": settings.ray_replica_cpus},
-                               "max_ongoing_requests": settings.ray_max_ongoing_requests}
+                               "max_ongoing_requests": settings.ray_max_ongoing_requests,
+                               "logging_config": logging_config}
     if settings.ray_max_replicas is not None and settings.ray_max_replicas > settings.ray_replicas:
         options["autoscaling_config"] = {"min_replicas": settings.ray_replicas,
                                          "max_replicas": settings.ray_max_replicas,
@@ -347,7 +350,7 @@ def build_app(args: dict[str, Any] | None = None):
     else:
         options["num_replicas"] = settings.ray_replicas
     model = model_deployment(settings.ray_tasks_per_replica).options(**options).bind(sargs)
-    return SupermaskIngress.bind(model, sargs)
+    return SupermaskIngress.options(logging_config=logging_config).bind(model, sargs)
 
 
 def run(settings: Settings, blocking: bool = True) -> None:
