@@ -350,7 +350,11 @@ def build_app(args: dict[str, Any] | None = None):
     else:
         options["num_replicas"] = settings.ray_replicas
     model = model_deployment(settings.ray_tasks_per_replica).options(**options).bind(sargs)
-    return SupermaskIngress.options(logging_config=logging_config).bind(model, sargs)
+    # the ingress only awaits replicas: it must never be what limits the requests in flight
+    replicas = max(settings.ray_replicas, settings.ray_max_replicas or 0)
+    ingress_ongoing = max(256, 2 * replicas * settings.ray_max_ongoing_requests)
+    return SupermaskIngress.options(logging_config=logging_config,
+                                    max_ongoing_requests=ingress_ongoing).bind(model, sargs)
 
 
 def run(settings: Settings, blocking: bool = True) -> None:
