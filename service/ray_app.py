@@ -107,7 +107,8 @@ def merge_metrics(texts: dict[str, str]) -> bytes:
 
 
 def _metrics_hub():
-    """The fleet's metrics hub actor (created by whichever replica asks first; re-created if it died)."""
+    """The fleet's metrics hub actor: created by whichever replica asks first, detached (it outlives the replica
+    that created it: killing that one must not lose the others' metrics), 0 CPUs."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -125,7 +126,8 @@ def _metrics_hub():
             self.texts = {r: v for r, v in self.texts.items() if now - v[0] <= max_age_s}
             return {r: t for r, (_, t) in self.texts.items()}
 
-    return MetricsHub.options(name=METRICS_HUB_NAME, namespace=APP_NAME, get_if_exists=True).remote()
+    return MetricsHub.options(name=METRICS_HUB_NAME, namespace=APP_NAME, get_if_exists=True,
+                              lifetime="detached").remote()
 
 
 # ---- model replicas -------------------------------------------------------------------------------
@@ -200,11 +202,13 @@ class ModelReplica:
         return self.app.state.supermask.metrics.render().decode()
 
     def _publish_metrics(self) -> None:
+        import ray
+
         hub = None
         while not self._stop.wait(self.settings.ray_metrics_push_s):
             try:
                 hub = hub or _metrics_hub()
-                hub.publish.remote(self.replica, self.metrics_text())
+                ray.get(hub.publish.remote(self.replica, self.metrics_text()), timeout=10)
             except Exception as exc:  # noqa: BLE001 - the hub died or is restarting: look it up again
                 log.debug("metrics publish failed: %s", exc)
                 hub = None

@@ -44,6 +44,7 @@ def test_fleet_aggregate_takes_medians_of_good_rounds_and_ratios_to_single():
 def test_fleet_commands_and_cpu_budget():
     assert fleet.command("single")[-1] == "serve"
     assert fleet.command("ray-2")[-3:] == ["--ray", "--replicas", "2"]
-    env = fleet.environment("ray-2", 1234, fleet.Path("/s"), fleet.Path("/t"), cpus=2)
-    assert env["SUPERMASK_TORCH_THREADS"] == "1" and env["SUPERMASK_PORT"] == "1234"
-    assert fleet.environment("single", 1, fleet.Path("/s"), fleet.Path("/t"), cpus=2)["SUPERMASK_TORCH_THREADS"] == "2"
+    env = fleet.environment("ray-2", 1234, fleet.Path("/s"), fleet.Path("/t"), threads=1)
+    assert env["SUPERMASK_TORCH_THREADS"] == env["OMP_NUM_THREADS"] == "1" and env["SUPERMASK_PORT"] == "1234"
+    assert fleet.environment("single", 1, fleet.Path("/s"), fleet.Path("/t"), threads=2)["SUPERMASK_TORCH_THREADS"] == "2"
+    assert 20000 <= fleet.free_port() < 30000

@@ -251,3 +251,7 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
         time.sleep(1.0)
     assert running == 2
     assert predict(base, "t1").status_code == 200
+    deadline = time.time() + 15  # and both live replicas' metrics are merged again (the dead one's expire)
+    while "supermask_fleet_replicas_reporting 2.0" not in httpx.get(f"{base}/metrics").text:
+        assert time.time() < deadline, "the fleet's metrics did not recover after the kill"
+        time.sleep(0.5)
