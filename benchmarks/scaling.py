@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", help="a results JSON of an earlier run: reuse its measured costs, only simulate")
     p.add_argument("--precisions", default="bf16,int8", help="CPU precisions to measure (fp32, bf16, int8)")
     p.add_argument("--measure-tasks", type=int, default=8, help="tasks measured per precision")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads while measuring")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (and OMP_NUM_THREADS) while measuring; on a shared, oversubscribed machine "
+                        "2 threads measured promotions 30x slower than 1 (threads spin at barriers while their "
+                        "partner is descheduled)")
     p.add_argument("--tasks", type=int, default=10_000, help="tasks of the simulated fleet")
     p.add_argument("--hosts", default="1,2,4,8", help="host counts to simulate")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent s of task popularity")
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.costs:
         costs = json.loads(Path(opts.costs).read_text())["costs"]
     else:
+        os.environ["OMP_NUM_THREADS"] = str(opts.threads)  # before torch is imported
         costs = measure_costs([p for p in opts.precisions.split(",") if p], opts.measure_tasks, opts.threads)
     sims = [simulate(costs, p, opts.tasks, int(h), opts.hot_gib, opts.warm_gib, opts.zipf, opts.requests)
             for p in costs["precisions"] for h in opts.hosts.split(",")]
