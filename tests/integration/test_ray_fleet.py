@@ -61,7 +61,7 @@ def fleet(tiny_backbone_dir, tmp_path_factory):
                         backbone_path=str(tiny_backbone_dir), admin_token=TOKEN, torch_threads=1,
                         ray_replicas=2, ray_replica_cpus=0.25, ray_tasks_per_replica=8, ray_max_ongoing_requests=1,
                         ray_metrics_push_s=0.5, ray_retries=3,
-                        batch_wait_ms=25)  # every request stays in flight on its replica >= 25 ms: a kill hits some
+                        batch_wait_ms=25, max_inputs_per_request=4096)  # room for one long request
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     try:
@@ -210,16 +210,38 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]  # a queue always waits for each replica
     for t in threads:
         t.start()
-    deadline = time.time() + 30  # until both replicas are answering: then each nearly always has one in flight
+    deadline = time.time() + 30  # until both replicas are answering
     while len({o[3] for o in outcomes} - {None}) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    busy = {o[3] for o in outcomes[-8:]}
     replicas = {a["name"].rsplit("#", 1)[1]: a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::supermask#SupermaskModel#")}
-    assert len(replicas) == 2 and busy & set(replicas), (busy, replicas)
-    victim = sorted(busy & set(replicas))[0]
+    assert len(replicas) == 2
+    # one long request (3,000 rows, seconds of work) for t0 lands on the replica holding t0: killed while it runs
+    victim = predict(base, "t0").headers[REPLICA]
+    long_rows = INPUTS * 1000
+    long_out: list = []
+
+    def long_request() -> None:
+        t0 = time.time()
+        r = predict(base, "t0", long_rows, timeout=120)
+        long_out.extend([r, t0, time.time()])
+
+    longer = threading.Thread(target=long_request)
+    longer.start()
+    time.sleep(0.5)
     killed_at = len(outcomes)
+    t_kill = time.time()
     ray.kill(ray.get_actor(replicas[victim]["name"], namespace=replicas[victim]["namespace"]), no_restart=True)
+    longer.join()
+    r, started, ended = long_out
+    assert started < t_kill < ended, "the long request was not in flight at the kill: the test proves nothing"
+    assert r.status_code in (200, 503), r.text
+    if r.status_code == 200:  # retried on the other replica: the right answer, row for row
+        want_long = single.post("/v1/tasks/t0/predict", json={"inputs": INPUTS}).json()["predictions"]
+        assert_same_predictions(r.json()["predictions"], want_long * 1000)
+        assert r.headers[REPLICA] != victim
+    else:
+        assert r.json()["error"]["type"] == "ReplicaUnavailable" and r.headers.get("retry-after")
     time.sleep(4.0)
     stop.set()
     for t in threads:
@@ -239,7 +261,7 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
     retried = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                   if line.startswith("supermask_fleet_retries_total{"))
     refused = sum(s == 503 for _, s, _, _ in outcomes)
-    assert retried + refused >= 1, metrics[-1500:]
+    assert retried + refused >= 1, [line for line in metrics.splitlines() if "fleet" in line]
     assert sum(s == 200 for _, s, _, _ in outcomes[killed_at:]) > 10
     # Serve replaces the dead replica; the fleet is back to 2 replicas that answer
     deadline = time.time() + 90
