@@ -21,28 +21,34 @@ truncated or corrupted object raises :class:`~mask_store.errors.BundleInvalid`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Hashable
 
-from mask_store.errors import TaskNotFound
-from mask_store.format import BUNDLE_SUFFIX, MAX_HEADER_BYTES, TASK_NAME_PATTERN, Bundle, BundleHeader
+from mask_store.errors import BundleInvalid, BundleUnsupported, StoredBundleCorrupt, StoreUnavailable, TaskNotFound
+from mask_store.format import BUNDLE_SUFFIX, HEADER_DIGEST_BYTES, MAX_HEADER_BYTES, TASK_NAME_PATTERN, Bundle, BundleHeader
 from mask_store.format import decode_bundle, decode_header
-from mask_store.local import check_task_name
+from mask_store.local import QUARANTINE_MARK, check_task_name, storage_error
 from mask_store.store import seed_store, validate_upload
 
 log = logging.getLogger(__name__)
 
 TMP_DIR = ".tmp"
+QUARANTINE_DIR = ".quarantine"
 STALE_TMP_SECONDS = 3600.0
 """A temporary upload key older than this (seconds) is taken for the leftover of a crashed writer and removed
 when a store is opened (younger ones may belong to another replica's upload in progress)."""
 _HEADER_PROBE_BYTES = 64 * 1024  # first ranged read of a header; most headers are a few KiB
+_HEADER_LIMIT = 12 + MAX_HEADER_BYTES + HEADER_DIGEST_BYTES  # prefix, the largest header allowed, its digest
 _VERSION_KEYS = ("ETag", "etag", "generation", "VersionId", "version_id")
 
 
@@ -61,7 +67,8 @@ class ObjectMaskStore:
         (s3fs, gcsfs, adlfs) is missing. OSError: the store cannot be reached.
     """
 
-    def __init__(self, url: str, max_bundle_bytes: int | None = None, options: Mapping[str, Any] | None = None):
+    def __init__(self, url: str, max_bundle_bytes: int | None = None, options: Mapping[str, Any] | None = None,
+                 on_quarantine: Callable[[str, str], object] | None = None):
         import fsspec
 
         opts = dict(options or {})
@@ -71,12 +78,15 @@ class ObjectMaskStore:
         self.fs, root = fsspec.core.url_to_fs(url, **opts)
         self.root = root.rstrip("/")
         self.max_bundle_bytes = max_bundle_bytes
+        self.on_quarantine = on_quarantine
         self._lock = threading.Lock()  # serialises this process's writes (like LocalMaskStore's)
         try:
             if not self.fs.exists(self.root):
                 self.fs.makedirs(self.root, exist_ok=True)
         except PermissionError:
             log.warning("cannot create %s (no permission); assuming it exists", url)
+        except OSError as exc:
+            raise storage_error(exc, f"reach the store {url}") from None
         self._remove_stale_temporaries()
 
     # ---- paths --------------------------------------------------------------------------------
@@ -89,6 +99,8 @@ class ObjectMaskStore:
             info = self.fs.info(self.path(task))
         except FileNotFoundError:
             raise TaskNotFound(task) from None
+        except OSError as exc:
+            raise storage_error(exc, f"stat task {task!r}") from None
         if info.get("type") == "directory":
             raise TaskNotFound(task)
         return info
@@ -100,6 +112,8 @@ class ObjectMaskStore:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise storage_error(exc, f"list the store {self.url}") from None
         names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
         return sorted(n[: -len(BUNDLE_SUFFIX)] for n in names
                       if n.endswith(BUNDLE_SUFFIX) and re.fullmatch(TASK_NAME_PATTERN, n[: -len(BUNDLE_SUFFIX)]))
@@ -118,7 +132,10 @@ class ObjectMaskStore:
         Raises:
             TaskNotFound: no object for ``task``. InvalidTaskName: ``task`` is not a valid name.
         """
-        info = self._info(task)
+        return self._token(self._info(task))
+
+    @staticmethod
+    def _token(info: dict) -> Hashable:
         for key in _VERSION_KEYS:
             if info.get(key):
                 return str(info[key])
@@ -132,67 +149,157 @@ class ObjectMaskStore:
             return self.fs.cat_file(self.path(task), start=start, end=end)
         except FileNotFoundError:
             raise TaskNotFound(task) from None
+        except OSError as exc:
+            raise storage_error(exc, f"read task {task!r}") from None
 
     def header(self, task: str) -> BundleHeader:
         """Header of a stored bundle, from one ranged read (two for a header over 64 KiB).
 
         Raises:
-            TaskNotFound, InvalidTaskName. BundleInvalid: the object is too short, or its header is corrupt
-            or of an unsupported format version.
+            TaskNotFound, InvalidTaskName, StoreUnavailable. BundleUnsupported: a newer format version (left
+            in place). StoredBundleCorrupt: the object is too short or its header corrupt (it is quarantined).
         """
-        size = self.size_bytes(task)
+        info = self._info(task)
+        size = int(info["size"])
         prefix = self._read(task, 0, min(size, _HEADER_PROBE_BYTES)) if size else b""
-        if len(prefix) >= 12:
+        if len(prefix) >= 12 and len(prefix) < min(size, _HEADER_LIMIT):
             hlen = int.from_bytes(prefix[8:12], "little")
-            need = 12 + min(hlen, MAX_HEADER_BYTES + 1)
-            if len(prefix) < need <= size:
+            need = min(size, 12 + hlen + HEADER_DIGEST_BYTES, _HEADER_LIMIT)  # the header and its digest (v2)
+            if need > len(prefix):
                 prefix = self._read(task, 0, need)
-        return decode_header(prefix)[0]
+        try:
+            return decode_header(prefix)[0]
+        except BundleUnsupported:
+            raise
+        except BundleInvalid as exc:
+            raise self._quarantine(task, info, str(exc)) from None
 
     def get(self, task: str) -> Bundle:
-        """Read and fully validate a stored bundle. Raises TaskNotFound, InvalidTaskName, BundleInvalid
-        (a truncated or corrupted object, as for a local file)."""
-        return decode_bundle(self._read(task))
+        """Read and fully validate a stored bundle, as :meth:`LocalMaskStore.get` does a file.
+
+        Raises:
+            TaskNotFound, InvalidTaskName, StoreUnavailable, BundleUnsupported (left in place);
+            StoredBundleCorrupt: a truncated or corrupted object (it is quarantined).
+        """
+        info = self._info(task)
+        data = self._read(task)
+        try:
+            return decode_bundle(data)
+        except BundleUnsupported:
+            raise
+        except BundleInvalid as exc:
+            raise self._quarantine(task, info, str(exc)) from None
+
+    def _quarantine(self, task: str, info: dict, reason: str) -> StoredBundleCorrupt:
+        """Move the corrupt object to ``.quarantine/`` if it is still the object that was read (same version
+        token); the error to raise."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = f"{self.root}/{QUARANTINE_DIR}/{task}{BUNDLE_SUFFIX}{QUARANTINE_MARK}{stamp}-{secrets.token_hex(3)}"
+        moved = None
+        with self._lock:
+            try:
+                if self._token(self._info(task)) == self._token(info):  # not replaced by a valid upload meanwhile
+                    self.fs.cp_file(self.path(task), target)
+                    self.fs.rm_file(self.path(task))
+                    moved = target.rsplit("/", 1)[-1]
+            except (OSError, StoreUnavailable, TaskNotFound) as exc:
+                log.error("could not quarantine task %s in %s: %s", task, self.url, exc)
+        log.error("stored bundle of task %s in %s is corrupt (%s); %s", task, self.url, reason,
+                  f"moved to {QUARANTINE_DIR}/{moved}" if moved else "not moved")
+        if moved and self.on_quarantine is not None:
+            self.on_quarantine(task, reason)
+        return StoredBundleCorrupt(task, reason, moved)
+
+    def quarantined(self) -> list[str]:
+        """Tasks with a quarantined (corrupt) object, moved aside by any replica sharing the store, sorted."""
+        try:
+            names = [e.rsplit("/", 1)[-1] for e in self.fs.ls(f"{self.root}/{QUARANTINE_DIR}", detail=False)]
+        except OSError:
+            return []
+        return sorted({n.split(BUNDLE_SUFFIX + QUARANTINE_MARK)[0] for n in names if BUNDLE_SUFFIX + QUARANTINE_MARK in n})
 
     # ---- writes -------------------------------------------------------------------------------
     def validate(self, task: str, data: bytes, backbone_fingerprint: str | None = None) -> Bundle:
         """Validate an upload for ``task`` without storing it (as :meth:`LocalMaskStore.validate`)."""
         return validate_upload(task, data, self.max_bundle_bytes, backbone_fingerprint)
 
-    def put(self, task: str, data: bytes, backbone_fingerprint: str | None = None,
+    @contextlib.contextmanager
+    def spool(self) -> Iterator[tuple[object, Path]]:
+        """A new local temporary file to stream an upload into (as :meth:`LocalMaskStore.spool`): yields
+        ``(binary file object open for writing, its path)``; pass the path to :meth:`put`. Removed on exit.
+
+        Raises:
+            StoreFull / StoreUnavailable: it cannot be created or written (local disk full).
+        """
+        try:
+            fd, name = tempfile.mkstemp(prefix="supermask-upload-")
+        except OSError as exc:
+            raise storage_error(exc, "create an upload file") from None
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh, tmp
+        except OSError as exc:
+            raise storage_error(exc, "write the upload") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put(self, task: str, data: bytes | os.PathLike, backbone_fingerprint: str | None = None,
             check: Callable[[Bundle], object] | None = None) -> tuple[Bundle, bool]:
         """Validate, then atomically store a bundle (see the module docstring for how).
 
         Args:
+            data: the bundle's bytes, or the path of a :meth:`spool` file holding them (validated from a
+                read-only memory map and uploaded from the file: never whole in memory).
             check: called with the decoded bundle after validation and before the write; whatever it
                 raises propagates and nothing is written.
         Returns:
             ``(bundle, created)``; ``created`` is False when an existing object was replaced (as seen just
             before the write: two replicas creating the same task at once may both report True).
         Raises:
-            as :meth:`validate`, or as ``check``; OSError from the backend. On any error the stored
-            object is unchanged (a temporary key may remain; it is removed later).
+            as :meth:`validate`, or as ``check``; StoreFull / StoreUnavailable: the backend failed. On any
+            error the stored object is unchanged (a temporary key may remain; it is removed later).
         """
-        bundle = self.validate(task, data, backbone_fingerprint)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            bundle, size = self.validate(task, data, backbone_fingerprint), len(data)
+        else:
+            bundle, size = self._validate_file(task, Path(data), backbone_fingerprint)
         if check is not None:
             check(bundle)
         final = self.path(task)
         tmp = f"{self.root}/{TMP_DIR}/{task}.{secrets.token_hex(8)}"
         with self._lock:
             created = not self.exists(task)
-            self.fs.pipe_file(tmp, data)
             try:
-                self.fs.cp_file(tmp, final)  # one server-side copy (S3 CopyObject)
-            finally:
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    self.fs.pipe_file(tmp, bytes(data))
+                else:
+                    self.fs.put_file(str(data), tmp)
                 try:
-                    self.fs.rm_file(tmp)
-                except OSError as exc:  # the bundle is stored; the leftover is removed by a later open
-                    log.warning("could not remove temporary upload %s: %s", tmp, exc)
-        log.info("stored task %s (%d bytes, %s) in %s", task, len(data), "new" if created else "replaced", self.url)
+                    self.fs.cp_file(tmp, final)  # one server-side copy (S3 CopyObject)
+                finally:
+                    try:
+                        self.fs.rm_file(tmp)
+                    except OSError as exc:  # the bundle is stored; the leftover is removed by a later open
+                        log.warning("could not remove temporary upload %s: %s", tmp, exc)
+            except OSError as exc:
+                raise storage_error(exc, f"store task {task!r}") from None
+        log.info("stored task %s (%d bytes, %s) in %s", task, size, "new" if created else "replaced", self.url)
         return bundle, created
 
+    def _validate_file(self, task: str, tmp: Path, backbone_fingerprint: str | None) -> tuple[Bundle, int]:
+        try:
+            with open(tmp, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size == 0:
+                    return self.validate(task, b"", backbone_fingerprint), 0  # raises: too short
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    return self.validate(task, mm, backbone_fingerprint), size  # the bundle holds copies
+        except OSError as exc:
+            raise storage_error(exc, f"read the upload of task {task!r}") from None
+
     def delete(self, task: str) -> None:
-        """Remove a task's object. Raises TaskNotFound, InvalidTaskName."""
+        """Remove a task's object. Raises TaskNotFound, InvalidTaskName, StoreUnavailable."""
         with self._lock:
             path = self.path(task)
             self._info(task)
@@ -200,6 +307,8 @@ class ObjectMaskStore:
                 self.fs.rm_file(path)
             except FileNotFoundError:
                 raise TaskNotFound(task) from None
+            except OSError as exc:
+                raise storage_error(exc, f"delete task {task!r}") from None
 
     def seed_from(self, directory: str | os.PathLike) -> list[str]:
         """Copy every bundle in the local ``directory`` into the store if the store holds no task

@@ -13,6 +13,7 @@ The server calls only the methods of :class:`MaskStore`, so a replica never know
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -41,7 +42,7 @@ class MaskStore(Protocol):
         """Whether a bundle is stored for ``task``."""
 
     def header(self, task: str) -> BundleHeader:
-        """The stored bundle's header. Raises TaskNotFound, BundleInvalid."""
+        """The stored bundle's header. Raises TaskNotFound, BundleUnsupported, StoredBundleCorrupt."""
 
     def version(self, task: str) -> Hashable:
         """A token that changes whenever the stored bundle is replaced (by any process sharing the store).
@@ -51,14 +52,22 @@ class MaskStore(Protocol):
         """Size of the stored bundle in bytes. Raises TaskNotFound."""
 
     def get(self, task: str) -> Bundle:
-        """Read and fully validate the stored bundle. Raises TaskNotFound, BundleInvalid."""
+        """Read and fully validate the stored bundle. Raises TaskNotFound, BundleUnsupported,
+        StoredBundleCorrupt (the corrupt bundle is moved aside), StoreUnavailable."""
 
     def validate(self, task: str, data: bytes, backbone_fingerprint: str | None = None) -> Bundle:
         """Validate an upload without storing it. Raises BundleTooLarge, BundleInvalid, BackboneMismatch."""
 
-    def put(self, task: str, data: bytes, backbone_fingerprint: str | None = None,
+    def spool(self) -> contextlib.AbstractContextManager[tuple[object, Path]]:
+        """A temporary file to stream an upload into: ``(file open for writing, its path)``, for :meth:`put`."""
+
+    def put(self, task: str, data: bytes | os.PathLike, backbone_fingerprint: str | None = None,
             check: Callable[[Bundle], object] | None = None) -> tuple[Bundle, bool]:
-        """Validate, run ``check`` on the decoded bundle, then store atomically; ``(bundle, created)``."""
+        """Validate ``data`` (bytes, or a :meth:`spool` file's path), run ``check`` on the decoded bundle, then
+        store atomically; ``(bundle, created)``."""
+
+    def quarantined(self) -> list[str]:
+        """Tasks whose corrupt stored bundle was moved aside, sorted."""
 
     def delete(self, task: str) -> None:
         """Remove a task's bundle. Raises TaskNotFound."""
@@ -108,8 +117,8 @@ def store_url_for(store_dir: str | os.PathLike) -> str:
     return Path(store_dir).resolve().as_uri()
 
 
-def open_store(url: str, max_bundle_bytes: int | None = None,
-               options: Mapping[str, Any] | None = None) -> MaskStore:
+def open_store(url: str, max_bundle_bytes: int | None = None, options: Mapping[str, Any] | None = None,
+               on_quarantine: Callable[[str, str], object] | None = None) -> MaskStore:
     """Open the mask store at ``url``.
 
     Args:
@@ -119,11 +128,12 @@ def open_store(url: str, max_bundle_bytes: int | None = None,
         options: fsspec storage options for object stores (for s3fs: ``endpoint_url``, ``key``,
             ``secret``, ``client_kwargs`` ...; credentials default to the usual AWS environment variables
             and files, which botocore reads). Not allowed with ``file://``.
+        on_quarantine: called with ``(task, reason)`` after a corrupt stored bundle was moved aside.
     Raises:
         ValueError: an unknown URL scheme (no fsspec implementation), a ``file://`` URL with a host, or
             options given for a local directory.
         ImportError: the scheme's fsspec implementation (s3fs for ``s3://``) is not installed.
-        OSError: the directory or bucket cannot be created or reached.
+        StoreUnavailable: the directory or bucket cannot be created or reached.
     """
     parts = urlsplit(url)
     if parts.scheme in ("", "file"):
@@ -132,7 +142,8 @@ def open_store(url: str, max_bundle_bytes: int | None = None,
                              f"{parts.netloc!r}")
         if options:
             raise ValueError("store options are for object stores; a file:// store takes none")
-        return LocalMaskStore(unquote(parts.path) if parts.scheme else url, max_bundle_bytes=max_bundle_bytes)
+        return LocalMaskStore(unquote(parts.path) if parts.scheme else url, max_bundle_bytes=max_bundle_bytes,
+                              on_quarantine=on_quarantine)
     from mask_store.remote import ObjectMaskStore  # fsspec is imported only for object stores
 
-    return ObjectMaskStore(url, max_bundle_bytes=max_bundle_bytes, options=options)
+    return ObjectMaskStore(url, max_bundle_bytes=max_bundle_bytes, options=options, on_quarantine=on_quarantine)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mask_store.errors import BundleInvalid, BundleTooLarge, InvalidTaskName, TaskNotFound
+from mask_store.errors import BundleInvalid, BundleTooLarge, InvalidTaskName, StoredBundleCorrupt, TaskNotFound
 from mask_store.local import LocalMaskStore
 from mask_store.store import MaskStore, open_store
 from tests.conftest import make_bundle
@@ -152,24 +152,46 @@ def test_etag_is_the_freshness_token_across_store_instances(url, s3_options):
 
 
 @pytest.mark.parametrize("cut", ["prefix", "header", "payload", "corrupt", "empty"])
-def test_truncated_or_corrupted_objects_raise_the_local_errors(url, s3_options, tmp_path, cut):
-    store = open_store(url, options=s3_options)
+@pytest.mark.parametrize("read", ["get", "header"])
+def test_truncated_or_corrupted_objects_raise_the_local_errors_and_are_quarantined(url, s3_options, tmp_path, cut,
+                                                                                   read):
+    moved = []
+    store = open_store(url, options=s3_options, on_quarantine=lambda task, reason: moved.append(task))
     local = LocalMaskStore(tmp_path)
     data = make("pos")
     bad = {"prefix": data[:6], "header": data[:40], "payload": data[:-7], "corrupt": corrupt(data),
            "empty": b""}[cut]
     raw_fs(s3_options).pipe_file(store.path("pos"), bad)
     (tmp_path / "pos.smask").write_bytes(bad)
-    with pytest.raises(BundleInvalid) as remote_err:
-        store.get("pos")
-    with pytest.raises(BundleInvalid) as local_err:
-        local.get("pos")
-    assert str(remote_err.value) == str(local_err.value)
-    if cut in ("prefix", "header", "empty"):
-        with pytest.raises(BundleInvalid):
-            store.header("pos")
-    else:
+    if read == "header" and cut in ("payload", "corrupt"):  # the header itself is intact: read as locally
         assert store.header("pos") == local.header("pos")
+        return
+    with pytest.raises(StoredBundleCorrupt) as remote_err:
+        getattr(store, read)("pos")
+    with pytest.raises(StoredBundleCorrupt) as local_err:
+        getattr(local, read)("pos")
+    reason = str(local_err.value).split(" is corrupt (")[1].split("); ")[0]
+    assert f"is corrupt ({reason}); moved aside" in str(remote_err.value)  # the same check failed, same words
+    assert moved == ["pos"] and store.quarantined() == ["pos"] == local.quarantined()
+    assert store.tasks() == [] and not store.exists("pos")  # moved aside: it breaks nothing else
+    store.put("pos", data)  # a re-upload serves again
+    assert_same_bundle(store.get("pos"), local.validate("pos", data))
+
+
+def test_uploads_stream_through_a_spool_file(url, s3_options):
+    store = open_store(url, options=s3_options)
+    data = make("pos")
+    with store.spool() as (fh, path):
+        fh.write(data)
+        fh.flush()
+        bundle, created = store.put("pos", path)
+    assert created and not Path(path).exists() and raw_fs(s3_options).cat_file(store.path("pos")) == data
+    with store.spool() as (fh, path):
+        fh.write(data[:-3])
+        fh.flush()
+        with pytest.raises(BundleInvalid):
+            store.put("pos", path)
+    assert raw_fs(s3_options).cat_file(store.path("pos")) == data  # a refused upload changes nothing
 
 
 def test_seed_from_fills_only_an_empty_store(url, s3_options, tmp_path):
@@ -240,7 +262,12 @@ def test_api_over_s3_serves_and_rejects_a_truncated_object_with_422(tiny_backbon
         assert client.get("/v1/tasks/toy").json()["bytes"] == len(data)
         raw_fs(s3_options).pipe_file(f"{url}/toy.smask", data[:-100])  # truncated behind the server's back
         r = client.post("/v1/tasks/toy/predict", json={"inputs": TEXTS})
-        assert r.status_code == 422 and r.json()["error"]["type"] == "BundleInvalid"
+        assert r.status_code == 500 and r.json()["error"]["type"] == "StoredBundleCorrupt"  # as for a local file
         assert "truncated" in r.json()["error"]["message"]
+        health = client.get("/healthz").json()
+        assert health["status"] == "degraded" and health["quarantined"] == ["toy"]
+        assert "supermask_quarantined_bundles_total 1.0" in client.get("/metrics").text
+        assert client.post("/v1/tasks/toy/predict", json={"inputs": TEXTS}).status_code == 404  # moved aside
+        assert client.put("/v1/tasks/toy", content=data, headers=auth).status_code == 201
         assert client.delete("/v1/tasks/toy", headers=auth).status_code == 204
         assert client.post("/v1/tasks/toy/predict", json={"inputs": TEXTS}).status_code == 404
