@@ -16,7 +16,8 @@ replica opening the same URL compares it on each use of a resident task (see
 new state by all of them from the next request on.
 
 A stored object is validated on every read exactly as a local file is (:func:`decode_bundle`): a
-truncated or corrupted object raises :class:`~mask_store.errors.BundleInvalid`.
+truncated or corrupted object is moved aside to ``<root>/.quarantine/`` (if it is still the object that was
+read) and raises :class:`~mask_store.errors.StoredBundleCorrupt`, the local store's error for a corrupt file.
 """
 
 from __future__ import annotations
