@@ -231,6 +231,22 @@ def model_deployment(tasks_per_replica: int):
 
 
 # ---- ingress --------------------------------------------------------------------------------------
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes. Raises BundleTooLarge as soon as the declared length or the
+    bytes read exceed it (the upload limit, checked again by the replica's app)."""
+    from mask_store.errors import BundleTooLarge
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BundleTooLarge(int(declared), limit)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise BundleTooLarge(len(data), limit)
+    return bytes(data)
+
+
 ingress_app = FastAPI(title="supermask (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
 _RETRYABLE: tuple[type[BaseException], ...] = ()
 
@@ -280,14 +296,12 @@ class SupermaskIngress:
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"])
     async def forward(self, path: str, request: Request) -> Response:
         """Forward one request to a model replica (the task as multiplexed model id where the path names one)."""
-        from service.api.routes import _read_body
-
         method = request.method
         match = _TASK_ROUTE.fullmatch(path)
         task = match.group(1) if match and (match.group(2) or method == "GET") else None
         try:
             if method == "PUT":  # the upload limit is checked here too: an oversized body never crosses Ray
-                body = await _read_body(request, self.settings.max_bundle_bytes)
+                body = await _read_limited(request, self.settings.max_bundle_bytes)
             else:
                 body = await request.body()
         except (MaskStoreError, ServiceError) as exc:

@@ -196,9 +196,14 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
     outcomes: list[tuple[str, int, dict | None, str | None]] = []
     stop = threading.Event()
 
+    pause = threading.Event()
+
     def client(i: int) -> None:
         k = 0
         while not stop.is_set():
+            if pause.is_set():
+                time.sleep(0.05)
+                continue
             task = TASKS[(i + k) % len(TASKS)]
             k += 1
             try:
@@ -216,28 +221,40 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
     replicas = {a["name"].rsplit("#", 1)[1]: a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::supermask#SupermaskModel#")}
     assert len(replicas) == 2
-    # one long request (3,000 rows, seconds of work) for t0 lands on the replica holding t0: killed while it runs
-    victim = predict(base, "t0").headers[REPLICA]
+    # one long request (3,000 rows, seconds of work) for a task only one replica holds, sent while that replica is
+    # idle (background traffic paused) so Serve gives it to that replica: killed while it runs
+    bb = fleet[3]
+    assert httpx.put(f"{base}/v1/tasks/slow", content=make_bundle(bb, task="slow", seed=11), headers=AUTH,
+                     timeout=30).status_code in (200, 201)
+    pause.set()
+    time.sleep(1.0)  # in-flight background requests drain
+    victim = predict(base, "slow").headers[REPLICA]
+    time.sleep(1.5)  # Serve's routers learn that the victim holds it
     long_rows = INPUTS * 1000
     long_out: list = []
 
+    sent = threading.Event()
+
     def long_request() -> None:
+        sent.set()
         t0 = time.time()
-        r = predict(base, "t0", long_rows, timeout=120)
+        r = predict(base, "slow", long_rows, timeout=120)
         long_out.extend([r, t0, time.time()])
 
     longer = threading.Thread(target=long_request)
     longer.start()
+    sent.wait(10)
     time.sleep(0.5)
     killed_at = len(outcomes)
     t_kill = time.time()
     ray.kill(ray.get_actor(replicas[victim]["name"], namespace=replicas[victim]["namespace"]), no_restart=True)
+    pause.clear()  # background traffic goes on through the kill
     longer.join()
     r, started, ended = long_out
     assert started < t_kill < ended, "the long request was not in flight at the kill: the test proves nothing"
     assert r.status_code in (200, 503), r.text
     if r.status_code == 200:  # retried on the other replica: the right answer, row for row
-        want_long = single.post("/v1/tasks/t0/predict", json={"inputs": INPUTS}).json()["predictions"]
+        want_long = single.post("/v1/tasks/slow/predict", json={"inputs": INPUTS}).json()["predictions"]
         assert_same_predictions(r.json()["predictions"], want_long * 1000)
         assert r.headers[REPLICA] != victim
     else:
