@@ -236,8 +236,8 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
     sent = threading.Event()
 
     def long_request() -> None:
-        sent.set()
         t0 = time.time()
+        sent.set()
         r = predict(base, "slow", long_rows, timeout=120)
         long_out.extend([r, t0, time.time()])
 
