@@ -36,7 +36,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from backbone import Backbone, replace_module
 from mask_store.format import BundleHeader
-from mask_store.local import LocalMaskStore
+from mask_store.store import MaskStore
 from service.batcher import MicroBatcher
 from service.encoder import LeanEncoder
 from service.dispatch import CpuDispatcher, DeviceDispatcher, HotDispatcher, check_host_capacity, resolve_device
@@ -106,7 +106,7 @@ class Engine:
             ``device_slots`` tasks.
     """
 
-    def __init__(self, backbone: Backbone, store: LocalMaskStore, metrics: Metrics, cache_bytes: int,
+    def __init__(self, backbone: Backbone, store: MaskStore, metrics: Metrics, cache_bytes: int,
                  max_batch_size: int = 32, kernel_path: str = "auto", device: str = "auto",
                  device_slots: int = 16, batching: bool = False, batch_wait_ms: float = 0.0, precision: str = "fp32",
                  hot_cache_bytes: int = 256 * 1024 * 1024, *, emulate_device_path: str | None = None,
@@ -262,7 +262,7 @@ class Engine:
         """Drop ``task`` from the caches now (after an upload replaced it or a delete).
 
         Optional for correctness: a cache hit also compares the store's file identity
-        (:meth:`LocalMaskStore.version`) and reloads a replaced task, so workers that share the
+        (:meth:`MaskStore.version`: a file identity, or an object's ETag) and reloads a replaced task, so workers that share the
         store but did not handle the upload serve the new bundle too. Calling it frees the memory at once.
         """
         self.tasks.drop(task)  # calls _forget

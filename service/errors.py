@@ -42,3 +42,10 @@ class RequestTimedOut(ServiceError):
     """A predict request did not finish within ``SUPERMASK_REQUEST_TIMEOUT_S`` (503 with ``Retry-After``)."""
 
     retry_after_s = 1
+
+
+class ReplicaUnavailable(ServiceError):
+    """A fleet replica died or could not be reached while it held the request (Ray Serve); the request may be
+    retried (the ingress has already retried reads). Answered 503 with ``Retry-After``."""
+
+    retry_after_s = 1

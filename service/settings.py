@@ -6,7 +6,7 @@ This is the only place that reads the environment (pydantic-settings).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,7 +33,14 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     store_dir: Path = Path("./masks")
-    """Local mask store: one ``<task>.smask`` bundle per task."""
+    """Local mask store: one ``<task>.smask`` bundle per task (used when ``store_url`` is unset)."""
+    store_url: str | None = None
+    """Where the mask store lives, shared by every worker and replica that names it: ``file:///dir`` (a local or
+    network directory) or an object store such as ``s3://bucket/prefix`` (any fsspec URL; ``s3://`` needs the
+    ``s3`` extra, s3fs). Unset: ``file://`` of ``store_dir``."""
+    store_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec storage options of an object store, as JSON, e.g. ``{"endpoint_url": "http://minio:9000"}``;
+    S3 credentials come from the usual AWS variables (``AWS_ACCESS_KEY_ID`` ...) and files."""
     examples_dir: Path | None = DEFAULT_EXAMPLES_DIR
     """Bundles copied into the store at start-up when the store is empty (None: none)."""
 
@@ -104,6 +111,35 @@ class Settings(BaseSettings):
     products leaves an entry holding memory, so the default 1,024 let RSS creep under varied traffic."""
     torch_threads: int | None = Field(None, gt=0)
     """torch intra-op threads (None: torch's default)."""
+
+    # ---- Ray Serve (``supermask serve --ray``, service/ray_app.py) ----
+    ray_address: str | None = None
+    """Ray cluster to deploy on: None starts a local Ray instance (or joins the one ``RAY_ADDRESS`` names);
+    ``auto`` or ``ray://host:10001`` an existing cluster."""
+    ray_replicas: int = Field(1, ge=1)
+    """Model replicas, each with its own backbone and engine (the minimum when autoscaling)."""
+    ray_max_replicas: int | None = Field(None, ge=1)
+    """Set above ``ray_replicas`` to autoscale between the two on ongoing requests per replica."""
+    ray_target_ongoing_requests: float = Field(4.0, gt=0)
+    """Autoscaling target: ongoing requests per replica."""
+    ray_max_ongoing_requests: int = Field(16, ge=1)
+    """Requests one replica handles at a time (more wait in Serve's queue)."""
+    ray_tasks_per_replica: int = Field(64, ge=1)
+    """Tasks one replica keeps loaded (``serve.multiplexed(max_num_models_per_replica=...)``); Serve routes a
+    task's requests to a replica that holds it and evicts the least recently used task beyond this."""
+    ray_replica_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves for each model replica (``ray_actor_options.num_cpus``)."""
+    ray_retries: int = Field(2, ge=0)
+    """How often the ingress retries a read (predict, GET) whose replica died mid-request; writes and
+    exhausted retries answer 503 ``ReplicaUnavailable``."""
+    ray_metrics_push_s: float = Field(5.0, gt=0)
+    """How often each replica publishes its metrics to the ingress's ``/metrics`` (seconds)."""
+
+    def store_location(self) -> str:
+        """``store_url``, else the ``file://`` URL of ``store_dir``."""
+        if self.store_url:
+            return self.store_url
+        return self.store_dir.resolve().as_uri()
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +43,7 @@ import torch
 from backbone import Backbone
 from mask_store.errors import BackboneMismatch, TaskNotFound
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid
-from mask_store.local import LocalMaskStore
+from mask_store.store import MaskStore
 from service.errors import TaskTooLarge
 from service.kernels.selector import KernelPath, select_path
 from service.kernels.sparse_complement import csr_nbytes, pruned_csr_from_mask
@@ -121,7 +121,7 @@ class LoadedTask:
     nbytes: int = 0
     load_seconds: float = 0.0
     bundle_bytes: int = 0
-    version: tuple | None = None  # the store's file identity when loaded (:meth:`LocalMaskStore.version`)
+    version: Hashable | None = None  # the store's version token when loaded (:meth:`MaskStore.version`)
     generation: int = field(default_factory=lambda: next(_generations))
 
     @property
@@ -275,7 +275,7 @@ class TaskTable:
             the store), with no lock of the table held: the engine frees the task's hot weights and device slot.
     """
 
-    def __init__(self, store: LocalMaskStore, builder: TaskBuilder, metrics: Metrics,
+    def __init__(self, store: MaskStore, builder: TaskBuilder, metrics: Metrics,
                  on_drop: Callable[[str], None] | None = None):
         self.store = store
         self.builder = builder

@@ -154,8 +154,17 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "store_dir": args.store_dir,
-                                   "backbone_path": args.backbone}.items() if v is not None}
+                                   "store_url": args.store_url, "backbone_path": args.backbone,
+                                   "ray_address": args.ray_address, "ray_replicas": args.replicas}.items()
+                 if v is not None}
     settings = Settings(**overrides)
+    if args.ray:
+        try:
+            from service import ray_app
+        except ImportError as exc:
+            raise OSError(f"--ray needs Ray Serve ({exc}); install it with: pip install -e '.[ray]'") from None
+        ray_app.run(settings)
+        return 0
     run(settings)
     return 0
 
@@ -440,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default: SUPERMASK_PORT or 8000)")
     s.add_argument("--store-dir", help="mask store directory (default: SUPERMASK_STORE_DIR or ./masks)")
     s.add_argument("--backbone", help="local encoder folder (default: SUPERMASK_BACKBONE_PATH or all-MiniLM-L6-v2)")
+    s.add_argument("--store-url", help="shared mask store URL, file:///dir or s3://bucket/prefix (default: "
+                                       "SUPERMASK_STORE_URL, else the store directory)")
+    s.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve fleet (service/ray_app.py): model replicas behind one ingress, "
+                        "tasks routed to the replica that holds them; starts a local Ray instance unless "
+                        "--ray-address (or RAY_ADDRESS) names a cluster")
+    s.add_argument("--ray-address", help="with --ray: the Ray cluster to deploy on, e.g. auto or "
+                                         "ray://head:10001 (default: SUPERMASK_RAY_ADDRESS, else a local instance)")
+    s.add_argument("--replicas", type=positive_int,
+                   help="with --ray: model replicas (default: SUPERMASK_RAY_REPLICAS or 1)")
     s.set_defaults(func=_serve)
     return p
 

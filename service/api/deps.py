@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from mask_store.local import LocalMaskStore
+from mask_store.store import MaskStore
 from backbone import Backbone
 from service.engine import Engine
 from service.errors import AdminDisabled, Forbidden, Unauthorized
@@ -20,7 +20,7 @@ from service.settings import Settings
 class AppState:
     settings: Settings
     backbone: Backbone
-    store: LocalMaskStore
+    store: MaskStore
     engine: Engine
     metrics: Metrics
 

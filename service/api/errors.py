@@ -24,8 +24,8 @@ from mask_store.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from service.errors import (AdminDisabled, Forbidden, InputInvalid, Overloaded, RequestTimedOut, ServiceError,
-                            TaskTooLarge, Unauthorized)
+from service.errors import (AdminDisabled, Forbidden, InputInvalid, Overloaded, ReplicaUnavailable, RequestTimedOut,
+                            ServiceError, TaskTooLarge, Unauthorized)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ STATUS: dict[type[Exception], int] = {
     AdminDisabled: 403,
     Overloaded: 429,
     RequestTimedOut: 503,
+    ReplicaUnavailable: 503,
 }
 
 
@@ -99,6 +100,12 @@ class InternalErrors:
                 scope, receive, send)
 
 
+def typed_response(exc: Exception) -> JSONResponse:
+    """The JSON error response of a typed error: status from :data:`STATUS`, headers from :func:`error_headers`."""
+    status = status_for(exc)
+    return error_response(status, type(exc).__name__, str(exc), error_headers(exc, status))
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn typed errors into JSON error bodies."""
 
@@ -106,7 +113,7 @@ def install(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
-        return error_response(status, type(exc).__name__, str(exc), error_headers(exc, status))
+        return typed_response(exc)
 
     async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []

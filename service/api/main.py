@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
-from mask_store.local import LocalMaskStore
+from mask_store.store import open_store
 from service import __version__
 from service.api import errors
 from service.api.deps import AppState
@@ -48,14 +48,15 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         lean = not needs_model_forward(settings.device, settings.kernel_path, settings.cpu_precision)
         backbone = load_backbone(settings.backbone_path, bits=settings.backbone_bits, weights_only=lean)
     metrics = Metrics()
-    store = LocalMaskStore(settings.store_dir, max_bundle_bytes=settings.max_bundle_bytes,
-                           on_quarantine=lambda task, reason: metrics.quarantined.inc())
+    store = open_store(settings.store_location(), max_bundle_bytes=settings.max_bundle_bytes,
+                       options=settings.store_options,
+                       on_quarantine=lambda task, reason: metrics.quarantined.inc())
     if settings.examples_dir is not None and not settings.examples_dir.is_dir():
         log.warning("SUPERMASK_EXAMPLES_DIR %s is not a directory: no example tasks preloaded", settings.examples_dir)
     elif settings.examples_dir is not None:
         seeded = store.seed_from(settings.examples_dir)
         if seeded:
-            log.info("preloaded example tasks into %s: %s", settings.store_dir, ", ".join(seeded))
+            log.info("preloaded example tasks into %s: %s", settings.store_location(), ", ".join(seeded))
     engine = Engine(backbone, store, metrics, cache_bytes=settings.cache_bytes,
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
                     device=settings.device, device_slots=settings.device_slots, batching=settings.batching, batch_wait_ms=settings.batch_wait_ms,

@@ -237,3 +237,42 @@ def test_dockerignore_keeps_the_context_small():
     lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
     for entry in (".git", ".venv", "runs", "masks", "**/__pycache__"):
         assert entry in lines, entry
+
+
+def test_dashboard_has_a_replica_variable_every_query_honours(dashboard):
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert "replica" in names and "task" in names
+    for panel, target in _targets(dashboard):
+        assert 'replica=~"$replica"' in target["expr"], (panel["title"], target["expr"])
+    by_replica = [t["expr"] for _, t in _targets(dashboard) if "by (replica" in t["expr"]]
+    assert any("supermask_requests_total" in e for e in by_replica)
+
+
+RAY_DIR = ROOT / "deploy" / "ray"
+
+
+def test_serve_config_is_valid_and_its_args_are_settings(tmp_path):
+    from service.settings import Settings
+
+    doc = _load_yaml(RAY_DIR / "serve.yaml")
+    (app,) = doc["applications"]
+    assert app["import_path"] == "service.ray_app:build_app" and app["route_prefix"] == "/"
+    unknown = set(app["args"]) - set(Settings.model_fields)
+    assert not unknown, f"serve.yaml args that are not Settings fields: {sorted(unknown)}"
+    Settings(**app["args"])  # and valid ones
+    schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve is not installed")
+    schema.ServeDeploySchema.model_validate(doc)
+    from service.ray_app import build_app
+
+    built = build_app({**app["args"], "store_url": tmp_path.as_uri()})  # the graph, built without a cluster
+    assert len(list(tmp_path.glob("*.smask"))) == 6  # an empty store is seeded once, by the builder
+    assert type(built).__name__ == "Application"
+    names = {d["name"] for d in app["deployments"]}
+    assert names <= {"SupermaskModel", "SupermaskIngress"}
+
+
+def test_fleet_prometheus_config_scrapes_the_ingress_and_ray():
+    doc = _load_yaml(RAY_DIR / "prometheus.yml")
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    assert jobs["supermask-fleet"]["metrics_path"] == "/metrics"
+    assert jobs["ray"]["file_sd_configs"][0]["files"][0].endswith("prom_metrics_service_discovery.json")

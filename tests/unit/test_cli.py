@@ -98,3 +98,25 @@ def test_upgrade_rewrites_v1_bundles_in_place_and_refuses_broken_ones(tmp_path, 
     assert v1.read_bytes()[:8] == MAGIC and decode_bundle(v1.read_bytes()).masks == decode_bundle(good).masks
     assert broken.read_bytes() == good[:-7]  # untouched
     assert cli.main(["upgrade", str(v1)]) == 0 and "already format v2" in capsys.readouterr().out
+
+
+def test_serve_options_of_the_fleet_and_the_shared_store(capsys, tmp_path):
+    args = cli.build_parser().parse_args(["serve", "--ray", "--replicas", "2", "--store-url", "s3://b/p",
+                                          "--ray-address", "auto"])
+    assert (args.ray, args.replicas, args.store_url, args.ray_address) == (True, 2, "s3://b/p", "auto")
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--ray " in out and "Ray Serve" in out and "--store-url" in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--ray", "--replicas", "0"])
+    assert exc.value.code == 2
+
+
+def test_store_location_is_the_url_else_the_directory_as_a_file_url(tmp_path, monkeypatch):
+    from service.settings import Settings
+
+    assert Settings(store_dir=tmp_path).store_location() == tmp_path.resolve().as_uri()
+    assert Settings(store_dir=tmp_path, store_url="s3://bucket/masks").store_location() == "s3://bucket/masks"
+    monkeypatch.setenv("SUPERMASK_STORE_OPTIONS", '{"endpoint_url": "http://x:9000"}')  # JSON, as documented
+    assert Settings().store_options == {"endpoint_url": "http://x:9000"}
