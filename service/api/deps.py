@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mask_store.store import MaskStore
 from backbone import Backbone
@@ -32,8 +33,16 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def require_admin(request: Request, state: State) -> None:
-    """Check ``Authorization: Bearer <SUPERMASK_ADMIN_TOKEN>``.
+admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", bearerFormat="opaque",
+                          description="The server's SUPERMASK_ADMIN_TOKEN, as `Authorization: Bearer <token>`: "
+                                      "uploads and deletes only.")
+"""FastAPI's bearer scheme: it reads the header and puts the security scheme in the OpenAPI document; the
+token is checked by :func:`require_admin` (``auto_error=False``: our own typed errors, not FastAPI's 403)."""
+
+
+def require_admin(state: State,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]) -> None:
+    """Check ``Authorization: Bearer <SUPERMASK_ADMIN_TOKEN>``, in constant time (``secrets.compare_digest``).
 
     Raises:
         AdminDisabled: no token is configured. Unauthorized: header missing or not Bearer.
@@ -42,11 +51,9 @@ def require_admin(request: Request, state: State) -> None:
     token = state.settings.admin_token
     if token is None or not token.get_secret_value():
         raise AdminDisabled("admin routes are disabled: set SUPERMASK_ADMIN_TOKEN to enable uploads and deletes")
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("this route needs 'Authorization: Bearer <admin token>'")
-    if not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    if not secrets.compare_digest(credentials.credentials.strip().encode(), token.get_secret_value().encode()):
         raise Forbidden("the admin token is wrong")
 
 

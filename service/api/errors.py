@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from mask_store.errors import (
     BackboneMismatch,
@@ -24,6 +25,7 @@ from mask_store.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
+from mask_store.local import check_task_name
 from service.errors import (AdminDisabled, Forbidden, InputInvalid, Overloaded, ReplicaUnavailable, RequestTimedOut,
                             ServiceError, TaskTooLarge, Unauthorized)
 
@@ -56,8 +58,20 @@ def status_for(exc: Exception) -> int:
     return 500
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+OIP_PREFIX = "/v2"
+"""Paths under this prefix are the Open Inference Protocol's (:mod:`service.api.v2`): errors in its shape."""
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
+    """The documented error body ``{"error": {"type": kind, "message": message}}``; under ``/v2`` (``path``)
+    the Open Inference Protocol's ``{"error": message}`` instead."""
+    body = {"error": message} if is_oip(path) else {"error": {"type": kind, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_oip(path: str) -> bool:
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
 
 
 def error_headers(exc: Exception, status: int) -> dict[str, str] | None:
@@ -96,43 +110,67 @@ class InternalErrors:
             if started:
                 raise
             log.exception("unhandled %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
-            await error_response(500, "InternalError", "internal server error (logged on the server)")(
-                scope, receive, send)
+            await error_response(500, "InternalError", "internal server error (logged on the server)",
+                                 path=scope.get("path", ""))(scope, receive, send)
 
 
-def typed_response(exc: Exception) -> JSONResponse:
-    """The JSON error response of a typed error: status from :data:`STATUS`, headers from :func:`error_headers`."""
+def typed_response(exc: Exception, path: str = "") -> JSONResponse:
+    """The JSON error response of a typed error: status from :data:`STATUS`, headers from :func:`error_headers`,
+    the body as :func:`error_response` gives it for ``path``."""
     status = status_for(exc)
-    return error_response(status, type(exc).__name__, str(exc), error_headers(exc, status))
+    return error_response(status, type(exc).__name__, str(exc), error_headers(exc, status), path)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers in full at this request's path (Starlette's 405 names only
+    the first route whose path matched). Asked of each route through Starlette's public ``matches``."""
+    base = {"type": "http", "path": request.url.path, "root_path": request.scope.get("root_path", ""),
+            "headers": [], "query_string": b""}
+    return [m for m in _METHODS
+            if any(route.matches(base | {"method": m})[0] == Match.FULL for route in request.app.router.routes)]
 
 
 def install(app: FastAPI) -> None:
     """Register the handlers that turn typed errors into JSON error bodies."""
 
-    async def typed(_: Request, exc: Exception) -> JSONResponse:
+    async def typed(request: Request, exc: Exception) -> JSONResponse:
         status = status_for(exc)
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
-        return typed_response(exc)
+        return typed_response(exc, request.url.path)
 
-    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        path = request.url.path
+        for err in exc.errors():  # a malformed task name in the path: the store's own error and message
+            if tuple(err.get("loc", ())) == ("path", "task"):
+                try:
+                    check_task_name(str(err.get("input", "")))
+                except InvalidTaskName as bad:
+                    return typed_response(bad, path)
         parts = []
         for err in exc.errors():
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{loc}: {err.get('msg')}")
-        return error_response(422, "RequestInvalid", "; ".join(parts))
+        return error_response(422, "RequestInvalid", "; ".join(parts), path=path)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Starlette's own errors (unknown route 404, 405, a body over the size limit 413, a body FastAPI
         could not parse, e.g. nested too deeply, 400) in the documented body; the body-parse 400 becomes
         the 422 that malformed JSON already gets."""
         status, kind, message = exc.status_code, _HTTP_KINDS.get(exc.status_code, "HTTPError"), str(exc.detail)
+        headers = dict(getattr(exc, "headers", None) or {})
         if status == 400:
             status, kind, message = 422, "RequestInvalid", f"the body could not be parsed as JSON ({exc.detail})"
         elif status == 413:
             limit = request.app.state.supermask.settings.max_request_bytes
             message = f"request body is larger than the limit of {limit} bytes (SUPERMASK_MAX_REQUEST_BYTES)"
-        return error_response(status, kind, message, getattr(exc, "headers", None))
+        elif status == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+            message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+        return error_response(status, kind, message, headers or None, request.url.path)
 
     app.add_exception_handler(MaskStoreError, typed)
     app.add_exception_handler(ServiceError, typed)

@@ -13,7 +13,8 @@ from mask_store.errors import MaskStoreError
 from mask_store.local import check_task_name
 from service.api.deps import State
 from service.api.routes import _rows
-from service.api.schemas import ErrorPublic, FanOutIn, FanOutPublic, PredictPublic
+from service.api.openapi import errors
+from service.api.schemas import FanOutIn, FanOutPublic, PredictPublic
 from service.engine import PredictOptions, PredictRequest
 from service.errors import InputInvalid
 
@@ -58,8 +59,7 @@ def fanout_tasks(state, tasks: list[str] | str, pairs: bool) -> list[str]:
 
 
 @router.post("/v1/predict", response_model=FanOutPublic, response_model_exclude_none=True,
-             responses={404: {"model": ErrorPublic, "description": "a named task does not exist"},
-                        422: {"model": ErrorPublic, "description": "bad inputs, tasks or options"}})
+             responses=errors(404, 413, 422, 429, 500, 503, 507))
 async def predict_fanout(body: FanOutIn, state: State) -> FanOutPublic:
     """Predict every input with every task of ``tasks`` (a list, or ``"*"``: every stored task that takes
     these inputs), in one mixed-task forward call. Options apply to every task; a regression task answers

@@ -35,7 +35,8 @@ class BodyLimit:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:  # refused before a byte is read
             response = error_response(413, "RequestTooLarge", f"request body is {int(declared)} bytes, larger than "
-                                      f"the limit of {self.max_bytes} bytes (SUPERMASK_MAX_REQUEST_BYTES)")
+                                      f"the limit of {self.max_bytes} bytes (SUPERMASK_MAX_REQUEST_BYTES)",
+                                      path=scope.get("path", ""))
             await response(scope, receive, send)
             return
         # a body without a length (chunked): counted as it streams; Starlette raises its 413 HTTPException

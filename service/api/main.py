@@ -20,7 +20,7 @@ from service.api import errors
 from service.api.deps import AppState
 from service.api.limits import BodyLimit
 from service.api.routes import router
-from service.api import fanout, v2
+from service.api import fanout, openapi, v2
 from backbone import Backbone, load_backbone
 from service.engine import Engine, needs_model_forward
 from service.kernels.cpu_hot import bound_onednn_caches
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics)
     app.state.ready = False
     errors.install(app)
+    openapi.install(app, settings)
     app.include_router(router)
     app.include_router(fanout.router)
     app.include_router(v2.router)

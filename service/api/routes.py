@@ -12,8 +12,8 @@ from mask_store.format import BundleHeader
 from mask_store.local import check_task_name
 from service.api.deps import Admin, State
 from service.api.errors import error_response
+from service.api.openapi import TaskName, errors, upload_body
 from service.api.schemas import (
-    ErrorPublic,
     HealthPublic,
     PredictIn,
     PredictPublic,
@@ -79,8 +79,9 @@ def _check_encodable(text: str, i: int) -> None:
                            f"{exc.start}: it is not Unicode text") from None
 
 
-@router.post("/v1/tasks/{task}/predict", response_model=PredictPublic, response_model_exclude_none=True)
-async def predict(task: str, body: PredictIn, state: State) -> PredictPublic:
+@router.post("/v1/tasks/{task}/predict", response_model=PredictPublic, response_model_exclude_none=True,
+             responses=errors(404, 413, 422, 429, 500, 503, 507))
+async def predict(task: TaskName, body: PredictIn, state: State) -> PredictPublic:
     """Predict with a task's supermask; the task is loaded on first use."""
     s = state.settings
     req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars),
@@ -99,7 +100,7 @@ def _list(state) -> TasksPublic:
     return TasksPublic(tasks=tasks, count=len(tasks))
 
 
-@router.get("/v1/tasks", response_model=TasksPublic, response_model_exclude_none=True)
+@router.get("/v1/tasks", response_model=TasksPublic, response_model_exclude_none=True, responses=errors(503))
 async def list_tasks(state: State) -> TasksPublic:
     """Every task in the store; a bundle whose header cannot be read (a corrupt file, another format
     version) is left out of the list with a warning in the log rather than failing the whole list.
@@ -107,8 +108,10 @@ async def list_tasks(state: State) -> TasksPublic:
     return await run_in_threadpool(_list, state)
 
 
-@router.get("/v1/tasks/{task}", response_model=TaskPublic, response_model_exclude_none=True)
-async def get_task(task: str, state: State) -> TaskPublic:
+@router.get("/v1/tasks/{task}", response_model=TaskPublic, response_model_exclude_none=True,
+            responses=errors(404, 422, 500, 503))
+async def get_task(task: TaskName, state: State) -> TaskPublic:
+    """A stored task's header facts (with its training record), and whether and where it is resident."""
     return await run_in_threadpool(lambda: _task_public(state, task, state.store.header(task), detail=True))
 
 
@@ -129,8 +132,10 @@ async def _spool_body(request: Request, fh, limit: int) -> int:
 
 
 @router.put("/v1/tasks/{task}", response_model=TaskPublic, response_model_exclude_none=True,
-            dependencies=[Admin], status_code=200)
-async def upload_task(task: str, request: Request, response: Response, state: State) -> TaskPublic:
+            dependencies=[Admin], status_code=200, openapi_extra=upload_body(),
+            responses={201: {"model": TaskPublic, "description": "Created: the task is new."},
+                       **errors(401, 403, 409, 413, 422, 500, 503, 507)})
+async def upload_task(task: TaskName, request: Request, response: Response, state: State) -> TaskPublic:
     """Upload a bundle (raw bytes). 201 when new, 200 when it replaced a task.
 
     The body streams into a temporary file in the store (never whole in memory), under the size limit;
@@ -145,8 +150,10 @@ async def upload_task(task: str, request: Request, response: Response, state: St
     return _task_public(state, task, header, detail=True)
 
 
-@router.delete("/v1/tasks/{task}", status_code=204, dependencies=[Admin])
-async def delete_task(task: str, state: State) -> Response:
+@router.delete("/v1/tasks/{task}", status_code=204, dependencies=[Admin], response_class=Response,
+               responses=errors(401, 403, 404, 422, 503))
+async def delete_task(task: TaskName, state: State) -> Response:
+    """Remove a task from the store and the cache (a forward pass using it finishes first)."""
     await run_in_threadpool(state.engine.delete, task)  # a worker thread: it may wait for a forward pass
     return Response(status_code=204)
 
@@ -165,7 +172,7 @@ async def healthz(state: State) -> HealthPublic:
     return await run_in_threadpool(_health, state)
 
 
-@router.get("/readyz", response_model=ReadyPublic, responses={503: {"model": ErrorPublic}})
+@router.get("/readyz", response_model=ReadyPublic, responses=errors(503))
 async def readyz(request: Request, state: State):
     """Readiness: 200 once start-up is complete (backbone loaded, examples preloaded) and while the store
     can be listed; 503 before that, during shutdown, or when the store cannot be read."""
@@ -178,6 +185,9 @@ async def readyz(request: Request, state: State):
     return ReadyPublic(status="ready")
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition format 0.0.4.",
+    "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
+    """Prometheus metrics of this process (latency, requests, cache, tiers, memory)."""
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

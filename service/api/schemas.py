@@ -14,7 +14,9 @@ class PredictIn(BaseModel):
     Hugging Face ``pipeline("text-classification")`` and text-embeddings-inference name them. Unknown fields
     are refused (422 naming them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"inputs": ["a charming and often affecting journey", "dull, flat and lifeless"]},
+        {"inputs": ["an astonishing film"], "top_k": 2, "truncate": False}]})
 
     inputs: list[TextOrPair] = Field(description="Texts, or [text_a, text_b] pairs for pair tasks.")
     top_k: int | None = Field(None, ge=1, description="Add `top`: the labels sorted by score, highest first, this "
@@ -46,6 +48,10 @@ class PredictIn(BaseModel):
 class FanOutIn(PredictIn):
     """A predict body with ``tasks``: every task answers every input, from one mixed-task forward call."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"inputs": ["the book was read by me"], "tasks": ["SST-2", "CoLA"]},
+        {"inputs": [["A man is playing a guitar.", "A man plays guitar."]], "tasks": "*"}]})
+
     tasks: list[str] | Literal["*"] = Field(description='Task names, or "*" for every stored task that takes '
                                             "these inputs (single texts or pairs), at most SUPERMASK_MAX_FANOUT_TASKS.")
 
@@ -69,6 +75,11 @@ class PredictionPublic(BaseModel):
 
 
 class PredictPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"task": "SST-2", "predictions": [{"label": "positive", "score": 0.97,
+                                           "scores": {"negative": 0.03, "positive": 0.97}}]},
+        {"task": "STS-B", "predictions": [{"value": 4.6}]}]})
+
     task: str
     predictions: list[PredictionPublic]
 
@@ -76,11 +87,26 @@ class PredictPublic(BaseModel):
 class FanOutPublic(BaseModel):
     """One result per task, in the order of the request's ``tasks`` (``"*"``: by name)."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
+        {"task": "SST-2", "predictions": [{"label": "negative", "score": 0.81,
+                                           "scores": {"negative": 0.81, "positive": 0.19}}]},
+        {"task": "CoLA", "predictions": [{"label": "acceptable", "score": 0.74,
+                                          "scores": {"unacceptable": 0.26, "acceptable": 0.74}}]}]}]})
+
     results: list[PredictPublic]
+
+
+_TASK_EXAMPLE = {"name": "SST-2", "problem_type": "single_label_classification", "labels": ["negative", "positive"],
+                 "text_pairs": False, "max_seq_length": 64, "format_version": 2, "sparsity": 0.0275,
+                 "masked_matrices": 36, "masked_weights": 10616832, "bytes": 1342085, "resident": True,
+                 "tier": "hot", "backbone_fingerprint": "9c1d…", "metrics": {"accuracy": 0.89},
+                 "created_at": "2026-11-30T12:00:00+00:00"}
 
 
 class TaskPublic(BaseModel):
     """Facts from a stored bundle's header."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_TASK_EXAMPLE]})
 
     name: str
     problem_type: str
@@ -103,15 +129,23 @@ class TaskPublic(BaseModel):
 
 
 class TasksPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tasks": [_TASK_EXAMPLE], "count": 1}]})
+
     tasks: list[TaskPublic]
     count: int
 
 
 class ReadyPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready"}]})
+
     status: str
 
 
 class HealthPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"status": "ok", "quarantined": [], "backbone": "all-MiniLM-L6-v2", "backbone_fingerprint": "9c1d…",
+         "tasks": 6, "resident_tasks": 2, "device": "cpu", "precision": "int8", "hot_tasks": 2}]})
+
     status: str = Field(description="ok, or degraded when corrupt stored bundles were quarantined.")
     quarantined: list[str] = Field(default_factory=list, description="Tasks whose stored bundle was found corrupt.")
     backbone: str

@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -37,7 +37,8 @@ from mask_store.format import BundleHeader
 from mask_store.local import check_task_name
 from service import __version__
 from service.api.deps import State
-from service.api.errors import error_headers, status_for
+from service.api.errors import OIP_PREFIX, status_for, typed_response
+from service.api.openapi import NON_BLANK, TaskName, errors
 from service.api.routes import _rows
 from service.api.schemas import PredictIn
 from service.engine import PredictOptions, PredictRequest
@@ -61,15 +62,15 @@ class OipReady(BaseModel):
     ready: bool
 
 
-_ERRORS = {404: {"model": OipError, "description": "no such task"},
-           422: {"model": OipError, "description": "a malformed name, version or request"}}
-
-
 def _error(exc: Exception) -> JSONResponse:
     status = status_for(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc)
-    return JSONResponse({"error": str(exc)}, status_code=status, headers=error_headers(exc, status))
+    return typed_response(exc, OIP_PREFIX)
+
+
+Version = Annotated[str, Path(description=f'The model version: every task has the one version "{VERSION}".',
+                              json_schema_extra={"enum": [VERSION]})]
 
 
 def _check_version(version: str | None) -> None:
@@ -113,13 +114,19 @@ async def ready(request: Request) -> Any:
     return JSONResponse({"ready": False}, status_code=400)
 
 
-@router.get("/models/{task}", responses=_ERRORS)
-async def metadata(task: str, state: State) -> Any:
-    return await metadata_version(task, state, None)
+_META_ERRORS = errors(404, 422, 500, 503, oip=True)
+_INFER_ERRORS = errors(404, 413, 422, 429, 500, 503, 507, oip=True)
 
 
-@router.get("/models/{task}/versions/{version}", responses=_ERRORS)
-async def metadata_version(task: str, state: State, version: str | None) -> Any:
+@router.get("/models/{task}", responses=_META_ERRORS)
+async def metadata(task: TaskName, state: State) -> Any:
+    """OIP model metadata: the task's inputs and outputs as tensors."""
+    return await metadata_version(task, state, VERSION)
+
+
+@router.get("/models/{task}/versions/{version}", responses=_META_ERRORS)
+async def metadata_version(task: TaskName, state: State, version: Version) -> Any:
+    """:func:`metadata` of the task's one version."""
     try:
         check_task_name(task)
         _check_version(version)
@@ -128,13 +135,15 @@ async def metadata_version(task: str, state: State, version: str | None) -> Any:
         return _error(exc)
 
 
-@router.get("/models/{task}/ready", responses=_ERRORS)
-async def model_ready(task: str, state: State) -> Any:
-    return await model_ready_version(task, state, None)
+@router.get("/models/{task}/ready", responses=_META_ERRORS)
+async def model_ready(task: TaskName, state: State) -> Any:
+    """200 ``{"name", "ready": true}`` for a stored task."""
+    return await model_ready_version(task, state, VERSION)
 
 
-@router.get("/models/{task}/versions/{version}/ready", responses=_ERRORS)
-async def model_ready_version(task: str, state: State, version: str | None) -> Any:
+@router.get("/models/{task}/versions/{version}/ready", responses=_META_ERRORS)
+async def model_ready_version(task: TaskName, state: State, version: Version) -> Any:
+    """:func:`model_ready` of the task's one version."""
     try:
         check_task_name(task)
         _check_version(version)
@@ -254,7 +263,8 @@ INFER_REQUEST_SCHEMA = {
             "properties": {"name": {"type": "string", "enum": ["text", "text_pair"]},
                            "datatype": {"type": "string", "enum": ["BYTES"]},
                            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                           "data": {"type": "array", "items": {"type": "string"}},
+                           "data": {"type": "array", "items": {"type": "string", "minLength": 1,
+                                                               "pattern": NON_BLANK}},
                            "parameters": {"type": "object"}}}},
         "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
             "name": {"type": "string", "enum": ["label", "score", "logits"]}, "parameters": {"type": "object"}}}},
@@ -268,14 +278,14 @@ INFER_REQUEST_SCHEMA = {
 _INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": INFER_REQUEST_SCHEMA}}}}
 
 
-@router.post("/models/{task}/infer", openapi_extra=_INFER_BODY, responses=_ERRORS)
-async def infer(task: str, request: Request, state: State) -> Any:
+@router.post("/models/{task}/infer", openapi_extra=_INFER_BODY, responses=_INFER_ERRORS)
+async def infer(task: TaskName, request: Request, state: State) -> Any:
     """OIP inference: BYTES ``text`` (and ``text_pair``) in; ``label``, ``score``, ``logits`` out."""
-    return await infer_version(task, request, state, None)
+    return await infer_version(task, request, state, VERSION)
 
 
-@router.post("/models/{task}/versions/{version}/infer", openapi_extra=_INFER_BODY, responses=_ERRORS)
-async def infer_version(task: str, request: Request, state: State, version: str | None) -> Any:
+@router.post("/models/{task}/versions/{version}/infer", openapi_extra=_INFER_BODY, responses=_INFER_ERRORS)
+async def infer_version(task: TaskName, request: Request, state: State, version: Version) -> Any:
     """:func:`infer` of the task's one version, "1"."""
     s = state.settings
     try:
