@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from concurrent.futures import Executor
 
+from service import tracing
 from service.forward import Rows
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class _Pending:
     rows: Rows
     future: asyncio.Future = field(repr=False)
     options: Any = None
+    trace: Any = field(default=None, repr=False)  # the request's trace context (tracing on), and when it queued
+    queued_ns: int = 0
 
 
 class MicroBatcher:
@@ -97,6 +100,8 @@ class MicroBatcher:
             self._queued_rows = sum(len(p.rows) for p in self._queue)
             self._worker = loop.create_task(self._gather_forever(), name="supermask-batcher")
         item = _Pending(task, rows, loop.create_future(), options)
+        if tracing.enabled():
+            item.trace, item.queued_ns = tracing.current(), tracing.now_ns()
         self._queue.append(item)
         self._queued_rows += len(rows)
         self._arrived.set()
@@ -150,7 +155,14 @@ class MicroBatcher:
     async def _call(self, batch: list[_Pending]) -> list[Any]:
         items = [(p.task, p.rows) for p in batch]
         args = (items,) if all(p.options is None for p in batch) else (items, [p.options for p in batch])
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, *args)
+        if not tracing.enabled():
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, *args)
+        started = tracing.now_ns()
+        for p in batch:  # each request's wait for this pass, under its own span
+            tracing.record("supermask.queue", p.trace, p.queued_ns, started, task=p.task, rows=len(p.rows))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: tracing.linked("supermask.batch", [p.trace for p in batch], self._forward, *args,
+                                                   requests=len(batch), rows=sum(len(p.rows) for p in batch)))
 
     async def _run(self, batch: list[_Pending]) -> None:
         self.batches += 1

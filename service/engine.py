@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import os
 import logging
@@ -48,6 +49,7 @@ from service.kernels import cpu_features, cpu_hot
 from service.kernels.selector import AUTO, DEVICE_TIER_PATHS, select_path
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
+from service import tracing
 from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable, choose_path
 
 __all__ = ["Engine", "PredictOptions", "PredictRequest"]
@@ -324,8 +326,10 @@ class Engine:
         """:meth:`logits_mixed`, the header used for each item and its rows' tokens (``count`` as in
         :meth:`_resolve`; ``options`` as in :meth:`predict_mixed`, None: the defaults)."""
         entries, forms = self._resolve(items, count)
-        encoded = self.forward.encode(items, entries, options)  # tokenized outside the pass lock too
-        with self._lock:
+        rows = sum(len(r) for _, r in items)
+        with tracing.span("supermask.tokenize", rows=rows):
+            encoded = self.forward.encode(items, entries, options)  # tokenized outside the pass lock too
+        with self._lock, tracing.span("supermask.forward", rows=rows, tasks=len(entries)):
             outs = self.forward.run(items, entries, encoded, forms)
         return outs, [entries[task].header for task, _ in items], encoded
 
@@ -459,12 +463,14 @@ class Engine:
 
     async def _predict_async(self, req: PredictRequest) -> list[dict]:
         with self.observed(req):
-            await run_in_threadpool(self.prepare, req)
+            with tracing.span("supermask.prepare", task=req.task, rows=len(req.inputs)):
+                await run_in_threadpool(self.prepare, req)
             if self.batcher is not None:
                 return await self.batcher.submit(req.task, req.inputs,
                                                  None if req.options == DEFAULT_OPTIONS else req.options)
             loop = asyncio.get_running_loop()
-            return (await loop.run_in_executor(self._forward_thread, self._predict_prepared,
+            run = contextvars.copy_context().run  # the request's trace context in the forward thread
+            return (await loop.run_in_executor(self._forward_thread, run, self._predict_prepared,
                                                [(req.task, req.inputs)], [req.options]))[0]
 
     async def predict_fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
@@ -486,10 +492,12 @@ class Engine:
         with contextlib.ExitStack() as stack:
             for req in reqs:
                 stack.enter_context(self.observed(req))
-            await run_in_threadpool(lambda: [self.prepare(req) for req in reqs])
+            with tracing.span("supermask.prepare", tasks=len(reqs), rows=sum(len(r.inputs) for r in reqs)):
+                await run_in_threadpool(lambda: [self.prepare(req) for req in reqs])
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._forward_thread, self._predict_prepared,
-                                              [(r.task, r.inputs) for r in reqs], [r.options for r in reqs])
+            return await loop.run_in_executor(self._forward_thread, contextvars.copy_context().run,
+                                              self._predict_prepared, [(r.task, r.inputs) for r in reqs],
+                                              [r.options for r in reqs])
 
     def prepare(self, req: PredictRequest) -> None:
         """Check ``req``'s inputs (:meth:`check_inputs`; with ``truncate`` off, their token counts), load its

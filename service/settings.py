@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     """Origins allowed by CORS (JSON list, e.g. ``["https://app.example"]``; ``["*"]`` any); empty: CORS off."""
     gzip_min_bytes: int | None = Field(None, gt=0)
     """Compress responses of at least this many bytes when the client accepts gzip; None: off."""
+    otel_tracing: bool = False
+    """OpenTelemetry tracing (:mod:`service.tracing`): a server span per request and spans for prepare, queue,
+    batch, tokenize and forward. Off by default; needs the ``otel`` extra."""
+    otel_exporter: Literal["otlp", "console"] = "otlp"
+    """Where spans go when the process has no tracer provider yet: OTLP over HTTP (``OTEL_EXPORTER_OTLP_*``
+    variables) or standard output."""
     cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the host task cache (CPU: resident mask forms + heads; CUDA: packed masks + heads);
     least recently used tasks are evicted."""

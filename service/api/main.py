@@ -23,6 +23,7 @@ from service.api.routes import router
 from service.api import fanout, openapi, v2
 from backbone import Backbone, load_backbone
 from service.engine import Engine, needs_model_forward
+from service import tracing
 from service.kernels.cpu_hot import bound_onednn_caches
 from service.metrics import Metrics
 from service.settings import Settings
@@ -77,6 +78,9 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     app.state.ready = False
     errors.install(app)
     openapi.install(app, settings)
+    if settings.otel_tracing:
+        tracing.enable(settings.otel_exporter)
+        tracing.instrument(app)
     app.include_router(router)
     app.include_router(fanout.router)
     app.include_router(v2.router)

@@ -14,7 +14,8 @@ class PredictIn(BaseModel):
     Hugging Face ``pipeline("text-classification")`` and text-embeddings-inference name them. Unknown fields
     are refused (422 naming them)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    # strict: a value of another JSON type is refused, as the schema says (lax pydantic took 0 for false)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"inputs": ["a charming and often affecting journey", "dull, flat and lifeless"]},
         {"inputs": ["an astonishing film"], "top_k": 2, "truncate": False}]})
 

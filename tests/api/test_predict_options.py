@@ -92,6 +92,9 @@ def test_raw_scores_contradicting_function_to_apply_is_refused(server):
     ({"truncation_direction": "middle"}, "truncation_direction"),
     ({"function_to_apply": "relu"}, "function_to_apply"),
     ({"top_k": 0}, "top_k"),
+    ({"truncate": 0}, "truncate"),  # strict types: no 0 for false (found by schemathesis)
+    ({"raw_scores": "true"}, "raw_scores"),
+    ({"top_k": 2.0}, "top_k"),
 ])
 def test_unknown_or_bad_fields_are_refused_naming_them(server, body, named):
     r = predict(server, **body)
