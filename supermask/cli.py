@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from service.settings import CPU_PRECISIONS  # torch-free (pydantic)
-from training import BERNOULLI_PER, MASK_RULES  # torch-free: the package top level names choices only
+from training import BERNOULLI_PER, MASK_RULES, STE_KINDS  # torch-free: the package top level names choices only
 
 DEFAULT_DATA_DIR = "../shared/data/glue"
 CLIENT_COMMANDS = ("predict", "tasks", "upload", "delete")
@@ -46,6 +46,7 @@ def _train(args: argparse.Namespace) -> int:
         task_name=args.name,
         device=args.device,
         mask_rule=args.mask_rule,
+        ste=args.ste,
         heldout_fraction=args.heldout_fraction,
         heldout_seed=args.heldout_seed,
         head_refit_steps=args.head_refit_steps,
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic mask written to the bundle: 'sign' is 1[ν > 0], i.e. 1[σ(ν) > 0.5] (our rule: the paper reports the mean of 10 Bernoulli samples and states none); 'expected' "
                         "thresholds ν globally so the mask prunes the expected sparsity of the Bernoulli masks "
                         "it was trained with, mean(1 − σ(ν)) (benchmarks/glue/mask_threshold.py, docs/results.md)")
+    t.add_argument("--ste", choices=STE_KINDS, default="identity",
+                   help="straight-through gradient to the mask scores ν: 'identity' passes dL/dμ (the paper's); "
+                        "'sigmoid' multiplies it by σ(ν)(1 − σ(ν)), the derivative of the Bernoulli mean")
     t.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="fraction of train.tsv held out (never trained on) to choose the head refit's penalty and to "
                         "compare runs on; 0 trains on every row (then no --head-refit-steps)")

@@ -10,6 +10,12 @@ choices without loading the training stack.
 # prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν)).
 MASK_RULES = ("sign", "expected")
 
+# Straight-through estimator of the mask scores' gradient (TrainConfig.ste): "identity" is the paper's,
+# dL/dν := dL/dμ (Radiya-Dixit & Wang 2020, Section 3.3); "sigmoid" scales it by the derivative of the
+# Bernoulli mean, dL/dν := dL/dμ · σ(ν)(1 − σ(ν)) (as in Zhou et al. 2019's supermask training): an option
+# of ours, smaller steps for scores far from 0.
+STE_KINDS = ("identity", "sigmoid")
+
 # How a Bernoulli evaluation draws its masks (training.trainer.evaluate_bernoulli): "batch", a
 # fresh mask per batch of examples (every recorded run so far); "mask", one mask per sample.
 BERNOULLI_PER = ("batch", "mask")

@@ -2,7 +2,8 @@
 
 A masked layer computes ``y = x · (deq(W_q) ⊙ μ)ᵀ + b`` with
 ``μ = Bern(σ(ν))`` (Eq. 3-4). The Bernoulli sample is not differentiable;
-the gradient is passed straight through: ``∂L/∂ν := ∂L/∂μ``. In evaluation
+the gradient is passed straight through: ``∂L/∂ν := ∂L/∂μ`` (``ste="identity"``; our option
+``ste="sigmoid"`` multiplies it by ``σ'(ν) = σ(ν)(1 − σ(ν))``, :data:`training.STE_KINDS`). In evaluation
 mode the mask is deterministic, ``μ = 1[σ(ν) > 0.5] = 1[ν > 0]``: our serving rule, not the
 paper's (it reports the mean over 10 Bernoulli samples and states no deterministic rule).
 """
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from backbone import Backbone, dequantize, mean_pool, replace_module
+from training import STE_KINDS, check_choice
 
 SCORE_INIT = 5.0  # |ν| at initialization (paper: ν = ±5)
 
@@ -26,6 +28,8 @@ class SupermaskLinear(nn.Module):
         bias: float32 ``[out]`` or None (not trained).
         init_sparsity: fraction ``s0`` of the smallest-|W| entries of this
             matrix that start pruned (``ν = -5``); the rest start at ``ν = +5``.
+        ste: the straight-through gradient to ``ν``: ``"identity"`` (``∂L/∂μ``, the paper's) or ``"sigmoid"``
+            (``∂L/∂μ · σ(ν)(1 − σ(ν))``).
 
     Attributes:
         scores: ``ν``, float32 ``[out, in]``, the trainable mask parameter.
@@ -37,10 +41,13 @@ class SupermaskLinear(nn.Module):
             ``[out, in]``, that sampling forwards use until cleared (:meth:`SupermaskModel.draw_masks`).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init_sparsity: float = 0.0):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init_sparsity: float = 0.0,
+                 ste: str = "identity"):
         super().__init__()
         if not 0.0 <= init_sparsity < 1.0:
             raise ValueError(f"init_sparsity must be in [0, 1), got {init_sparsity}")
+        check_choice("ste", ste, STE_KINDS)
+        self.ste = ste
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         scores = torch.full_like(self.weight, SCORE_INIT)
@@ -62,8 +69,9 @@ class SupermaskLinear(nn.Module):
         else:
             mu = (self.scores.detach() > self.threshold).to(self.scores.dtype)
         # straight-through estimator: forward value exactly mu (the bracket is 0.0 in floating point, where
-        # (mu + ν) − ν is not), gradient dL/dν = dL/dμ
-        return mu + (self.scores - self.scores.detach())
+        # (mu + ν) − ν is not), gradient dL/dν = dL/dμ, or dL/dμ · σ'(ν) through σ(ν) − σ(ν).detach()
+        through = torch.sigmoid(self.scores) if self.ste == "sigmoid" else self.scores
+        return mu + (through - through.detach())
 
     def hard_mask(self) -> torch.Tensor:
         """Deterministic served mask ``1[ν > τ]`` (``τ = 0``: ``1[σ(ν) > 0.5]``), bool ``[out, in]``."""
@@ -123,14 +131,14 @@ class SupermaskModel(EncoderWithHead):
     """
 
     def __init__(self, backbone: Backbone, num_outputs: int, init_sparsity: float = 0.0,
-                 head_dropout: float = 0.1, quantized: bool = True):
+                 head_dropout: float = 0.1, quantized: bool = True, ste: str = "identity"):
         super().__init__()
         self.encoder = backbone.model
         self.masked_names = list(backbone.masked)
         for name in self.masked_names:
             lin = self.encoder.get_submodule(name)
             weight = dequantize(backbone.qweight[name], backbone.scale[name]) if quantized else lin.weight
-            replace_module(self.encoder, name, SupermaskLinear(weight, lin.bias, init_sparsity))
+            replace_module(self.encoder, name, SupermaskLinear(weight, lin.bias, init_sparsity, ste))
         self.head = TaskHead(backbone.hidden_size, num_outputs, head_dropout)
 
     def masked_layers(self) -> dict[str, SupermaskLinear]:

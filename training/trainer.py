@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
 from mask_store.local import atomic_write, check_task_name
 from backbone import Backbone, load_backbone, resolve_torch_device
-from training import BERNOULLI_PER, MASK_RULES, check_choice
+from training import BERNOULLI_PER, MASK_RULES, STE_KINDS, check_choice
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import (HELDOUT_FRACTION, HELDOUT_SEED, Example, GlueTask, calibration, compute_metrics, get_task,
                            read_split, split_heldout)
@@ -68,6 +68,7 @@ class TrainConfig:
     # deterministic mask written to the bundle: "sign" = 1[ν > 0] (ours, the paper states no rule); "expected" = 1[ν > τ] with one
     # global τ that prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν))
     mask_rule: str = "sign"  # one of training.MASK_RULES
+    ste: str = "identity"  # straight-through gradient to ν, one of training.STE_KINDS
     # held-out validation split carved from train.tsv (training.glue.split_heldout): not trained on; model
     # selection is judged on it, never on dev. 0.0: train on every row (runs before held-out splits)
     heldout_fraction: float = HELDOUT_FRACTION
@@ -209,6 +210,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     if cfg.mask_lr <= 0 or cfg.head_lr <= 0:
         raise ValueError(f"learning rates must be positive, got mask_lr={cfg.mask_lr}, head_lr={cfg.head_lr}")
     check_choice("mask_rule", cfg.mask_rule, MASK_RULES)
+    check_choice("ste", cfg.ste, STE_KINDS)
     if not (1 <= cfg.bits <= 8 or cfg.bits == 32):
         raise ValueError(f"bits must be in 1..8 or 32 (un-quantized), got {cfg.bits}")
     for opt_name in ("batch_size", "max_steps", "train_limit", "dev_limit", "max_seq_length", "eval_batch_size"):
@@ -239,7 +241,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         shuffle_masked_weights(backbone, cfg.seed, float_weights=cfg.bits == 32)
     tokenizer = backbone.tokenizer
     num_out = 1 if task.problem_type == "regression" else len(task.labels)
-    model = SupermaskModel(backbone, num_out, cfg.init_sparsity, cfg.head_dropout, quantized=cfg.bits < 32)
+    model = SupermaskModel(backbone, num_out, cfg.init_sparsity, cfg.head_dropout, quantized=cfg.bits < 32,
+                           ste=cfg.ste)
     model.to(device)
 
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size

@@ -42,6 +42,8 @@ def build_parser():
     p.add_argument("--max-lens", nargs="+", type=int, metavar="N", help="max sequence lengths (default: the recipe's)")
     p.add_argument("--mask-rules", nargs="+", choices=("sign", "expected"), default=["sign"],
                    help="deterministic mask rules written to the bundle")
+    p.add_argument("--stes", nargs="+", choices=("identity", "sigmoid"), default=["identity"],
+                   help="straight-through estimators of the scores' gradient (TrainConfig.ste)")
     p.add_argument("--ship-to", metavar="DIR",
                    help="copy the chosen configuration's best held-out run to DIR/<TASK>.smask when it beats the "
                         "bundle there on its recorded held-out figure (a bundle without one is replaced)")
@@ -52,10 +54,12 @@ def plan_runs(args) -> list[tuple[str, dict]]:
     plan = []
     for task in common.check_tasks(args.tasks):
         r = common.RECIPES[task]
-        for lr, ep, ml, rule, seed in itertools.product(args.mask_lrs or [r.mask_lr], args.epoch_grid or [None],
-                                                        args.max_lens or [r.max_seq_length], args.mask_rules,
-                                                        args.seeds or [0]):
+        for lr, ep, ml, rule, ste, seed in itertools.product(
+                args.mask_lrs or [r.mask_lr], args.epoch_grid or [None], args.max_lens or [r.max_seq_length],
+                args.mask_rules, args.stes, args.seeds or [0]):
             over = {"mask_lr": lr, "max_seq_length": ml, "mask_rule": rule}
+            if ste != "identity":  # only when set: the recorded runs' names (config hashes) stay as they were
+                over["ste"] = ste
             if ep is not None:
                 over.update({"epochs": ep, "max_steps": None})
             plan.append(("supermask", common.supermask_config(task, seed, args, heldout=True, **over)))
@@ -64,7 +68,8 @@ def plan_runs(args) -> list[tuple[str, dict]]:
 
 def _key(rec: dict) -> tuple:
     c = rec["config"]
-    return (c["task"], c["mask_lr"], c["max_steps"] or f"{c['epochs']:g} ep", c["max_seq_length"], c.get("mask_rule", "sign"))
+    return (c["task"], c["mask_lr"], c["max_steps"] or f"{c['epochs']:g} ep", c["max_seq_length"],
+            c.get("mask_rule", "sign"), c.get("ste", "identity"))
 
 
 def _heldout(rec: dict) -> float | None:
@@ -78,7 +83,7 @@ def summarize(records: list[dict], data_dir: str) -> tuple[list[dict], str, dict
     for key, recs in common.group(records, _key).items():
         held = [_heldout(r) for r in recs]
         rows.append({"task": key[0], "mask_lr": key[1], "length": key[2], "max_len": key[3], "mask_rule": key[4],
-                     "seeds": [r["seed"] for r in recs], "heldout": held,
+                     "ste": key[5], "seeds": [r["seed"] for r in recs], "heldout": held,
                      "heldout_mean": float(np.mean([h for h in held if h is not None])) if any(
                          h is not None for h in held) else None,
                      "final_loss": float(np.mean([r["result"]["final_loss"] for r in recs])),
@@ -89,16 +94,16 @@ def summarize(records: list[dict], data_dir: str) -> tuple[list[dict], str, dict
             chosen[task] = max(ok, key=lambda r: r["heldout_mean"])
     lines = ["Served deterministic mask after the head refit, int8 backbone. Held-out: 10 % of train.tsv "
              "(seed 1234), never trained on. **Chosen on the held-out mean; dev shown only for the chosen row.**", "",
-             "| task | ν lr | length | max len | mask rule | seeds | held-out (mean ± s.d.) | final train loss | "
+             "| task | ν lr | length | max len | mask rule | STE | seeds | held-out (mean ± s.d.) | final train loss | "
              "sparsity | dev (served) | dev Bernoulli mean (trained head) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], str(r["mask_lr"]), str(r["length"]), r["max_len"])):
         m = common.main_metric(r["task"])
         is_chosen = chosen.get(r["task"]) is r
         dev = common.mean_sd([common.metric_of(x, m) for x in r["records"]]) if is_chosen else "(not chosen)"
         bern = common.bernoulli_cell(r["records"], m) if is_chosen else ""
         lines.append(f"| {r['task']}{' **chosen**' if is_chosen else ''} | {r['mask_lr']:g} | {r['length']} | "
-                     f"{r['max_len']} | {r['mask_rule']} | {' '.join(map(str, r['seeds']))} | "
+                     f"{r['max_len']} | {r['mask_rule']} | {r['ste']} | {' '.join(map(str, r['seeds']))} | "
                      f"{common.mean_sd(r['heldout'])} {common.METRIC_LABEL.get(m, m)} | {r['final_loss']:.3f} | "
                      f"{100 * r['sparsity']:.2f} % | {dev} | {bern} |")
     for task in sorted(chosen):

@@ -23,6 +23,27 @@ def test_straight_through_gradient_reaches_scores():
     torch.testing.assert_close(layer.scores.grad, expected)
 
 
+def test_sigmoid_straight_through_scales_the_gradient_by_the_sigmoid_derivative():
+    torch.manual_seed(0)
+    w, x = torch.randn(5, 7), torch.randn(3, 7)
+    grads, outs = {}, {}
+    for ste in ("identity", "sigmoid"):
+        torch.manual_seed(1)  # the same Bernoulli draw for both
+        layer = SupermaskLinear(w, torch.zeros(5), ste=ste)
+        with torch.no_grad():
+            layer.scores.copy_(torch.randn(5, 7) * 3)
+        layer.train()
+        y = layer(x)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        grads[ste], outs[ste] = layer.scores.grad, y.detach()
+    torch.testing.assert_close(outs["sigmoid"], outs["identity"], rtol=0, atol=0)  # forward unchanged
+    p = torch.sigmoid(layer.scores.detach())
+    torch.testing.assert_close(grads["sigmoid"], grads["identity"] * p * (1 - p))
+    assert not torch.allclose(grads["sigmoid"], grads["identity"])
+    with pytest.raises(ValueError, match="ste must be one of"):
+        SupermaskLinear(w, None, ste="tanh")
+
+
 @pytest.mark.parametrize("sample", [False, True])
 def test_mask_value_is_exactly_binary(sample):
     # the straight-through form must not perturb the forward value: (μ + ν) − ν rounds, μ + (ν − ν) does not
