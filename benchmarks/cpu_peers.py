@@ -59,7 +59,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from benchmarks import serve_cpu, synthetic  # noqa: E402
 from benchmarks.peers import onnx_export  # noqa: E402
-from benchmarks.peers.procs import MiB, ServerProcesses, machine_busy_cpu_s, own_cpu_s, tree_rss_bytes  # noqa: E402
+from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, machine_busy_cpu_s, own_cpu_s,  # noqa: E402
+                                     tree_rss_bytes)
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 PEERS = ("hf-fp32", "hf-int8", "ort-int8")
@@ -363,16 +364,6 @@ def per_round_table(servers: dict, specs) -> list[str]:
             lines.append(f"| {name} | {i} | {load} | "
                          + " | ".join("—" if v is None else f"{v:.1f}" for v in vals) + " |")
     return lines
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

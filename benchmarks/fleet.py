@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import serve_cpu, synthetic  # noqa: E402
-from benchmarks.peers.procs import MiB, ServerProcesses, tree_pids, tree_rss_bytes  # noqa: E402
+from benchmarks.peers.procs import MiB, ServerProcesses, cpu_model, tree_pids, tree_rss_bytes  # noqa: E402
 
 SERVERS = ("single", "ray-1", "ray-2")
 REPLICA_HEADER = "x-supermask-replica"
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         except md.PackageNotFoundError:
             versions[dist] = None
     res = {"command": " ".join([".venv/bin/python benchmarks/fleet.py", shlex.join(argv)]).strip(), "precision": precision,
-           "hardware": {"cpu": serve_cpu_cpu_model(), "logical_cpus": os.cpu_count(), "load_start": load_start,
+           "hardware": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "load_start": load_start,
                         "load_end": [round(x, 2) for x in os.getloadavg()], "versions": versions},
            "config": {k: getattr(opts, k) for k in ("rounds", "requests", "requests_32", "mixed_requests", "tasks",
                                                    "concurrency", "threads")},
@@ -407,16 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(text)
     print(text)
     return 0
-
-
-def serve_cpu_cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -219,6 +219,61 @@ def check_task_name(task: str) -> str:
     return task
 
 
+@contextlib.contextmanager
+def spool_file(create: Callable[[], tuple[int, Path]]) -> Iterator[tuple[object, Path]]:
+    """``(binary file open for writing, its path)`` of the file ``create()`` opened (``(fd, path)``), removed on
+    exit unless it was renamed away meanwhile; OS errors as StoreFull / StoreUnavailable. Every backend's
+    ``spool``."""
+    try:
+        fd, tmp = create()
+    except OSError as exc:
+        raise storage_error(exc, "create an upload file") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh, tmp
+    except OSError as exc:
+        raise storage_error(exc, "write the upload") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def validate_spooled(store, task: str, tmp: Path, backbone_fingerprint: str | None) -> tuple[Bundle, int]:
+    """``(store.validate(task, <the file's bytes>), size)`` for an upload spooled to ``tmp``, read through a
+    read-only memory map (never copied whole into memory). Shared by every store backend.
+
+    Raises:
+        as ``store.validate``; StoreUnavailable: the file cannot be read.
+    """
+    try:
+        with open(tmp, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                return store.validate(task, b"", backbone_fingerprint), 0  # raises: too short
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return store.validate(task, mm, backbone_fingerprint), size  # the bundle holds copies
+    except OSError as exc:
+        raise storage_error(exc, f"read the upload of task {task!r}") from None
+
+
+def seed_store(store, directory: str | os.PathLike) -> list[str]:
+    """Copy every ``*.smask`` bundle of the local ``directory`` into ``store`` (any backend) if the store holds
+    no task (a deleted example stays deleted); a bundle that fails validation is skipped with a warning.
+    Returns the names of the tasks copied."""
+    src = Path(directory)
+    if store.tasks() or not src.is_dir():
+        return []
+    copied = []
+    for path in sorted(src.glob("*" + BUNDLE_SUFFIX)):
+        task = path.name[: -len(BUNDLE_SUFFIX)]
+        try:
+            store.put(task, path.read_bytes())
+        except Exception as exc:  # a broken example must not stop the server
+            log.warning("skipping example bundle %s: %s", path, exc)
+            continue
+        copied.append(task)
+    return copied
+
+
 class LocalMaskStore:
     """Bundles in a directory, ``<root>/<task>.smask``.
 
@@ -385,8 +440,7 @@ class LocalMaskStore:
             raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
         return bundle
 
-    @contextlib.contextmanager
-    def spool(self) -> Iterator[tuple[object, Path]]:
+    def spool(self) -> contextlib.AbstractContextManager[tuple[object, Path]]:
         """A new temporary file in the store's directory to stream an upload into: yields ``(binary file
         object open for writing, its path)``; pass the path to :meth:`put` to validate and store it
         (renamed into place: no second copy). The file is removed on exit unless :meth:`put` took it.
@@ -394,17 +448,7 @@ class LocalMaskStore:
         Raises:
             StoreFull / StoreUnavailable: it cannot be created (disk full, read-only store).
         """
-        try:
-            fd, tmp = _create_temp(self.root, 0o600)
-        except OSError as exc:
-            raise storage_error(exc, "create an upload file") from None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                yield fh, tmp
-        except OSError as exc:
-            raise storage_error(exc, "write the upload") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        return spool_file(lambda: _create_temp(self.root, 0o600))
 
     def put(self, task: str, data: bytes | os.PathLike, backbone_fingerprint: str | None = None,
             check: Callable[[Bundle], object] | None = None) -> tuple[Bundle, bool]:
@@ -427,7 +471,7 @@ class LocalMaskStore:
             bundle = self.validate(task, data, backbone_fingerprint)
             size = len(data)
         else:
-            bundle, size = self._validate_file(task, Path(data), backbone_fingerprint)
+            bundle, size = validate_spooled(self, task, Path(data), backbone_fingerprint)
         if check is not None:
             check(bundle)
         with self._lock:
@@ -446,17 +490,6 @@ class LocalMaskStore:
         log.info("stored task %s (%d bytes, %s)", task, size, "new" if created else "replaced")
         return bundle, created
 
-    def _validate_file(self, task: str, tmp: Path, backbone_fingerprint: str | None) -> tuple[Bundle, int]:
-        try:
-            with open(tmp, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size == 0:
-                    return self.validate(task, b"", backbone_fingerprint), 0  # raises: too short
-                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    return self.validate(task, mm, backbone_fingerprint), size  # the bundle holds copies
-        except OSError as exc:
-            raise storage_error(exc, f"read the upload of task {task!r}") from None
-
     def delete(self, task: str) -> None:
         """Remove a task's bundle. Raises TaskNotFound, InvalidTaskName, StoreUnavailable (read-only)."""
         with self._lock:
@@ -471,22 +504,6 @@ class LocalMaskStore:
             _fsync_dir(self.root)
 
     def seed_from(self, directory: str | os.PathLike) -> list[str]:
-        """Copy every bundle in ``directory`` into the store if the store is empty.
-
-        Used to preload the shipped example tasks into a fresh store; a store
-        that already holds any task is left alone (a deleted example stays deleted).
-        Returns the names of the tasks copied.
-        """
-        src = Path(directory)
-        if self.tasks() or not src.is_dir():
-            return []
-        copied = []
-        for path in sorted(src.glob("*" + BUNDLE_SUFFIX)):
-            task = path.name[: -len(BUNDLE_SUFFIX)]
-            try:
-                self.put(task, path.read_bytes())
-            except Exception as exc:  # a broken example must not stop the server
-                log.warning("skipping example bundle %s: %s", path, exc)
-                continue
-            copied.append(task)
-        return copied
+        """Copy every bundle in ``directory`` into the store if the store is empty (:func:`seed_store`):
+        used to preload the shipped example tasks into a fresh store. Returns the names of the tasks copied."""
+        return seed_store(self, directory)

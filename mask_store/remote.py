@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import re
 import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Hashable
 
@@ -39,7 +38,8 @@ from mask_store.errors import BundleInvalid, BundleUnsupported, StoredBundleCorr
 from mask_store.format import BUNDLE_SUFFIX, HEADER_DIGEST_BYTES, MAX_HEADER_BYTES, TASK_NAME_PATTERN, Bundle, BundleHeader
 from mask_store.format import decode_bundle, decode_header
 from mask_store.local import QUARANTINE_MARK, check_task_name, storage_error
-from mask_store.store import seed_store, validate_upload
+from mask_store.local import seed_store, spool_file, validate_spooled
+from mask_store.store import validate_upload
 
 log = logging.getLogger(__name__)
 
@@ -224,26 +224,18 @@ class ObjectMaskStore:
         """Validate an upload for ``task`` without storing it (as :meth:`LocalMaskStore.validate`)."""
         return validate_upload(task, data, self.max_bundle_bytes, backbone_fingerprint)
 
-    @contextlib.contextmanager
-    def spool(self) -> Iterator[tuple[object, Path]]:
+    def spool(self) -> contextlib.AbstractContextManager[tuple[object, Path]]:
         """A new local temporary file to stream an upload into (as :meth:`LocalMaskStore.spool`): yields
         ``(binary file object open for writing, its path)``; pass the path to :meth:`put`. Removed on exit.
 
         Raises:
             StoreFull / StoreUnavailable: it cannot be created or written (local disk full).
         """
-        try:
+        def create() -> tuple[int, Path]:
             fd, name = tempfile.mkstemp(prefix="supermask-upload-")
-        except OSError as exc:
-            raise storage_error(exc, "create an upload file") from None
-        tmp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                yield fh, tmp
-        except OSError as exc:
-            raise storage_error(exc, "write the upload") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+            return fd, Path(name)
+
+        return spool_file(create)
 
     def put(self, task: str, data: bytes | os.PathLike, backbone_fingerprint: str | None = None,
             check: Callable[[Bundle], object] | None = None) -> tuple[Bundle, bool]:
@@ -264,7 +256,7 @@ class ObjectMaskStore:
         if isinstance(data, (bytes, bytearray, memoryview)):
             bundle, size = self.validate(task, data, backbone_fingerprint), len(data)
         else:
-            bundle, size = self._validate_file(task, Path(data), backbone_fingerprint)
+            bundle, size = validate_spooled(self, task, Path(data), backbone_fingerprint)
         if check is not None:
             check(bundle)
         final = self.path(task)
@@ -288,17 +280,6 @@ class ObjectMaskStore:
         log.info("stored task %s (%d bytes, %s) in %s", task, size, "new" if created else "replaced", self.url)
         return bundle, created
 
-    def _validate_file(self, task: str, tmp: Path, backbone_fingerprint: str | None) -> tuple[Bundle, int]:
-        try:
-            with open(tmp, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size == 0:
-                    return self.validate(task, b"", backbone_fingerprint), 0  # raises: too short
-                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    return self.validate(task, mm, backbone_fingerprint), size  # the bundle holds copies
-        except OSError as exc:
-            raise storage_error(exc, f"read the upload of task {task!r}") from None
-
     def delete(self, task: str) -> None:
         """Remove a task's object. Raises TaskNotFound, InvalidTaskName, StoreUnavailable."""
         with self._lock:
@@ -313,7 +294,7 @@ class ObjectMaskStore:
 
     def seed_from(self, directory: str | os.PathLike) -> list[str]:
         """Copy every bundle in the local ``directory`` into the store if the store holds no task
-        (:func:`mask_store.store.seed_store`). Returns the names of the tasks copied."""
+        (:func:`mask_store.local.seed_store`). Returns the names of the tasks copied."""
         return seed_store(self, directory)
 
     def _remove_stale_temporaries(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Hashable, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from mask_store.errors import BackboneMismatch, BundleInvalid
-from mask_store.format import BUNDLE_SUFFIX, Bundle, BundleHeader, decode_bundle
+from mask_store.format import Bundle, BundleHeader, decode_bundle
 from mask_store.local import LocalMaskStore, check_task_name
 
 log = logging.getLogger(__name__)
@@ -91,25 +91,6 @@ def validate_upload(task: str, data: bytes, max_bundle_bytes: int | None,
     if backbone_fingerprint is not None and bundle.header.backbone_fingerprint != backbone_fingerprint:
         raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
     return bundle
-
-
-def seed_store(store: MaskStore, directory: str | os.PathLike) -> list[str]:
-    """Copy every ``*.smask`` bundle of the local ``directory`` into ``store`` if the store holds no task
-    (a deleted example stays deleted); a bundle that fails validation is skipped with a warning.
-    Returns the names of the tasks copied."""
-    src = Path(directory)
-    if store.tasks() or not src.is_dir():
-        return []
-    copied = []
-    for path in sorted(src.glob("*" + BUNDLE_SUFFIX)):
-        task = path.name[: -len(BUNDLE_SUFFIX)]
-        try:
-            store.put(task, path.read_bytes())
-        except Exception as exc:  # a broken example must not stop the server
-            log.warning("skipping example bundle %s: %s", path, exc)
-            continue
-        copied.append(task)
-    return copied
 
 
 def store_url_for(store_dir: str | os.PathLike) -> str:

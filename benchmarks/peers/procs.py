@@ -17,6 +17,19 @@ from pathlib import Path
 MiB = 2**20
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows: for every benchmark's record."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def tree_pids(pid: int, limit: int = 10_000) -> list[int]:
     """``pid`` and all its live descendants (``/proc/<pid>/task/<tid>/children``), at most ``limit``."""
     seen, order = {pid}, [pid]
