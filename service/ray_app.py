@@ -305,7 +305,7 @@ class SupermaskIngress:
             else:
                 body = await request.body()
         except (MaskStoreError, ServiceError) as exc:
-            return typed_response(exc)
+            return typed_response(exc, "/" + path)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
         handle = self.model.options(multiplexed_model_id=task) if task else self.model
         reads = method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and task is not None)
@@ -325,7 +325,7 @@ class SupermaskIngress:
         what = "the request was retried on other replicas" if attempts > 1 else \
             "a write is not retried: it may or may not have been applied; repeat it (uploads are idempotent)"
         return typed_response(ReplicaUnavailable(f"the replica serving this request went away "
-                                                 f"({type(last).__name__}); {what}"))
+                                                 f"({type(last).__name__}); {what}"), "/" + path)
 
 
 def seed_examples(settings: Settings) -> list[str]:
