@@ -173,6 +173,9 @@ class ModelReplica:
 
         self.settings = Settings(**args)
         self.app = create_app(self.settings)
+        # the app is called in process (httpx's ASGI transport runs no lifespan): it is ready once built, the
+        # backbone loaded (replicas seed no examples; build_app did, once)
+        self.app.state.ready = True
         self.engine = self.app.state.supermask.engine
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://replica")

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Path
 
 from mask_store.format import TASK_NAME_PATTERN
-from service.api.schemas import ErrorPublic
+from service.api.schemas import ErrorPublic, OipError
 from service.settings import Settings
 
 TASK_NAME_REGEX = f"^{TASK_NAME_PATTERN}$"
@@ -69,8 +69,6 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.
 def errors(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, Any]]:
     """FastAPI ``responses=`` for these error statuses: each with :data:`_WHY`'s description, the error body's
     model (``ErrorPublic``, or OIP's ``{"error": str}`` with ``oip``) and an example; ``Retry-After`` on 429/503."""
-    from service.api.v2 import OipError  # noqa: PLC0415 - v2 imports this module
-
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         kind, message = _EXAMPLES[status]

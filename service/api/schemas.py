@@ -165,3 +165,9 @@ class ErrorBody(BaseModel):
 
 class ErrorPublic(BaseModel):
     error: ErrorBody
+
+
+class OipError(BaseModel):
+    """The Open Inference Protocol's error body, under ``/v2``."""
+
+    error: str

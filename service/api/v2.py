@@ -52,12 +52,6 @@ PLATFORM = "supermask"
 _LEN = struct.Struct("<I")
 
 
-class OipError(BaseModel):
-    """OIP's error body."""
-
-    error: str
-
-
 class OipReady(BaseModel):
     ready: bool
 

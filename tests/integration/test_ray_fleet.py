@@ -129,6 +129,10 @@ def test_the_fleet_answers_as_the_single_server_does(fleet):
     assert httpx.get(f"{base}/v1/tasks/t1").json()["labels"] == ["neg", "pos"]
     health = httpx.get(f"{base}/healthz").json()
     assert health["status"] == "ok" and health["tasks"] == len(TASKS)
+    assert httpx.get(f"{base}/readyz").status_code == 200  # a replica's in-process app runs no lifespan
+    assert httpx.get(f"{base}/v2/health/ready").json() == {"ready": True}
+    r = httpx.get(f"{base}/v2/models/no-such-task")
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)  # OIP's error shape through the fleet
     r = predict(base, "no-such-task")
     assert r.status_code == 404 and r.json()["error"]["type"] == "TaskNotFound"
     r = httpx.post(f"{base}/v1/tasks/t0/predict", json={"inputs": []})
