@@ -398,25 +398,34 @@ def run(settings: Settings, blocking: bool = True) -> None:
         runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}} if local else None
         ray.init(address=settings.ray_address, namespace=APP_NAME, runtime_env=runtime_env)
         started = local
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
-    log.info("supermask fleet ready at http://%s:%d/ (%d model replica(s))", settings.host, settings.port,
-             settings.ray_replicas)
     if not blocking:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        log.info("supermask fleet ready at http://%s:%d/ (%d model replica(s))", settings.host, settings.port,
+                 settings.ray_replicas)
         return
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
+    # after ray.init (which installs a SIGTERM handler of its own) and before the deployment: a SIGTERM that
+    # comes while Serve starts stops the fleet as cleanly as one that comes later
     signal.signal(signal.SIGTERM, _stop)
+    deployed = False
     try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        deployed = True
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        log.info("supermask fleet ready at http://%s:%d/ (%d model replica(s))", settings.host, settings.port,
+                 settings.ray_replicas)
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         log.info("shutting down the fleet")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        serve.delete(APP_NAME)
+        if deployed:
+            serve.delete(APP_NAME)
         if started:
             serve.shutdown()
             ray.shutdown()
