@@ -25,6 +25,7 @@ only the request that caused the error receives it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -98,7 +99,10 @@ class MicroBatcher:
             self._backlog = False
             self._queue = [p for p in self._queue if p.future.get_loop() is loop]
             self._queued_rows = sum(len(p.rows) for p in self._queue)
-            self._worker = loop.create_task(self._gather_forever(), name="supermask-batcher")
+            # an empty context: the long-lived worker must not carry the first request's (its trace span, its
+            # request id in log lines)
+            self._worker = loop.create_task(self._gather_forever(), name="supermask-batcher",
+                                            context=contextvars.Context())
         item = _Pending(task, rows, loop.create_future(), options)
         if tracing.enabled():
             item.trace, item.queued_ns = tracing.current(), tracing.now_ns()

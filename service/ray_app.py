@@ -296,7 +296,7 @@ class SupermaskIngress:
         self.reporting.set(len(texts))
         return Response(merge_metrics(texts) + generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"])
+    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"])
     async def forward(self, path: str, request: Request) -> Response:
         """Forward one request to a model replica (the task as multiplexed model id where the path names one)."""
         method = request.method
@@ -396,7 +396,9 @@ def run(settings: Settings, blocking: bool = True) -> None:
         local = settings.ray_address is None and not os.environ.get("RAY_ADDRESS")
         # replicas import this very checkout (not another install of the package) on a local instance
         runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}} if local else None
-        ray.init(address=settings.ray_address, namespace=APP_NAME, runtime_env=runtime_env)
+        # "local": always a new instance of our own (a bare ray.init joins a cluster `ray start` left on this host,
+        # whose Serve the shutdown below must not tear down)
+        ray.init(address="local" if local else settings.ray_address, namespace=APP_NAME, runtime_env=runtime_env)
         started = local
     if not blocking:
         serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -414,8 +416,8 @@ def run(settings: Settings, blocking: bool = True) -> None:
     deployed = False
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        deployed = True
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        deployed = True  # only an app this call deployed is deleted (not one already running on a cluster)
         log.info("supermask fleet ready at http://%s:%d/ (%d model replica(s))", settings.host, settings.port,
                  settings.ray_replicas)
         while True:

@@ -85,7 +85,7 @@ def instrument(app) -> None:
         return
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=_provider, excluded_urls="metrics,healthz,readyz")
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=_provider, excluded_urls="/metrics$,/healthz$,/readyz$")
 
 
 def span(name: str, **attributes: Any):

@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "it was trained with, mean(1 − σ(ν)) (benchmarks/glue/mask_threshold.py, docs/results.md)")
     t.add_argument("--ste", choices=STE_KINDS, default="identity",
                    help="straight-through gradient to the mask scores ν: 'identity' passes dL/dμ (the paper's); "
-                        "'sigmoid' multiplies it by σ(ν)(1 − σ(ν)), the derivative of the Bernoulli mean")
+                        "'sigmoid' multiplies it by σ(ν)(1 − σ(ν)), the derivative of the Bernoulli mean (AdamW, "
+                        "which trains ν, divides much of a slowly varying scale out again)")
     t.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="fraction of train.tsv held out (never trained on) to choose the head refit's penalty and to "
                         "compare runs on; 0 trains on every row (then no --head-refit-steps)")

@@ -13,7 +13,8 @@ MASK_RULES = ("sign", "expected")
 # Straight-through estimator of the mask scores' gradient (TrainConfig.ste): "identity" is the paper's,
 # dL/dν := dL/dμ (Radiya-Dixit & Wang 2020, Section 3.3); "sigmoid" scales it by the derivative of the
 # Bernoulli mean, dL/dν := dL/dμ · σ(ν)(1 − σ(ν)) (as in Zhou et al. 2019's supermask training): an option
-# of ours, smaller steps for scores far from 0.
+# of ours. Under AdamW (how ν is trained here) a per-weight scale that changes slowly is mostly divided out
+# again (the step is m/√v), so expect it to matter less than under SGD.
 STE_KINDS = ("identity", "sigmoid")
 
 # How a Bernoulli evaluation draws its masks (training.trainer.evaluate_bernoulli): "batch", a

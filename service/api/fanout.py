@@ -59,7 +59,7 @@ def fanout_tasks(state, tasks: list[str] | str, pairs: bool) -> list[str]:
 
 
 @router.post("/v1/predict", response_model=FanOutPublic, response_model_exclude_none=True,
-             responses=errors(404, 413, 422, 429, 500, 503, 507))
+             responses=errors(404, 409, 413, 422, 429, 500, 503, 507))
 async def predict_fanout(body: FanOutIn, state: State) -> FanOutPublic:
     """Predict every input with every task of ``tasks`` (a list, or ``"*"``: every stored task that takes
     these inputs), in one mixed-task forward call. Options apply to every task; a regression task answers

@@ -38,7 +38,7 @@ _WHY: dict[int, str] = {
     403: "A wrong admin token (`Forbidden`), or admin routes are disabled: no SUPERMASK_ADMIN_TOKEN "
          "(`AdminDisabled`).",
     404: "No such task in the mask store (`TaskNotFound`).",
-    409: "The bundle was trained for another backbone (`BackboneMismatch`).",
+    409: "The bundle was trained for another backbone (`BackboneMismatch`; on predict: a stored one).",
     413: "The body is over the size limit (`BundleTooLarge` for uploads, `RequestTooLarge` for the rest).",
     422: "A malformed request: bad JSON or fields (`RequestInvalid`), a malformed task name (`InvalidTaskName`), "
          "inputs the task cannot take (`InputInvalid`), an invalid bundle (`BundleInvalid`).",
@@ -63,7 +63,9 @@ _EXAMPLES: dict[int, tuple[str, str]] = {
     507: ("StoreFull", "no space left under the mask store"),
 }
 
-_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (sent with `Overloaded`, "
+                                                "`RequestTimedOut` and `ReplicaUnavailable`).",
+                                 "schema": {"type": "integer"}}}
 
 
 def errors(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, Any]]:

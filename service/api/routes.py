@@ -80,7 +80,7 @@ def _check_encodable(text: str, i: int) -> None:
 
 
 @router.post("/v1/tasks/{task}/predict", response_model=PredictPublic, response_model_exclude_none=True,
-             responses=errors(404, 413, 422, 429, 500, 503, 507))
+             responses=errors(404, 409, 413, 422, 429, 500, 503, 507))
 async def predict(task: TaskName, body: PredictIn, state: State) -> PredictPublic:
     """Predict with a task's supermask; the task is loaded on first use."""
     s = state.settings
@@ -165,7 +165,7 @@ def _health(state) -> HealthPublic:
                         quarantined=quarantined, **state.engine.status())
 
 
-@router.get("/healthz", response_model=HealthPublic)
+@router.get("/healthz", response_model=HealthPublic, responses=errors(503))
 async def healthz(state: State) -> HealthPublic:
     """Liveness, and what the server holds: "degraded" (still 200) when a corrupt stored bundle has been
     quarantined, naming its tasks (re-upload them; remove the ``*.smask.corrupt-*`` files when done)."""

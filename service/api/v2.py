@@ -109,7 +109,7 @@ async def ready(request: Request) -> Any:
 
 
 _META_ERRORS = errors(404, 422, 500, 503, oip=True)
-_INFER_ERRORS = errors(404, 413, 422, 429, 500, 503, 507, oip=True)
+_INFER_ERRORS = errors(404, 409, 413, 422, 429, 500, 503, 507, oip=True)
 
 
 @router.get("/models/{task}", responses=_META_ERRORS)

@@ -33,7 +33,8 @@ def test_one_command_serves_the_fleet_and_sigterm_stops_it_cleanly(tiny_backbone
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "supermask", "serve", "--ray", "--replicas", "1", "--host",
                              "127.0.0.1", "--port", str(port), "--store-dir", str(store), "--backbone",
-                             str(tiny_backbone_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             str(tiny_backbone_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: the local Ray instance with it
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -51,8 +52,8 @@ def test_one_command_serves_the_fleet_and_sigterm_stops_it_cleanly(tiny_backbone
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failure above: take the local Ray instance down with it
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
     assert "shutting down the fleet" in (tmp_path / "serve.log").read_text()

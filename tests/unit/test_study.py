@@ -614,3 +614,18 @@ def test_recipe_sweep_chooses_on_heldout_shows_dev_only_for_the_choice_and_ships
     assert recipe_sweep.main(argv) == 0
     assert shipped.read_bytes() == better
     assert "not shipped" in json.loads((out / "recipe_sweep-MRPC.json").read_text())["shipped"][0]
+
+
+def test_recipe_sweep_default_ste_keeps_recorded_run_names_and_sigmoid_reaches_the_config():
+    from benchmarks.glue import recipe_sweep
+
+    base = ["--tasks", "CoLA", "--mask-lrs", "0.3", "--seeds", "0"]
+    (kind, plain), = recipe_sweep.plan_runs(recipe_sweep.build_parser().parse_args(base))
+    assert "ste" not in plain  # the default adds no key: runs recorded before the option keep their names
+    both = recipe_sweep.plan_runs(recipe_sweep.build_parser().parse_args(base + ["--stes", "identity", "sigmoid"]))
+    assert [c.get("ste") for _, c in both] == [None, "sigmoid"]
+    assert common.run_name(kind, both[0][1]) == common.run_name(kind, plain)
+    assert common.run_name(kind, both[1][1]) != common.run_name(kind, plain)
+    from training.trainer import TrainConfig
+
+    assert TrainConfig(task="CoLA", data_dir=".", output="x.smask", ste="sigmoid").ste == "sigmoid"
