@@ -125,15 +125,21 @@ def ship(chosen: dict, args) -> list[str]:
         best = max(row["records"], key=lambda r: (_heldout(r) if _heldout(r) is not None else float("-inf"), -r["seed"]))
         src, dst = runs / best["result"]["bundle"], Path(args.ship_to) / f"{task}.smask"
         m = common.main_metric(task)
-        current = read_header_file(str(dst)).metrics.get("heldout", {}).get(m) if dst.is_file() else None
+        current = None
+        if dst.is_file():
+            header = read_header_file(str(dst))
+            # a held-out figure counts only when the mask itself never trained on those rows: a legacy bundle
+            # (mask trained on every row, head refitted later) scores its own training rows there
+            if (header.training.get("config") or {}).get("heldout_fraction"):
+                current = header.metrics.get("heldout", {}).get(m)
         if not src.is_file():
             out.append(f"{task}: not shipped, bundle {src} missing")
         elif current is not None and current >= _heldout(best):
             out.append(f"{task}: not shipped, held-out {common.pct(_heldout(best))} ≤ shipped {common.pct(current)}")
         else:
             shutil.copyfile(src, dst)
-            out.append(f"{task}: {best['name']} (held-out {common.pct(_heldout(best))}, shipped had "
-                       f"{common.pct(current)}) -> {dst}")
+            had = common.pct(current) if current is not None else "none comparable"
+            out.append(f"{task}: {best['name']} (held-out {common.pct(_heldout(best))}, shipped had {had}) -> {dst}")
     return out
 
 

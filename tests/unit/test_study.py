@@ -606,14 +606,25 @@ def test_recipe_sweep_chooses_on_heldout_shows_dev_only_for_the_choice_and_ships
     assert shipped.read_bytes() == b"bundle lr 0.3 seed 1"  # nothing was there: the best held-out run ships
     # a shipped bundle that records a better held-out figure is kept
     b = decode_bundle(make_bundle(tiny_backbone, task="MRPC", labels=("not_equivalent", "equivalent")))
-    better = encode_bundle(task="MRPC", problem_type=b.header.problem_type, labels=b.header.labels,
-                           max_seq_length=b.header.max_seq_length, backbone_fingerprint=b.header.backbone_fingerprint,
-                           masks={m.name: b.mask_array(m.name) for m in b.header.masks}, head=b.head,
-                           metrics={"heldout": {"f1": 0.95}})
+
+    def with_heldout(f1: float, heldout_fraction) -> bytes:
+        return encode_bundle(task="MRPC", problem_type=b.header.problem_type, labels=b.header.labels,
+                             max_seq_length=b.header.max_seq_length,
+                             backbone_fingerprint=b.header.backbone_fingerprint,
+                             masks={m.name: b.mask_array(m.name) for m in b.header.masks}, head=b.head,
+                             metrics={"heldout": {"f1": f1}},
+                             training={"config": {"heldout_fraction": heldout_fraction}})
+
+    better = with_heldout(0.95, 0.1)
     shipped.write_bytes(better)
     assert recipe_sweep.main(argv) == 0
     assert shipped.read_bytes() == better
     assert "not shipped" in json.loads((out / "recipe_sweep-MRPC.json").read_text())["shipped"][0]
+    # a legacy bundle's held-out figure (its mask trained on those rows too) is not comparable: it is replaced
+    shipped.write_bytes(with_heldout(0.99, None))
+    assert recipe_sweep.main(argv) == 0
+    assert shipped.read_bytes() == b"bundle lr 0.3 seed 1"
+    assert "none comparable" in json.loads((out / "recipe_sweep-MRPC.json").read_text())["shipped"][0]
 
 
 def test_recipe_sweep_default_ste_keeps_recorded_run_names_and_sigmoid_reaches_the_config():
