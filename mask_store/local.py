@@ -219,6 +219,23 @@ def check_task_name(task: str) -> str:
     return task
 
 
+def validate_upload(task: str, data: bytes, max_bundle_bytes: int | None,
+                    backbone_fingerprint: str | None = None) -> Bundle:
+    """The checks every store backend makes on an upload for ``task`` (its ``validate``).
+
+    Raises:
+        InvalidTaskName, BundleTooLarge (``len(data) > max_bundle_bytes``), BundleInvalid (also when
+        the bundle declares another task), BackboneMismatch (fingerprint differs from ``backbone_fingerprint``).
+    """
+    check_task_name(task)
+    bundle = decode_bundle(data, max_bytes=max_bundle_bytes)
+    if bundle.header.task != task:
+        raise BundleInvalid(f"bundle declares task {bundle.header.task!r} but was uploaded as {task!r}")
+    if backbone_fingerprint is not None and bundle.header.backbone_fingerprint != backbone_fingerprint:
+        raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
+    return bundle
+
+
 @contextlib.contextmanager
 def spool_file(create: Callable[[], tuple[int, Path]]) -> Iterator[tuple[object, Path]]:
     """``(binary file open for writing, its path)`` of the file ``create()`` opened (``(fd, path)``), removed on
@@ -432,13 +449,7 @@ class LocalMaskStore:
             InvalidTaskName, BundleTooLarge, BundleInvalid (also when the bundle
             declares another task), BackboneMismatch.
         """
-        check_task_name(task)
-        bundle = decode_bundle(data, max_bytes=self.max_bundle_bytes)
-        if bundle.header.task != task:
-            raise BundleInvalid(f"bundle declares task {bundle.header.task!r} but was uploaded as {task!r}")
-        if backbone_fingerprint is not None and bundle.header.backbone_fingerprint != backbone_fingerprint:
-            raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
-        return bundle
+        return validate_upload(task, data, self.max_bundle_bytes, backbone_fingerprint)
 
     def spool(self) -> contextlib.AbstractContextManager[tuple[object, Path]]:
         """A new temporary file in the store's directory to stream an upload into: yields ``(binary file

@@ -38,8 +38,7 @@ from mask_store.errors import BundleInvalid, BundleUnsupported, StoredBundleCorr
 from mask_store.format import BUNDLE_SUFFIX, HEADER_DIGEST_BYTES, MAX_HEADER_BYTES, TASK_NAME_PATTERN, Bundle, BundleHeader
 from mask_store.format import decode_bundle, decode_header
 from mask_store.local import QUARANTINE_MARK, check_task_name, storage_error
-from mask_store.local import seed_store, spool_file, validate_spooled
-from mask_store.store import validate_upload
+from mask_store.local import seed_store, spool_file, validate_spooled, validate_upload
 
 log = logging.getLogger(__name__)
 

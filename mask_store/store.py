@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, Hashable, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from mask_store.errors import BackboneMismatch, BundleInvalid
-from mask_store.format import Bundle, BundleHeader, decode_bundle
-from mask_store.local import LocalMaskStore, check_task_name
+from mask_store.format import Bundle, BundleHeader
+from mask_store.local import LocalMaskStore
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +73,6 @@ class MaskStore(Protocol):
 
     def seed_from(self, directory: str | os.PathLike) -> list[str]:
         """Copy the bundles of ``directory`` into the store if it holds no task; the names copied."""
-
-
-def validate_upload(task: str, data: bytes, max_bundle_bytes: int | None,
-                    backbone_fingerprint: str | None = None) -> Bundle:
-    """The checks every store makes on an upload for ``task`` (the same as :meth:`LocalMaskStore.validate`).
-
-    Raises:
-        InvalidTaskName, BundleTooLarge (``len(data) > max_bundle_bytes``), BundleInvalid (also when
-        the bundle declares another task), BackboneMismatch (fingerprint differs from ``backbone_fingerprint``).
-    """
-    check_task_name(task)
-    bundle = decode_bundle(data, max_bytes=max_bundle_bytes)
-    if bundle.header.task != task:
-        raise BundleInvalid(f"bundle declares task {bundle.header.task!r} but was uploaded as {task!r}")
-    if backbone_fingerprint is not None and bundle.header.backbone_fingerprint != backbone_fingerprint:
-        raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
-    return bundle
 
 
 def store_url_for(store_dir: str | os.PathLike) -> str:
