@@ -35,7 +35,8 @@ from backbone import load_backbone, load_encoder_folder, resolve_torch_device
 from training.glue import compute_metrics, get_task, read_split
 from training.supermask import EncoderWithHead, TaskHead
 from training.loop import predict_examples, run_steps
-from training.trainer import hardware, write_output
+from training.bundles import write_output
+from training.trainer import hardware
 
 log = logging.getLogger(__name__)
 

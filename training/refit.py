@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from backbone import Backbone, mean_pool
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT
+from training.bundles import build_bundle, check_output, write_output
 from training.glue import Example, GlueTask, calibration, compute_metrics
 from training.loop import encode
 from training.supermask import SCORE_INIT, SupermaskModel
@@ -318,7 +319,6 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
     from mask_store.format import decode_bundle
     from backbone import load_backbone
     from training.glue import HELDOUT_FRACTION, HELDOUT_SEED, get_task, read_split, split_heldout
-    from training.trainer import _check_output, build_bundle, write_output
 
     t0 = time.perf_counter()
     bundle = decode_bundle(Path(bundle_path).read_bytes())
@@ -327,7 +327,7 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
     if list(task.labels) != list(header.labels):
         raise ValueError(f"GLUE task {task.name} has labels {list(task.labels)}, the bundle {header.labels}: "
                          "not a bundle for this task (--glue-task)")
-    _check_output(output)
+    check_output(output)
     recorded = header.training.get("heldout_split") or {}
     fraction = heldout_fraction if heldout_fraction is not None else recorded.get("fraction", HELDOUT_FRACTION)
     seed = heldout_seed if heldout_seed is not None else recorded.get("seed", HELDOUT_SEED)

@@ -9,27 +9,26 @@ learning rate (and no weight decay) for ``ν``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
-from mask_store.local import atomic_write, check_task_name
+from mask_store.format import MASK_RULE
+from mask_store.local import check_task_name
 from backbone import Backbone, load_backbone, resolve_torch_device
 from training import BERNOULLI_PER, MASK_RULES, STE_KINDS, check_choice
 from training.controls import restore_float_weights, shuffle_masked_weights
 from training.glue import (HELDOUT_FRACTION, HELDOUT_SEED, Example, GlueTask, calibration, compute_metrics, get_task,
                            read_split, split_heldout)
 from training.loop import predict_examples, run_steps
+from training.bundles import build_bundle, check_output, write_output
 from training.refit import DEFAULT_REFIT_STEPS, REGRESSION_SCALES, refit_head
 from training.supermask import SupermaskModel, expected_sparsity, threshold_for_sparsity
 
@@ -159,32 +158,6 @@ def hardware() -> dict[str, object]:
     }
 
 
-def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name: str, max_len: int,
-                 training: dict, metrics: dict, mask_rule: str = MASK_RULE) -> bytes:
-    """Encode the deterministic mask (each layer's ``1[ν > τ]``) and the head of a trained model as a bundle."""
-    masks = {f"{n}.weight": layer.hard_mask().cpu().numpy() for n, layer in model.masked_layers().items()}
-    head = {
-        HEAD_WEIGHT: model.head.classifier.weight.detach().cpu().numpy(),
-        HEAD_BIAS: model.head.classifier.bias.detach().cpu().numpy(),
-    }
-    return encode_bundle(
-        task=name,
-        problem_type=task.problem_type,  # type: ignore[arg-type]
-        labels=list(task.labels),
-        text_pairs=task.is_pair,
-        max_seq_length=max_len,
-        backbone_fingerprint=backbone.fingerprint,
-        backbone_name=backbone.name,
-        masks=masks,
-        head=head,
-        training=training,
-        metrics=metrics,
-        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        library_version=version("supermask-server"),
-        mask_rule=mask_rule,
-    )
-
-
 def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = True,
           command: str = "") -> TrainResult:
     """Train a supermask for one GLUE task and write its bundle to ``cfg.output``.
@@ -227,7 +200,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         raise ValueError(f"epochs must be > 0 and bernoulli_samples >= 0, got {cfg.epochs}, {cfg.bernoulli_samples}")
     task = get_task(cfg.task)
     check_task_name(cfg.task_name or task.name)
-    _check_output(cfg.output)
+    check_output(cfg.output)
     train_set, heldout_set, heldout_split = split_heldout(read_split(task, cfg.data_dir, "train"),
                                                           cfg.heldout_fraction, cfg.heldout_seed)
     train_set = train_set[: cfg.train_limit]
@@ -342,38 +315,6 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     log.info("wrote %s (%d bytes), sparsity %.4f, dev %s", cfg.output, len(data), sparsity, dev)
     return TrainResult(cfg.output, step, seconds, float(np.mean(losses[-50:])), losses[0], sparsity, dev, bern,
                        heldout, refit, losses, str(device), interrupted)
-
-
-def _check_output(output: str | Path) -> None:
-    """Refuse an output path that cannot take the bundle, before any training (creates its folder).
-
-    Raises:
-        ValueError: ``output`` is an existing folder. OSError: its folder cannot be created or written.
-    """
-    path = Path(output)
-    if path.is_dir():
-        raise ValueError(f"output {str(output)!r} is a folder: give a file path, such as {str(path / 'task.smask')!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write to the folder {str(path.parent)!r} of output {str(output)!r}")
-
-
-def write_output(path: str | Path, data: bytes) -> None:
-    """Write a run's output file (a bundle, a JSON result) atomically, creating its folder if missing.
-
-    :func:`mask_store.local.atomic_write` (temporary ``.tmp-*`` file in the same folder, fsync,
-    ``os.replace``, folder fsync, temporary file removed on any error) with the permission bits a
-    plain ``open(path, "wb")`` gives (0o666 less the umask), so the file can be shared as before.
-
-    Args:
-        path: the file; its parent folders are created.
-        data: the complete contents, bytes.
-    Raises:
-        OSError: the folder cannot be created or the file cannot be written; ``path`` is then unchanged.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data, mode=0o666)
 
 
 def scores_path(bundle_path: str | Path) -> Path:
