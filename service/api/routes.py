@@ -9,7 +9,6 @@ from fastapi.concurrency import run_in_threadpool
 
 from mask_store.errors import BundleTooLarge, MaskStoreError
 from mask_store.format import BundleHeader
-from mask_store.local import check_task_name
 from service.api.deps import Admin, State
 from service.api.errors import error_response
 from service.api.openapi import TaskName, errors, upload_body
@@ -86,7 +85,6 @@ async def predict(task: TaskName, body: PredictIn, state: State) -> PredictPubli
     s = state.settings
     req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars),
                          options=PredictOptions(**body.option_kwargs()))
-    check_task_name(task)  # 422 before any work
     return PredictPublic(task=task, predictions=await state.engine.predict_async(req))
 
 
@@ -142,7 +140,6 @@ async def upload_task(task: TaskName, request: Request, response: Response, stat
     the bundle is then fully validated from that file and built against the running backbone before it
     is renamed into place; on any error the store and the cache are unchanged.
     """
-    check_task_name(task)
     with state.store.spool() as (fh, path):
         await _spool_body(request, fh, state.settings.max_bundle_bytes)
         header, created = await run_in_threadpool(state.engine.register, task, path)

@@ -16,7 +16,8 @@ Every stored task is a model named by its task name, version "1":
   The same ``/versions/1/`` paths answer too.
 
 Errors are OIP's ``{"error": "<message>"}`` with the status of the one table in
-:mod:`service.api.errors`. Specification: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/
+:mod:`service.api.errors`, whose handlers answer every path under ``/v2`` in that shape (the routes here just
+raise). Specification: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/
 (REST), Triton's ``binary_data`` extension: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
 """
 
@@ -32,17 +33,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from mask_store.errors import MaskStoreError
 from mask_store.format import BundleHeader
-from mask_store.local import check_task_name
 from service import __version__
 from service.api.deps import State
-from service.api.errors import OIP_PREFIX, status_for, typed_response
 from service.api.openapi import NON_BLANK, TaskName, errors
 from service.api.routes import _rows
 from service.api.schemas import PredictIn
 from service.engine import PredictOptions, PredictRequest
-from service.errors import InputInvalid, ServiceError
+from service.errors import InputInvalid
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -54,13 +52,6 @@ _LEN = struct.Struct("<I")
 
 class OipReady(BaseModel):
     ready: bool
-
-
-def _error(exc: Exception) -> JSONResponse:
-    status = status_for(exc)
-    if status >= 500:
-        log.error("%s: %s", type(exc).__name__, exc)
-    return typed_response(exc, OIP_PREFIX)
 
 
 Version = Annotated[str, Path(description=f'The model version: every task has the one version "{VERSION}".',
@@ -121,12 +112,8 @@ async def metadata(task: TaskName, state: State) -> Any:
 @router.get("/models/{task}/versions/{version}", responses=_META_ERRORS)
 async def metadata_version(task: TaskName, state: State, version: Version) -> Any:
     """:func:`metadata` of the task's one version."""
-    try:
-        check_task_name(task)
-        _check_version(version)
-        return model_metadata(task, await run_in_threadpool(state.engine.header, task))
-    except (MaskStoreError, ServiceError) as exc:
-        return _error(exc)
+    _check_version(version)
+    return model_metadata(task, await run_in_threadpool(state.engine.header, task))
 
 
 @router.get("/models/{task}/ready", responses=_META_ERRORS)
@@ -138,13 +125,9 @@ async def model_ready(task: TaskName, state: State) -> Any:
 @router.get("/models/{task}/versions/{version}/ready", responses=_META_ERRORS)
 async def model_ready_version(task: TaskName, state: State, version: Version) -> Any:
     """:func:`model_ready` of the task's one version."""
-    try:
-        check_task_name(task)
-        _check_version(version)
-        await run_in_threadpool(state.engine.header, task)  # TaskNotFound: 404
-        return {"name": task, "ready": True}
-    except (MaskStoreError, ServiceError) as exc:
-        return _error(exc)
+    _check_version(version)
+    await run_in_threadpool(state.engine.header, task)  # TaskNotFound: 404
+    return {"name": task, "ready": True}
 
 
 MAX_DATA_DEPTH = 8  # a tensor's "data" may nest by its shape; deeper is refused (no recursion)
@@ -282,35 +265,31 @@ async def infer(task: TaskName, request: Request, state: State) -> Any:
 async def infer_version(task: TaskName, request: Request, state: State, version: Version) -> Any:
     """:func:`infer` of the task's one version, "1"."""
     s = state.settings
-    try:
-        check_task_name(task)
-        _check_version(version)
-        header = await run_in_threadpool(state.engine.header, task)  # store I/O off the event loop
-        body = await request.body()  # bounded by SUPERMASK_MAX_REQUEST_BYTES (service.api.limits)
-        doc, tensors = parse_infer_request(body, request.headers.get("inference-header-content-length"))
-        expected = {"text", "text_pair"} if header.text_pairs else {"text"}
-        unknown = sorted(set(tensors) - expected)
-        if unknown or "text" not in tensors or (header.text_pairs and "text_pair" not in tensors):
-            raise InputInvalid(f"task {task!r} takes the BYTES input(s) {sorted(expected)}; got {sorted(tensors)}")
-        texts = tensors["text"]
-        if header.text_pairs:
-            if len(tensors["text_pair"]) != len(texts):
-                raise InputInvalid(f"text has {len(texts)} elements, text_pair {len(tensors['text_pair'])}")
-            inputs: list = [[a, b] for a, b in zip(texts, tensors["text_pair"])]
-        else:
-            inputs = list(texts)
-        available = {o["name"]: o for o in _outputs(header)}
-        if not isinstance(doc.get("outputs") or [], list):
-            raise InputInvalid('"outputs" is a list of {"name": ...} tensors')
-        wanted = [o.get("name") if isinstance(o, dict) else None for o in doc.get("outputs") or []] or list(available)
-        missing = [w for w in wanted if w not in available]
-        if missing:
-            raise InputInvalid(f"task {task!r} has no output(s) {missing}; it has {list(available)}")
-        rows = _rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
-        preds = await state.engine.predict_async(PredictRequest(task=task, inputs=rows,
-                                                                options=PredictOptions(with_logits=True)))
-    except (MaskStoreError, ServiceError) as exc:
-        return _error(exc)
+    _check_version(version)
+    header = await run_in_threadpool(state.engine.header, task)  # store I/O off the event loop
+    body = await request.body()  # bounded by SUPERMASK_MAX_REQUEST_BYTES (service.api.limits)
+    doc, tensors = parse_infer_request(body, request.headers.get("inference-header-content-length"))
+    expected = {"text", "text_pair"} if header.text_pairs else {"text"}
+    unknown = sorted(set(tensors) - expected)
+    if unknown or "text" not in tensors or (header.text_pairs and "text_pair" not in tensors):
+        raise InputInvalid(f"task {task!r} takes the BYTES input(s) {sorted(expected)}; got {sorted(tensors)}")
+    texts = tensors["text"]
+    if header.text_pairs:
+        if len(tensors["text_pair"]) != len(texts):
+            raise InputInvalid(f"text has {len(texts)} elements, text_pair {len(tensors['text_pair'])}")
+        inputs: list = [[a, b] for a, b in zip(texts, tensors["text_pair"])]
+    else:
+        inputs = list(texts)
+    available = {o["name"]: o for o in _outputs(header)}
+    if not isinstance(doc.get("outputs") or [], list):
+        raise InputInvalid('"outputs" is a list of {"name": ...} tensors')
+    wanted = [o.get("name") if isinstance(o, dict) else None for o in doc.get("outputs") or []] or list(available)
+    missing = [w for w in wanted if w not in available]
+    if missing:
+        raise InputInvalid(f"task {task!r} has no output(s) {missing}; it has {list(available)}")
+    rows = _rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
+    preds = await state.engine.predict_async(PredictRequest(task=task, inputs=rows,
+                                                            options=PredictOptions(with_logits=True)))
     n = len(preds)
     data = {"label": [p.get("label") for p in preds],
             "score": [p["value"] if "value" in p else p["score"] for p in preds],
