@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shlex
@@ -60,7 +59,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from benchmarks import serve_cpu, synthetic  # noqa: E402
 from benchmarks.peers import onnx_export  # noqa: E402
 from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, machine_busy_cpu_s, own_cpu_s,  # noqa: E402
-                                     tree_rss_bytes)
+                                     tree_rss_bytes, write_results)
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 PEERS = ("hf-fp32", "hf-int8", "ort-int8")
@@ -644,10 +643,7 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md + "\n")
+    write_results(out, res, markdown(res) + "\n")
     log("")
     log("\n".join(table(results, specs, args.max_peer_tasks)))
     busy = max((r.get("other_cpu_pct", 0) for s in results.values() for r in s["rounds"]), default=0)

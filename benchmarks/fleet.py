@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import serve_cpu, synthetic  # noqa: E402
-from benchmarks.peers.procs import MiB, ServerProcesses, cpu_model, tree_pids, tree_rss_bytes  # noqa: E402
+from benchmarks.peers.procs import MiB, ServerProcesses, cpu_model, tree_pids, tree_rss_bytes, write_results  # noqa: E402
 
 SERVERS = ("single", "ray-1", "ray-2")
 REPLICA_HEADER = "x-supermask-replica"
@@ -400,11 +400,8 @@ def main(argv: list[str] | None = None) -> int:
            "config": {k: getattr(opts, k) for k in ("rounds", "requests", "requests_32", "mixed_requests", "tasks",
                                                    "concurrency", "threads")},
            "rounds": rounds, "servers": aggregate(rounds)}
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     text = markdown(res)
-    out.with_suffix(".md").write_text(text)
+    write_results(opts.out, res, text)
     print(text)
     return 0
 

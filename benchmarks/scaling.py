@@ -199,17 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         costs = measure_costs([p for p in opts.precisions.split(",") if p], opts.measure_tasks, opts.threads)
     sims = [simulate(costs, p, opts.tasks, int(h), opts.hot_gib, opts.warm_gib, opts.zipf, opts.requests)
             for p in costs["precisions"] for h in opts.hosts.split(",")]
-    from benchmarks.peers.procs import cpu_model
+    from benchmarks.peers.procs import cpu_model, write_results
 
     res = {"command": ".venv/bin/python benchmarks/scaling.py " + shlex.join(argv), "cpu": cpu_model(),
            "threads": opts.threads, "costs": costs, "simulation": sims,
            "config": {"tasks": opts.tasks, "zipf": opts.zipf, "hot_gib": opts.hot_gib, "warm_gib": opts.warm_gib,
                       "requests": opts.requests}}
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     text = markdown(res)
-    out.with_suffix(".md").write_text(text)
+    write_results(opts.out, res, text)
     print(text)
     return 0
 

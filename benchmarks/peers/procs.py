@@ -17,6 +17,16 @@ from pathlib import Path
 MiB = 2**20
 
 
+def write_results(out: str | os.PathLike, res: dict, text: str) -> None:
+    """A benchmark's record: ``<out>.json`` (``res``, indented) and ``<out>.md`` (``text``), folder created."""
+    import json
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    path.with_suffix(".md").write_text(text)
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows: for every benchmark's record."""
     import platform
