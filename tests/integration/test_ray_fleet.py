@@ -151,21 +151,18 @@ def test_requests_for_a_task_land_on_the_replica_that_holds_it(fleet):
 
 def test_an_upload_a_replacement_and_a_delete_through_the_ingress_are_seen_by_both_replicas(fleet):
     base, single, _, bb = fleet
-    data = make_bundle(bb, task="fresh", seed=7)
-    r = httpx.put(f"{base}/v1/tasks/fresh", content=data, headers=AUTH, timeout=30)
-    assert r.status_code == 201, r.text
-    want = single.post("/v1/tasks/fresh/predict", json={"inputs": INPUTS * 20}).json()["predictions"]
-    for resp in bursts_until_both_replicas(base, "fresh"):
-        assert resp.status_code == 200, resp.text
-        assert_same_predictions(resp.json()["predictions"], want)
+
+    def upload_then_both_replicas_serve_it(data: bytes, status: int) -> None:
+        r = httpx.put(f"{base}/v1/tasks/fresh", content=data, headers=AUTH, timeout=30)
+        assert r.status_code == status, r.text
+        want = single.post("/v1/tasks/fresh/predict", json={"inputs": INPUTS * 20}).json()["predictions"]
+        for resp in bursts_until_both_replicas(base, "fresh"):
+            assert resp.status_code == 200, resp.text
+            assert_same_predictions(resp.json()["predictions"], want)
+
+    upload_then_both_replicas_serve_it(make_bundle(bb, task="fresh", seed=7), 201)
     # replaced through one replica while both hold the old bundle: both answer with the new one
-    new = make_bundle(bb, task="fresh", seed=8, labels=("a", "b", "c"))
-    r = httpx.put(f"{base}/v1/tasks/fresh", content=new, headers=AUTH, timeout=30)
-    assert r.status_code == 200, r.text
-    want = single.post("/v1/tasks/fresh/predict", json={"inputs": INPUTS * 20}).json()["predictions"]
-    for resp in bursts_until_both_replicas(base, "fresh"):
-        assert resp.status_code == 200, resp.text
-        assert_same_predictions(resp.json()["predictions"], want)
+    upload_then_both_replicas_serve_it(make_bundle(bb, task="fresh", seed=8, labels=("a", "b", "c")), 200)
     r = httpx.delete(f"{base}/v1/tasks/fresh", headers=AUTH, timeout=30)
     assert r.status_code == 204
     for resp in bursts_until_both_replicas(base, "fresh"):
