@@ -75,11 +75,6 @@ class MaskStore(Protocol):
         """Copy the bundles of ``directory`` into the store if it holds no task; the names copied."""
 
 
-def store_url_for(store_dir: str | os.PathLike) -> str:
-    """The ``file://`` URL of a local store directory (made absolute)."""
-    return Path(store_dir).resolve().as_uri()
-
-
 def open_store(url: str, max_bundle_bytes: int | None = None, options: Mapping[str, Any] | None = None,
                on_quarantine: Callable[[str, str], object] | None = None) -> MaskStore:
     """Open the mask store at ``url``.
