@@ -400,11 +400,15 @@ def run(settings: Settings, blocking: bool = True) -> None:
         # whose Serve the shutdown below must not tear down)
         ray.init(address="local" if local else settings.ray_address, namespace=APP_NAME, runtime_env=runtime_env)
         started = local
-    if not blocking:
+
+    def deploy() -> None:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
         log.info("supermask fleet ready at http://%s:%d/ (%d model replica(s))", settings.host, settings.port,
                  settings.ray_replicas)
+
+    if not blocking:
+        deploy()
         return
 
     def _stop(signum, frame):
@@ -415,11 +419,8 @@ def run(settings: Settings, blocking: bool = True) -> None:
     signal.signal(signal.SIGTERM, _stop)
     deployed = False
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        deploy()
         deployed = True  # only an app this call deployed is deleted (not one already running on a cluster)
-        log.info("supermask fleet ready at http://%s:%d/ (%d model replica(s))", settings.host, settings.port,
-                 settings.ray_replicas)
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
