@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,13 @@ def tiny_backbone(tiny_backbone_dir):
     from backbone import load_backbone
 
     return load_backbone(tiny_backbone_dir)
+
+
+def free_port() -> int:
+    """A free loopback port (the OS's choice) for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_bundle(backbone, task: str = "toy", sparsity: float = 0.05, labels=("neg", "pos"), seed: int = 0,

@@ -9,7 +9,6 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,18 +19,12 @@ import httpx
 import pytest
 
 from mask_store.format import decode_bundle
-from tests.conftest import make_bundle
+from tests.conftest import free_port, make_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "crash-test-token"
 TASKS = ("t0", "t1", "t2")
 KILLS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(backbone_dir: Path, store: Path, port: int, log) -> subprocess.Popen:
@@ -70,7 +63,7 @@ def test_kill_9_during_uploads_never_corrupts_the_store(tiny_backbone, tiny_back
     log = open(tmp_path / "server.log", "ab")
     interrupted_total = 0
     for kill in range(KILLS):
-        port = _free_port()
+        port = free_port()
         proc = _start(tiny_backbone_dir, store, port, log)
         in_flight: dict[str, str] = {}
         stop = threading.Event()
@@ -119,7 +112,7 @@ def test_kill_9_during_uploads_never_corrupts_the_store(tiny_backbone, tiny_back
                 "upload nor the one in flight"
             acked[task] = sha  # what a reader sees now is the state to build on
     # a restart sweeps the dead server's temporary files and serves every task
-    port = _free_port()
+    port = free_port()
     proc = _start(tiny_backbone_dir, store, port, log)
     try:
         assert not [p.name for p in store.iterdir() if p.name.startswith(".tmp-")]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_crash import TOKEN, _free_port, _start
-from tests.conftest import make_bundle
+from tests.api.test_crash import TOKEN, _start
+from tests.conftest import free_port, make_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 ERROR_REF = "#/components/schemas/ErrorPublic"
@@ -132,7 +132,7 @@ def live(tiny_backbone, tiny_backbone_dir, tmp_path):
     (store / "MRPC.smask").write_bytes(make_bundle(tiny_backbone, "MRPC", labels=("not_equivalent", "equivalent"),
                                                    text_pairs=True, seed=2))
     (store / "STS-B.smask").write_bytes(make_bundle(tiny_backbone, "STS-B", labels=(), text_pairs=True, seed=3))
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "server.log", "ab")
     proc = _start(tiny_backbone_dir, store, port, log)
     try:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_crash import _free_port
-from tests.conftest import make_bundle
+from tests.conftest import free_port, make_bundle
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[dev]' installs ray[serve])")
 httpx = pytest.importorskip("httpx")
@@ -26,7 +25,7 @@ def test_one_command_serves_the_fleet_and_sigterm_stops_it_cleanly(tiny_backbone
     store = tmp_path / "store"
     store.mkdir()
     (store / "t.smask").write_bytes(make_bundle(tiny_backbone, "t", seed=1))
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, SUPERMASK_ADMIN_TOKEN="tok", SUPERMASK_EXAMPLES_DIR="", SUPERMASK_DEVICE="cpu",
                SUPERMASK_RAY_REPLICA_CPUS="0.5", SUPERMASK_TORCH_THREADS="1", OMP_NUM_THREADS="1",
                RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -5,7 +5,6 @@ loopback; skipped with the reason when Ray cannot start. Ray is held to 2 CPUs a
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_bundle
+from tests.conftest import free_port, make_bundle
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[dev]' installs ray[serve])")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ray[serve]')")
@@ -30,12 +29,6 @@ REPLICA = "x-supermask-replica"
 # shortened so that a burst of requests for one task spreads over both replicas within the test
 ENV = {"RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "0.01", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def fleet(tiny_backbone_dir, tmp_path_factory):
     bundles = {t: make_bundle(bb, task=t, seed=i + 1, sparsity=0.05 * (i + 1)) for i, t in enumerate(TASKS)}
     for t, data in bundles.items():
         store.put(t, data)
-    port = _free_port()
+    port = free_port()
     settings = Settings(host="127.0.0.1", port=port, device="cpu", store_dir=store_dir, examples_dir=None,
                         backbone_path=str(tiny_backbone_dir), admin_token=TOKEN, torch_threads=1,
                         ray_replicas=2, ray_replica_cpus=0.25, ray_tasks_per_replica=8, ray_max_ongoing_requests=1,
