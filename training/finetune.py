@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from backbone import load_backbone, load_encoder_folder, resolve_torch_device
-from training.glue import compute_metrics, get_task, read_split
+from training.glue import compute_metrics, get_task, read_split, split_heldout
 from training.supermask import EncoderWithHead, TaskHead
 from training.loop import predict_examples, run_steps
 from training.bundles import write_output
@@ -64,6 +64,13 @@ class FinetuneConfig:
     dev_limit: int | None = None
     eval_batch_size: int = 64
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # held-out validation split carved from train.tsv (training.glue.split_heldout), not trained on; 0.0: train
+    # on every row (every baseline recorded before held-out splits)
+    heldout_fraction: float = 0.0
+    heldout_seed: int = 1234
+    # evaluate held-out and dev after every complete epoch (FinetuneResult.epochs): lets a sweep choose the
+    # number of epochs on held-out data (early stopping) from one run
+    eval_each_epoch: bool = False
 
 
 @dataclass
@@ -82,6 +89,10 @@ class FinetuneResult:
     command: str = ""
     finished_at: str = ""
     losses: list[float] = field(default_factory=list)  # training loss per step
+    heldout_metrics: dict[str, float] = field(default_factory=dict)  # the final model on the held-out split
+    heldout_split: dict = field(default_factory=dict)  # training.glue.split_heldout's record ({} without one)
+    # eval_each_epoch: [{"epoch", "step", "heldout", "dev"}] after every complete epoch
+    epochs: list[dict] = field(default_factory=list)
 
 
 class FinetuneModel(EncoderWithHead):
@@ -141,7 +152,10 @@ def _param_groups(model: FinetuneModel, cfg: FinetuneConfig) -> list[dict]:
 def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = None) -> FinetuneResult:
     """Fine-tune every weight of the backbone plus the head on one GLUE task; evaluate on dev.
 
-    Writes the result as JSON to ``cfg.output`` when set.
+    With ``cfg.heldout_fraction > 0`` the held-out split of ``train.tsv`` (:func:`training.glue.split_heldout`)
+    is left out of training and evaluated too (``heldout_metrics``); with ``cfg.eval_each_epoch`` held-out and
+    dev are also evaluated after every complete epoch (``epochs``), so a sweep can choose the number of epochs
+    on the held-out figure alone. Writes the result as JSON to ``cfg.output`` when set.
 
     Raises:
         GlueDataError: data missing or malformed.
@@ -151,7 +165,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = N
     if cfg.lr <= 0 or (cfg.head_lr is not None and cfg.head_lr <= 0):
         raise ValueError(f"learning rates must be positive, got lr={cfg.lr}, head_lr={cfg.head_lr}")
     task = get_task(cfg.task)
-    train_set = read_split(task, cfg.data_dir, "train")[: cfg.train_limit]
+    train_set, heldout_set, heldout_split = split_heldout(read_split(task, cfg.data_dir, "train"),
+                                                          cfg.heldout_fraction, cfg.heldout_seed)
+    train_set = train_set[: cfg.train_limit]
     dev_set = read_split(task, cfg.data_dir, "dev")[: cfg.dev_limit]
     device = resolve_torch_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -163,28 +179,49 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, command: str | None = N
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
     opt = torch.optim.AdamW(_param_groups(model, cfg))
+
+    def evaluate(examples, desc: str) -> dict[str, float]:
+        if not examples:
+            return {}
+        preds = predict_examples(model, tokenizer, task, examples, cfg.max_seq_length, cfg.eval_batch_size, device,
+                                 desc=desc if progress else None)
+        return compute_metrics(task, preds, np.array([e.label for e in examples]))
+
+    epochs: list[dict] = []
+    eval_seconds = 0.0
+
+    def on_epoch_end(epoch: int, steps: int) -> None:
+        nonlocal eval_seconds
+        te = time.perf_counter()
+        epochs.append({"epoch": epoch, "step": steps, "heldout": evaluate(heldout_set, f"held-out, epoch {epoch}"),
+                       "dev": evaluate(dev_set, f"dev, epoch {epoch}")})
+        eval_seconds += time.perf_counter() - te
+        log.info("epoch %d (%d steps): held-out %s", epoch, steps, epochs[-1]["heldout"])
+
     t0 = time.perf_counter()
     losses = run_steps(model, task, train_set, tokenizer, opt, total_steps, batch_size=cfg.batch_size,
                        max_len=cfg.max_seq_length, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-                       desc=f"fine-tune {task.name}", progress=progress, device=device, clip_norm=1.0)
+                       desc=f"fine-tune {task.name}", progress=progress, device=device, clip_norm=1.0,
+                       on_epoch_end=on_epoch_end if cfg.eval_each_epoch else None)
     step = len(losses)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 - eval_seconds
 
     t1 = time.perf_counter()
-    golds = np.array([e.label for e in dev_set])
-    preds = predict_examples(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.eval_batch_size, device,
-                             desc="dev" if progress else None)
-    dev = compute_metrics(task, preds, golds)
+    if epochs and epochs[-1]["step"] == step:  # the last epoch ended with the run: already evaluated
+        dev, heldout = epochs[-1]["dev"], epochs[-1]["heldout"]
+    else:
+        dev, heldout = evaluate(dev_set, "dev"), evaluate(heldout_set, "held-out")
     hw = hardware()
     hw["device"] = str(device)
     result = FinetuneResult(
         task=task.name, steps=step, train_seconds=round(train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - t1, 2), first_loss=losses[0],
+        eval_seconds=round(time.perf_counter() - t1 + eval_seconds, 2), first_loss=losses[0],
         final_loss=float(np.mean(losses[-50:])), dev_metrics=dev, dev_examples=len(dev_set),
         train_examples=len(train_set), config=asdict(cfg), hardware=hw,
         command=command if command is not None else "",
         finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        losses=[round(x, 5) for x in losses],
+        losses=[round(x, 5) for x in losses], heldout_metrics=heldout, heldout_split=heldout_split if heldout_set else {},
+        epochs=epochs,
     )
     if cfg.output:
         write_output(cfg.output, json.dumps(asdict(result), indent=2).encode())
@@ -215,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, help="use only the first N training examples")
     p.add_argument("--dev-limit", type=int, help="evaluate on only the first N dev examples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--heldout-fraction", type=float, default=0.0,
+                   help="hold out this fraction of train.tsv (training.glue.split_heldout), evaluate on it, never "
+                        "train on it; 0: train on every row")
+    p.add_argument("--heldout-seed", type=int, default=1234, help="seed of the held-out split")
+    p.add_argument("--eval-each-epoch", action="store_true",
+                   help="evaluate held-out and dev after every complete epoch (for choosing epochs on held-out)")
     return p
 
 
@@ -225,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                          bits=args.bits, max_seq_length=args.max_seq_length, batch_size=args.batch_size,
                          epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, head_lr=args.head_lr,
                          weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, seed=args.seed,
-                         train_limit=args.train_limit, dev_limit=args.dev_limit, device=args.device)
+                         train_limit=args.train_limit, dev_limit=args.dev_limit, device=args.device,
+                         heldout_fraction=args.heldout_fraction, heldout_seed=args.heldout_seed,
+                         eval_each_epoch=args.eval_each_epoch)
     argv_used = sys.argv[1:] if argv is None else argv
     res = finetune(cfg, command=shlex.join(["python", "-m", "training.finetune", *argv_used]))
     summary = {k: v for k, v in asdict(res).items() if k not in ("losses", "config")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,12 +45,18 @@ def forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.devi
 def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokenizer, opt: torch.optim.Optimizer,
               total_steps: int, *, batch_size: int, max_len: int, seed: int, warmup_ratio: float,
               desc: str, progress: bool = True, device: torch.device | str = "cpu",
-              clip_norm: float | None = None, stop_on_interrupt: bool = False) -> list[float]:
+              clip_norm: float | None = None, stop_on_interrupt: bool = False,
+              on_epoch_end: Callable[[int, int], None] | None = None) -> list[float]:
     """``total_steps`` AdamW steps over reshuffled epochs with linear warm-up then linear decay
     (``transformers.get_linear_schedule_with_warmup``). Returns the loss of every step.
 
     ``stop_on_interrupt``: on Ctrl-C (``KeyboardInterrupt``) after at least one step, stop and return
     the losses of the steps done (fewer than ``total_steps``) so the caller can save the model.
+
+    ``on_epoch_end(epoch, steps)``: called after every complete pass over ``train_set`` (``epoch`` counts
+    from 1, ``steps`` is the number of optimizer steps so far), before the next pass starts; the model is
+    put back in training mode after it returns. A final partial pass (fractional epochs, ``max_steps``)
+    does not call it.
 
     Raises:
         ValueError: an empty training set, or ``total_steps`` / ``batch_size`` below 1.
@@ -67,11 +74,14 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
     model.train()
     losses: list[float] = []
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    epoch = 0
     try:
         while len(losses) < total_steps:
             order = torch.randperm(len(train_set), generator=gen).tolist()
+            complete = True
             for i in range(0, len(order), batch_size):
                 if len(losses) >= total_steps:
+                    complete = False
                     break
                 batch_ex = [train_set[j] for j in order[i : i + batch_size]]
                 logits = forward(model, encode(tokenizer, batch_ex, max_len), device)
@@ -86,6 +96,10 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
                 bar.update(1)
                 if len(losses) % 10 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            epoch += 1
+            if complete and on_epoch_end is not None:
+                on_epoch_end(epoch, len(losses))
+                model.train()
     except KeyboardInterrupt:
         if not (stop_on_interrupt and losses):
             raise

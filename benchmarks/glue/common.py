@@ -181,13 +181,19 @@ def supermask_config(task: str, seed: int, args: argparse.Namespace, heldout: bo
     return cfg
 
 
-def finetune_config(task: str, seed: int, args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
-    """Result-relevant config of one full fine-tuning baseline run (keys of ``FinetuneConfig``)."""
+def finetune_config(task: str, seed: int, args: argparse.Namespace, heldout: bool = False,
+                    **overrides: Any) -> dict[str, Any]:
+    """Result-relevant config of one full fine-tuning baseline run (keys of ``FinetuneConfig``).
+
+    ``heldout``: hold out the train set's validation split (fraction 0.1, seed 1234, as the supermask runs)
+    and evaluate it and dev after every epoch, so the epochs can be chosen on held-out data."""
     r = RECIPES[task]
     cfg = {"task": task, "seed": seed, "backbone": args.backbone, "bits": 32,
            "max_seq_length": r.baseline_max_seq_length, "batch_size": 32, "epochs": r.baseline_epochs,
            "max_steps": None, "lr": r.baseline_lr, "weight_decay": 0.01, "warmup_ratio": 0.1,
            "train_limit": args.train_limit, "dev_limit": args.dev_limit}
+    if heldout:
+        cfg.update({"heldout_fraction": 0.1, "heldout_seed": 1234, "eval_each_epoch": True})
     cfg.update(steps_override(args))
     cfg.update(overrides)
     return cfg
@@ -233,9 +239,14 @@ def train_finetune(config: dict[str, Any], data_dir: str, progress: bool, comman
     from training.finetune import FinetuneConfig, finetune
 
     res = finetune(FinetuneConfig(data_dir=data_dir, device=device, **config), progress=progress, command=command)
-    return {"steps": res.steps, "train_seconds": res.train_seconds, "first_loss": res.first_loss,
-            "final_loss": res.final_loss, "sparsity": 0.0, "dev": res.dev_metrics,
-            "device": res.hardware.get("device", "cpu")}
+    out = {"steps": res.steps, "train_seconds": res.train_seconds, "first_loss": res.first_loss,
+           "final_loss": res.final_loss, "sparsity": 0.0, "dev": res.dev_metrics,
+           "device": res.hardware.get("device", "cpu")}
+    if res.heldout_metrics:
+        out["heldout"] = res.heldout_metrics
+    if res.epochs:
+        out["epochs"] = res.epochs
+    return out
 
 
 def git_commit() -> str:
