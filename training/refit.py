@@ -29,11 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from backbone import Backbone, mean_pool
-from mask_store.format import HEAD_BIAS, HEAD_WEIGHT
+from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE
 from training.bundles import build_bundle, check_output, write_output
 from training.glue import Example, GlueTask, calibration, compute_metrics
 from training.loop import encode
-from training.supermask import SCORE_INIT, SupermaskModel
+from training.supermask import SCORE_INIT, SupermaskModel, apply_mask_rule
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,15 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
                  regression_scale: str = "match-sd", heldout_fraction: float | None = None,
                  heldout_seed: int | None = None, train_limit: int | None = None, backbone: str | None = None,
                  glue_task: str | None = None, batch_size: int = 64, progress: bool = True,
-                 command: str = "") -> dict:
+                 command: str = "", scores_file: str | None = None, mask_rule: str | None = None) -> dict:
     """Refit the head of an existing bundle on its own stored (served) mask and write the result to ``output``.
 
-    The masks, the task's name, labels and max length are kept bit for bit; the head is replaced by the one
+    With ``scores_file`` (the bundle's ``.scores.safetensors``, float16 ``ν`` per masked matrix) and
+    ``mask_rule`` (:func:`training.supermask.apply_mask_rule`), the served mask is first rebuilt from the
+    trained scores with that rule, and the head is refitted on it: the bundle a run with that mask rule would
+    have written (the rule is applied only after training; the scores were rounded to float16 when saved).
+
+    Otherwise the masks, the task's name, labels and max length are kept bit for bit; the head is replaced by the one
     :func:`refit_head` chooses on the held-out split of the task's train set (the split the bundle records,
     else ``heldout_fraction``/``heldout_seed``, else :data:`training.glue.HELDOUT_FRACTION` / ``HELDOUT_SEED``).
     The header's ``training["head_refit"]`` records the refit (choice, candidates, command) and
@@ -307,7 +312,8 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
     despite that.
 
     Returns:
-        A summary: ``{"bundle", "output", "task", "heldout_split", "choice", "before", "after", "seconds"}``
+        A summary: ``{"bundle", "output", "task", "heldout_split", "choice", "before", "after", "seconds",
+        "sparsity"}`` (the served mask's fraction of zeros)
         (``before``/``after``: ``{"heldout", "dev"}`` metrics).
     Raises:
         BundleInvalid, GlueDataError, BackboneLoadError, ValueError (settings, a bundle for another
@@ -341,6 +347,17 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
         raise BackboneMismatch(f"bundle {bundle_path} was trained for backbone {header.backbone_fingerprint[:12]}, "
                                f"this backbone is {bb.fingerprint[:12]}")
     model = model_from_bundle(bundle, bb)
+    rule_text = header.mask_rule
+    if scores_file is not None:
+        from safetensors.torch import load_file
+
+        if mask_rule is None:
+            raise ValueError("a scores file rebuilds the mask: give its mask_rule (sign or expected)")
+        tensors = load_file(str(scores_file))
+        with torch.no_grad():
+            for name, layer in model.masked_layers().items():
+                layer.scores.copy_(tensors[f"{name}.scores"].to(torch.float32))
+        rule_text = apply_mask_rule(model, mask_rule) or MASK_RULE
     fit, record = refit_head(model, bb.tokenizer, task, fit_set, heldout, header.max_seq_length, steps,
                              regression_scale, batch_size, progress=progress, extra={"dev": dev})
     record["command"] = command
@@ -356,8 +373,11 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
         metrics["calibration"] = dev_extra["calibration"]
     if header.metrics.get("bernoulli"):
         metrics["bernoulli_head"] = "the trained head (before the refit), under sampled masks"
-    data = build_bundle(model, bb, task, header.task, header.max_seq_length, training, metrics, header.mask_rule)
+    if scores_file is not None:
+        training["mask_rule_applied"] = {"rule": mask_rule, "scores": Path(scores_file).name,
+                                         "from_bundle": Path(bundle_path).name}
+    data = build_bundle(model, bb, task, header.task, header.max_seq_length, training, metrics, rule_text)
     write_output(output, data)
     return {"bundle": bundle_path, "output": output, "task": header.task, "heldout_split": split,
             "choice": record["choice"], "before": record["before"], "after": record["after"],
-            "bytes": len(data), "seconds": round(time.perf_counter() - t0, 1)}
+            "bytes": len(data), "seconds": round(time.perf_counter() - t0, 1), "sparsity": model.sparsity()}

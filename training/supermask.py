@@ -216,3 +216,29 @@ def threshold_for_sparsity(scores: list[torch.Tensor], sparsity: float) -> float
     if k == 0:
         return float("-inf")
     return float(torch.kthvalue(flat, k).values)
+
+
+def apply_mask_rule(model: SupermaskModel, rule: str) -> str | None:
+    """Set the deterministic mask a trained model serves, by its rule name; returns the bundle's rule text.
+
+    ``"sign"``: ``μ = 1[ν > 0]`` (``τ = 0``; returns None, the bundle format's default text). ``"expected"``:
+    ``μ = 1[ν > τ]`` with one global ``τ`` (:func:`threshold_for_sparsity`) pruning the expected sparsity of
+    the sampled masks the network trained under, ``mean(1 − σ(ν))`` (:func:`expected_sparsity`). Both are our
+    choices: the paper (Radiya-Dixit & Wang 2020, Table 4) reports the mean over 10 Bernoulli samples and
+    states no deterministic rule.
+
+    Raises:
+        ValueError: an unknown rule (one of :data:`training.MASK_RULES`).
+    """
+    from training import MASK_RULES
+
+    check_choice("mask_rule", rule, MASK_RULES)
+    if rule == "sign":
+        model.set_threshold(0.0)
+        return None
+    nu = [layer.scores.detach() for layer in model.masked_layers().values()]
+    target = expected_sparsity(nu)
+    tau = threshold_for_sparsity(nu, target)
+    model.set_threshold(tau)
+    return (f"mu = 1[nu > {tau!r}]: one global threshold pruning the expected sampled sparsity "
+            f"mean(1 - sigmoid(nu)) = {target:.6f}")

@@ -30,7 +30,7 @@ from training.glue import (HELDOUT_FRACTION, HELDOUT_SEED, Example, GlueTask, ca
 from training.loop import predict_examples, run_steps
 from training.bundles import build_bundle, check_output, write_output
 from training.refit import DEFAULT_REFIT_STEPS, REGRESSION_SCALES, refit_head
-from training.supermask import SupermaskModel, expected_sparsity, threshold_for_sparsity
+from training.supermask import SupermaskModel, apply_mask_rule
 
 log = logging.getLogger(__name__)
 BERNOULLI_SAMPLES = 10
@@ -235,14 +235,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     seconds = time.perf_counter() - t0
     interrupted = step < total_steps
 
-    mask_rule = MASK_RULE
-    if cfg.mask_rule == "expected":
-        nu = [layer.scores.detach() for layer in model.masked_layers().values()]
-        target = expected_sparsity(nu)
-        tau = threshold_for_sparsity(nu, target)
-        model.set_threshold(tau)
-        mask_rule = (f"mu = 1[nu > {tau!r}]: one global threshold pruning the expected sampled sparsity "
-                     f"mean(1 - sigmoid(nu)) = {target:.6f}")
+    mask_rule = apply_mask_rule(model, cfg.mask_rule) or MASK_RULE
 
     golds = np.array([e.label for e in dev_set])
     dev: dict[str, float] = {}

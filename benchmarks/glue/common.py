@@ -249,6 +249,52 @@ def train_finetune(config: dict[str, Any], data_dir: str, progress: bool, comman
     return out
 
 
+def rule_source(config: dict[str, Any], runs: Path) -> dict[str, Any] | None:
+    """The finished ``1[ν > 0]`` run that a run with another mask rule can be derived from, or None.
+
+    The mask rule decides only which deterministic mask is written after training (``TrainConfig.mask_rule``),
+    so a held-out run (head refit on) whose config differs from a finished one only in ``mask_rule``, and
+    whose mask scores were kept, needs no training of its own: :func:`derive_mask_rule`. Runs with a
+    ``dev_limit`` (smoke runs) are trained."""
+    if config.get("mask_rule", "sign") == "sign" or not config.get("head_refit_steps") or config.get("dev_limit"):
+        return None
+    path = runs / f"{run_name('supermask', {**config, 'mask_rule': 'sign'})}.json"
+    if not path.is_file():
+        return None
+    from training.trainer import scores_path
+
+    rec = json.loads(path.read_text())
+    bundle = runs / rec["result"]["bundle"]
+    return rec if bundle.is_file() and scores_path(bundle).is_file() else None
+
+
+def derive_mask_rule(config: dict[str, Any], source: dict[str, Any], bundle_path: Path, data_dir: str,
+                     progress: bool, command: str) -> dict[str, Any]:
+    """The result of a run that differs from ``source`` only in its mask rule, without training it again.
+
+    :func:`training.refit.refit_bundle` rebuilds the served mask from the source's saved scores ``ν`` with
+    ``config["mask_rule"]`` and refits the head on it, choosing its penalty on the same held-out split, as
+    :func:`training.trainer.train` does after training. Training figures (steps, losses) and the Bernoulli
+    figures (the trained head under sampled masks, which no deterministic rule changes) are the source's.
+    The scores are copied beside the new bundle; ``derived_from`` names the source run."""
+    import shutil
+
+    from training.refit import refit_bundle
+    from training.trainer import scores_path
+
+    src = bundle_path.parent / source["result"]["bundle"]
+    r = refit_bundle(str(src), str(bundle_path), data_dir, steps=config["head_refit_steps"],
+                     regression_scale=config.get("regression_scale", "match-sd"), backbone=config.get("backbone"),
+                     train_limit=config.get("train_limit"), progress=progress, command=command,
+                     scores_file=str(scores_path(src)), mask_rule=config["mask_rule"])
+    shutil.copyfile(scores_path(src), scores_path(bundle_path))
+    keep = ("steps", "train_seconds", "first_loss", "final_loss", "bernoulli", "device")
+    return {**{k: source["result"][k] for k in keep if k in source["result"]}, "sparsity": r["sparsity"],
+            "dev": {k: v for k, v in r["after"]["dev"].items() if k not in ("calibration", "log_loss")},
+            "heldout": r["after"]["heldout"], "head_refit": {"choice": r["choice"], "before": r["before"]},
+            "bundle": bundle_path.name, "derived_from": source["name"], "derive_seconds": r["seconds"]}
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -298,7 +344,10 @@ def get_or_run(kind: str, config: dict[str, Any], args: argparse.Namespace, comm
         return rec
     started, t0 = _now(), time.perf_counter()
     progress = not args.quiet
-    if kind == "supermask":
+    source = rule_source(config, runs) if kind == "supermask" else None
+    if source is not None:
+        result = derive_mask_rule(config, source, runs / f"{name}.smask", args.data_dir, progress, command)
+    elif kind == "supermask":
         result = train_supermask(config, runs / f"{name}.smask", args.data_dir, not args.no_scores, progress, command,
                                  device=getattr(args, "device", "auto"))
     elif kind == "finetune":

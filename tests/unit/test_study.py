@@ -640,3 +640,128 @@ def test_recipe_sweep_default_ste_keeps_recorded_run_names_and_sigmoid_reaches_t
     from training.trainer import TrainConfig
 
     assert TrainConfig(task="CoLA", data_dir=".", output="x.smask", ste="sigmoid").ste == "sigmoid"
+
+
+# ------------------------------------------------------------------ baselines chosen on held-out data
+
+
+def test_run_steps_calls_on_epoch_end_after_each_complete_pass_only(tiny_backbone_dir, tmp_path):
+    from training.finetune import FinetuneModel, load_encoder
+    from training.glue import get_task, read_split
+    from training.loop import run_steps
+
+    data = _write_glue(tmp_path / "glue", n=12)
+    task = get_task("SST-2")
+    train_set = read_split(task, data, "train")
+    encoder, tok = load_encoder(str(tiny_backbone_dir), bits=32)
+    model = FinetuneModel(encoder, 32, 2)
+    seen = []
+
+    def on_epoch_end(epoch, steps):
+        seen.append((epoch, steps, model.training))
+        model.eval()  # run_steps must put the model back in training mode
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # 12 rows, batch 4: 3 steps per epoch; 8 steps = two complete passes and a partial third
+    losses = run_steps(model, task, train_set, tok, opt, 8, batch_size=4, max_len=16, seed=0, warmup_ratio=0.1,
+                       desc="t", progress=False, on_epoch_end=on_epoch_end)
+    assert len(losses) == 8 and seen == [(1, 3, True), (2, 6, True)]
+    assert model.training
+
+
+def test_finetune_holds_out_the_split_and_evaluates_every_epoch(tiny_backbone_dir, tmp_path):
+    from training.finetune import FinetuneConfig, finetune
+    from training.glue import get_task, read_split, split_heldout
+
+    data = _write_glue(tmp_path / "glue", n=40)
+    kw = dict(task="MRPC", data_dir=data, backbone=str(tiny_backbone_dir), batch_size=8, max_seq_length=16,
+              lr=1e-3, device="cpu", epochs=2)
+    res = finetune(FinetuneConfig(heldout_fraction=0.1, eval_each_epoch=True, **kw), progress=False)
+    fit, held, _ = split_heldout(read_split(get_task("MRPC"), data, "train"), 0.1, 1234)
+    assert res.train_examples == len(fit) == 36 and res.heldout_split["examples"] == len(held) == 4
+    assert [e["epoch"] for e in res.epochs] == [1, 2] and [e["step"] for e in res.epochs] == [5, 10]
+    assert all(set(e["heldout"]) == {"accuracy", "f1"} and set(e["dev"]) == {"accuracy", "f1"} for e in res.epochs)
+    assert res.dev_metrics == res.epochs[-1]["dev"] and res.heldout_metrics == res.epochs[-1]["heldout"]
+    # the default trains on every row, as every baseline recorded before held-out splits did
+    plain = finetune(FinetuneConfig(max_steps=2, **kw), progress=False)
+    assert plain.train_examples == 40 and plain.heldout_metrics == {} and plain.epochs == []
+
+
+def test_baseline_sweep_chooses_lr_and_epoch_on_heldout_and_confirms_with_more_seeds(tmp_path, monkeypatch):
+    from benchmarks.glue import baseline_sweep
+
+    seen = []
+
+    def fake_finetune(config, data_dir, progress, command, device="auto"):
+        seen.append((config["lr"], config["seed"]))
+        assert config["heldout_fraction"] == 0.1 and config["eval_each_epoch"] and config["epochs"] == 3.0
+        # held-out prefers lr 1e-4 at epoch 2; dev prefers lr 5e-5 at epoch 3 (dev must not decide)
+        held = {5e-5: [0.30, 0.32, 0.33], 1e-4: [0.31, 0.40, 0.35]}[config["lr"]]
+        dev = {5e-5: [0.20, 0.25, 0.90], 1e-4: [0.21, 0.44, 0.30]}[config["lr"]]
+        eps = [{"epoch": i + 1, "step": 10 * (i + 1), "heldout": {"mcc": h + 0.01 * config["seed"]},
+                "dev": {"mcc": d}} for i, (h, d) in enumerate(zip(held, dev))]
+        return {"steps": 30, "train_seconds": 1.0, "first_loss": 0.7, "final_loss": 0.5, "sparsity": 0.0,
+                "dev": eps[-1]["dev"], "heldout": eps[-1]["heldout"], "epochs": eps, "device": "cpu"}
+
+    monkeypatch.setattr(common, "train_finetune", fake_finetune)
+    monkeypatch.setattr(common, "majority_baseline", lambda task, data_dir, dev_limit=None: None)
+    out = tmp_path / "out"
+    argv = ["--tasks", "CoLA", "--lrs", "5e-5", "1e-4", "--max-epochs", "3", "--confirm-seeds", "1", "2",
+            "--out-dir", str(out), "-q", "--data-dir", str(tmp_path)]
+    assert baseline_sweep.main(argv) == 0
+    assert seen == [(5e-5, 0), (1e-4, 0), (1e-4, 1), (1e-4, 2)]  # only the chosen lr gets the extra seeds
+    doc = json.loads((out / "baseline_sweep-CoLA.json").read_text())
+    chosen = doc["chosen"]["CoLA"]
+    assert (chosen["lr"], chosen["epoch"], chosen["seeds"]) == (1e-4, 2, [0, 1, 2])
+    assert chosen["dev"] == [0.44, 0.44, 0.44]
+    md = (out / "baseline_sweep-CoLA.md").read_text()
+    line = next(x for x in md.splitlines() if "**chosen**" in x)
+    assert "| 0.0001 | 2 | 0 1 2 |" in line and "44.0" in line
+    assert "90.0" not in md  # the better dev figure of a row not chosen is never shown
+    seen.clear()
+    assert baseline_sweep.main(argv) == 0 and seen == []  # resumable: every run is read back
+
+
+def test_a_mask_rule_run_is_derived_from_the_finished_sign_run_without_training(tiny_backbone_dir, tmp_path,
+                                                                                monkeypatch):
+    from mask_store.format import decode_bundle
+    from training.trainer import TrainConfig, scores_path, train
+
+    data = _write_glue(tmp_path / "glue", n=40)
+    args = _study_args(out_dir=str(tmp_path / "out"), data_dir=data, backbone=str(tiny_backbone_dir))
+    over = dict(max_steps=4, batch_size=8, max_seq_length=16, bernoulli_samples=1, mask_lr=0.5, head_lr=1e-2)
+    sign_cfg = common.supermask_config("MRPC", 0, args, heldout=True, mask_rule="sign", **over)
+    sign = common.get_or_run("supermask", sign_cfg, args, "test")
+    assert sign["cached"] is False and "derived_from" not in sign["result"]
+
+    def no_training(*a, **k):
+        raise AssertionError("a mask-rule run with a finished sign run must not train")
+
+    monkeypatch.setattr(common, "train_supermask", no_training)
+    exp_cfg = {**sign_cfg, "mask_rule": "expected"}
+    exp = common.get_or_run("supermask", exp_cfg, args, "test")
+    runs = tmp_path / "out" / "runs"
+    assert exp["result"]["derived_from"] == sign["name"] and exp["name"] != sign["name"]
+    assert exp["result"]["bernoulli"] == sign["result"]["bernoulli"] and exp["result"]["steps"] == 4
+    assert scores_path(runs / exp["result"]["bundle"]).is_file()
+    h = decode_bundle((runs / exp["result"]["bundle"]).read_bytes()).header
+    assert "expected sampled sparsity" in h.mask_rule and h.training["mask_rule_applied"]["rule"] == "expected"
+    assert h.metrics["heldout"] == exp["result"]["heldout"]
+    # the same bundle a training run with that rule writes: same masks (up to the float16 rounding of saved
+    # scores at the threshold), and its head refitted on them
+    monkeypatch.undo()
+    trained = tmp_path / "trained.smask"
+    train(TrainConfig(output=str(trained), data_dir=data, device="cpu", **{**common.LEGACY_SUPERMASK, **exp_cfg}),
+          progress=False)
+    a, b = decode_bundle(trained.read_bytes()), decode_bundle((runs / exp["result"]["bundle"]).read_bytes())
+    agree = np.mean([np.mean(a.mask_array(m.name) == b.mask_array(m.name)) for m in a.header.masks])
+    assert agree > 0.999 and abs(a.header.sparsity - b.header.sparsity) < 1e-3
+    assert b.header.sparsity > decode_bundle((runs / sign["result"]["bundle"]).read_bytes()).header.sparsity
+
+
+def _study_args(**kw):
+    import argparse
+
+    base = dict(train_limit=None, dev_limit=None, bernoulli_samples=1, max_steps=None, epochs=None, force=False,
+                quiet=True, no_scores=False, device="cpu")
+    return argparse.Namespace(**{**base, **kw})
