@@ -376,6 +376,8 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
     if scores_file is not None:
         training["mask_rule_applied"] = {"rule": mask_rule, "scores": Path(scores_file).name,
                                          "from_bundle": Path(bundle_path).name}
+        if "config" in training:  # the config of the run this bundle now stands for
+            training["config"] = {**training["config"], "mask_rule": mask_rule}
     data = build_bundle(model, bb, task, header.task, header.max_seq_length, training, metrics, rule_text)
     write_output(output, data)
     return {"bundle": bundle_path, "output": output, "task": header.task, "heldout_split": split,

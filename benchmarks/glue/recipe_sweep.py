@@ -111,8 +111,16 @@ def summarize(records: list[dict], data_dir: str) -> tuple[list[dict], str, dict
         if maj:
             m = common.main_metric(task)
             lines.append(f"\n{task}: majority class on dev: {common.pct(maj[m])} {common.METRIC_LABEL.get(m, m)}.")
-    return [{k: v for k, v in r.items() if k != "records"} | {"runs": [x["name"] for x in r["records"]]}
-            for r in rows], "\n".join(lines), chosen
+    out = []
+    for r in rows:
+        m = common.main_metric(r["task"])
+        row = {k: v for k, v in r.items() if k != "records"} | {"runs": [x["name"] for x in r["records"]],
+                                                                 "chosen": chosen.get(r["task"]) is r}
+        if row["chosen"]:  # dev only for the chosen row, as in the Markdown table
+            row["dev"] = [common.metric_of(x, m) for x in r["records"]]
+            row["bernoulli"] = [common.metric_of(x, m, bernoulli=True) for x in r["records"]]
+        out.append(row)
+    return out, "\n".join(lines), chosen
 
 
 def ship(chosen: dict, args) -> list[str]:

@@ -746,6 +746,7 @@ def test_a_mask_rule_run_is_derived_from_the_finished_sign_run_without_training(
     assert scores_path(runs / exp["result"]["bundle"]).is_file()
     h = decode_bundle((runs / exp["result"]["bundle"]).read_bytes()).header
     assert "expected sampled sparsity" in h.mask_rule and h.training["mask_rule_applied"]["rule"] == "expected"
+    assert h.training["config"]["mask_rule"] == "expected"
     assert h.metrics["heldout"] == exp["result"]["heldout"]
     # the same bundle a training run with that rule writes: same masks (up to the float16 rounding of saved
     # scores at the threshold), and its head refitted on them
@@ -765,3 +766,38 @@ def _study_args(**kw):
     base = dict(train_limit=None, dev_limit=None, bernoulli_samples=1, max_steps=None, epochs=None, force=False,
                 quiet=True, no_scores=False, device="cpu")
     return argparse.Namespace(**{**base, **kw})
+
+
+def test_acceptance_prefers_heldout_choices_and_judges_the_targets(tmp_path, monkeypatch, tiny_backbone):
+    from benchmarks.glue import acceptance
+
+    res, masks = tmp_path / "res", tmp_path / "masks"
+    res.mkdir()
+    masks.mkdir()
+    monkeypatch.setattr(common, "majority_baseline", lambda task, data_dir, dev_limit=None: {"accuracy": 0.527})
+    table = {"rows": [
+        {"task": "RTE", "supermask": [0.50, 0.52], "bernoulli": [{"mean": 0.51}, {"mean": 0.50}], "seeds": [0, 1],
+         "finetune": [0.59]},
+        {"task": "CoLA", "supermask": [0.10], "bernoulli": [None], "seeds": [0], "finetune": [0.25]}]}
+    (res / "table_a.json").write_text(json.dumps(table))
+    (res / "recipe_sweep-CoLA.json").write_text(json.dumps({"rows": [
+        {"chosen": False, "mask_lr": 0.03, "length": "3 ep", "max_len": 128, "mask_rule": "sign", "seeds": [0],
+         "heldout": [0.1]},
+        {"chosen": True, "mask_lr": 0.1, "length": "3 ep", "max_len": 128, "mask_rule": "expected", "seeds": [0, 1],
+         "heldout": [0.3, 0.3], "dev": [0.31, 0.33], "bernoulli": [0.3, None]}]}))
+    (res / "baseline_sweep-CoLA-RTE.json").write_text(json.dumps({"chosen": {
+        "CoLA": {"lr": 1e-4, "epoch": 4, "seeds": [0, 1, 2], "dev": [0.34, 0.36, 0.35]}}}))
+    (masks / "RTE.smask").write_bytes(make_bundle(tiny_backbone, task="RTE", labels=("entailment", "not_entailment")))
+    rows, md = acceptance.build(acceptance.build_parser().parse_args(
+        ["--results-dir", str(res), "--masks-dir", str(masks), "--data-dir", str(tmp_path)]))
+    by = {r["task"]: r for r in rows}
+    cola, rte = by["CoLA"], by["RTE"]
+    assert "recipe_sweep-CoLA.json" in cola["supermask"]["source"] and cola["supermask"]["dev"] == [0.31, 0.33]
+    assert "baseline_sweep" in cola["finetune"]["source"]
+    assert cola["gap_points"] == pytest.approx(-3.0) and cola["met"] is True  # within CoLA's 4.0 points
+    assert "MCC ≥ 30: **met**" in cola["other"]
+    assert "table_a.json" in rte["supermask"]["source"] and "table_a.json" in rte["finetune"]["source"]
+    assert rte["gap_points"] == pytest.approx(-8.0) and rte["met"] is False
+    assert "above majority class 52.7: **not met**" in rte["other"]
+    assert by["MRPC"]["supermask"] is None and by["MRPC"]["met"] is None  # nothing recorded: no verdict
+    assert "| CoLA | MCC | 32.0 ± 1.0" in md
