@@ -54,11 +54,12 @@ def _shipped(task: str):
     return path
 
 
-# floors: the acceptance figures for SST-2 and MRPC; the other shipped masks only
-# have to reproduce the figure their header records (untuned recipes, see docs/results.md)
+# floors: the acceptance figures for SST-2 and MRPC, and RTE above its majority class (train's
+# majority label, "entailment", is 52.7 % of dev); the other shipped masks only have to reproduce the
+# figure their header records (docs/results.md)
 @pytest.mark.parametrize("task,metric,floor", [
     ("SST-2", "accuracy", 0.85), ("MRPC", "f1", 0.83), ("STS-B", "pearson", None),
-    ("CoLA", "mcc", None), ("RTE", "accuracy", None), ("WNLI", "accuracy", None)])
+    ("CoLA", "mcc", None), ("RTE", "accuracy", 0.528), ("WNLI", "accuracy", None)])
 def test_shipped_bundle_reproduces_recorded_dev_metric(task, metric, floor):
     _need(task)
     from supermask.evaluate import evaluate_bundle
