@@ -627,6 +627,29 @@ def test_recipe_sweep_chooses_on_heldout_shows_dev_only_for_the_choice_and_ships
     assert "none comparable" in json.loads((out / "recipe_sweep-MRPC.json").read_text())["shipped"][0]
 
 
+def test_recipe_sweep_report_only_does_not_choose_a_row_with_fewer_seeds(tmp_path, monkeypatch):
+    from benchmarks.glue import recipe_sweep
+
+    def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command, device="auto"):
+        held = {0.1: 0.70, 0.3: 0.90}[config["mask_lr"]]  # ν lr 0.3's one finished seed beats 0.1's mean
+        return {"steps": 1, "train_seconds": 0.1, "first_loss": 0.7, "final_loss": 0.6, "sparsity": 0.04,
+                "dev": {"accuracy": 0.5, "f1": 0.5}, "bundle": bundle_path.name, "device": "cpu", "bernoulli": {},
+                "heldout": {"accuracy": held, "f1": held}}
+
+    monkeypatch.setattr(common, "train_supermask", fake_supermask)
+    monkeypatch.setattr(common, "majority_baseline", lambda task, data_dir, dev_limit=None: None)
+    out = tmp_path / "out"
+    base = ["--tasks", "MRPC", "--out-dir", str(out), "-q", "--data-dir", str(tmp_path)]
+    assert recipe_sweep.main(base + ["--mask-lrs", "0.1", "--seeds", "0", "1", "2"]) == 0
+    assert recipe_sweep.main(base + ["--mask-lrs", "0.3", "--seeds", "0"]) == 0
+    assert recipe_sweep.main(base + ["--mask-lrs", "0.1", "0.3", "--seeds", "0", "1", "2", "--report-only"]) == 0
+    doc = json.loads((out / "recipe_sweep-MRPC.json").read_text())
+    (chosen,) = [r for r in doc["rows"] if r["chosen"]]
+    assert chosen["mask_lr"] == 0.1 and len(doc["missing_runs"]) == 2
+    md = (out / "recipe_sweep-MRPC.md").read_text()
+    assert "not eligible: 1 of 3 seeds" in next(line for line in md.splitlines() if line.startswith("| MRPC | 0.3 |"))
+
+
 def test_recipe_sweep_default_ste_keeps_recorded_run_names_and_sigmoid_reaches_the_config():
     from benchmarks.glue import recipe_sweep
 
