@@ -81,8 +81,11 @@ def candidates(records: list[dict]) -> list[dict]:
 
 
 def choose(rows: list[dict], task: str, lr: float | None = None) -> dict | None:
-    """The (lr, epoch) row with the best held-out mean (ties: fewer epochs, then the smaller lr)."""
+    """The (lr, epoch) row with the best held-out mean (ties: fewer epochs, then the smaller lr), among the
+    rows with the most seeds (a mean over fewer seeds, where some runs are missing, does not compete)."""
     ok = [r for r in rows if r["task"] == task and (lr is None or r["lr"] == lr)]
+    full = max((len(r["seeds"]) for r in ok), default=0)
+    ok = [r for r in ok if len(r["seeds"]) == full]
     return max(ok, key=lambda r: (r["heldout_mean"], -r["epoch"], -r["lr"])) if ok else None
 
 

@@ -217,6 +217,8 @@ def train_supermask(config: dict[str, Any], bundle_path: Path, data_dir: str, sa
     cfg = TrainConfig(output=str(bundle_path), data_dir=data_dir, save_scores=save_scores, device=device,
                       **{**LEGACY_SUPERMASK, **config})
     res = train(cfg, progress=progress, command=command)
+    if res.interrupted:  # the bundle so far stays on disk; no record, so a rerun trains this run again
+        raise KeyboardInterrupt(f"training stopped after {res.steps} steps; unevaluated bundle at {bundle_path}")
     out = {"steps": res.steps, "train_seconds": round(res.seconds, 2), "first_loss": res.first_loss,
            "final_loss": res.final_loss, "sparsity": res.sparsity, "dev": res.dev_metrics,
            "bernoulli": res.bernoulli, "bundle": bundle_path.name, "device": res.device}
@@ -255,8 +257,10 @@ def rule_source(config: dict[str, Any], runs: Path) -> dict[str, Any] | None:
     The mask rule decides only which deterministic mask is written after training (``TrainConfig.mask_rule``),
     so a held-out run (head refit on) whose config differs from a finished one only in ``mask_rule``, and
     whose mask scores were kept, needs no training of its own: :func:`derive_mask_rule`. Runs with a
-    ``dev_limit`` (smoke runs) are trained."""
-    if config.get("mask_rule", "sign") == "sign" or not config.get("head_refit_steps") or config.get("dev_limit"):
+    ``dev_limit`` (smoke runs), fp32 (``bits`` 32) or shuffled-weights runs are trained: the refit runs the
+    int8, unshuffled backbone."""
+    if (config.get("mask_rule", "sign") == "sign" or not config.get("head_refit_steps") or config.get("dev_limit")
+            or config.get("bits", 8) != 8 or config.get("shuffle_weights")):
         return None
     path = runs / f"{run_name('supermask', {**config, 'mask_rule': 'sign'})}.json"
     if not path.is_file():
@@ -291,8 +295,10 @@ def derive_mask_rule(config: dict[str, Any], source: dict[str, Any], bundle_path
     keep = ("steps", "train_seconds", "first_loss", "final_loss", "bernoulli", "device")
     return {**{k: source["result"][k] for k in keep if k in source["result"]}, "sparsity": r["sparsity"],
             "dev": {k: v for k, v in r["after"]["dev"].items() if k not in ("calibration", "log_loss")},
-            "heldout": r["after"]["heldout"], "head_refit": {"choice": r["choice"], "before": r["before"]},
-            "bundle": bundle_path.name, "derived_from": source["name"], "derive_seconds": r["seconds"]}
+            # "before" here is the source run's refitted head on the new mask, not a head trained under sampled masks
+            "heldout": r["after"]["heldout"], "head_refit": {"choice": r["choice"], "before_source_head": r["before"]},
+            "bundle": bundle_path.name, "derived_from": source["name"], "source_finished_at": source["finished_at"],
+            "derive_seconds": r["seconds"]}
 
 
 def git_commit() -> str:
@@ -338,13 +344,15 @@ def get_or_run(kind: str, config: dict[str, Any], args: argparse.Namespace, comm
     runs = Path(args.out_dir) / RUNS_SUBDIR
     name = run_name(kind, config)
     path = runs / f"{name}.json"
+    source = rule_source(config, runs) if kind == "supermask" else None
     if path.is_file() and not args.force:
         rec = json.loads(path.read_text())
-        rec["cached"] = True
-        return rec
+        if not _stale_derivation(rec, source):
+            rec["cached"] = True
+            return rec
+        log.info("re-deriving %s: its source %s was trained again", name, source["name"])
     started, t0 = _now(), time.perf_counter()
     progress = not args.quiet
-    source = rule_source(config, runs) if kind == "supermask" else None
     if source is not None:
         result = derive_mask_rule(config, source, runs / f"{name}.smask", args.data_dir, progress, command)
     elif kind == "supermask":
@@ -362,6 +370,16 @@ def get_or_run(kind: str, config: dict[str, Any], args: argparse.Namespace, comm
     _write_json(path, rec)
     rec["cached"] = False
     return rec
+
+
+def _stale_derivation(rec: dict[str, Any], source: dict[str, Any] | None) -> bool:
+    """True when ``rec`` was derived from ``source``'s scores and ``source`` finished training after that
+    (``--force`` retrained it), so the derived mask and head no longer match the source's record."""
+    if source is None or rec["result"].get("derived_from") != source["name"]:
+        return False
+    # ISO-8601 UTC stamps of one format compare as strings; records written before source_finished_at
+    # existed are stale when the source finished after the derivation started
+    return rec["result"].get("source_finished_at", rec["started_at"]) < source["finished_at"]
 
 
 def run_all(plan: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, command: str,

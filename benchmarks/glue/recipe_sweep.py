@@ -56,7 +56,8 @@ def plan_runs(args) -> list[tuple[str, dict]]:
         r = common.RECIPES[task]
         for lr, ep, ml, rule, ste, seed in itertools.product(
                 args.mask_lrs or [r.mask_lr], args.epoch_grid or [None], args.max_lens or [r.max_seq_length],
-                args.mask_rules, args.stes, args.seeds or [0]):
+                sorted(args.mask_rules, key=lambda rule: rule != "sign"), args.stes, args.seeds or [0]):
+            # sign runs first: a run with another rule is then derived from their saved scores, not trained
             over = {"mask_lr": lr, "max_seq_length": ml, "mask_rule": rule}
             if ste != "identity":  # only when set: the recorded runs' names (config hashes) stay as they were
                 over["ste"] = ste
@@ -82,7 +83,9 @@ def _n_heldout(row: dict) -> int:
     return sum(h is not None for h in row["heldout"])
 
 
-def summarize(records: list[dict], data_dir: str) -> tuple[list[dict], str, dict]:
+def summarize(records: list[dict], data_dir: str, n_seeds: int) -> tuple[list[dict], str, dict]:
+    """Rows per configuration, the Markdown table, and ``{task: chosen row}``: the best held-out mean among
+    the rows with all ``n_seeds`` seeds finished (a task with none has no choice). Figures are fractions."""
     rows, chosen = [], {}
     for key, recs in common.group(records, _key).items():
         held = [_heldout(r) for r in recs]
@@ -95,8 +98,7 @@ def summarize(records: list[dict], data_dir: str) -> tuple[list[dict], str, dict
     for task, trows in common.group(rows, lambda r: r["task"]).items():
         # a mean over fewer seeds is a noisier estimate, and a lucky seed would win on it alone: only the rows
         # with the task's full seed count compete (a report-only run can list rows whose seeds are not all done)
-        full = max((_n_heldout(r) for r in trows), default=0)
-        ok = [r for r in trows if r["heldout_mean"] is not None and _n_heldout(r) == full]
+        ok = [r for r in trows if r["heldout_mean"] is not None and _n_heldout(r) >= n_seeds]
         if ok:
             chosen[task] = max(ok, key=lambda r: r["heldout_mean"])
     lines = ["Served deterministic mask after the head refit, int8 backbone. Held-out: 10 % of train.tsv "
@@ -108,9 +110,9 @@ def summarize(records: list[dict], data_dir: str) -> tuple[list[dict], str, dict
     for r in sorted(rows, key=lambda r: (r["task"], str(r["mask_lr"]), str(r["length"]), r["max_len"])):
         m = common.main_metric(r["task"])
         is_chosen = chosen.get(r["task"]) is r
-        full = max(_n_heldout(x) for x in rows if x["task"] == r["task"])
         dev = (common.mean_sd([common.metric_of(x, m) for x in r["records"]]) if is_chosen
-               else "(not chosen)" if _n_heldout(r) == full else f"(not eligible: {_n_heldout(r)} of {full} seeds)")
+               else "(not chosen)" if _n_heldout(r) >= n_seeds
+               else f"(not eligible: {_n_heldout(r)} of {n_seeds} seeds)")
         bern = common.bernoulli_cell(r["records"], m) if is_chosen else ""
         lines.append(f"| {r['task']}{' **chosen**' if is_chosen else ''} | {r['mask_lr']:g} | {r['length']} | "
                      f"{r['max_len']} | {r['mask_rule']} | {r['ste']} | {' '.join(map(str, r['seeds']))} | "
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     common.setup(args)
     command = common.command_line("recipe_sweep.py", argv)
     records = common.run_all(plan_runs(args), args, command, "recipe sweep runs")
-    rows, body, chosen = summarize(records, args.data_dir)
+    rows, body, chosen = summarize(records, args.data_dir, len(args.seeds or [0]))
     shipped = ship(chosen, args) if args.ship_to else []
     if shipped:
         body += "\n\nShipping:\n\n" + "\n".join(f"- {s}" for s in shipped)

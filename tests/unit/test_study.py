@@ -781,6 +781,32 @@ def test_a_mask_rule_run_is_derived_from_the_finished_sign_run_without_training(
     agree = np.mean([np.mean(a.mask_array(m.name) == b.mask_array(m.name)) for m in a.header.masks])
     assert agree > 0.999 and abs(a.header.sparsity - b.header.sparsity) < 1e-3
     assert b.header.sparsity > decode_bundle((runs / sign["result"]["bundle"]).read_bytes()).header.sparsity
+    # read back while its source stands; derived again once the source is trained again (--force)
+    monkeypatch.setattr(common, "train_supermask", no_training)
+    assert common.get_or_run("supermask", exp_cfg, args, "test")["cached"] is True
+    src_json = runs / f"{sign['name']}.json"
+    later = {**json.loads(src_json.read_text()), "finished_at": "2999-01-01T00:00:00+00:00"}
+    src_json.write_text(json.dumps(later))
+    again = common.get_or_run("supermask", exp_cfg, args, "test")
+    assert again["cached"] is False and again["result"]["source_finished_at"] == later["finished_at"]
+    assert common.get_or_run("supermask", exp_cfg, args, "test")["cached"] is True
+    # fp32 and shuffled-weights runs are not derived: the refit would run the int8, unshuffled backbone
+    assert common.rule_source({**exp_cfg, "bits": 32}, runs) is None
+    assert common.rule_source({**exp_cfg, "shuffle_weights": True}, runs) is None
+
+
+def test_an_interrupted_sweep_run_writes_no_record(tmp_path, monkeypatch):
+    import training.trainer as trainer
+
+    class Stopped:
+        interrupted, steps = True, 3
+
+    monkeypatch.setattr(trainer, "train", lambda cfg, progress=True, command="": Stopped())
+    args = _study_args(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path), backbone=None)
+    cfg = common.supermask_config("MRPC", 0, args, heldout=True)
+    with pytest.raises(KeyboardInterrupt, match="after 3 steps"):
+        common.get_or_run("supermask", cfg, args, "test")
+    assert not (tmp_path / "out" / "runs" / f"{common.run_name('supermask', cfg)}.json").exists()
 
 
 def _study_args(**kw):
