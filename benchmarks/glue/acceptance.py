@@ -1,4 +1,4 @@
-"""The acceptance table: the served supermask against the strongest fine-tuning baseline we have, per task.
+"""The acceptance table: the served supermask against the best-chosen fine-tuning baseline we have, per task.
 
 Reads only what the study scripts wrote (no training, no evaluation):
 
@@ -42,7 +42,7 @@ BUDGET_MATCHED = {"SST-2": "sst2_baseline_2000steps.json"}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acceptance.py", formatter_class=common.HelpFormatter,
-                                description="Served supermask vs the strongest recorded fine-tuning baseline per "
+                                description="Served supermask vs the recorded fine-tuning baseline (chosen on held-out where swept) per "
                                             "GLUE task, from the study scripts' JSON records (trains nothing). "
                                             "Writes acceptance.json / .md under --out-dir.")
     p.add_argument("--results-dir", default=str(common.DEFAULT_OUT_DIR),
@@ -57,14 +57,36 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+_SHORTENED = ("train_limit", "dev_limit", "max_steps")
+
+
+def _sweeps(results: Path, prefix: str, task: str) -> list[tuple[Path, dict]]:
+    """The ``<prefix>-*.json`` reports that cover ``task``: ``<prefix>-<task>.json`` first, then multi-task
+    ones by name. Smoke reports (a run with a train or dev limit, or a fine-tuning run cut short by
+    ``--max-steps``) are skipped: their figures are not the task's."""
+    named = [results / f"{prefix}-{task}.json"] + sorted(
+        p for p in results.glob(f"{prefix}-*.json") if task in p.stem.split("-", 1)[1].split("-") and
+        p.name != f"{prefix}-{task}.json")
+    out = []
+    for path in named:
+        doc = _load(path)
+        if doc is None:
+            continue
+        shortened = any(r["config"].get(k) for r in doc.get("runs", []) for k in _SHORTENED
+                        if r["config"].get("task") == task and not (k == "max_steps" and r["kind"] == "supermask"))
+        if not shortened:
+            out.append((path, doc))
+    return out
+
+
 def supermask_row(task: str, results: Path) -> dict | None:
     """``{"dev", "bernoulli", "source", "config"}`` of the served supermask for ``task`` (fractions)."""
-    sweep = _load(results / f"recipe_sweep-{task}.json")
-    chosen = [r for r in (sweep or {}).get("rows", []) if r.get("chosen")]
+    chosen = [(path, r) for path, doc in _sweeps(results, "recipe_sweep", task) for r in doc.get("rows", [])
+              if r.get("chosen") and r.get("task", task) == task]
     if chosen:
-        r = chosen[0]
+        path, r = chosen[0]
         return {"dev": r["dev"], "bernoulli": [b for b in r.get("bernoulli", []) if b is not None],
-                "heldout": r["heldout"], "seeds": r["seeds"], "source": f"recipe_sweep-{task}.json, chosen on held-out",
+                "heldout": r["heldout"], "seeds": r["seeds"], "source": f"{path.name}, chosen on held-out",
                 "config": f"ν lr {r['mask_lr']:g}, {r['length']}, max len {r['max_len']}, {r['mask_rule']} rule"
                           + (f", STE {r['ste']}" if r.get("ste", "identity") != "identity" else "")}
     table = _load(results / "table_a.json")
@@ -77,9 +99,11 @@ def supermask_row(task: str, results: Path) -> dict | None:
 
 
 def finetune_row(task: str, results: Path) -> dict | None:
-    """``{"dev", "source", "config"}`` of the strongest recorded fine-tuning baseline for ``task``."""
-    for path in sorted(results.glob("baseline_sweep-*.json")):
-        chosen = (_load(path) or {}).get("chosen", {}).get(task)
+    """``{"dev", "source", "config"}`` of the fine-tuning baseline for ``task``, by precedence: the held-out
+    choice of a sweep, Table A's single run, the budget-matched run (figures as fractions). Precedence, not
+    the best dev figure: choosing the baseline on dev would be selection on dev."""
+    for path, doc in _sweeps(results, "baseline_sweep", task):
+        chosen = doc.get("chosen", {}).get(task)
         if chosen:
             return {"dev": chosen["dev"], "seeds": chosen["seeds"], "source": f"{path.name}, chosen on held-out",
                     "config": f"lr {chosen['lr']:g}, {chosen['epoch']} epochs (of the sweep's run length)"}

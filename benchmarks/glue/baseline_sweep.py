@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_epochs < 1:
         raise SystemExit(f"--max-epochs must be >= 1, got {args.max_epochs}")
+    if args.epochs is not None:
+        raise SystemExit("--epochs does not apply here: every run lasts --max-epochs and epochs 1..N are candidates")
     common.setup(args)
     command = common.command_line("baseline_sweep.py", argv)
     records = common.run_all(plan_runs(args), args, command, "fine-tuning runs")
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = candidates(records)
         chosen = {t: choose(rows, t, chosen[t]["lr"]) for t in chosen}
     body = common.smoke_note(args) + summarize(rows, chosen, args.data_dir)
+    if not chosen:
+        body += ("\n\nNothing chosen: no run finished an epoch with a held-out evaluation (a --max-steps shorter "
+                 "than one epoch, or --report-only before any run finished).")
     stem = STEM + "-" + "-".join(common.check_tasks(args.tasks))
     data = {"chosen": chosen_baseline(rows, chosen), "missing_runs": missing,
             "rows": json.loads(json.dumps([{k: v for k, v in r.items() if k != "records"} for r in rows]))}

@@ -836,6 +836,10 @@ def test_acceptance_prefers_heldout_choices_and_judges_the_targets(tmp_path, mon
          "heldout": [0.3, 0.3], "dev": [0.31, 0.33], "bernoulli": [0.3, None]}]}))
     (res / "baseline_sweep-CoLA-RTE.json").write_text(json.dumps({"chosen": {
         "CoLA": {"lr": 1e-4, "epoch": 4, "seeds": [0, 1, 2], "dev": [0.34, 0.36, 0.35]}}}))
+    # a smoke sweep's figures are not RTE's: skipped
+    (res / "baseline_sweep-RTE.json").write_text(json.dumps({
+        "chosen": {"RTE": {"lr": 1e-4, "epoch": 1, "seeds": [0], "dev": [0.9]}},
+        "runs": [{"kind": "finetune", "config": {"task": "RTE", "train_limit": 64}}]}))
     (masks / "RTE.smask").write_bytes(make_bundle(tiny_backbone, task="RTE", labels=("entailment", "not_entailment")))
     rows, md = acceptance.build(acceptance.build_parser().parse_args(
         ["--results-dir", str(res), "--masks-dir", str(masks), "--data-dir", str(tmp_path)]))
