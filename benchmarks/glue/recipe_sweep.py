@@ -136,13 +136,24 @@ def summarize(records: list[dict], data_dir: str, n_seeds: int) -> tuple[list[di
 
 
 def ship(chosen: dict, args) -> list[str]:
-    """Copy each task's chosen configuration's best held-out run when it beats the bundle already there."""
+    """Copy each task's chosen configuration's best held-out run when it beats the bundle already there.
+
+    Only runs whose bundle is still on disk are candidates (bundles are not kept in git): when the best
+    run's bundle is gone, the best of the rest ships and the line says which was passed over."""
     from mask_store.format import read_header_file
 
     out = []
     runs = Path(args.out_dir) / common.RUNS_SUBDIR
+
+    def rank(r):
+        return _heldout(r) if _heldout(r) is not None else float("-inf"), -r["seed"]
+
     for task, row in chosen.items():
-        best = max(row["records"], key=lambda r: (_heldout(r) if _heldout(r) is not None else float("-inf"), -r["seed"]))
+        ranked = sorted(row["records"], key=rank, reverse=True)
+        kept = [r for r in ranked if (runs / r["result"]["bundle"]).is_file()]
+        best = kept[0] if kept else ranked[0]
+        passed = [f"seed {r['seed']} (held-out {common.pct(_heldout(r))})" for r in ranked[:ranked.index(best)]]
+        note = f"; bundle not on disk for {', '.join(passed)}" if passed else ""
         src, dst = runs / best["result"]["bundle"], Path(args.ship_to) / f"{task}.smask"
         m = common.main_metric(task)
         current = None
@@ -153,13 +164,14 @@ def ship(chosen: dict, args) -> list[str]:
             if (header.training.get("config") or {}).get("heldout_fraction"):
                 current = header.metrics.get("heldout", {}).get(m)
         if not src.is_file():
-            out.append(f"{task}: not shipped, bundle {src} missing")
+            out.append(f"{task}: not shipped, no run's bundle is on disk (best: {src})")
         elif current is not None and current >= _heldout(best):
             out.append(f"{task}: not shipped, held-out {common.pct(_heldout(best))} ≤ shipped {common.pct(current)}")
         else:
             shutil.copyfile(src, dst)
             had = common.pct(current) if current is not None else "none comparable"
-            out.append(f"{task}: {best['name']} (held-out {common.pct(_heldout(best))}, shipped had {had}) -> {dst}")
+            out.append(f"{task}: {best['name']} (held-out {common.pct(_heldout(best))}, shipped had {had}{note}) "
+                       f"-> {dst}")
     return out
 
 

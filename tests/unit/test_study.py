@@ -625,6 +625,13 @@ def test_recipe_sweep_chooses_on_heldout_shows_dev_only_for_the_choice_and_ships
     assert recipe_sweep.main(argv) == 0
     assert shipped.read_bytes() == b"bundle lr 0.3 seed 1"
     assert "none comparable" in json.loads((out / "recipe_sweep-MRPC.json").read_text())["shipped"][0]
+    # the best run's bundle is gone (bundles are not kept in git): the best run still on disk ships, and says so
+    best_bundle = next(p for p in (out / "runs").glob("*.smask") if p.read_bytes() == b"bundle lr 0.3 seed 1")
+    best_bundle.unlink()
+    shipped.write_bytes(with_heldout(0.99, None))
+    assert recipe_sweep.main(argv) == 0
+    assert shipped.read_bytes() == b"bundle lr 0.3 seed 0"
+    assert "bundle not on disk for seed 1" in json.loads((out / "recipe_sweep-MRPC.json").read_text())["shipped"][0]
 
 
 def test_recipe_sweep_report_only_does_not_choose_a_row_with_fewer_seeds(tmp_path, monkeypatch):
