@@ -163,10 +163,10 @@ def ship(chosen: dict, args) -> list[str]:
             # (mask trained on every row, head refitted later) scores its own training rows there
             if (header.training.get("config") or {}).get("heldout_fraction"):
                 current = header.metrics.get("heldout", {}).get(m)
-        if not src.is_file():
-            out.append(f"{task}: not shipped, no run's bundle is on disk (best: {src})")
-        elif current is not None and current >= _heldout(best):
+        if current is not None and current >= _heldout(best):
             out.append(f"{task}: not shipped, held-out {common.pct(_heldout(best))} ≤ shipped {common.pct(current)}")
+        elif not src.is_file():
+            out.append(f"{task}: not shipped, no run's bundle is on disk (best: {src})")
         else:
             shutil.copyfile(src, dst)
             had = common.pct(current) if current is not None else "none comparable"
