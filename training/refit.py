@@ -281,7 +281,7 @@ def refit_head(model: SupermaskModel, tokenizer, task: GlueTask, fit_set: list[E
     return fit, record
 
 
-def _split_metrics(m: dict) -> tuple[dict, dict]:
+def split_metrics(m: dict) -> tuple[dict, dict]:
     """GLUE metrics and the extras (calibration, log loss) of :func:`evaluate_head`'s result."""
     return ({k: v for k, v in m.items() if k not in ("calibration", "log_loss")},
             {k: v for k, v in m.items() if k in ("calibration", "log_loss")})
@@ -364,8 +364,8 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
     record["heldout_split"] = split
     training = {**header.training, "heldout_split": recorded or split, "head_refit": {
         k: v for k, v in record.items() if k not in ("before", "after")}}
-    dev_after, dev_extra = _split_metrics(record["after"]["dev"])
-    dev_before, _ = _split_metrics(record["before"]["dev"])
+    dev_after, dev_extra = split_metrics(record["after"]["dev"])
+    dev_before, _ = split_metrics(record["before"]["dev"])
     metrics = {**header.metrics, "split": "dev", "dev_examples": len(dev), "deterministic": dev_after,
                "heldout": record["after"]["heldout"],
                "before_head_refit": {"deterministic": dev_before, "heldout": record["before"]["heldout"]}}

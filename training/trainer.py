@@ -29,7 +29,7 @@ from training.glue import (HELDOUT_FRACTION, HELDOUT_SEED, Example, GlueTask, ca
                            read_split, split_heldout)
 from training.loop import predict_examples, run_steps
 from training.bundles import build_bundle, check_output, write_output
-from training.refit import DEFAULT_REFIT_STEPS, REGRESSION_SCALES, refit_head
+from training.refit import DEFAULT_REFIT_STEPS, REGRESSION_SCALES, refit_head, split_metrics
 from training.supermask import SupermaskModel, apply_mask_rule
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         _, refit = refit_head(model, tokenizer, task, train_set, heldout_set, cfg.max_seq_length,
                               cfg.head_refit_steps, cfg.regression_scale, cfg.eval_batch_size, device, progress,
                               extra={"dev": dev_set})
-        dev = {k: v for k, v in refit["after"]["dev"].items() if k not in ("calibration", "log_loss")}
+        dev, _ = split_metrics(refit["after"]["dev"])
         heldout = refit["after"]["heldout"]
     elif not interrupted:
         dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length,
@@ -288,8 +288,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
             metrics["heldout"] = heldout
         if refit:
             metrics["before_head_refit"] = {
-                "deterministic": {k: v for k, v in refit["before"]["dev"].items()
-                                  if k not in ("calibration", "log_loss")},
+                "deterministic": split_metrics(refit["before"]["dev"])[0],
                 "heldout": refit["before"]["heldout"]}
             if "calibration" in refit["after"]["dev"]:
                 metrics["calibration"] = refit["after"]["dev"]["calibration"]

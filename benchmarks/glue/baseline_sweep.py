@@ -66,6 +66,12 @@ def _per_epoch(rec: dict, split: str, metric: str) -> dict[int, float]:
             if e.get(split, {}).get(metric) is not None}
 
 
+def _dev_at_epoch(row: dict) -> list[float]:
+    """Each seed's dev figure (fraction) at ``row``'s epoch: reported for the chosen row only."""
+    m = common.main_metric(row["task"])
+    return [_per_epoch(x, "dev", m)[row["epoch"]] for x in row["records"]]
+
+
 def candidates(records: list[dict]) -> list[dict]:
     """One row per (task, lr, epoch): the held-out figures of every seed at that epoch."""
     rows = []
@@ -97,8 +103,7 @@ def summarize(rows: list[dict], chosen: dict[str, dict], data_dir: str) -> str:
     for r in sorted(rows, key=lambda r: (r["task"], r["lr"], r["epoch"])):
         m = common.main_metric(r["task"])
         is_chosen = chosen.get(r["task"]) is r
-        dev = (common.mean_sd([_per_epoch(x, "dev", m)[r["epoch"]] for x in r["records"]])
-               if is_chosen else "(not chosen)")
+        dev = common.mean_sd(_dev_at_epoch(r)) if is_chosen else "(not chosen)"
         lines.append(f"| {r['task']}{' **chosen**' if is_chosen else ''} | {r['lr']:g} | {r['epoch']} | "
                      f"{' '.join(map(str, r['seeds']))} | {common.mean_sd(r['heldout'])} "
                      f"{common.METRIC_LABEL.get(m, m)} | {dev} |")
@@ -116,7 +121,7 @@ def chosen_baseline(rows: list[dict], chosen: dict) -> dict:
     for task, r in chosen.items():
         m = common.main_metric(task)
         out[task] = {"lr": r["lr"], "epoch": r["epoch"], "seeds": r["seeds"], "metric": m, "heldout": r["heldout"],
-                     "dev": [_per_epoch(x, "dev", m)[r["epoch"]] for x in r["records"]],
+                     "dev": _dev_at_epoch(r),
                      "runs": [x["name"] for x in r["records"]]}
     return out
 

@@ -162,6 +162,11 @@ def smoke_note(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------- run configs
 
 
+#: the validation split every held-out run (supermask or fine-tuning) carves from train.tsv: the same rows
+#: for every run of a task (training.glue.split_heldout)
+HELDOUT_SPLIT = {"heldout_fraction": 0.1, "heldout_seed": 1234}
+
+
 def supermask_config(task: str, seed: int, args: argparse.Namespace, heldout: bool = False,
                      **overrides: Any) -> dict[str, Any]:
     """Result-relevant config of one supermask run (the keys of :class:`training.trainer.TrainConfig`).
@@ -175,7 +180,7 @@ def supermask_config(task: str, seed: int, args: argparse.Namespace, heldout: bo
            "train_limit": args.train_limit, "dev_limit": args.dev_limit,
            "bernoulli_samples": args.bernoulli_samples}
     if heldout:
-        cfg.update({"heldout_fraction": 0.1, "heldout_seed": 1234, "head_refit_steps": 200})
+        cfg.update({**HELDOUT_SPLIT, "head_refit_steps": 200})
     cfg.update(steps_override(args))
     cfg.update(overrides)
     return cfg
@@ -193,7 +198,7 @@ def finetune_config(task: str, seed: int, args: argparse.Namespace, heldout: boo
            "max_steps": None, "lr": r.baseline_lr, "weight_decay": 0.01, "warmup_ratio": 0.1,
            "train_limit": args.train_limit, "dev_limit": args.dev_limit}
     if heldout:
-        cfg.update({"heldout_fraction": 0.1, "heldout_seed": 1234, "eval_each_epoch": True})
+        cfg.update({**HELDOUT_SPLIT, "eval_each_epoch": True})
     cfg.update(steps_override(args))
     cfg.update(overrides)
     return cfg
@@ -283,7 +288,7 @@ def derive_mask_rule(config: dict[str, Any], source: dict[str, Any], bundle_path
     The scores are copied beside the new bundle; ``derived_from`` names the source run."""
     import shutil
 
-    from training.refit import refit_bundle
+    from training.refit import refit_bundle, split_metrics
     from training.trainer import scores_path
 
     src = bundle_path.parent / source["result"]["bundle"]
@@ -294,7 +299,7 @@ def derive_mask_rule(config: dict[str, Any], source: dict[str, Any], bundle_path
     shutil.copyfile(scores_path(src), scores_path(bundle_path))
     keep = ("steps", "train_seconds", "first_loss", "final_loss", "bernoulli", "device")
     return {**{k: source["result"][k] for k in keep if k in source["result"]}, "sparsity": r["sparsity"],
-            "dev": {k: v for k, v in r["after"]["dev"].items() if k not in ("calibration", "log_loss")},
+            "dev": split_metrics(r["after"]["dev"])[0],
             # "before" here is the source run's refitted head on the new mask, not a head trained under sampled masks
             "heldout": r["after"]["heldout"], "head_refit": {"choice": r["choice"], "before_source_head": r["before"]},
             "bundle": bundle_path.name, "derived_from": source["name"], "source_finished_at": source["finished_at"],
