@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from backbone import load_backbone, load_encoder_folder, resolve_torch_device
-from training.glue import compute_metrics, get_task, read_split, split_heldout
+from training.glue import HELDOUT_SEED, compute_metrics, get_task, read_split, split_heldout
 from training.supermask import EncoderWithHead, TaskHead
 from training.loop import predict_examples, run_steps
 from training.bundles import write_output
@@ -67,7 +67,7 @@ class FinetuneConfig:
     # held-out validation split carved from train.tsv (training.glue.split_heldout), not trained on; 0.0: train
     # on every row (every baseline recorded before held-out splits)
     heldout_fraction: float = 0.0
-    heldout_seed: int = 1234
+    heldout_seed: int = HELDOUT_SEED
     # evaluate held-out and dev after every complete epoch (FinetuneResult.epochs): lets a sweep choose the
     # number of epochs on held-out data (early stopping) from one run
     eval_each_epoch: bool = False
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-fraction", type=float, default=0.0,
                    help="hold out this fraction of train.tsv (training.glue.split_heldout), evaluate on it, never "
                         "train on it; 0: train on every row")
-    p.add_argument("--heldout-seed", type=int, default=1234, help="seed of the held-out split")
+    p.add_argument("--heldout-seed", type=int, default=HELDOUT_SEED, help="seed of the held-out split")
     p.add_argument("--eval-each-epoch", action="store_true",
                    help="evaluate held-out and dev after every complete epoch (for choosing epochs on held-out)")
     return p

@@ -83,6 +83,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 from supermask.cli import HelpFormatter  # noqa: E402  (one help formatter for every command line)
+from training.glue import HELDOUT_FRACTION, HELDOUT_SEED  # noqa: E402  (numpy only, no torch)
 
 
 def base_parser(prog: str, description: str, default_tasks: Iterable[str], seeds_help: str) -> argparse.ArgumentParser:
@@ -163,8 +164,8 @@ def smoke_note(args: argparse.Namespace) -> str:
 
 
 #: the validation split every held-out run (supermask or fine-tuning) carves from train.tsv: the same rows
-#: for every run of a task (training.glue.split_heldout)
-HELDOUT_SPLIT = {"heldout_fraction": 0.1, "heldout_seed": 1234}
+#: for every run of a task (training.glue.split_heldout and its defaults)
+HELDOUT_SPLIT = {"heldout_fraction": HELDOUT_FRACTION, "heldout_seed": HELDOUT_SEED}
 
 
 def supermask_config(task: str, seed: int, args: argparse.Namespace, heldout: bool = False,
