@@ -241,6 +241,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     dev: dict[str, float] = {}
     heldout: dict = {}
     refit: dict = {}
+    dev_extra: dict = {}  # the refit's calibration / log loss on dev
     bern = {}
     if cfg.bernoulli_samples > 0 and not interrupted:  # the paper's measure: the trained head, sampled masks
         bern = evaluate_bernoulli(model, tokenizer, task, dev_set, cfg.max_seq_length, cfg.bernoulli_samples,
@@ -249,7 +250,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
         _, refit = refit_head(model, tokenizer, task, train_set, heldout_set, cfg.max_seq_length,
                               cfg.head_refit_steps, cfg.regression_scale, cfg.eval_batch_size, device, progress,
                               extra={"dev": dev_set})
-        dev, _ = split_metrics(refit["after"]["dev"])
+        dev, dev_extra = split_metrics(refit["after"]["dev"])
         heldout = refit["after"]["heldout"]
     elif not interrupted:
         dev = compute_metrics(task, predict(model, tokenizer, task, dev_set, cfg.max_seq_length,
@@ -290,8 +291,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
             metrics["before_head_refit"] = {
                 "deterministic": split_metrics(refit["before"]["dev"])[0],
                 "heldout": refit["before"]["heldout"]}
-            if "calibration" in refit["after"]["dev"]:
-                metrics["calibration"] = refit["after"]["dev"]["calibration"]
+            if "calibration" in dev_extra:
+                metrics["calibration"] = dev_extra["calibration"]
             if bern:
                 metrics["bernoulli_head"] = "the trained head (before the refit), under sampled masks"
     if bern:  # how the samples drew masks (evaluate_bernoulli's per="batch"), and the s.d. used (population)

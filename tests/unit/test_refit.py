@@ -135,3 +135,25 @@ def test_training_refits_the_head_and_records_split_and_refit(tiny_backbone_dir,
     assert "head_refit" not in h0.training and res0.head_refit == {} and "accuracy" in h0.metrics["heldout"]
     with pytest.raises(ValueError, match="held-out split"):
         train(TrainConfig(output=str(tmp_path / "c.smask"), head_refit_steps=5, heldout_fraction=0.0, **kw))
+
+
+def test_regression_training_records_the_refit_heads_calibration_on_dev(tiny_backbone_dir, tmp_path):
+    """The served (refitted) head's dev calibration is in the bundle's metrics; the GLUE figures stay clean."""
+    from mask_store.format import decode_bundle
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue", n=40)
+    sts = tmp_path / "glue" / "STS-B"
+    sts.mkdir()
+    for split in ("train", "dev"):  # the original layout: sentences in columns 7 and 8, the score last
+        rows = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"] + [
+            f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\ta cat {i} sat\ta cat {i % 7} sat down\t{(i * 0.37) % 5:.3f}"
+            for i in range(40)]
+        (sts / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    res = train(TrainConfig(output=str(tmp_path / "r.smask"), task="STS-B", data_dir=data,
+                            backbone=str(tiny_backbone_dir), max_steps=2, batch_size=8, max_seq_length=16,
+                            bernoulli_samples=0, save_scores=False, device="cpu", head_refit_steps=10),
+                progress=False)
+    m = decode_bundle((tmp_path / "r.smask").read_bytes()).header.metrics
+    assert {"mean", "sd"} <= set(m["calibration"]) and m["calibration"] == res.head_refit["after"]["dev"]["calibration"]
+    assert "calibration" not in m["deterministic"] and "pearson" in m["deterministic"]
