@@ -7,8 +7,9 @@ choices without loading the training stack.
 # Deterministic mask written to a bundle after training (TrainConfig.mask_rule):
 # "sign" is μ = 1[ν > 0] = 1[σ(ν) > 0.5] (ours: the paper reports the mean of 10 Bernoulli samples and states no
 # deterministic rule); "expected" is 1[ν > τ] with one global τ that
-# prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν)).
-MASK_RULES = ("sign", "expected")
+# prunes the expected sparsity of the sampled masks trained with, mean(1 − σ(ν)); "sampled" is one draw
+# μ ~ Bern(σ(ν)) fixed by the run's seed, a single member of the distribution the network trained under.
+MASK_RULES = ("sign", "expected", "sampled")
 
 # Straight-through estimator of the mask scores' gradient (TrainConfig.ste): "identity" is the paper's,
 # dL/dν := dL/dμ (Radiya-Dixit & Wang 2020, Section 3.3); "sigmoid" scales it by the derivative of the

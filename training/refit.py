@@ -297,7 +297,8 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
     With ``scores_file`` (the bundle's ``.scores.safetensors``, float16 ``ν`` per masked matrix) and
     ``mask_rule`` (:func:`training.supermask.apply_mask_rule`), the served mask is first rebuilt from the
     trained scores with that rule, and the head is refitted on it: the bundle a run with that mask rule would
-    have written (the rule is applied only after training; the scores were rounded to float16 when saved).
+    have written (the rule is applied only after training; the scores were rounded to float16 when saved;
+    the ``"sampled"`` rule draws with the seed of the run the bundle's config records, else 0).
 
     Otherwise the masks, the task's name, labels and max length are kept bit for bit; the head is replaced by the one
     :func:`refit_head` chooses on the held-out split of the task's train set (the split the bundle records,
@@ -352,12 +353,13 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
         from safetensors.torch import load_file
 
         if mask_rule is None:
-            raise ValueError("a scores file rebuilds the mask: give its mask_rule (sign or expected)")
+            raise ValueError("a scores file rebuilds the mask: give its mask_rule (one of training.MASK_RULES)")
         tensors = load_file(str(scores_file))
         with torch.no_grad():
             for name, layer in model.masked_layers().items():
                 layer.scores.copy_(tensors[f"{name}.scores"].to(torch.float32))
-        rule_text = apply_mask_rule(model, mask_rule) or MASK_RULE
+        rule_text = apply_mask_rule(model, mask_rule, seed=(header.training.get("config") or {}).get("seed", 0)) \
+            or MASK_RULE
     fit, record = refit_head(model, bb.tokenizer, task, fit_set, heldout, header.max_seq_length, steps,
                              regression_scale, batch_size, progress=progress, extra={"dev": dev})
     record["command"] = command

@@ -59,6 +59,7 @@ class SupermaskLinear(nn.Module):
         self.sample: bool | None = None  # None: follow self.training
         self.threshold = 0.0  # τ of the deterministic mask 1[ν > τ]
         self.drawn: torch.Tensor | None = None  # one fixed Bernoulli draw for sampling forwards
+        self.served: torch.Tensor | None = None  # a fixed deterministic mask (the "sampled" rule), else 1[ν > τ]
 
     def mask(self, sample: bool) -> torch.Tensor:
         """``μ`` as float32 ``[out, in]`` carrying the straight-through gradient to ``ν``."""
@@ -67,14 +68,17 @@ class SupermaskLinear(nn.Module):
         elif sample:
             mu = torch.bernoulli(torch.sigmoid(self.scores.detach()))
         else:
-            mu = (self.scores.detach() > self.threshold).to(self.scores.dtype)
+            mu = self.hard_mask().to(self.scores.dtype)
         # straight-through estimator: forward value exactly mu (the bracket is 0.0 in floating point, where
         # (mu + ν) − ν is not), gradient dL/dν = dL/dμ, or dL/dμ · σ'(ν) through σ(ν) − σ(ν).detach()
         through = torch.sigmoid(self.scores) if self.ste == "sigmoid" else self.scores
         return mu + (through - through.detach())
 
     def hard_mask(self) -> torch.Tensor:
-        """Deterministic served mask ``1[ν > τ]`` (``τ = 0``: ``1[σ(ν) > 0.5]``), bool ``[out, in]``."""
+        """Deterministic served mask, bool ``[out, in]``: the fixed draw :attr:`served` when one is set (the
+        ``"sampled"`` rule), else ``1[ν > τ]`` (``τ = 0``: ``1[σ(ν) > 0.5]``)."""
+        if self.served is not None:
+            return self.served
         return self.scores.detach() > self.threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +152,18 @@ class SupermaskModel(EncoderWithHead):
         """Use ``μ = 1[ν > τ]`` as every masked layer's deterministic mask (``τ = 0``: ``1[σ(ν) > 0.5]``)."""
         for layer in self.masked_layers().values():
             layer.threshold = float(tau)
+            layer.served = None
+
+    def serve_one_draw(self, seed: int) -> None:
+        """Fix every masked layer's deterministic mask to one draw ``μ ~ Bern(σ(ν))``: a ``torch.Generator``
+        on the scores' device seeded with ``seed``, drawn layer by layer in :meth:`masked_layers` order
+        (``torch.bernoulli``), so one seed gives one mask. The network then serves a single member of the
+        distribution it trained under (the paper's per-sample measure, Table 4, with one sample)."""
+        layers = list(self.masked_layers().values())
+        gen = torch.Generator(device=layers[0].scores.device).manual_seed(int(seed))
+        with torch.no_grad():
+            for layer in layers:
+                layer.served = torch.bernoulli(torch.sigmoid(layer.scores.detach()), generator=gen).bool()
 
     def set_sampling(self, sample: bool | None) -> None:
         """Force Bernoulli sampling on/off for every masked layer (None: follow train/eval mode)."""
@@ -218,14 +234,16 @@ def threshold_for_sparsity(scores: list[torch.Tensor], sparsity: float) -> float
     return float(torch.kthvalue(flat, k).values)
 
 
-def apply_mask_rule(model: SupermaskModel, rule: str) -> str | None:
+def apply_mask_rule(model: SupermaskModel, rule: str, seed: int = 0) -> str | None:
     """Set the deterministic mask a trained model serves, by its rule name; returns the bundle's rule text.
 
     ``"sign"``: ``μ = 1[ν > 0]`` (``τ = 0``; returns None, the bundle format's default text). ``"expected"``:
     ``μ = 1[ν > τ]`` with one global ``τ`` (:func:`threshold_for_sparsity`) pruning the expected sparsity of
-    the sampled masks the network trained under, ``mean(1 − σ(ν))`` (:func:`expected_sparsity`). Both are our
-    choices: the paper (Radiya-Dixit & Wang 2020, Table 4) reports the mean over 10 Bernoulli samples and
-    states no deterministic rule.
+    the sampled masks the network trained under, ``mean(1 − σ(ν))`` (:func:`expected_sparsity`).
+    ``"sampled"``: one draw ``μ ~ Bern(σ(ν))`` fixed by ``seed`` (:meth:`SupermaskModel.serve_one_draw`),
+    a network from the very distribution training sampled. All three are our choices: the paper
+    (Radiya-Dixit & Wang 2020, Table 4) reports the mean over 10 Bernoulli samples and states no
+    deterministic rule.
 
     Raises:
         ValueError: an unknown rule (one of :data:`training.MASK_RULES`).
@@ -236,6 +254,11 @@ def apply_mask_rule(model: SupermaskModel, rule: str) -> str | None:
     if rule == "sign":
         model.set_threshold(0.0)
         return None
+    if rule == "sampled":
+        model.set_threshold(0.0)
+        model.serve_one_draw(seed)
+        return (f"mu ~ Bern(sigmoid(nu)): one draw, torch.Generator seed {int(seed)}, layers in bundle order; "
+                f"sparsity {model.sparsity():.6f}")
     nu = [layer.scores.detach() for layer in model.masked_layers().values()]
     target = expected_sparsity(nu)
     tau = threshold_for_sparsity(nu, target)

@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     seconds = time.perf_counter() - t0
     interrupted = step < total_steps
 
-    mask_rule = apply_mask_rule(model, cfg.mask_rule) or MASK_RULE
+    mask_rule = apply_mask_rule(model, cfg.mask_rule, seed=cfg.seed) or MASK_RULE
 
     golds = np.array([e.label for e in dev_set])
     dev: dict[str, float] = {}

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 
 from benchmarks.glue import common  # noqa: E402
+from training import MASK_RULES  # noqa: E402  (torch-free)
 
 STEM = "recipe_sweep"
 
@@ -40,7 +41,7 @@ def build_parser():
     p.add_argument("--mask-lrs", nargs="+", type=float, metavar="LR", help="ν learning rates (default: the recipe's)")
     p.add_argument("--epoch-grid", nargs="+", type=float, metavar="E", help="epochs (default: the recipe's length)")
     p.add_argument("--max-lens", nargs="+", type=int, metavar="N", help="max sequence lengths (default: the recipe's)")
-    p.add_argument("--mask-rules", nargs="+", choices=("sign", "expected"), default=["sign"],
+    p.add_argument("--mask-rules", nargs="+", choices=MASK_RULES, default=["sign"],
                    help="deterministic mask rules written to the bundle")
     p.add_argument("--stes", nargs="+", choices=("identity", "sigmoid"), default=["identity"],
                    help="straight-through estimators of the scores' gradient (TrainConfig.ste)")

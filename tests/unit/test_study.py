@@ -802,6 +802,39 @@ def test_a_mask_rule_run_is_derived_from_the_finished_sign_run_without_training(
     assert common.rule_source({**exp_cfg, "shuffle_weights": True}, runs) is None
 
 
+def test_a_sampled_mask_run_is_derived_with_the_source_runs_seed(tiny_backbone_dir, tmp_path, monkeypatch):
+    """The "sampled" rule draws with the run's seed, so the derived bundle and a trained one agree."""
+    from mask_store.format import decode_bundle
+    from training.trainer import TrainConfig, train
+
+    data = _write_glue(tmp_path / "glue", n=40)
+    args = _study_args(out_dir=str(tmp_path / "out"), data_dir=data, backbone=str(tiny_backbone_dir))
+    over = dict(max_steps=4, batch_size=8, max_seq_length=16, bernoulli_samples=0, mask_lr=0.5, head_lr=1e-2)
+    sign_cfg = common.supermask_config("MRPC", 2, args, heldout=True, mask_rule="sign", **over)
+    sign = common.get_or_run("supermask", sign_cfg, args, "test")
+
+    def no_training(*a, **k):
+        raise AssertionError("a mask-rule run with a finished sign run must not train")
+
+    monkeypatch.setattr(common, "train_supermask", no_training)
+    smp_cfg = {**sign_cfg, "mask_rule": "sampled"}
+    smp = common.get_or_run("supermask", smp_cfg, args, "test")
+    runs = tmp_path / "out" / "runs"
+    assert smp["result"]["derived_from"] == sign["name"]
+    derived = decode_bundle((runs / smp["result"]["bundle"]).read_bytes())
+    assert "one draw" in derived.header.mask_rule and "seed 2" in derived.header.mask_rule
+    monkeypatch.undo()
+    trained = tmp_path / "trained.smask"
+    train(TrainConfig(output=str(trained), data_dir=data, device="cpu", **{**common.LEGACY_SUPERMASK, **smp_cfg}),
+          progress=False)
+    a = decode_bundle(trained.read_bytes())
+    agree = np.mean([np.mean(a.mask_array(m.name) == derived.mask_array(m.name)) for m in a.header.masks])
+    assert agree > 0.999  # up to the float16 rounding of the saved scores
+    assert a.header.mask_rule.rsplit("sparsity", 1)[0] == derived.header.mask_rule.rsplit("sparsity", 1)[0]
+    # a draw is not the threshold rule: it prunes weights whose ν is above zero
+    assert a.header.sparsity > decode_bundle((runs / sign["result"]["bundle"]).read_bytes()).header.sparsity
+
+
 def test_an_interrupted_sweep_run_writes_no_record(tmp_path, monkeypatch):
     import training.trainer as trainer
 

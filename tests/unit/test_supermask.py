@@ -157,3 +157,35 @@ def test_bernoulli_per_mask_evaluates_the_whole_set_with_one_mask(tiny_backbone)
     assert all(layer.drawn is None for layer in model.masked_layers().values())  # left as found
     with pytest.raises(ValueError, match="per must be one of"):
         run("example", 4)
+
+
+def test_sampled_mask_rule_serves_one_seeded_draw_from_the_trained_distribution(tiny_backbone):
+    from training.supermask import apply_mask_rule, expected_sparsity
+
+    model = SupermaskModel(tiny_backbone, num_outputs=2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # scores spread over (-1, 4): σ(ν) from 0.27 to 0.98
+        for layer in model.masked_layers().values():
+            layer.scores.copy_(torch.rand(layer.scores.shape, generator=gen) * 5 - 1)
+    layers = list(model.masked_layers().values())
+    nu = [layer.scores.detach() for layer in layers]
+    text = apply_mask_rule(model, "sampled", seed=3)
+    first = [layer.hard_mask().clone() for layer in layers]
+    assert "one draw" in text and "seed 3" in text and f"{model.sparsity():.6f}" in text
+    n = sum(m.numel() for m in first)
+    # a Bernoulli draw: its sparsity is the expected one within 5 binomial s.d.
+    assert abs(model.sparsity() - expected_sparsity(nu)) < 5 * (0.25 / n) ** 0.5
+    # not the threshold rule: weights with ν > 0 are pruned too, and some with ν < 0 kept
+    assert any(bool((~m & (s > 0)).any()) for m, s in zip(first, nu))
+    assert any(bool((m & (s < 0)).any()) for m, s in zip(first, nu))
+    # the deterministic forward uses that draw, and the same seed gives the same mask
+    x = torch.randn(2, layers[0].weight.shape[1])
+    layer0 = layers[0].eval()  # eval mode: the deterministic mask
+    torch.testing.assert_close(layer0(x), torch.nn.functional.linear(x, layer0.weight * first[0], layer0.bias))
+    apply_mask_rule(model, "sampled", seed=3)
+    assert all(torch.equal(a, layer.hard_mask()) for a, layer in zip(first, layers))
+    apply_mask_rule(model, "sampled", seed=4)
+    assert not all(torch.equal(a, layer.hard_mask()) for a, layer in zip(first, layers))
+    # the sign rule clears the draw: back to 1[ν > 0]
+    assert apply_mask_rule(model, "sign") is None
+    assert all(torch.equal(layer.hard_mask(), s > 0) for layer, s in zip(layers, nu))
