@@ -155,15 +155,17 @@ class SupermaskModel(EncoderWithHead):
             layer.served = None
 
     def serve_one_draw(self, seed: int) -> None:
-        """Fix every masked layer's deterministic mask to one draw ``μ ~ Bern(σ(ν))``: a ``torch.Generator``
-        on the scores' device seeded with ``seed``, drawn layer by layer in :meth:`masked_layers` order
-        (``torch.bernoulli``), so one seed gives one mask. The network then serves a single member of the
-        distribution it trained under (the paper's per-sample measure, Table 4, with one sample)."""
-        layers = list(self.masked_layers().values())
-        gen = torch.Generator(device=layers[0].scores.device).manual_seed(int(seed))
+        """Fix every masked layer's deterministic mask to one draw ``μ ~ Bern(σ(ν))``: a CPU
+        ``torch.Generator`` seeded with ``seed``, drawn layer by layer in :meth:`masked_layers` order
+        (``torch.bernoulli`` on float32 CPU copies of the scores, the mask then moved to the scores' device),
+        so one seed gives one mask wherever the model trained (CPU and CUDA generators give different streams).
+        The network then serves a single member of the distribution it trained under (the paper's per-sample
+        measure, Table 4, with one sample)."""
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
         with torch.no_grad():
-            for layer in layers:
-                layer.served = torch.bernoulli(torch.sigmoid(layer.scores.detach()), generator=gen).bool()
+            for layer in self.masked_layers().values():
+                p = torch.sigmoid(layer.scores.detach().to("cpu", torch.float32))
+                layer.served = torch.bernoulli(p, generator=gen).bool().to(layer.scores.device)
 
     def set_sampling(self, sample: bool | None) -> None:
         """Force Bernoulli sampling on/off for every masked layer (None: follow train/eval mode)."""
@@ -257,7 +259,7 @@ def apply_mask_rule(model: SupermaskModel, rule: str, seed: int = 0) -> str | No
     if rule == "sampled":
         model.set_threshold(0.0)
         model.serve_one_draw(seed)
-        return (f"mu ~ Bern(sigmoid(nu)): one draw, torch.Generator seed {int(seed)}, layers in bundle order; "
+        return (f"mu ~ Bern(sigmoid(nu)): one draw, CPU torch.Generator seed {int(seed)}, layers in bundle order; "
                 f"sparsity {model.sparsity():.6f}")
     nu = [layer.scores.detach() for layer in model.masked_layers().values()]
     target = expected_sparsity(nu)

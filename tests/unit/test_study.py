@@ -752,22 +752,28 @@ def test_baseline_sweep_chooses_lr_and_epoch_on_heldout_and_confirms_with_more_s
     assert baseline_sweep.main(argv) == 0 and seen == []  # resumable: every run is read back
 
 
+def _finished_sign_run(tiny_backbone_dir, tmp_path, seed: int, bernoulli_samples: int):
+    """A tiny MRPC held-out sign run, finished: (data dir, study args, its config, its get_or_run result)."""
+    data = _write_glue(tmp_path / "glue", n=40)
+    args = _study_args(out_dir=str(tmp_path / "out"), data_dir=data, backbone=str(tiny_backbone_dir))
+    over = dict(max_steps=4, batch_size=8, max_seq_length=16, bernoulli_samples=bernoulli_samples, mask_lr=0.5,
+                head_lr=1e-2)
+    sign_cfg = common.supermask_config("MRPC", seed, args, heldout=True, mask_rule="sign", **over)
+    return data, args, sign_cfg, common.get_or_run("supermask", sign_cfg, args, "test")
+
+
+def _no_training(*a, **k):
+    raise AssertionError("a mask-rule run with a finished sign run must not train")
+
+
 def test_a_mask_rule_run_is_derived_from_the_finished_sign_run_without_training(tiny_backbone_dir, tmp_path,
                                                                                 monkeypatch):
     from mask_store.format import decode_bundle
     from training.trainer import TrainConfig, scores_path, train
 
-    data = _write_glue(tmp_path / "glue", n=40)
-    args = _study_args(out_dir=str(tmp_path / "out"), data_dir=data, backbone=str(tiny_backbone_dir))
-    over = dict(max_steps=4, batch_size=8, max_seq_length=16, bernoulli_samples=1, mask_lr=0.5, head_lr=1e-2)
-    sign_cfg = common.supermask_config("MRPC", 0, args, heldout=True, mask_rule="sign", **over)
-    sign = common.get_or_run("supermask", sign_cfg, args, "test")
+    data, args, sign_cfg, sign = _finished_sign_run(tiny_backbone_dir, tmp_path, seed=0, bernoulli_samples=1)
     assert sign["cached"] is False and "derived_from" not in sign["result"]
-
-    def no_training(*a, **k):
-        raise AssertionError("a mask-rule run with a finished sign run must not train")
-
-    monkeypatch.setattr(common, "train_supermask", no_training)
+    monkeypatch.setattr(common, "train_supermask", _no_training)
     exp_cfg = {**sign_cfg, "mask_rule": "expected"}
     exp = common.get_or_run("supermask", exp_cfg, args, "test")
     runs = tmp_path / "out" / "runs"
@@ -789,7 +795,7 @@ def test_a_mask_rule_run_is_derived_from_the_finished_sign_run_without_training(
     assert agree > 0.999 and abs(a.header.sparsity - b.header.sparsity) < 1e-3
     assert b.header.sparsity > decode_bundle((runs / sign["result"]["bundle"]).read_bytes()).header.sparsity
     # read back while its source stands; derived again once the source is trained again (--force)
-    monkeypatch.setattr(common, "train_supermask", no_training)
+    monkeypatch.setattr(common, "train_supermask", _no_training)
     assert common.get_or_run("supermask", exp_cfg, args, "test")["cached"] is True
     src_json = runs / f"{sign['name']}.json"
     later = {**json.loads(src_json.read_text()), "finished_at": "2999-01-01T00:00:00+00:00"}
@@ -807,16 +813,8 @@ def test_a_sampled_mask_run_is_derived_with_the_source_runs_seed(tiny_backbone_d
     from mask_store.format import decode_bundle
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue", n=40)
-    args = _study_args(out_dir=str(tmp_path / "out"), data_dir=data, backbone=str(tiny_backbone_dir))
-    over = dict(max_steps=4, batch_size=8, max_seq_length=16, bernoulli_samples=0, mask_lr=0.5, head_lr=1e-2)
-    sign_cfg = common.supermask_config("MRPC", 2, args, heldout=True, mask_rule="sign", **over)
-    sign = common.get_or_run("supermask", sign_cfg, args, "test")
-
-    def no_training(*a, **k):
-        raise AssertionError("a mask-rule run with a finished sign run must not train")
-
-    monkeypatch.setattr(common, "train_supermask", no_training)
+    data, args, sign_cfg, sign = _finished_sign_run(tiny_backbone_dir, tmp_path, seed=2, bernoulli_samples=0)
+    monkeypatch.setattr(common, "train_supermask", _no_training)
     smp_cfg = {**sign_cfg, "mask_rule": "sampled"}
     smp = common.get_or_run("supermask", smp_cfg, args, "test")
     runs = tmp_path / "out" / "runs"

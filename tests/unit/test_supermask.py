@@ -189,3 +189,15 @@ def test_sampled_mask_rule_serves_one_seeded_draw_from_the_trained_distribution(
     # the sign rule clears the draw: back to 1[ν > 0]
     assert apply_mask_rule(model, "sign") is None
     assert all(torch.equal(layer.hard_mask(), s > 0) for layer, s in zip(layers, nu))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the draw on a CUDA model against the CPU one")
+def test_sampled_mask_rule_draws_the_same_mask_on_cuda_as_on_cpu(tiny_backbone):
+    from training.supermask import apply_mask_rule
+
+    model = SupermaskModel(tiny_backbone, num_outputs=2)
+    apply_mask_rule(model, "sampled", seed=5)
+    cpu = [layer.hard_mask().clone() for layer in model.masked_layers().values()]
+    model.to("cuda")
+    apply_mask_rule(model, "sampled", seed=5)
+    assert all(torch.equal(a, layer.hard_mask().cpu()) for a, layer in zip(cpu, model.masked_layers().values()))
