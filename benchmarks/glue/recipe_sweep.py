@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 
 from benchmarks.glue import common  # noqa: E402
-from training import MASK_RULES  # noqa: E402  (torch-free)
+from training import MASK_RULES, STE_KINDS  # noqa: E402  (torch-free)
 
 STEM = "recipe_sweep"
 
@@ -43,7 +43,7 @@ def build_parser():
     p.add_argument("--max-lens", nargs="+", type=int, metavar="N", help="max sequence lengths (default: the recipe's)")
     p.add_argument("--mask-rules", nargs="+", choices=MASK_RULES, default=["sign"],
                    help="deterministic mask rules written to the bundle")
-    p.add_argument("--stes", nargs="+", choices=("identity", "sigmoid"), default=["identity"],
+    p.add_argument("--stes", nargs="+", choices=STE_KINDS, default=["identity"],
                    help="straight-through estimators of the scores' gradient (TrainConfig.ste)")
     p.add_argument("--ship-to", metavar="DIR",
                    help="copy the chosen configuration's best held-out run to DIR/<TASK>.smask when it beats the "
