@@ -56,8 +56,8 @@ def _shipped(task: str):
 
 # floors: the acceptance figures for SST-2 and MRPC, and RTE above its majority class (train's
 # majority label, "entailment", is 52.7 % of dev), CoLA at the MCC 0.30 (above the 0.269 that is 4.0
-# points under the fine-tuning baseline chosen on held-out data, MCC 0.309, docs/results.md); the other shipped masks only have to reproduce the
-# figure their header records (docs/results.md)
+# points under the fine-tuning baseline chosen on held-out data, MCC 0.309, docs/results.md); the other shipped
+# masks only have to reproduce the figure their header records (docs/results.md)
 @pytest.mark.parametrize("task,metric,floor", [
     ("SST-2", "accuracy", 0.85), ("MRPC", "f1", 0.83), ("STS-B", "pearson", None),
     ("CoLA", "mcc", 0.30), ("RTE", "accuracy", 0.528), ("WNLI", "accuracy", None)])
