@@ -32,8 +32,15 @@ from training.supermask import SupermaskModel
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
                     samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
                     batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32",
-                    identical_pairs: int = 200) -> dict:
-    """Evaluate a bundle on its GLUE task's dev split.
+                    identical_pairs: int = 200, test_file: str | None = None, text_column: str | None = None,
+                    text_pair_column: str | None = None, label_column: str | None = None) -> dict:
+    """Evaluate a bundle on its GLUE task's dev split, or on the user's own labeled file (``test_file``).
+
+    ``test_file`` (CSV, TSV, JSON Lines, Parquet; :mod:`training.data`): rows read with the columns the
+    bundle's training recorded (``training["data"]``; ``text_column`` / ``text_pair_column`` /
+    ``label_column`` override them, else the usual names), labels mapped by the bundle's own label names;
+    metrics chosen by problem type as at training time (:func:`training.glue.problem_metrics`). The result
+    then says ``"split": "test"`` and ``"dev_examples"`` counts the file's rows.
 
     ``precision``: the server's CPU compute precision to serve it in ("fp32", "bf16", "int8" or "auto",
     see :class:`service.settings.Settings`); recorded in the result (resolved).
@@ -50,18 +57,26 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         ``{"task", "dev_examples", "deterministic": {metric: value}, "recorded": {...},
         "bernoulli": {metric: {"mean", "std", "n"}} (when scores are available), "seconds"}``.
     Raises:
-        BundleInvalid, BackboneMismatch, GlueDataError, FileNotFoundError; ValueError (``bernoulli_per``).
+        BundleInvalid, BackboneMismatch, GlueDataError (DataError for a test file: a missing column, a label
+        the bundle does not know, ...), FileNotFoundError; ValueError (``bernoulli_per``).
     """
     check_choice("bernoulli_per", bernoulli_per, BERNOULLI_PER)  # before any loading
     data = Path(bundle_path).read_bytes()
     bundle = decode_bundle(data)
     header = bundle.header
     config = header.training.get("config", {})
-    task = get_task(glue_task or config.get("task") or header.task)
-    if list(task.labels) != list(header.labels):
-        raise ValueError(f"GLUE task {task.name} has labels {list(task.labels)}, the bundle {header.labels}: "
-                         "not a bundle for this task (--glue-task)")
-    dev = read_split(task, data_dir, "dev")[:dev_limit]
+    if test_file is not None:
+        task, dev = _own_test_set(header, test_file, text_column, text_pair_column, label_column)
+        dev = dev[:dev_limit]
+    else:
+        if "data" in header.training and glue_task is None:
+            raise ValueError(f"{bundle_path} was trained on your own data ({header.training['data'].get('sources', {}).get('train', '?')}): "
+                             "evaluate it with --test-file FILE")
+        task = get_task(glue_task or config.get("task") or header.task)
+        if list(task.labels) != list(header.labels):
+            raise ValueError(f"GLUE task {task.name} has labels {list(task.labels)}, the bundle {header.labels}: "
+                             "not a bundle for this task (--glue-task)")
+        dev = read_split(task, data_dir, "dev")[:dev_limit]
     golds = np.array([e.label for e in dev])
     bits = int(config.get("bits", 8))
     # served path: the quantized backbone the bundle's fingerprint names (a --bits 32 control was trained
@@ -87,12 +102,14 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     preds = logits.squeeze(-1).numpy() if task.problem_type == "regression" else logits.argmax(-1).numpy()
     result = {
         "task": header.task,
-        "glue_task": task.name,
+        "glue_task": None if test_file is not None else task.name,
+        "split": "test" if test_file is not None else "dev",
         "dev_examples": len(dev),
         "precision": engine.precision,
         "sparsity": header.sparsity,
         "deterministic": compute_metrics(task, preds, golds),
-        "recorded": header.metrics.get("deterministic", {}),
+        "recorded": header.metrics.get("deterministic", {}) if test_file is None
+        or header.metrics.get("split") == "test" else {},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if task.problem_type == "regression":
@@ -107,6 +124,35 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     elif scores:
         raise FileNotFoundError(f"mask scores file {scores} not found")
     return result
+
+
+def _own_test_set(header, test_file: str, text_column: str | None, text_pair_column: str | None,
+                  label_column: str | None):
+    """The task a bundle serves, rebuilt from its header, and the rows of ``test_file`` for it.
+
+    Raises:
+        DataError: as :func:`training.data.to_examples` (a label the bundle does not know is "seen only in test").
+    """
+    from training.data import DataTask, read_table, to_examples
+
+    recorded = header.training.get("data") or {}
+    regression = header.problem_type == "regression"
+    table = read_table(test_file)
+    cols = table.column_names
+
+    def column(given, key, defaults):
+        if given is not None:
+            return given
+        if recorded.get(key) in cols:
+            return recorded[key]
+        return next((c for c in defaults if c in cols), recorded.get(key) or defaults[0])
+
+    text = column(text_column, "text_column", ("text", "sentence", "sentence1"))
+    pair = column(text_pair_column, "text_pair_column", ("sentence2",)) if header.text_pairs else None
+    label = column(label_column, "label_column", ("label", "labels", "score"))
+    task = DataTask(header.task, tuple(header.labels), header.text_pairs, text, pair, label, regression=regression,
+                    label_index={v: k for k, v in enumerate(header.labels)})
+    return task, to_examples(task, table, str(test_file), "test")
 
 
 def model_from_scores(bundle, scores_file: str | Path, backbone: str | None = None,

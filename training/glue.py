@@ -166,6 +166,8 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, golds: np.ndarray) 
     """
     predictions = np.asarray(predictions)
     golds = np.asarray(golds)
+    if not isinstance(task, GlueTask):  # a task from the user's own data (training.data.DataTask)
+        return problem_metrics(task.problem_type, len(task.labels), predictions, golds)
     if task.problem_type == "regression":
         p, g = predictions.astype(np.float64), golds.astype(np.float64)
         return {"pearson": _pearson(p, g), "spearman": _pearson(_rank(p), _rank(g)),
@@ -174,6 +176,28 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, golds: np.ndarray) 
     if task.name == "MRPC":
         out["f1"] = _f1(predictions, golds)
     if task.name == "CoLA":
+        out["mcc"] = _mcc(predictions, golds)
+    return out
+
+
+def problem_metrics(problem_type: str, num_classes: int, predictions: np.ndarray,
+                    golds: np.ndarray) -> dict[str, float]:
+    """Metrics chosen by problem type, for tasks from a user's own data.
+
+    Classification (``num_classes`` >= 2, class indices ``[n]``): ``{"accuracy", "macro_f1"}`` (the unweighted
+    mean over classes of each class's one-vs-rest F1; a class never predicted nor present counts 0, as
+    scikit-learn's ``f1_score(average="macro", zero_division=0)`` over the task's labels), and with two classes
+    ``"mcc"`` (Matthews correlation). Regression (values ``[n]``): ``{"pearson", "spearman", "mse"}`` as for STS-B.
+    """
+    predictions = np.asarray(predictions)
+    golds = np.asarray(golds)
+    if problem_type == "regression":
+        p, g = predictions.astype(np.float64), golds.astype(np.float64)
+        return {"pearson": _pearson(p, g), "spearman": _pearson(_rank(p), _rank(g)),
+                "mse": float(np.mean((p - g) ** 2))}
+    f1s = [_f1((predictions == k).astype(int), (golds == k).astype(int)) for k in range(num_classes)]
+    out = {"accuracy": float(np.mean(predictions == golds)), "macro_f1": float(np.mean(f1s))}
+    if num_classes == 2:
         out["mcc"] = _mcc(predictions, golds)
     return out
 

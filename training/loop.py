@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -46,7 +47,8 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
               total_steps: int, *, batch_size: int, max_len: int, seed: int, warmup_ratio: float,
               desc: str, progress: bool = True, device: torch.device | str = "cpu",
               clip_norm: float | None = None, stop_on_interrupt: bool = False,
-              on_epoch_end: Callable[[int, int], None] | None = None) -> list[float]:
+              on_epoch_end: Callable[[int, int], bool | None] | None = None,
+              deadline: float | None = None, status: dict | None = None) -> list[float]:
     """``total_steps`` AdamW steps over reshuffled epochs with linear warm-up then linear decay
     (``transformers.get_linear_schedule_with_warmup``). Returns the loss of every step.
 
@@ -56,7 +58,11 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
     ``on_epoch_end(epoch, steps)``: called after every complete pass over ``train_set`` (``epoch`` counts
     from 1, ``steps`` is the number of optimizer steps so far), before the next pass starts; the model is
     put back in training mode after it returns. A final partial pass (fractional epochs, ``max_steps``)
-    does not call it.
+    does not call it. When it returns True, training stops there (early stopping).
+
+    ``deadline``: a ``time.monotonic()`` value; no step starts after it (``--max-minutes``).
+    ``status``: entries shown beside the loss on the progress bar (e.g. the held-out metric that
+    ``on_epoch_end`` writes into it).
 
     Raises:
         ValueError: an empty training set, or ``total_steps`` / ``batch_size`` below 1.
@@ -80,7 +86,7 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
             order = torch.randperm(len(train_set), generator=gen).tolist()
             complete = True
             for i in range(0, len(order), batch_size):
-                if len(losses) >= total_steps:
+                if len(losses) >= total_steps or (deadline is not None and time.monotonic() >= deadline):
                     complete = False
                     break
                 batch_ex = [train_set[j] for j in order[i : i + batch_size]]
@@ -95,11 +101,17 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
                 losses.append(loss.detach().item())
                 bar.update(1)
                 if len(losses) % 10 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", **(status or {}))
             epoch += 1
             if complete and on_epoch_end is not None:
-                on_epoch_end(epoch, len(losses))
+                stop = on_epoch_end(epoch, len(losses))
                 model.train()
+                if stop:
+                    break
+                if status:
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", **status)
+            if not complete:
+                break
     except KeyboardInterrupt:
         if not (stop_on_interrupt and losses):
             raise

@@ -30,6 +30,8 @@ class SupermaskLinear(nn.Module):
             matrix that start pruned (``ν = -5``); the rest start at ``ν = +5``.
         ste: the straight-through gradient to ``ν``: ``"identity"`` (``∂L/∂μ``, the paper's) or ``"sigmoid"``
             (``∂L/∂μ · σ(ν)(1 − σ(ν))``).
+        score_init: ``|ν|`` at initialization (default the paper's 5; smaller for short runs, see
+            ``training.trainer.plan_schedule``).
 
     Attributes:
         scores: ``ν``, float32 ``[out, in]``, the trainable mask parameter.
@@ -42,19 +44,21 @@ class SupermaskLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init_sparsity: float = 0.0,
-                 ste: str = "identity"):
+                 ste: str = "identity", score_init: float = SCORE_INIT):
         super().__init__()
         if not 0.0 <= init_sparsity < 1.0:
             raise ValueError(f"init_sparsity must be in [0, 1), got {init_sparsity}")
         check_choice("ste", ste, STE_KINDS)
+        if not score_init > 0:
+            raise ValueError(f"score_init must be > 0, got {score_init}")
         self.ste = ste
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        scores = torch.full_like(self.weight, SCORE_INIT)
+        scores = torch.full_like(self.weight, float(score_init))
         k = int(round(init_sparsity * weight.numel()))
         if k > 0:
             idx = torch.argsort(weight.abs().reshape(-1))[:k]
-            scores.view(-1)[idx] = -SCORE_INIT
+            scores.view(-1)[idx] = -float(score_init)
         self.scores = nn.Parameter(scores)
         self.sample: bool | None = None  # None: follow self.training
         self.threshold = 0.0  # τ of the deterministic mask 1[ν > τ]
@@ -135,14 +139,15 @@ class SupermaskModel(EncoderWithHead):
     """
 
     def __init__(self, backbone: Backbone, num_outputs: int, init_sparsity: float = 0.0,
-                 head_dropout: float = 0.1, quantized: bool = True, ste: str = "identity"):
+                 head_dropout: float = 0.1, quantized: bool = True, ste: str = "identity",
+                 score_init: float = SCORE_INIT):
         super().__init__()
         self.encoder = backbone.model
         self.masked_names = list(backbone.masked)
         for name in self.masked_names:
             lin = self.encoder.get_submodule(name)
             weight = dequantize(backbone.qweight[name], backbone.scale[name]) if quantized else lin.weight
-            replace_module(self.encoder, name, SupermaskLinear(weight, lin.bias, init_sparsity, ste))
+            replace_module(self.encoder, name, SupermaskLinear(weight, lin.bias, init_sparsity, ste, score_init))
         self.head = TaskHead(backbone.hidden_size, num_outputs, head_dropout)
 
     def masked_layers(self) -> dict[str, SupermaskLinear]:
