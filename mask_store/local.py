@@ -31,6 +31,11 @@ import socket
 import stat
 import threading
 import time
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the thread lock only
+    fcntl = None  # type: ignore[assignment]
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -219,21 +224,55 @@ def check_task_name(task: str) -> str:
     return task
 
 
+MAX_LABELS = 128
+"""Default bound on an uploaded bundle's label count (the server's ``SUPERMASK_MAX_LABELS``)."""
+MAX_LABEL_CHARS = 64
+"""Default bound on one label's length in characters (the server's ``SUPERMASK_MAX_LABEL_CHARS``)."""
+
+
+def check_labels(labels: list[str], max_labels: int | None, max_label_chars: int | None) -> None:
+    """Refuse a label set that would make every full reply large: each prediction carries every label's score
+    (and, with ``top_k: null``, every label again ranked), so a reply grows with count x length.
+
+    Raises:
+        BundleInvalid: more than ``max_labels`` labels, or one longer than ``max_label_chars`` characters
+            (the message quotes the limit, the setting and the value).
+    """
+    if max_labels is not None and len(labels) > max_labels:
+        raise BundleInvalid(f"the bundle declares {len(labels)} labels, more than the limit of {max_labels} "
+                            f"(SUPERMASK_MAX_LABELS)")
+    if max_label_chars is not None:
+        for i, label in enumerate(labels):
+            if len(label) > max_label_chars:
+                raise BundleInvalid(f"label {i} is {len(label)} characters, more than the limit of "
+                                    f"{max_label_chars} (SUPERMASK_MAX_LABEL_CHARS)")
+
+
 def validate_upload(task: str, data: bytes, max_bundle_bytes: int | None,
-                    backbone_fingerprint: str | None = None) -> Bundle:
+                    backbone_fingerprint: str | None = None, max_labels: int | None = MAX_LABELS,
+                    max_label_chars: int | None = MAX_LABEL_CHARS) -> Bundle:
     """The checks every store backend makes on an upload for ``task`` (its ``validate``).
 
     Raises:
         InvalidTaskName, BundleTooLarge (``len(data) > max_bundle_bytes``), BundleInvalid (also when
-        the bundle declares another task), BackboneMismatch (fingerprint differs from ``backbone_fingerprint``).
+        the bundle declares another task, or its label set exceeds ``max_labels`` / ``max_label_chars``:
+        :func:`check_labels`), BackboneMismatch (fingerprint differs from ``backbone_fingerprint``).
     """
     check_task_name(task)
     bundle = decode_bundle(data, max_bytes=max_bundle_bytes)
     if bundle.header.task != task:
         raise BundleInvalid(f"bundle declares task {bundle.header.task!r} but was uploaded as {task!r}")
+    check_labels(bundle.header.labels, max_labels, max_label_chars)
     if backbone_fingerprint is not None and bundle.header.backbone_fingerprint != backbone_fingerprint:
         raise BackboneMismatch(bundle.header.backbone_fingerprint, backbone_fingerprint)
     return bundle
+
+
+def check_stored_name(task: str, header: BundleHeader) -> None:
+    """A stored bundle must name the task its file / key names: one copied or renamed under another key would
+    otherwise be served as that key's task. Raises BundleInvalid (the caller quarantines the file)."""
+    if header.task != task:
+        raise BundleInvalid(f"the stored bundle declares task {header.task!r} but is stored as {task!r}")
 
 
 @contextlib.contextmanager
@@ -299,18 +338,21 @@ class LocalMaskStore:
         max_bundle_bytes: uploads larger than this raise ``BundleTooLarge``.
         on_quarantine: called with ``(task, reason)`` after a corrupt stored bundle was moved aside
             (the server counts it in a metric).
+        max_labels, max_label_chars: label-set bounds of an upload (:func:`check_labels`); None: no bound.
     Raises:
         StoreUnavailable: ``root`` cannot be created.
     """
 
     def __init__(self, root: str | os.PathLike, max_bundle_bytes: int | None = None,
-                 on_quarantine: Callable[[str, str], object] | None = None):
+                 on_quarantine: Callable[[str, str], object] | None = None, max_labels: int | None = MAX_LABELS,
+                 max_label_chars: int | None = MAX_LABEL_CHARS):
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"create the store directory {self.root}") from None
         self.max_bundle_bytes = max_bundle_bytes
+        self.max_labels, self.max_label_chars = max_labels, max_label_chars
         self.on_quarantine = on_quarantine
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -364,7 +406,9 @@ class LocalMaskStore:
         except OSError as exc:
             raise storage_error(exc, f"read task {task!r}") from None
         try:
-            return decode_header(data)[0]
+            header = decode_header(data)[0]
+            check_stored_name(task, header)
+            return header
         except BundleUnsupported:
             raise
         except BundleInvalid as exc:
@@ -407,19 +451,45 @@ class LocalMaskStore:
         except OSError as exc:
             raise storage_error(exc, f"read task {task!r}") from None
         try:
-            return decode_bundle(data)
+            bundle = decode_bundle(data)
+            check_stored_name(task, bundle.header)
+            return bundle
         except BundleUnsupported:
             raise
         except BundleInvalid as exc:
             raise self._quarantine(task, st, str(exc)) from None
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold this store's write lock: the thread lock, and an exclusive ``flock`` of the store directory
+        itself that every process writing through a :class:`LocalMaskStore` on it takes too (another server
+        sharing it; no lock file is made). So quarantine's "is it still the file that was read?" check and its
+        rename happen with no upload or delete in between. Where ``flock`` is unavailable (not POSIX, or a
+        file system that refuses it) only the thread lock is held."""
+        with self._lock:
+            fd = None
+            if fcntl is not None:
+                try:
+                    fd = os.open(self.root, os.O_RDONLY)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:
+                    if fd is not None:
+                        os.close(fd)
+                    fd = None
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)  # releases the flock
+
     def _quarantine(self, task: str, st: os.stat_result, reason: str) -> StoredBundleCorrupt:
-        """Move the corrupt file aside if it is still the file that was read; the error to raise."""
+        """Move the corrupt file aside if it is still the file that was read (same inode, mtime, ctime and size,
+        compared and renamed under :meth:`_writing`, so never a newer upload); the error to raise."""
         path = self.path(task)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = path.with_name(f"{path.name}{QUARANTINE_MARK}{stamp}-{secrets.token_hex(3)}")
         moved = None
-        with self._lock:
+        with self._writing():
             try:
                 if _identity(path.stat()) == _identity(st):  # not replaced by a valid upload meanwhile
                     os.replace(path, target)
@@ -449,7 +519,8 @@ class LocalMaskStore:
             InvalidTaskName, BundleTooLarge, BundleInvalid (also when the bundle
             declares another task), BackboneMismatch.
         """
-        return validate_upload(task, data, self.max_bundle_bytes, backbone_fingerprint)
+        return validate_upload(task, data, self.max_bundle_bytes, backbone_fingerprint, self.max_labels,
+                               self.max_label_chars)
 
     def spool(self) -> contextlib.AbstractContextManager[tuple[object, Path]]:
         """A new temporary file in the store's directory to stream an upload into: yields ``(binary file
@@ -485,7 +556,7 @@ class LocalMaskStore:
             bundle, size = validate_spooled(self, task, Path(data), backbone_fingerprint)
         if check is not None:
             check(bundle)
-        with self._lock:
+        with self._writing():
             path = self.path(task)
             created = not path.exists()
             try:
@@ -503,9 +574,10 @@ class LocalMaskStore:
 
     def delete(self, task: str) -> None:
         """Remove a task's bundle. Raises TaskNotFound, InvalidTaskName, StoreUnavailable (read-only)."""
-        with self._lock:
+        path = self.path(task)
+        with self._writing():
             try:
-                self.path(task).unlink()
+                path.unlink()
             except FileNotFoundError:
                 raise TaskNotFound(task) from None
             except IsADirectoryError:

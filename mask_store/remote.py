@@ -16,8 +16,17 @@ replica opening the same URL compares it on each use of a resident task (see
 new state by all of them from the next request on.
 
 A stored object is validated on every read exactly as a local file is (:func:`decode_bundle`): a
-truncated or corrupted object is moved aside to ``<root>/.quarantine/`` (if it is still the object that was
-read) and raises :class:`~mask_store.errors.StoredBundleCorrupt`, the local store's error for a corrupt file.
+truncated or corrupted object, or one whose header names another task than its key, is moved aside to
+``<root>/.quarantine/`` and raises :class:`~mask_store.errors.StoredBundleCorrupt`, the local store's error for
+a corrupt file.
+
+Servers sharing a store: quarantine moves only the exact bytes it judged, never a newer upload. On S3 the
+object is read with one ``GetObject`` whose ETag names the bytes received (a second ranged read of a long
+header carries ``If-Match``); the quarantine copy is those bytes (or a ``CopyObject`` with
+``CopySourceIfMatch``), and the object is removed with a conditional ``DeleteObject`` (``If-Match``: S3
+conditional deletes, answered 412 when another server replaced it meanwhile, which is then left in place).
+Other fsspec backends have no conditional delete: there the version token is compared just before the move
+(best effort; a replace in the few milliseconds between can still be moved aside).
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ from typing import Any, Hashable
 from mask_store.errors import BundleInvalid, BundleUnsupported, StoredBundleCorrupt, StoreUnavailable, TaskNotFound
 from mask_store.format import BUNDLE_SUFFIX, HEADER_DIGEST_BYTES, MAX_HEADER_BYTES, TASK_NAME_PATTERN, Bundle, BundleHeader
 from mask_store.format import decode_bundle, decode_header
-from mask_store.local import QUARANTINE_MARK, check_task_name, storage_error
-from mask_store.local import seed_store, spool_file, validate_spooled, validate_upload
+from mask_store.local import MAX_LABEL_CHARS, MAX_LABELS, QUARANTINE_MARK, check_stored_name, check_task_name
+from mask_store.local import seed_store, spool_file, storage_error, validate_spooled, validate_upload
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,30 @@ when a store is opened (younger ones may belong to another replica's upload in p
 _HEADER_PROBE_BYTES = 64 * 1024  # first ranged read of a header; most headers are a few KiB
 _HEADER_LIMIT = 12 + MAX_HEADER_BYTES + HEADER_DIGEST_BYTES  # prefix, the largest header allowed, its digest
 _VERSION_KEYS = ("ETag", "etag", "generation", "VersionId", "version_id")
+_CONSISTENT_READ_TRIES = 5  # backends without a versioned read: reads retried while the object changes under them
+
+
+def _s3_error(exc: BaseException | None) -> tuple[str, int | None]:
+    """S3's error code and HTTP status behind ``exc`` (s3fs turns botocore's errors into ``OSError``, keeping the
+    original as its cause); ``("", None)`` when there is none."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            return (str(response.get("Error", {}).get("Code", "")),
+                    response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return "", None
+
+
+def precondition_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is S3's 412 ``PreconditionFailed``: an ``If-Match`` that no longer holds."""
+    code, status = _s3_error(exc)
+    return code in ("PreconditionFailed", "412") or status == 412
+
+
+class _Changed(Exception):
+    """The object changed between two reads of one judgement (a ranged re-read's ``If-Match`` failed)."""
 
 
 class ObjectMaskStore:
@@ -62,13 +95,15 @@ class ObjectMaskStore:
         options: fsspec storage options (s3fs: ``endpoint_url``, ``key``, ``secret``, ``client_kwargs``,
             ...). fsspec's listing cache and instance cache are turned off here (``use_listings_cache=False``,
             ``skip_instance_cache=True``): a cached listing or ``info`` would hide another replica's write.
+        max_labels, max_label_chars: label-set bounds of an upload (:func:`mask_store.local.check_labels`).
     Raises:
         ValueError: no fsspec implementation for the URL's scheme. ImportError: the implementation's package
         (s3fs, gcsfs, adlfs) is missing. OSError: the store cannot be reached.
     """
 
     def __init__(self, url: str, max_bundle_bytes: int | None = None, options: Mapping[str, Any] | None = None,
-                 on_quarantine: Callable[[str, str], object] | None = None):
+                 on_quarantine: Callable[[str, str], object] | None = None, max_labels: int | None = MAX_LABELS,
+                 max_label_chars: int | None = MAX_LABEL_CHARS):
         import fsspec
 
         opts = dict(options or {})
@@ -78,6 +113,7 @@ class ObjectMaskStore:
         self.fs, root = fsspec.core.url_to_fs(url, **opts)
         self.root = root.rstrip("/")
         self.max_bundle_bytes = max_bundle_bytes
+        self.max_labels, self.max_label_chars = max_labels, max_label_chars
         self.on_quarantine = on_quarantine
         self._lock = threading.Lock()  # serialises this process's writes (like LocalMaskStore's)
         try:
@@ -152,63 +188,180 @@ class ObjectMaskStore:
         except OSError as exc:
             raise storage_error(exc, f"read task {task!r}") from None
 
+    @property
+    def _is_s3(self) -> bool:
+        return hasattr(self.fs, "_call_s3") and hasattr(self.fs, "split_path")
+
+    def _s3_get(self, task: str, start: int | None = None, end: int | None = None,
+                if_match: str | None = None) -> tuple[bytes, str]:
+        """One S3 ``GetObject`` of ``task``'s object (bytes ``[start, end)`` when given): ``(bytes, ETag)``, the
+        ETag naming exactly the bytes received. ``if_match``: refuse (:class:`_Changed`) unless the object
+        still has that ETag."""
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path(task))
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if start is not None or end is not None:
+            kwargs["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+
+        async def call() -> tuple[bytes, str]:
+            resp = await self.fs._call_s3("get_object", **kwargs)
+            try:
+                return await resp["Body"].read(), str(resp.get("ETag"))
+            finally:
+                resp["Body"].close()
+
+        try:
+            return sync(self.fs.loop, call)
+        except FileNotFoundError:
+            raise TaskNotFound(task) from None
+        except OSError as exc:
+            if if_match is not None and precondition_failed(exc):
+                raise _Changed() from None
+            if "Range" in kwargs and _s3_error(exc)[0] == "InvalidRange":  # an empty object has no byte 0
+                kwargs.pop("Range")
+                return self._s3_get(task, None, None, if_match)
+            raise storage_error(exc, f"read task {task!r}") from None
+
+    def _read_versioned(self, task: str, start: int | None = None, end: int | None = None,
+                        token: Hashable | None = None) -> tuple[bytes, Hashable | None]:
+        """Bytes of ``task``'s object and the version token that names them (None: the object kept changing
+        while it was read, on a backend without versioned reads: such bytes are judged but never quarantined).
+        ``token``: the bytes must belong to that version (else :class:`_Changed`).
+
+        Raises:
+            TaskNotFound, StoreUnavailable, _Changed.
+        """
+        if self._is_s3:
+            return self._s3_get(task, start, end, if_match=token if isinstance(token, str) else None)
+        for _ in range(_CONSISTENT_READ_TRIES):
+            before = self._token(self._info(task))
+            if token is not None and before != token:
+                raise _Changed()
+            data = self._read(task, start, end)
+            if self._token(self._info(task)) == before:
+                return data, before
+        return data, None
+
+    def _header_read(self, task: str) -> tuple[bytes, Hashable | None]:
+        """The header bytes of ``task``'s object (one ranged read; a second, of the same version, for a header
+        over 64 KiB) and their version token."""
+        for _ in range(_CONSISTENT_READ_TRIES):
+            prefix, token = self._read_versioned(task, 0, _HEADER_PROBE_BYTES)
+            if len(prefix) < 12 or len(prefix) < _HEADER_PROBE_BYTES:
+                return prefix, token  # the whole object, or a prefix too short to say more
+            hlen = int.from_bytes(prefix[8:12], "little")
+            need = min(12 + hlen + HEADER_DIGEST_BYTES, _HEADER_LIMIT)  # the header and its digest (v2)
+            if need <= len(prefix):
+                return prefix, token
+            try:
+                return self._read_versioned(task, 0, need, token=token)[0], token
+            except _Changed:
+                continue  # replaced between the two reads: judge the new object afresh
+        return prefix, None
+
     def header(self, task: str) -> BundleHeader:
-        """Header of a stored bundle, from one ranged read (two for a header over 64 KiB).
+        """Header of a stored bundle, from one ranged read (two for a header over 64 KiB, of the same version).
 
         Raises:
             TaskNotFound, InvalidTaskName, StoreUnavailable. BundleUnsupported: a newer format version (left
-            in place). StoredBundleCorrupt: the object is too short or its header corrupt (it is quarantined).
+            in place). StoredBundleCorrupt: the object is too short, its header corrupt, or it names another
+            task than its key (it is quarantined).
         """
-        info = self._info(task)
-        size = int(info["size"])
-        prefix = self._read(task, 0, min(size, _HEADER_PROBE_BYTES)) if size else b""
-        if len(prefix) >= 12 and len(prefix) < min(size, _HEADER_LIMIT):
-            hlen = int.from_bytes(prefix[8:12], "little")
-            need = min(size, 12 + hlen + HEADER_DIGEST_BYTES, _HEADER_LIMIT)  # the header and its digest (v2)
-            if need > len(prefix):
-                prefix = self._read(task, 0, need)
+        prefix, token = self._header_read(task)
         try:
-            return decode_header(prefix)[0]
+            header = decode_header(prefix)[0]
+            check_stored_name(task, header)
+            return header
         except BundleUnsupported:
             raise
         except BundleInvalid as exc:
-            raise self._quarantine(task, info, str(exc)) from None
+            raise self._quarantine(task, token, str(exc)) from None
 
     def get(self, task: str) -> Bundle:
-        """Read and fully validate a stored bundle, as :meth:`LocalMaskStore.get` does a file.
+        """Read (one versioned read) and fully validate a stored bundle, as :meth:`LocalMaskStore.get` does a file.
 
         Raises:
             TaskNotFound, InvalidTaskName, StoreUnavailable, BundleUnsupported (left in place);
-            StoredBundleCorrupt: a truncated or corrupted object (it is quarantined).
+            StoredBundleCorrupt: a truncated or corrupted object, or one naming another task (quarantined).
         """
-        info = self._info(task)
-        data = self._read(task)
+        data, token = self._read_versioned(task)
         try:
-            return decode_bundle(data)
+            bundle = decode_bundle(data)
+            check_stored_name(task, bundle.header)
+            return bundle
         except BundleUnsupported:
             raise
         except BundleInvalid as exc:
-            raise self._quarantine(task, info, str(exc)) from None
+            raise self._quarantine(task, token, str(exc), data) from None
 
-    def _quarantine(self, task: str, info: dict, reason: str) -> StoredBundleCorrupt:
-        """Move the corrupt object to ``.quarantine/`` if it is still the object that was read (same version
-        token); the error to raise."""
+    def _quarantine(self, task: str, token: Hashable | None, reason: str,
+                    data: bytes | None = None) -> StoredBundleCorrupt:
+        """Move the corrupt object aside to ``.quarantine/`` if it is still version ``token`` (the version whose
+        bytes were judged); the error to raise. ``data``: the judged bytes when the whole object was read
+        (written as the quarantine copy); else the copy is made server-side from that version. See the module
+        docstring for the conditional operations."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = f"{self.root}/{QUARANTINE_DIR}/{task}{BUNDLE_SUFFIX}{QUARANTINE_MARK}{stamp}-{secrets.token_hex(3)}"
         moved = None
-        with self._lock:
-            try:
-                if self._token(self._info(task)) == self._token(info):  # not replaced by a valid upload meanwhile
-                    self.fs.cp_file(self.path(task), target)
-                    self.fs.rm_file(self.path(task))
-                    moved = target.rsplit("/", 1)[-1]
-            except (OSError, StoreUnavailable, TaskNotFound) as exc:
-                log.error("could not quarantine task %s in %s: %s", task, self.url, exc)
+        if token is None:
+            log.error("stored bundle of task %s in %s changed while it was read; not moved", task, self.url)
+        else:
+            with self._lock:
+                try:
+                    moved = (self._move_s3 if self._is_s3 else self._move_other)(task, token, target, data)
+                except (OSError, StoreUnavailable, TaskNotFound) as exc:
+                    log.error("could not quarantine task %s in %s: %s", task, self.url, exc)
         log.error("stored bundle of task %s in %s is corrupt (%s); %s", task, self.url, reason,
                   f"moved to {QUARANTINE_DIR}/{moved}" if moved else "not moved")
         if moved and self.on_quarantine is not None:
             self.on_quarantine(task, reason)
         return StoredBundleCorrupt(task, reason, moved)
+
+    def _move_s3(self, task: str, token: Hashable, target: str, data: bytes | None) -> str | None:
+        """Copy version ``token`` to ``target`` and delete the object only if it is still that version
+        (``DeleteObject`` with ``If-Match``); the quarantine name, or None when another server replaced or
+        removed the object first (then the copy is removed and the object left as it is)."""
+        bucket, key, _ = self.fs.split_path(self.path(task))
+        tbucket, tkey, _ = self.fs.split_path(target)
+        try:
+            if data is not None:
+                self.fs.pipe_file(target, bytes(data))  # exactly the bytes judged
+            else:
+                self.fs.call_s3("copy_object", Bucket=tbucket, Key=tkey, CopySource={"Bucket": bucket, "Key": key},
+                                CopySourceIfMatch=str(token))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if precondition_failed(exc):
+                return None
+            raise
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=str(token))
+        except (FileNotFoundError, OSError) as exc:
+            if not isinstance(exc, FileNotFoundError) and not precondition_failed(exc):
+                raise
+            log.info("task %s in %s was replaced or removed by another writer before quarantine; left in place",
+                     task, self.url)
+            try:
+                self.fs.rm_file(target)
+            except OSError:
+                pass
+            return None
+        return target.rsplit("/", 1)[-1]
+
+    def _move_other(self, task: str, token: Hashable, target: str, data: bytes | None) -> str | None:
+        """Best effort on backends without conditional operations: compare the token just before the move."""
+        if self._token(self._info(task)) != token:  # replaced by a valid upload meanwhile
+            return None
+        if data is not None:
+            self.fs.pipe_file(target, bytes(data))
+        else:
+            self.fs.cp_file(self.path(task), target)
+        self.fs.rm_file(self.path(task))
+        return target.rsplit("/", 1)[-1]
 
     def quarantined(self) -> list[str]:
         """Tasks with a quarantined (corrupt) object, moved aside by any replica sharing the store, sorted."""
@@ -221,7 +374,8 @@ class ObjectMaskStore:
     # ---- writes -------------------------------------------------------------------------------
     def validate(self, task: str, data: bytes, backbone_fingerprint: str | None = None) -> Bundle:
         """Validate an upload for ``task`` without storing it (as :meth:`LocalMaskStore.validate`)."""
-        return validate_upload(task, data, self.max_bundle_bytes, backbone_fingerprint)
+        return validate_upload(task, data, self.max_bundle_bytes, backbone_fingerprint, self.max_labels,
+                               self.max_label_chars)
 
     def spool(self) -> contextlib.AbstractContextManager[tuple[object, Path]]:
         """A new local temporary file to stream an upload into (as :meth:`LocalMaskStore.spool`): yields

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mask_store.local as local_mod
-from mask_store.errors import (BackboneMismatch, BundleInvalid, BundleTooLarge, InvalidTaskName, StoreFull,
-                               StoreUnavailable, TaskNotFound)
+from mask_store.errors import (BackboneMismatch, BundleInvalid, BundleTooLarge, InvalidTaskName, StoredBundleCorrupt,
+                               StoreFull, StoreUnavailable, TaskNotFound)
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, decode_bundle, encode_bundle
 from mask_store.local import LocalMaskStore, check_task_name
 
@@ -389,3 +389,69 @@ def test_rejected_spooled_upload_leaves_nothing(store, content):
             store.put("t1", path)
     assert sorted(p.name for p in store.root.iterdir()) == ["t1.smask"]
     assert store.path("t1").read_bytes() == good
+
+
+# ---- label-set bounds, a stored file naming another task, quarantine racing another server's upload ------------
+
+
+def _labelled(task: str, labels: list[str]) -> bytes:
+    rng = np.random.default_rng(0)
+    n = len(labels)
+    return encode_bundle(task=task, problem_type="single_label_classification", labels=labels, max_seq_length=64,
+                         backbone_fingerprint=FP, masks={"l0.weight": rng.random((8, 4)) > 0.3},
+                         head={HEAD_WEIGHT: rng.normal(size=(n, HIDDEN)), HEAD_BIAS: rng.normal(size=(n,))})
+
+
+def test_label_set_bounds_refuse_many_or_long_labels_and_store_nothing(tmp_path):
+    s = LocalMaskStore(tmp_path / "store", max_labels=8, max_label_chars=12)
+    with pytest.raises(BundleInvalid, match=r"9 labels, more than the limit of 8 \(SUPERMASK_MAX_LABELS\)"):
+        s.put("many", _labelled("many", [f"l{i}" for i in range(9)]))
+    with pytest.raises(BundleInvalid, match=r"13 characters, more than the limit of 12 \(SUPERMASK_MAX_LABEL_CHARS"):
+        s.put("long", _labelled("long", ["short", "x" * 13]))
+    assert s.tasks() == [] and list(s.root.iterdir()) == []
+    s.put("ok", _labelled("ok", [f"l{i}" for i in range(8)]))  # at the bound: accepted
+    assert s.tasks() == ["ok"]
+    default = LocalMaskStore(tmp_path / "default")  # the defaults bound 4,096 labels of 256 characters
+    with pytest.raises(BundleInvalid, match="SUPERMASK_MAX_LABELS"):
+        default.validate("big", _labelled("big", [f"{i:0>256}" for i in range(4096)]))
+
+
+def test_stored_file_naming_another_task_is_refused_and_quarantined(store):
+    store.put("pos", make("pos"))
+    (store.root / "neg.smask").write_bytes(make("pos", seed=3))  # copied under another name, behind the store
+    with pytest.raises(StoredBundleCorrupt, match="declares task 'pos' but is stored as 'neg'"):
+        store.header("neg")
+    assert "neg" not in store.tasks() and store.quarantined() == ["neg"]
+    (store.root / "neg2.smask").write_bytes(make("pos", seed=4))
+    with pytest.raises(StoredBundleCorrupt):
+        store.get("neg2")
+    assert store.quarantined() == ["neg", "neg2"] and store.tasks() == ["pos"]
+
+
+def test_quarantine_never_moves_another_servers_newer_upload(tmp_path, monkeypatch):
+    """Server A judged a corrupt file; server B (another store on the directory) replaces it with a valid upload
+    just after A's "is it still the file I read?" check: B's upload must survive, only the corrupt bytes move."""
+    import threading
+
+    a, b = LocalMaskStore(tmp_path / "shared"), LocalMaskStore(tmp_path / "shared")
+    good = make("t", seed=7)
+    (a.root / "t.smask").write_bytes(corrupt(make("t")))
+    real_identity, fired = local_mod._identity, []
+
+    def identity_then_b_uploads(st):
+        if not fired:  # the first identity check is quarantine's: B uploads right after its stat
+            fired.append(True)
+            th = threading.Thread(target=b.put, args=("t", good))
+            th.start()
+            th.join(0.5)  # B blocks when A holds the store's lock (the fix); finishes at once without it
+            fired.append(th)
+        return real_identity(st)
+
+    monkeypatch.setattr(local_mod, "_identity", identity_then_b_uploads)
+    with pytest.raises(StoredBundleCorrupt):
+        a.get("t")
+    fired[1].join(10)
+    monkeypatch.undo()
+    assert_same_bundle(b.get("t"), decode_bundle(good))  # B's acknowledged upload is there
+    moved = [p for p in a.root.iterdir() if ".corrupt-" in p.name]
+    assert len(moved) == 1 and moved[0].read_bytes() == corrupt(make("t"))  # only the judged bytes moved

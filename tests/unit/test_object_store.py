@@ -271,3 +271,101 @@ def test_api_over_s3_serves_and_rejects_a_truncated_object_with_422(tiny_backbon
         assert client.put("/v1/tasks/toy", content=data, headers=auth).status_code == 201
         assert client.delete("/v1/tasks/toy", headers=auth).status_code == 204
         assert client.post("/v1/tasks/toy/predict", json={"inputs": TEXTS}).status_code == 404
+
+
+# ---- servers sharing a store: quarantine moves only the judged version; a stored object naming another task ----
+
+
+def test_object_naming_another_task_is_refused_and_quarantined(url, s3_options):
+    store = open_store(url, options=s3_options)
+    store.put("pos", make("pos"))
+    raw_fs(s3_options).pipe_file(store.path("neg"), make("pos", seed=2))  # copied under another key
+    with pytest.raises(StoredBundleCorrupt, match="declares task 'pos' but is stored as 'neg'"):
+        store.get("neg")
+    assert store.tasks() == ["pos"] and store.quarantined() == ["neg"]
+    raw_fs(s3_options).pipe_file(store.path("neg"), make("pos", seed=3))
+    with pytest.raises(StoredBundleCorrupt):
+        store.header("neg")
+    assert store.tasks() == ["pos"]
+
+
+def test_label_bounds_apply_to_object_store_uploads(url, s3_options):
+    from tests.unit.test_local_store import _labelled
+
+    store = open_store(url, options=s3_options)
+    store.max_labels = 4
+    with pytest.raises(BundleInvalid, match="SUPERMASK_MAX_LABELS"):
+        store.put("many", _labelled("many", [f"l{i}" for i in range(5)]))
+    assert store.tasks() == []
+
+
+@pytest.mark.parametrize("read", ["get", "header"])
+def test_quarantine_never_removes_another_servers_newer_upload(url, s3_options, read):
+    """Server A judged a corrupt object; server B re-uploads the task while A moves the object aside (between
+    A's version check and its delete): B's acknowledged upload must stay, and the quarantine copy must hold the
+    corrupt bytes A judged, never B's."""
+    a = open_store(url, options=s3_options)
+    b = open_store(url, options=s3_options)
+    good, bad = make("pos", seed=5), make("pos")[:40]
+    raw_fs(s3_options).pipe_file(a.path("pos"), bad)
+    uploaded = []
+
+    def b_uploads_first(real):
+        def call(*args, **kwargs):
+            if not uploaded:  # A's first write of the quarantine copy: B's upload lands just before it
+                uploaded.append(b.put("pos", good))
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("cp_file", "pipe_file", "call_s3"):  # a.fs is A's own client (skip_instance_cache)
+        setattr(a.fs, name, b_uploads_first(getattr(a.fs, name)))
+    with pytest.raises(StoredBundleCorrupt):
+        getattr(a, read)("pos")
+    assert uploaded, "the race was not staged"
+    assert_same_bundle(b.get("pos"), a.validate("pos", good))  # B's upload survived
+    fs = raw_fs(s3_options)
+    for key in fs.ls(f"{a.root}/.quarantine", detail=False) if fs.exists(f"{a.root}/.quarantine") else []:
+        assert fs.cat_file(key) == bad  # nothing but the judged bytes was ever quarantined
+
+
+def test_shared_store_race_loses_no_acknowledged_upload(url, s3_options):
+    """Rounds of: an object corrupted in place; server A reads it while server B re-uploads. After each round the
+    acknowledged upload is stored intact and the quarantine holds only corrupt bytes (``benchmarks/abuse.py
+    --store-rounds 500`` runs this at length)."""
+    a = open_store(url, options=s3_options)
+    b = open_store(url, options=s3_options)
+    fs = raw_fs(s3_options)
+    lost = []
+    for i in range(40):
+        good = make("pos", seed=i)
+        fs.pipe_file(a.path("pos"), good[: 40 + i])
+        done = threading.Event()
+
+        def reader():
+            try:
+                a.get("pos")
+            except (StoredBundleCorrupt, TaskNotFound):
+                pass
+            done.set()
+
+        th = threading.Thread(target=reader)
+        th.start()
+        b.put("pos", good)  # acknowledged
+        th.join(10)
+        try:
+            stored = b.get("pos")
+        except (TaskNotFound, StoredBundleCorrupt):
+            lost.append(i)
+            continue
+        if stored.header != a.validate("pos", good).header:
+            lost.append(i)
+    assert lost == []
+    valid = 0
+    if fs.exists(f"{a.root}/.quarantine"):
+        for key in fs.ls(f"{a.root}/.quarantine", detail=False):
+            try:
+                a.validate("pos", fs.cat_file(key))
+                valid += 1
+            except BundleInvalid:
+                pass
+    assert valid == 0, f"{valid} valid bundles were quarantined as corrupt"
