@@ -20,8 +20,8 @@ class BundleInvalid(MaskStoreError):
 class BundleTooLarge(MaskStoreError):
     """The bundle is larger than the configured limit."""
 
-    def __init__(self, size_bytes: int, limit_bytes: int):
-        super().__init__(f"bundle is {size_bytes} bytes, larger than the limit of {limit_bytes} bytes")
+    def __init__(self, size_bytes: int, limit_bytes: int, what: str = "bundle"):
+        super().__init__(f"{what} is {size_bytes} bytes, larger than the limit of {limit_bytes} bytes")
         self.size_bytes = size_bytes
         self.limit_bytes = limit_bytes
 

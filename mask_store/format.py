@@ -1,12 +1,13 @@
-"""Task bundle format v2 (v1 still read): one file per task holding its supermask and task head.
+"""Task bundle format v3 (v1 and v2 still read): one file per task holding its supermask and task head.
 
 Layout of a bundle file (all integers little-endian)::
 
-    offset 0     8 bytes   magic  b"SUPMASK2" (v1: b"SUPMASK1"; the version is in the magic)
+    offset 0     8 bytes   magic  b"SUPMASK3" (v2: b"SUPMASK2", v1: b"SUPMASK1"; the version is in the magic)
     offset 8     4 bytes   uint32 H, length of the JSON header in bytes
     offset 12    H bytes   JSON header, UTF-8 (schema: :class:`BundleHeader`)
-    offset 12+H  32 bytes  v2 only: SHA-256 of bytes 0 .. 12+H (magic, length and header)
-    then                   payload: the packed masks, then the head (safetensors)
+    offset 12+H  32 bytes  v2 and v3: SHA-256 of bytes 0 .. 12+H (magic, length and header)
+    then                   payload: one section per mask (v1/v2: packed bits; v3: coded), then the head
+                           (safetensors)
 
 Every offset in the header is relative to the start of the payload, and the
 file ends exactly where the last section ends (trailing bytes are rejected).
@@ -26,7 +27,22 @@ Masks (Radiya-Dixit & Wang 2020, Eq. 3: ``θ = θ̃ ⊙ μ``) are bit-packed wit
 is flattened in row-major (C) order, element ``i`` goes to byte ``i // 8``,
 bit ``7 - i % 8`` (most significant bit first, ``bitarray(endian="big")``,
 the same as ``numpy.packbits(bitorder="big")``). Bit value 1 keeps the
-weight, 0 prunes it. Padding bits in the last byte are 0.
+weight, 0 prunes it. Padding bits in the last byte are 0. This packed form is
+what :class:`Bundle` holds, whatever the file's version.
+
+Format v3 stores each mask section in the coding its header entry names
+(``coding``; v1 and v2 have only ``"packed"``) and records the matrix's
+number of pruned weights (``pruned``, needed to decode):
+
+* ``"zstd-gaps"`` (what the writer uses): the gaps between the positions of
+  the minority bit, escaped to bytes and compressed as one Zstandard frame
+  (RFC 8878); the section's exact layout is in :mod:`mask_store.coding`. A
+  1-5 % sparse MiniLM task takes about 0.24 MB instead of 1.33 MB, about
+  1.02x the masks' empirical entropy ``sum n H(p)`` bits;
+* ``"packed"``: the bits as above, kept where that is no larger (near 50 %).
+
+``nbytes`` and ``sha256`` are those of the stored section, so the section
+digests and the header digest cover every byte of a v3 file as of a v2 one.
 
 The task head is a safetensors blob (``classifier.weight`` ``[num_labels, hidden]``
 and ``classifier.bias`` ``[num_labels]``, float32). Reading or validating a
@@ -40,7 +56,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -49,19 +65,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from mask_store.coding import CODING_GAPS, CODING_PACKED, decode_gaps, encode_gaps, minority_count
 from mask_store.errors import BundleInvalid, BundleTooLarge, BundleUnsupported
 
-MAGIC = b"SUPMASK2"
+MAGIC = b"SUPMASK3"
+MAGIC_V2 = b"SUPMASK2"
 MAGIC_V1 = b"SUPMASK1"
-MAGICS = {MAGIC_V1: 1, MAGIC: 2}
+MAGICS = {MAGIC_V1: 1, MAGIC_V2: 2, MAGIC: 3}
 """Magic → format version."""
 FORMAT_NAME = "supermask-bundle"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
+CODED_VERSION = 3
+"""The first format version whose masks carry ``coding`` and ``pruned``."""
 HEADER_DIGEST_BYTES = 32
 MAX_JSON_DEPTH = 32
 MAX_MATRIX_SIDE = 1 << 20
 MAX_SECTION_BYTES = 1 << 40
+MAX_PACKED_MASK_BYTES = 1 << 30
+"""v3: the most bytes a header's masks may unpack to (8.6 G weights; a coded section can be far smaller than
+what it decodes to, so the file's size alone no longer bounds the memory a decode takes)."""
 MIN_SEQ_LENGTH = 8  # the special tokens ([CLS] a [SEP] b [SEP]) and at least a few tokens of each text
 MAX_SEQ_LENGTH = 8192
 MAX_HEAD_ABS = 1e4
@@ -85,10 +108,15 @@ class MaskEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Parameter name in the backbone, e.g. 'encoder.layer.0.attention.self.query.weight'.")
     shape: list[Side] = Field(description="[out_features, in_features]")
-    offset: int = Field(ge=0, le=MAX_SECTION_BYTES, description="Byte offset of the packed bits from the start of the payload.")
-    nbytes: int = Field(ge=0, le=MAX_SECTION_BYTES, description="Packed length in bytes, ceil(out*in / 8).")
+    offset: int = Field(ge=0, le=MAX_SECTION_BYTES, description="Byte offset of the section from the start of the payload.")
+    nbytes: int = Field(ge=0, le=MAX_SECTION_BYTES,
+                        description="Section length in bytes: ceil(out*in / 8) when packed, the coded length otherwise.")
     sparsity: float = Field(ge=0.0, le=1.0, description="Fraction of zeros (pruned weights).")
-    sha256: str = Field(description="SHA-256 of the packed bytes, hex.")
+    sha256: str = Field(description="SHA-256 of the section's bytes as stored, hex.")
+    coding: Literal["packed", "zstd-gaps"] = Field(
+        CODING_PACKED, description="v3: how the section stores the mask (mask_store.coding); v1/v2: packed only.")
+    pruned: int | None = Field(None, ge=0, le=MAX_MATRIX_SIDE * MAX_MATRIX_SIDE,
+                               description="v3: number of pruned weights (zeros), exact; absent in v1/v2.")
 
 
 class HeadEntry(BaseModel):
@@ -103,7 +131,8 @@ class HeadEntry(BaseModel):
 
 
 class BundleHeader(BaseModel):
-    """JSON header of a bundle (formats v1 and v2 share it; ``format_version`` must match the magic)."""
+    """JSON header of a bundle (formats v1, v2 and v3 share it, v3 adding ``coding`` and ``pruned`` to each
+    mask; ``format_version`` must match the magic)."""
 
     model_config = ConfigDict(extra="forbid")
     format: str
@@ -148,8 +177,27 @@ class BundleHeader(BaseModel):
         for m in self.masks:
             if len(m.shape) != 2 or min(m.shape) <= 0:
                 raise ValueError(f"mask {m.name!r} has shape {m.shape}, expected [out, in] with positive sizes")
-            if m.nbytes != math.ceil(m.shape[0] * m.shape[1] / 8):
+            n = m.shape[0] * m.shape[1]
+            if self.format_version < CODED_VERSION:
+                if m.pruned is not None or "coding" in m.model_fields_set:
+                    raise ValueError(f"mask {m.name!r}: 'coding' and 'pruned' are format v{CODED_VERSION} fields, "
+                                     f"this is v{self.format_version}")
+            else:
+                if m.pruned is None:
+                    raise ValueError(f"mask {m.name!r}: format v{self.format_version} needs its 'pruned' count")
+                if m.pruned > n:
+                    raise ValueError(f"mask {m.name!r}: pruned {m.pruned} is more than its {n} weights")
+                if abs(m.pruned / n - m.sparsity) > 1e-9:
+                    raise ValueError(f"mask {m.name!r} records sparsity {m.sparsity}, its pruned count gives "
+                                     f"{m.pruned / n}")
+            if m.coding == CODING_PACKED and m.nbytes != math.ceil(n / 8):
                 raise ValueError(f"mask {m.name!r}: nbytes {m.nbytes} does not fit shape {m.shape}")
+            if m.coding == CODING_GAPS and (m.nbytes == 0) != (minority_count(n, m.pruned)[1] == 0):
+                raise ValueError(f"mask {m.name!r}: a {m.coding} section of {m.nbytes} bytes for {m.pruned} pruned "
+                                 f"of {n} weights (empty exactly when all are kept or all pruned)")
+        if self.format_version >= CODED_VERSION and self.packed_mask_bytes > MAX_PACKED_MASK_BYTES:
+            raise ValueError(f"the masks would unpack to {self.packed_mask_bytes} bytes, more than "
+                             f"{MAX_PACKED_MASK_BYTES}")
         return self
 
     @property
@@ -161,20 +209,29 @@ class BundleHeader(BaseModel):
     def masked_weights(self) -> int:
         return sum(m.shape[0] * m.shape[1] for m in self.masks)
 
+    @property
+    def packed_mask_bytes(self) -> int:
+        """Bytes of the masks bit-packed (what :class:`Bundle` holds): ``sum ceil(out * in / 8)``."""
+        return sum((m.shape[0] * m.shape[1] + 7) // 8 for m in self.masks)
+
 
 @dataclass(frozen=True)
 class Bundle:
     """A validated bundle: header, packed masks and head tensors.
 
     ``masks`` maps each parameter name to its packed bytes (see module
-    docstring for the bit order); ``head`` maps tensor names to float32 arrays.
-    ``size_bytes`` is the size of the encoded file.
+    docstring for the bit order), whatever the file's version and coding;
+    ``head`` maps tensor names to float32 arrays. ``size_bytes`` is the size
+    of the encoded file. ``stored_masks`` maps each name to its section's
+    bytes as stored when its coding is not ``"packed"`` (v3; decode one with
+    :func:`decode_mask_section`), so that a cache can hold the coded form.
     """
 
     header: BundleHeader
     masks: dict[str, bytes]
     head: dict[str, np.ndarray]
     size_bytes: int
+    stored_masks: dict[str, bytes] = field(default_factory=dict)
 
     def mask_array(self, name: str) -> np.ndarray:
         """Unpack one mask to a bool array of the recorded shape ``[out, in]``.
@@ -217,11 +274,68 @@ def unpack_mask(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(bits.unpack(), dtype=np.uint8).astype(bool).reshape(shape)
 
 
-def _sparsity_of_packed(data: bytes, n: int) -> tuple[float, int]:
+def encode_mask_section(mask: np.ndarray, format_version: int = FORMAT_VERSION) -> tuple[str, bytes, int]:
+    """Store one mask as a bundle section of ``format_version``.
+
+    Args:
+        mask: bool (or 0/1) array ``[out, in]``; True keeps the weight.
+        format_version: 1 or 2 (always ``"packed"``) or 3 (``"zstd-gaps"``, or ``"packed"`` where that is
+            strictly smaller, which happens only near 50 % sparsity).
+    Returns:
+        ``(coding, section bytes, pruned)``, ``pruned`` the number of zeros.
+    """
+    packed = pack_mask(mask)
+    pruned = int(np.size(mask) - np.count_nonzero(mask))
+    if format_version < CODED_VERSION:
+        return CODING_PACKED, packed, pruned
+    coded, _ = encode_gaps(mask)
+    return (CODING_PACKED, packed, pruned) if len(packed) < len(coded) else (CODING_GAPS, coded, pruned)
+
+
+def decode_mask_section(coding: str, section: bytes, shape: tuple[int, int] | list[int], pruned: int | None) -> bytes:
+    """The packed bits (:func:`pack_mask`'s form) of one stored mask section.
+
+    Args:
+        coding: the entry's ``coding``, ``"packed"`` or ``"zstd-gaps"``.
+        section: the section's bytes as stored.
+        shape: ``[out, in]``.
+        pruned: the entry's ``pruned`` count (v3; ``None`` for a v1/v2 packed section).
+    Returns:
+        ``ceil(out * in / 8)`` bytes, padding bits 0.
+    Raises:
+        BundleInvalid: the section does not decode (see :func:`mask_store.coding.decode_gaps`), its
+            padding bits are set, or its number of zeros is not ``pruned``.
+    """
+    return _decode_section(coding, section, int(shape[0]) * int(shape[1]), pruned)[0]
+
+
+def _decode_section(coding: str, section: bytes, n: int, pruned: int | None) -> tuple[bytes, int]:
+    """:func:`decode_mask_section` for ``n`` weights; returns ``(packed bits, number of zeros)``."""
+    if coding == CODING_GAPS:
+        if pruned is None:
+            raise BundleInvalid(f"a {coding} section needs its pruned count")
+        return decode_gaps(section, n, pruned), pruned  # exactly ``pruned`` zeros and padding 0, or it raises
+    if coding != CODING_PACKED:
+        raise BundleInvalid(f"unknown mask coding {coding!r}")
+    if len(section) != math.ceil(n / 8):
+        raise BundleInvalid(f"packed mask has {len(section)} bytes, expected {math.ceil(n / 8)} for {n} weights")
+    zeros, tail_ones = _zeros_of_packed(section, n)
+    if tail_ones:
+        raise BundleInvalid("non-zero padding bits")
+    if pruned is not None and zeros != pruned:
+        raise BundleInvalid(f"its bits hold {zeros} zeros, the header records pruned {pruned}")
+    return bytes(section), zeros
+
+
+def _zeros_of_packed(data: bytes, n: int) -> tuple[int, int]:
+    """``(zeros among the first n bits, ones among the padding bits)`` of packed bits."""
     bits = bitarray(endian="big")
     bits.frombytes(data)
-    tail_ones = bits.count(1, n)
-    zeros = bits.count(0, 0, n)
+    return bits.count(0, 0, n), bits.count(1, n)
+
+
+def _sparsity_of_packed(data: bytes, n: int) -> tuple[float, int]:
+    zeros, tail_ones = _zeros_of_packed(data, n)
     return zeros / n, tail_ones
 
 
@@ -241,6 +355,7 @@ def encode_bundle(
     created_at: str = "",
     library_version: str = "",
     mask_rule: str = MASK_RULE,
+    format_version: int = FORMAT_VERSION,
 ) -> bytes:
     """Encode a bundle file.
 
@@ -249,29 +364,35 @@ def encode_bundle(
         mask_rule: how the stored bits were derived from the mask scores (recorded, not applied).
         head: ``classifier.weight`` ``[num_outputs, hidden]`` and ``classifier.bias``
             ``[num_outputs]``, converted to float32.
+        format_version: 3 (default: entropy-coded masks, :func:`encode_mask_section`), or 2 (packed bits; for
+            readers older than v3 and for comparisons).
     Returns:
         The bundle's bytes; :func:`decode_bundle` of them returns an equal bundle.
     Raises:
         BundleInvalid: the header would not validate (bad task name, labels, shapes).
+        ValueError: ``format_version`` is not 2 or 3.
     """
+    if format_version not in (2, FORMAT_VERSION):
+        raise ValueError(f"bundles are written as format v2 or v{FORMAT_VERSION}, not v{format_version}")
     payload = bytearray()
     entries = []
     total = zeros = 0
+    coded = format_version >= CODED_VERSION
     for name, mask in masks.items():
         mask = np.asarray(mask, dtype=bool)
-        packed = pack_mask(mask)
-        n_zero = int(mask.size - np.count_nonzero(mask))
+        coding, section, n_zero = encode_mask_section(mask, format_version)
         entries.append(
             MaskEntry(
                 name=name,
                 shape=list(mask.shape),
                 offset=len(payload),
-                nbytes=len(packed),
+                nbytes=len(section),
                 sparsity=n_zero / mask.size,
-                sha256=hashlib.sha256(packed).hexdigest(),
+                sha256=hashlib.sha256(section).hexdigest(),
+                **({"coding": coding, "pruned": n_zero} if coded else {}),
             )
         )
-        payload += packed
+        payload += section
         total += mask.size
         zeros += n_zero
     head32 = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.items()}
@@ -286,7 +407,7 @@ def encode_bundle(
     try:
         header = BundleHeader(
             format=FORMAT_NAME,
-            format_version=FORMAT_VERSION,
+            format_version=format_version,
             task=task,
             problem_type=problem_type,
             labels=list(labels),
@@ -306,33 +427,38 @@ def encode_bundle(
     except ValidationError as exc:
         raise BundleInvalid(_pydantic_reason(exc)) from None
     _check_head_shapes(header)
-    return frame(header.model_dump_json().encode("utf-8"), bytes(payload))
+    v3_only = None if coded else {"masks": {"__all__": {"coding", "pruned"}}}
+    return frame(header.model_dump_json(exclude=v3_only).encode("utf-8"), bytes(payload), version=format_version)
 
 
 def frame(header_json: bytes, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
     """Assemble a bundle file from its JSON header bytes and payload: magic, header length, header,
-    (v2) the header's SHA-256, payload. Nothing is validated (tools and tests that edit a header
+    (v2, v3) the header's SHA-256, payload. Nothing is validated (tools and tests that edit a header
     re-frame it with this).
 
     Args:
         header_json: UTF-8 JSON bytes of the header.
-        payload: the packed masks and the head blob, as the header's offsets describe them.
-        version: 2 (default, with the header digest) or 1 (the legacy layout, no digest).
+        payload: the mask sections and the head blob, as the header's offsets describe them.
+        version: 3 (default) or 2 (with the header digest), or 1 (the legacy layout, no digest).
     Raises:
         ValueError: an unknown ``version``.
     """
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"unknown bundle format version {version}")
-    magic = MAGIC if version == 2 else MAGIC_V1
+    magic = next(m for m, v in MAGICS.items() if v == version)
     prefix = _PREFIX.pack(magic, len(header_json)) + header_json
-    digest = hashlib.sha256(prefix).digest() if version == 2 else b""
+    digest = hashlib.sha256(prefix).digest() if version >= 2 else b""
     return prefix + digest + payload
 
 
 def upgrade_bundle(data: bytes) -> bytes:
-    """A v1 bundle re-framed as v2 (same header fields but ``format_version``, same payload, the header's
-    SHA-256 added); a v2 bundle is returned unchanged.
+    """A v1 or v2 bundle re-encoded as v3: every mask section coded (:func:`encode_mask_section`), each
+    mask entry's ``offset``, ``nbytes``, ``sha256`` given for the new section and ``coding``, ``pruned``
+    added, the head moved after them unchanged, every other header field kept as written, the header's
+    SHA-256 added; a v3 bundle is returned unchanged.
 
+    Returns:
+        The v3 bytes, checked to decode to the same packed masks, head and header fields.
     Raises:
         BundleInvalid / BundleTooLarge: ``data`` is not a valid bundle (it is fully checked first).
     """
@@ -342,8 +468,20 @@ def upgrade_bundle(data: bytes) -> bytes:
     (hlen,) = struct.unpack_from("<I", data, len(MAGIC_V1))
     raw = json.loads(data[_PREFIX.size:_PREFIX.size + hlen])
     raw["format_version"] = FORMAT_VERSION
-    upgraded = frame(json.dumps(raw, separators=(",", ":")).encode("utf-8"), data[_PREFIX.size + hlen:])
-    decode_bundle(upgraded)  # the same contents under the new framing
+    payload = bytearray()
+    for m, entry in zip(raw["masks"], bundle.header.masks):  # the sections laid out anew, in header order
+        coding, section, pruned = encode_mask_section(bundle.mask_array(entry.name), FORMAT_VERSION)
+        m.update(offset=len(payload), nbytes=len(section), sha256=hashlib.sha256(section).hexdigest(),
+                 coding=coding, pruned=pruned)
+        payload += section
+    head = bundle.header.head
+    _, start = decode_header(data)
+    raw["head"]["offset"] = len(payload)
+    payload += data[start + head.offset:start + head.offset + head.nbytes]
+    upgraded = frame(json.dumps(raw, separators=(",", ":")).encode("utf-8"), bytes(payload))
+    new = decode_bundle(upgraded)
+    if new.masks != bundle.masks or any(not np.array_equal(new.head[k], v) for k, v in bundle.head.items()):
+        raise BundleInvalid("the upgraded bundle does not decode to the same masks and head")  # a coder bug
     return upgraded
 
 
@@ -388,11 +526,11 @@ def decode_header(data: bytes) -> tuple[BundleHeader, int]:
     """Parse and validate the header only.
 
     Args:
-        data: the bundle's bytes, or at least its first ``12 + H`` bytes (v2: ``12 + H + 32``).
+        data: the bundle's bytes, or at least its first ``12 + H`` bytes (v2, v3: ``12 + H + 32``).
     Returns:
         ``(header, payload_start)`` where ``payload_start`` is the byte offset of the payload.
     Raises:
-        BundleInvalid: wrong magic, truncated header, a v2 header whose SHA-256 does not match, bad
+        BundleInvalid: wrong magic, truncated header, a v2/v3 header whose SHA-256 does not match, bad
             JSON (NaN / Infinity, nesting deeper than :data:`MAX_JSON_DEPTH` included), a header that
             fails the schema (unknown format version, a version that is not the magic's, sizes out of
             range) or that would not serialise again.
@@ -405,13 +543,14 @@ def decode_header(data: bytes) -> tuple[BundleHeader, int]:
         raise BundleUnsupported(f"bundle format version {magic[7:].decode()} is newer than this reader's "
                                 f"{list(SUPPORTED_VERSIONS)} (magic {magic!r})")
     if version is None:
-        raise BundleInvalid(f"not a supermask bundle: magic is {magic!r}, expected {MAGIC!r} (or {MAGIC_V1!r})")
+        raise BundleInvalid(f"not a supermask bundle: magic is {magic!r}, expected {MAGIC!r} "
+                            f"(or {MAGIC_V2!r}, {MAGIC_V1!r})")
     if hlen > MAX_HEADER_BYTES:
         raise BundleInvalid(f"header length {hlen} exceeds {MAX_HEADER_BYTES} bytes")
     end = _PREFIX.size + hlen
     if len(data) < end:
         raise BundleInvalid(f"truncated: header needs {hlen} bytes, only {len(data) - _PREFIX.size} present")
-    if version == 2:
+    if version >= 2:
         digest = bytes(data[end : end + HEADER_DIGEST_BYTES])
         if len(digest) < HEADER_DIGEST_BYTES:
             raise BundleInvalid("truncated: the header's SHA-256 is missing")
@@ -436,7 +575,7 @@ def decode_header(data: bytes) -> tuple[BundleHeader, int]:
     except Exception as exc:  # pydantic's PydanticSerializationError and recursion limits
         raise BundleInvalid(f"header cannot be serialised: {str(exc)[:200]}") from None
     _check_head_shapes(header)
-    return header, end + (HEADER_DIGEST_BYTES if version == 2 else 0)
+    return header, end + (HEADER_DIGEST_BYTES if version >= 2 else 0)
 
 
 def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
@@ -444,24 +583,30 @@ def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
 
     Checks, in order: size limit, magic, header schema and version, that every
     section lies inside the file with no overlap and the file ends where the
-    last section ends, each section's SHA-256, padding bits, each mask's
+    last section ends, each section's SHA-256, that each coded (v3) section
+    decodes to exactly its recorded pruned count, padding bits, each mask's
     recorded sparsity, and the head tensors' shapes and dtypes.
 
     Raises:
-        BundleTooLarge: ``len(data) > max_bytes``.
+        BundleTooLarge: ``len(data) > max_bytes``, or (v3) the masks would unpack to more than ``max_bytes``
+            (what their v2 form would have had to fit in; checked before anything is decoded).
         BundleInvalid: any other check fails; the message names it.
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise BundleTooLarge(len(data), max_bytes)
     header, start = decode_header(data)
+    if max_bytes is not None and header.packed_mask_bytes > max_bytes:
+        raise BundleTooLarge(header.packed_mask_bytes, max_bytes, what="the bundle's masks unpacked")
     # released on exit, also when a check raises: ``data`` may be a memory map its caller closes
     with memoryview(data)[start:] as payload:
-        masks, head = _check_payload(header, payload)
-    return Bundle(header=header, masks=masks, head=head, size_bytes=len(data))
+        masks, stored, head = _check_payload(header, payload)
+    return Bundle(header=header, masks=masks, head=head, size_bytes=len(data), stored_masks=stored)
 
 
-def _check_payload(header: BundleHeader, payload: memoryview) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
-    """The payload checks of :func:`decode_bundle`; returns copies of the masks' bytes and the head."""
+def _check_payload(header: BundleHeader, payload: memoryview
+                   ) -> tuple[dict[str, bytes], dict[str, bytes], dict[str, np.ndarray]]:
+    """The payload checks of :func:`decode_bundle`; returns the packed masks, the coded sections (v3, not
+    packed) and the head, all copies."""
     sections = [(m.offset, m.nbytes, f"mask {m.name!r}") for m in header.masks]
     sections.append((header.head.offset, header.head.nbytes, "head"))
     sections.sort()
@@ -475,17 +620,20 @@ def _check_payload(header: BundleHeader, payload: memoryview) -> tuple[dict[str,
     if len(payload) > cursor:
         raise BundleInvalid(f"{len(payload) - cursor} unexpected trailing bytes after the last section")
     masks: dict[str, bytes] = {}
+    stored: dict[str, bytes] = {}
     for m in header.masks:
         blob = bytes(payload[m.offset : m.offset + m.nbytes])
         if hashlib.sha256(blob).hexdigest() != m.sha256:
             raise BundleInvalid(f"checksum mismatch in mask {m.name!r}: the bundle is corrupted")
         n = m.shape[0] * m.shape[1]
-        sparsity, tail_ones = _sparsity_of_packed(blob, n)
-        if tail_ones:
-            raise BundleInvalid(f"mask {m.name!r} has non-zero padding bits")
-        if abs(sparsity - m.sparsity) > 1e-9:
-            raise BundleInvalid(f"mask {m.name!r} records sparsity {m.sparsity}, its bits give {sparsity}")
-        masks[m.name] = blob
+        try:
+            masks[m.name], zeros = _decode_section(m.coding, blob, n, m.pruned)
+        except BundleInvalid as exc:
+            raise BundleInvalid(f"mask {m.name!r}: {exc}") from None
+        if abs(zeros / n - m.sparsity) > 1e-9:  # v3: the header's validator already held it to pruned / n
+            raise BundleInvalid(f"mask {m.name!r} records sparsity {m.sparsity}, its bits give {zeros / n}")
+        if m.coding != CODING_PACKED:
+            stored[m.name] = blob
     head_blob = bytes(payload[header.head.offset : header.head.offset + header.head.nbytes])
     if hashlib.sha256(head_blob).hexdigest() != header.head.sha256:
         raise BundleInvalid("checksum mismatch in the task head: the bundle is corrupted")
@@ -503,7 +651,7 @@ def _check_payload(header: BundleHeader, payload: memoryview) -> tuple[dict[str,
         if arr.size and float(np.abs(arr).max()) > MAX_HEAD_ABS:
             raise BundleInvalid(f"head tensor {name!r} holds values of magnitude {float(np.abs(arr).max()):.3g}, "
                                 f"more than {MAX_HEAD_ABS:g}: its logits could overflow (not a trained head)")
-    return masks, head
+    return masks, stored, head
 
 
 def read_header_file(path: str) -> BundleHeader:

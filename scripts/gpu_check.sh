@@ -74,7 +74,7 @@ if torch.cuda.is_available():
     print(f"device {torch.cuda.get_device_name(0)}; capability {torch.cuda.get_device_capability(0)}")
 missing = []
 for mod in ("transformers", "tokenizers", "fastapi", "uvicorn", "pydantic", "pydantic_settings", "bitarray",
-            "prometheus_client", "safetensors", "numpy", "tqdm", "httpx", "scipy", "pytest", "triton"):
+            "zstandard", "prometheus_client", "safetensors", "numpy", "tqdm", "httpx", "scipy", "pytest", "triton"):
     try:
         m = importlib.import_module(mod)
         print(f"  {mod} {getattr(m, '__version__', '?')}")

@@ -1,4 +1,5 @@
-"""Bundle format v1: mask bit packing, encode/decode round trips, and every rejection path.
+"""Bundle formats v1-v3: mask bit packing, encode/decode round trips, and every rejection path (the v3
+mask coding itself: tests/unit/test_mask_coding.py).
 
 No torch here: the format must be readable with numpy, bitarray, pydantic and safetensors only.
 """
@@ -38,7 +39,9 @@ MASK_SHAPES = {
     "encoder.layer.0.attention.self.query.weight": (8, 4),  # 32 bits = 4 whole bytes, no padding
     "encoder.layer.0.intermediate.dense.weight": (16, 8),  # 128 bits
     "encoder.layer.0.output.dense.weight": (3, 5),  # 15 bits: 1 padding bit in the last byte
+    "encoder.layer.0.attention.output.dense.weight": (40, 97),  # 3 % sparse: v3 codes it ("zstd-gaps")
 }
+SPARSE_MASK = "encoder.layer.0.attention.output.dense.weight"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +52,7 @@ MASK_SHAPES = {
 
 def _fake_parts(seed: int = 0, sparsity: float = 0.3, num_outputs: int = 2):
     rng = np.random.default_rng(seed)
-    masks = {name: rng.random(shape) >= sparsity for name, shape in MASK_SHAPES.items()}
+    masks = {name: rng.random(shape) >= (0.03 if name == SPARSE_MASK else sparsity) for name, shape in MASK_SHAPES.items()}
     head = {
         HEAD_WEIGHT: rng.normal(size=(num_outputs, HIDDEN)).astype(np.float32),
         HEAD_BIAS: rng.normal(size=(num_outputs,)).astype(np.float32),
@@ -73,22 +76,29 @@ def _encode(task="sst2", labels=("negative", "positive"), problem_type="single_l
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
-    assert data[:8] == MAGIC
+    assert data[:8] in (MAGIC, b"SUPMASK2")
     (hlen,) = struct.unpack_from("<I", data, 8)
     return json.loads(data[12 : 12 + hlen].decode("utf-8")), data[12 + hlen + HEADER_DIGEST_BYTES :]
 
 
-def _join(header: dict | bytes, payload: bytes, magic: bytes = MAGIC) -> bytes:
-    """Re-frame an edited header (v2: with its recomputed SHA-256, so that the check under test is reached)."""
+def _join(header: dict | bytes, payload: bytes) -> bytes:
+    """Re-frame an edited header with its recomputed SHA-256 (so that the check under test is reached), under
+    the magic of the header's ``format_version`` (v2 or v3; v3 for anything else)."""
     hb = header if isinstance(header, bytes) else json.dumps(header).encode("utf-8")
-    if magic == MAGIC:
-        return frame(hb, payload)
-    return magic + struct.pack("<I", len(hb)) + hb + payload
+    version = header.get("format_version") if isinstance(header, dict) else None
+    return frame(hb, payload, version=version if version in (2, 3) else 3)
+
+
+@pytest.fixture(params=[3, 2], ids=["v3", "v2"])
+def bundle_bytes(request) -> bytes:
+    """A valid bundle as the writer makes it (v3), and the same as v2: every check below holds for both."""
+    return _encode(format_version=request.param)
 
 
 @pytest.fixture
-def bundle_bytes() -> bytes:
-    return _encode()
+def v2_bytes() -> bytes:
+    """A v2 bundle: packed mask sections, for the checks of that layout (padding bits, nbytes)."""
+    return _encode(format_version=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +159,8 @@ def test_unpack_mask_wrong_length_rejected(nbytes):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_round_trip_classification():
+@pytest.mark.parametrize("version", [3, 2])
+def test_round_trip_classification(version):
     masks, head = _fake_parts(seed=3, sparsity=0.25)
     data = encode_bundle(
         task="MRPC-v2.1_x",
@@ -165,12 +176,14 @@ def test_round_trip_classification():
         metrics={"f1": 0.8},
         created_at="2024-01-01T00:00:00Z",
         library_version="0.1.0",
+        format_version=version,
     )
     b = decode_bundle(data)
     h = b.header
 
     assert b.size_bytes == len(data)
-    assert h.format == "supermask-bundle" and h.format_version == 2
+    assert data[:8] == (MAGIC if version == 3 else b"SUPMASK2")
+    assert h.format == "supermask-bundle" and h.format_version == version
     assert h.task == "MRPC-v2.1_x"
     assert h.problem_type == "single_label_classification"
     assert h.labels == ["not_equivalent", "equivalent"]
@@ -191,7 +204,10 @@ def test_round_trip_classification():
     for entry in h.masks:
         src = masks[entry.name]
         assert entry.shape == list(src.shape)
-        assert entry.nbytes == math.ceil(src.size / 8)
+        # v3 stores a matrix this small packed where its Zstandard frame would be larger (never larger than packed)
+        assert entry.nbytes == math.ceil(src.size / 8) if entry.coding == "packed" else entry.nbytes < src.size / 8
+        assert entry.coding == "packed" or version == 3
+        assert entry.pruned == (int((~src).sum()) if version == 3 else None)
         assert b.masks[entry.name] == np.packbits(src.reshape(-1)).tobytes()
         np.testing.assert_array_equal(b.mask_array(entry.name), src)
         true_sparsity = float(np.mean(~src))
@@ -232,16 +248,21 @@ def test_round_trip_regression():
 
 
 @pytest.mark.parametrize("sparsity,expected", [(0.0, 0.0), (1.0, 1.0)])
-def test_all_kept_and_all_pruned_masks(sparsity, expected):
+@pytest.mark.parametrize("version", [3, 2])
+def test_all_kept_and_all_pruned_masks(sparsity, expected, version):
     masks = {name: np.full(shape, sparsity == 0.0) for name, shape in MASK_SHAPES.items()}
-    b = decode_bundle(_encode(masks=masks))
+    b = decode_bundle(_encode(masks=masks, format_version=version))
     assert b.header.sparsity == expected
     assert all(m.sparsity == expected for m in b.header.masks)
+    assert all(b.masks[n] == np.packbits(m.reshape(-1)).tobytes() for n, m in masks.items())
+    if version == 3:  # nothing to code: empty sections
+        assert all(m.nbytes == 0 and m.coding == "zstd-gaps" for m in b.header.masks)
 
 
 def test_encode_is_deterministic(bundle_bytes):
-    assert _encode() == bundle_bytes
-    assert _encode(seed=1) != bundle_bytes
+    version = int(bundle_bytes[7:8])
+    assert _encode(format_version=version) == bundle_bytes
+    assert _encode(seed=1, format_version=version) != bundle_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,24 +355,24 @@ def test_header_json_not_an_object(bundle_bytes):
         decode_bundle(_join(b"[1, 2, 3]", payload))
 
 
-def test_format_version_3_rejected_with_version_in_message(bundle_bytes):
+def test_format_version_4_rejected_with_version_in_message(bundle_bytes):
     header, payload = _split(bundle_bytes)
-    assert decode_bundle(_join(header, payload)).header.format_version == 2  # the re-encoding itself is valid
-    header["format_version"] = 3
+    assert decode_bundle(_join(header, payload)).header.format_version in (2, 3)  # the re-encoding itself is valid
+    header["format_version"] = 4
     bad = _join(header, payload)
-    with pytest.raises(BundleInvalid, match=r"format_version 3 is not supported"):
+    with pytest.raises(BundleInvalid, match=r"format_version 4 is not supported"):
         decode_bundle(bad)
-    with pytest.raises(BundleInvalid, match=r"format_version 3"):
+    with pytest.raises(BundleInvalid, match=r"format_version 4"):
         decode_header(bad)
 
 
-def test_v1_bundle_still_read(bundle_bytes):
+def test_v1_bundle_still_read(v2_bytes):
     """A bundle written before format v2 (magic SUPMASK1, no header digest) decodes to the same contents."""
-    header, payload = _split(bundle_bytes)
+    header, payload = _split(v2_bytes)
     header["format_version"] = 1
     v1 = frame(json.dumps(header).encode(), payload, version=1)
     assert v1[:8] == b"SUPMASK1"
-    old, new = decode_bundle(v1), decode_bundle(bundle_bytes)
+    old, new = decode_bundle(v1), decode_bundle(v2_bytes)
     assert old.header.format_version == 1 and old.masks == new.masks
     np.testing.assert_array_equal(old.head[HEAD_WEIGHT], new.head[HEAD_WEIGHT])
     # the version in the magic and in the header must agree, both ways
@@ -360,10 +381,25 @@ def test_v1_bundle_still_read(bundle_bytes):
     header["format_version"] = 2
     with pytest.raises(BundleInvalid, match="magic"):
         decode_bundle(frame(json.dumps(header).encode(), payload, version=1))
+    with pytest.raises(BundleInvalid, match="magic"):
+        decode_bundle(frame(json.dumps(header).encode(), payload, version=3))
+
+
+def test_v2_and_v3_read_to_the_same_contents(v2_bytes):
+    v3 = _encode()
+    assert v3[:8] == MAGIC == b"SUPMASK3"
+    old, new = decode_bundle(v2_bytes), decode_bundle(v3)
+    assert old.masks == new.masks and old.stored_masks == {}
+    coded = {m.name for m in new.header.masks if m.coding == "zstd-gaps"}
+    assert coded and set(new.stored_masks) == coded  # the coded sections, for a cache that holds them
+    for k in old.head:
+        np.testing.assert_array_equal(old.head[k], new.head[k])
+    assert old.header.model_dump(exclude={"format_version", "masks", "head"}) == \
+        new.header.model_dump(exclude={"format_version", "masks", "head"})
 
 
 def test_every_header_bit_flip_rejected(bundle_bytes):
-    """v2's header SHA-256: a flip of any bit of the magic, length, header JSON or digest is rejected
+    """v2's and v3's header SHA-256: a flip of any bit of the magic, length, header JSON or digest is rejected
     (under v1 a flip inside a label name, 'negative' -> 'oegative', was accepted)."""
     (hlen,) = struct.unpack_from("<I", bundle_bytes, 8)
     end = 12 + hlen + HEADER_DIGEST_BYTES
@@ -460,8 +496,8 @@ def test_recorded_sparsity_must_match_bits(bundle_bytes):
         decode_bundle(_join(header, payload))
 
 
-def test_nonzero_padding_bits_rejected(bundle_bytes):
-    header, payload = _split(bundle_bytes)
+def test_nonzero_padding_bits_rejected(v2_bytes):
+    header, payload = _split(v2_bytes)
     entry = next(m for m in header["masks"] if m["shape"] == [3, 5])  # 15 bits -> 1 padding bit
     payload = bytearray(payload)
     last = entry["offset"] + entry["nbytes"] - 1
@@ -471,8 +507,8 @@ def test_nonzero_padding_bits_rejected(bundle_bytes):
         decode_bundle(_join(header, bytes(payload)))
 
 
-def test_mask_nbytes_must_fit_shape(bundle_bytes):
-    header, payload = _split(bundle_bytes)
+def test_mask_nbytes_must_fit_shape(v2_bytes):
+    header, payload = _split(v2_bytes)
     header["masks"][0]["shape"] = [8, 5]
     with pytest.raises(BundleInvalid, match="does not fit shape"):
         decode_bundle(_join(header, payload))
@@ -541,16 +577,22 @@ def test_reading_bundles_does_not_import_torch(tmp_path, bundle_bytes):
     assert res.stdout.strip() == "OK sst2"
 
 
-def test_upgrade_reframes_v1_as_v2_with_the_same_contents(bundle_bytes):
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_upgrade_reencodes_v1_and_v2_as_v3_with_the_same_contents(v2_bytes, old_version):
     from mask_store.format import upgrade_bundle
 
-    header, payload = _split(bundle_bytes)
-    header["format_version"] = 1
-    v1 = frame(json.dumps(header).encode(), payload, version=1)
-    v2 = upgrade_bundle(v1)
-    assert v2[:8] == MAGIC and upgrade_bundle(v2) == v2
-    old, new = decode_bundle(v1), decode_bundle(v2)
-    assert new.header.format_version == 2 and new.masks == old.masks
-    assert new.header.model_dump(exclude={"format_version"}) == old.header.model_dump(exclude={"format_version"})
+    header, payload = _split(v2_bytes)
+    header["format_version"] = old_version
+    old_bytes = frame(json.dumps(header).encode(), payload, version=old_version)
+    v3 = upgrade_bundle(old_bytes)
+    assert v3[:8] == MAGIC and upgrade_bundle(v3) == v3
+    old, new = decode_bundle(old_bytes), decode_bundle(v3)
+    assert new.header.format_version == 3 and new.masks == old.masks
+    for k in old.head:
+        np.testing.assert_array_equal(old.head[k], new.head[k])
+    assert v3[len(v3) - len(_split(v3)[1]):] == _split(_encode())[1]  # the sections the writer makes of them
+    same = {"format_version": True, "masks": {"__all__": {"offset", "nbytes", "sha256", "coding", "pruned"}},
+            "head": {"offset"}}
+    assert new.header.model_dump(exclude=same) == old.header.model_dump(exclude=same)
     with pytest.raises(BundleInvalid):
-        upgrade_bundle(v1[:-3])
+        upgrade_bundle(old_bytes[:-3])

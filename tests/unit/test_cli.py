@@ -83,9 +83,13 @@ def test_upgrade_rewrites_v1_bundles_in_place_and_refuses_broken_ones(tmp_path, 
     import json
     import struct
 
-    from mask_store.format import HEADER_DIGEST_BYTES, MAGIC, decode_bundle, frame
+    from mask_store.format import HEADER_DIGEST_BYTES, MAGIC, decode_bundle, encode_bundle, frame
 
-    good = (Path(__file__).resolve().parents[2] / "examples" / "masks" / "MRPC.smask").read_bytes()
+    shipped = decode_bundle((Path(__file__).resolve().parents[2] / "examples" / "masks" / "MRPC.smask").read_bytes())
+    h = shipped.header
+    good = encode_bundle(task=h.task, problem_type=h.problem_type, labels=h.labels, max_seq_length=h.max_seq_length,
+                         backbone_fingerprint=h.backbone_fingerprint, head=shipped.head, text_pairs=h.text_pairs,
+                         masks={m.name: shipped.mask_array(m.name) for m in h.masks}, format_version=2)
     (hlen,) = struct.unpack_from("<I", good, 8)
     header = json.loads(good[12:12 + hlen]) | {"format_version": 1}
     v1 = tmp_path / "MRPC.smask"
@@ -94,10 +98,11 @@ def test_upgrade_rewrites_v1_bundles_in_place_and_refuses_broken_ones(tmp_path, 
     broken.write_bytes(good[:-7])
     assert cli.main(["upgrade", str(v1), str(broken)]) == 1  # one could not be upgraded
     out = capsys.readouterr()
-    assert "upgraded to format v2" in out.out and "broken.smask: not upgraded" in out.err
+    assert "upgraded to format v3" in out.out and "broken.smask: not upgraded" in out.err
     assert v1.read_bytes()[:8] == MAGIC and decode_bundle(v1.read_bytes()).masks == decode_bundle(good).masks
+    assert len(v1.read_bytes()) < len(good) / 3  # the masks entropy-coded (MRPC: 1.9 % sparsity)
     assert broken.read_bytes() == good[:-7]  # untouched
-    assert cli.main(["upgrade", str(v1)]) == 0 and "already format v2" in capsys.readouterr().out
+    assert cli.main(["upgrade", str(v1)]) == 0 and "already format v3" in capsys.readouterr().out
 
 
 def test_serve_options_of_the_fleet_and_the_shared_store(capsys, tmp_path):
