@@ -178,7 +178,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _upgrade(args: argparse.Namespace) -> int:
     from mask_store.errors import MaskStoreError
-    from mask_store.format import upgrade_bundle
+    from mask_store.format import FORMAT_VERSION, upgrade_bundle
     from mask_store.local import atomic_write
 
     failed = 0
@@ -192,7 +192,7 @@ def _upgrade(args: argparse.Namespace) -> int:
             failed += 1
             continue
         if new == data:
-            print(f"{path}: already format v2")
+            print(f"{path}: already format v{FORMAT_VERSION}")
             continue
         try:
             atomic_write(path, new, mode=path.stat().st_mode & 0o7777)  # the file's own permissions
@@ -200,7 +200,8 @@ def _upgrade(args: argparse.Namespace) -> int:
             print(f"{path}: not upgraded: {exc}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{path}: upgraded to format v2 (header checksum added, contents unchanged)")
+        print(f"{path}: upgraded to format v{FORMAT_VERSION} ({len(data)} -> {len(new)} bytes; masks and head "
+              f"unchanged)")
     return 1 if failed else 0
 
 
@@ -498,8 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--masks", action="store_true", help="list every masked matrix")
     i.set_defaults(func=_inspect)
 
-    g = sub.add_parser("upgrade", help="rewrite format-v1 bundles as v2 in place (adds the header checksum)")
-    g.add_argument("bundles", nargs="+", help="bundle files; each is fully validated first, v2 ones are left as they are")
+    g = sub.add_parser("upgrade", help="rewrite format-v1/v2 bundles as v3 in place, atomically (entropy-coded "
+                                       "masks, header checksum; the same masks and head)")
+    g.add_argument("bundles", nargs="+", help="bundle files; each is fully validated first, v3 ones are left as they are")
     g.set_defaults(func=_upgrade)
 
     x = sub.add_parser("export", help="write a task as a SetFit model folder (sentence-transformers body + head)",
