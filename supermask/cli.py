@@ -247,6 +247,8 @@ def _print_json(model) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from supermask.client import ClientError
+
     texts = list(args.text)
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -264,9 +266,33 @@ def _predict(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.task == "*" or len(tasks) > 1:
             _print_json(c.predict_tasks("*" if args.task == "*" else tasks, inputs, **opts))
-        else:
-            _print_json(c.predict(args.task, inputs, **opts))
+            return 0
+        try:
+            answer = c.predict(args.task, inputs, **opts)
+        except ClientError as exc:
+            raise _pairs_hint(c, args, exc) from None
+        _print_json(answer)
     return 0
+
+
+def _pairs_hint(client, args: argparse.Namespace, exc: Exception) -> Exception:
+    """A 422 for a task that takes pairs sent single texts (or the reverse): the error, saying how to call it.
+    Whether the task takes pairs is asked of the server (``GET /v1/tasks/TASK``), not read from the message."""
+    from supermask.client import ApiError, ClientError
+
+    if not isinstance(exc, ApiError) or exc.status != 422:
+        return exc
+    try:
+        pairs = client.task(args.task).text_pairs
+    except ClientError:
+        return exc
+    q = shlex.quote
+    if pairs and not args.pairs:
+        return ValueError(f"{exc}; task {args.task!r} takes sentence pairs: pass each pair's two texts and "
+                          f"--pairs, e.g. supermask predict {q(args.task)} 'text a' 'text b' --pairs")
+    if args.pairs and not pairs:
+        return ValueError(f"{exc}; task {args.task!r} takes single texts: leave out --pairs")
+    return exc
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -289,10 +315,12 @@ def _tasks(args: argparse.Namespace) -> int:
 def _upload(args: argparse.Namespace) -> int:
     from mask_store.format import read_header_file
 
-    task = args.task or read_header_file(args.bundle).task
-    with _client(args) as c:
-        info, created = c.upload(task, args.bundle)
-    print(f"{'created' if created else 'replaced'} task {task!r}", file=sys.stderr)
+    declared = read_header_file(args.bundle).task
+    task = args.task or declared
+    with _client(args) as c:  # --task: the header's name is rewritten (the server serves a bundle under its own)
+        info, created = c.upload(task, args.bundle, rename=task != declared)
+    renamed = f" (bundle of task {declared!r}, renamed)" if task != declared else ""
+    print(f"{'created' if created else 'replaced'} task {task!r}{renamed}", file=sys.stderr)
     _print_json(info)
     return 0
 
@@ -308,7 +336,8 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--url", help="server base URL (default: $SUPERMASK_URL or http://127.0.0.1:8000)")
     g.add_argument("--token", help="admin bearer token for upload / delete (default: $SUPERMASK_ADMIN_TOKEN)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds the whole call may take, retries and waits included (not per read)")
     g.add_argument("--retries", type=non_negative_int, default=3,
                    help="further attempts after 429 / 503 / connection refused (waiting as Retry-After says)")
 
@@ -545,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload", help="upload a bundle to a running server (admin token)",
                         formatter_class=HelpFormatter)
     up.add_argument("bundle", help="bundle file (.smask)")
-    up.add_argument("--task", help="task name to serve it under (default: the name in the bundle's header)")
+    up.add_argument("--task", help="task name to serve it under (default: the name in the bundle's header; "
+                                   "another name rewrites the header's before sending, masks and head unchanged)")
     _client_options(up)
     up.set_defaults(func=_upload)
 
@@ -589,16 +619,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # user-facing errors: one line, no traceback unless -v
         if args.command in CLIENT_COMMANDS and not args.verbose:
-            import httpx
+            from supermask.client import ClientError
 
-            from supermask.client import ApiError
-
-            if isinstance(exc, ApiError):
+            if isinstance(exc, ClientError):  # an error response, an unreachable server, the call's timeout
                 print(f"supermask {args.command}: error: {exc}", file=sys.stderr)
-                return 2
-            if isinstance(exc, httpx.TransportError):
-                print(f"supermask {args.command}: error: cannot reach the server at {exc.request.url}: "
-                      f"{exc or type(exc).__name__}", file=sys.stderr)
                 return 2
         from mask_store.errors import MaskStoreError
         from backbone import BackboneLoadError

@@ -6,9 +6,11 @@ chosen here by the error's class (most specific class in its MRO wins).
 
 from __future__ import annotations
 
+import difflib
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -133,6 +135,20 @@ def allowed_methods(request: Request) -> list[str]:
             if any(route.matches(base | {"method": m})[0] == Match.FULL for route in request.app.router.routes)]
 
 
+def similar_task(store, name: str) -> str | None:
+    """The stored task ``name`` most likely meant: the one equal to it ignoring case, else the closest by
+    ``difflib.get_close_matches`` (ratio ≥ 0.8); None when there is none or the store cannot be listed."""
+    try:
+        names = [t for t in store.tasks() if t != name]
+    except Exception:  # a hint only: a store that cannot be listed gives none  # noqa: BLE001
+        return None
+    same = [t for t in names if t.casefold() == name.casefold()]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn typed errors into JSON error bodies."""
 
@@ -140,6 +156,12 @@ def install(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc)
+        state = getattr(request.app.state, "supermask", None)
+        if isinstance(exc, TaskNotFound) and state is not None:
+            near = await run_in_threadpool(similar_task, state.store, exc.task)
+            if near is not None:  # e.g. 'sst-2' for 'SST-2': the same answer, saying which name was meant
+                return error_response(status, type(exc).__name__, f"{exc}; did you mean {near!r}? (task names are "
+                                      "case-sensitive)", error_headers(exc, status), request.url.path)
         return typed_response(exc, request.url.path)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -30,6 +30,16 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_ID_CHARS = 128
+"""The longest client ``X-Request-ID`` kept (service/api/logging.json logs up to this many characters)."""
+
+
+def request_id_ok(value: str) -> bool:
+    """asgi-correlation-id's validator: keep the client's ``X-Request-ID`` when it is 1 to
+    :data:`MAX_REQUEST_ID_CHARS` printable ASCII characters (space included; no control characters, so no
+    CR/LF or NUL reaches a log line); any other value is replaced by a generated id (32 hex digits)."""
+    return 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable()
+
 
 def create_app(settings: Settings | None = None, backbone: Backbone | None = None) -> FastAPI:
     """Build the server.
@@ -91,7 +101,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
     # outermost: every response, errors and 413s included, carries the request's id
-    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID", validator=request_id_ok)
     if settings.admin_token is None:
         log.warning("SUPERMASK_ADMIN_TOKEN is not set: uploads and deletes are disabled")
     return app
