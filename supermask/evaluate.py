@@ -29,6 +29,36 @@ from training.trainer import evaluate_bernoulli, scores_path
 from training.supermask import SupermaskModel
 
 
+def recorded_config(training: dict, need_task: bool) -> tuple[str | None, int]:
+    """The GLUE task and weight width a bundle's header records (``training["config"]``, as ``supermask
+    train`` writes it): ``(task or None, bits)``, bits 8 when not recorded. A bundle the server accepted may
+    carry any JSON there; what is unusable is a clear error, not a traceback.
+
+    Raises:
+        ValueError: ``config`` is not an object, or its ``task`` is not a name, while the task is needed
+            (``need_task``: no ``--glue-task`` / ``--test-file``); ``bits`` is not 1..8 or 32.
+    """
+    config = training.get("config")
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        if need_task:
+            raise ValueError(f"the bundle's training.config is a JSON {type(config).__name__}, not an object: it "
+                             "records no GLUE task; name one with --glue-task")
+        config = {}
+    task = config.get("task")
+    if task is not None and not (isinstance(task, str) and task):
+        if need_task:
+            raise ValueError(f"the bundle's training.config.task is {task!r}, not a GLUE task name; name one with "
+                             "--glue-task")
+        task = None
+    bits = config.get("bits", 8)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 8 or bits == 32):
+        raise ValueError(f"the bundle's training.config.bits is {bits!r}: expected an integer 1..8 or 32 (the width "
+                         "its masked weights were trained at)")
+    return task, bits
+
+
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
                     samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
                     batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32",
@@ -64,21 +94,22 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     data = Path(bundle_path).read_bytes()
     bundle = decode_bundle(data)
     header = bundle.header
-    config = header.training.get("config", {})
+    recorded_task, bits = recorded_config(header.training, need_task=test_file is None and not glue_task)
     if test_file is not None:
         task, dev = _own_test_set(header, test_file, text_column, text_pair_column, label_column)
         dev = dev[:dev_limit]
     else:
         if "data" in header.training and glue_task is None:
-            raise ValueError(f"{bundle_path} was trained on your own data ({header.training['data'].get('sources', {}).get('train', '?')}): "
+            data_rec = header.training["data"] if isinstance(header.training["data"], dict) else {}
+            sources = data_rec.get("sources") if isinstance(data_rec.get("sources"), dict) else {}
+            raise ValueError(f"{bundle_path} was trained on your own data ({sources.get('train', '?')}): "
                              "evaluate it with --test-file FILE")
-        task = get_task(glue_task or config.get("task") or header.task)
+        task = get_task(glue_task or recorded_task or header.task)
         if list(task.labels) != list(header.labels):
             raise ValueError(f"GLUE task {task.name} has labels {list(task.labels)}, the bundle {header.labels}: "
                              "not a bundle for this task (--glue-task)")
         dev = read_split(task, data_dir, "dev")[:dev_limit]
     golds = np.array([e.label for e in dev])
-    bits = int(config.get("bits", 8))
     # served path: the quantized backbone the bundle's fingerprint names (a --bits 32 control was trained
     # over fp32 weights but carries the int8 fingerprint, and is served, so evaluated, over int8 weights)
     bb = load_backbone(backbone, bits=min(bits, 8))
@@ -135,7 +166,8 @@ def _own_test_set(header, test_file: str, text_column: str | None, text_pair_col
     """
     from training.data import DataTask, read_table, to_examples
 
-    recorded = header.training.get("data") or {}
+    data = header.training.get("data")
+    recorded = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}  # names only
     regression = header.problem_type == "regression"
     table = read_table(test_file)
     cols = table.column_names

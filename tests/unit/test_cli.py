@@ -125,3 +125,48 @@ def test_store_location_is_the_url_else_the_directory_as_a_file_url(tmp_path, mo
     assert Settings(store_dir=tmp_path, store_url="s3://bucket/masks").store_location() == "s3://bucket/masks"
     monkeypatch.setenv("SUPERMASK_STORE_OPTIONS", '{"endpoint_url": "http://x:9000"}')  # JSON, as documented
     assert Settings().store_options == {"endpoint_url": "http://x:9000"}
+
+
+def with_training(bundle: bytes, training) -> bytes:
+    """``bundle`` with its header's ``training`` record replaced (re-framed; the server accepts any JSON there)."""
+    import json
+    import struct
+
+    from mask_store.format import MAGIC, decode_bundle, decode_header, frame
+
+    header, start = decode_header(bundle)
+    (hlen,) = struct.unpack_from("<I", bundle, len(MAGIC))
+    raw = json.loads(bundle[len(MAGIC) + 4:len(MAGIC) + 4 + hlen]) | {"training": training}
+    out = frame(json.dumps(raw).encode(), bundle[start:], header.format_version)
+    decode_bundle(out)  # what a server accepts
+    return out
+
+
+@pytest.mark.parametrize("training,message", [
+    ({"config": [1, 2]}, "training.config is a JSON list, not an object"),
+    ({"config": "SST-2"}, "training.config is a JSON str, not an object"),
+    ({"config": {"task": 5}}, "training.config.task is 5, not a GLUE task name"),
+    ({"config": {"task": "SST-2", "bits": [8]}}, "training.config.bits is [8]: expected an integer 1..8 or 32"),
+    ({"config": {"task": "SST-2", "bits": "8"}}, "training.config.bits is '8'"),
+    ({"data": "mine.csv"}, "was trained on your own data (?): evaluate it with --test-file"),
+    ({"data": {"sources": ["a"]}}, "was trained on your own data (?)"),
+])
+def test_evaluate_of_a_bundle_with_an_unusual_training_record_is_a_clear_error(
+        training, message, tiny_backbone, tiny_backbone_dir, tmp_path, capsys):
+    from tests.conftest import make_bundle
+
+    path = tmp_path / "odd.smask"
+    path.write_bytes(with_training(make_bundle(tiny_backbone, "odd"), training))
+    code = cli.main(["evaluate", str(path), "--data-dir", str(tmp_path), "--backbone", str(tiny_backbone_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("supermask evaluate: error:") and message in err and "\n" not in err
+
+
+def test_recorded_config_tolerates_what_is_not_needed():
+    from supermask.evaluate import recorded_config
+
+    assert recorded_config({}, need_task=True) == (None, 8)
+    assert recorded_config({"config": None}, need_task=True) == (None, 8)
+    assert recorded_config({"config": {"task": "RTE", "bits": 32}}, need_task=True) == ("RTE", 32)
+    assert recorded_config({"config": [1]}, need_task=False) == (None, 8)  # --glue-task names the task
+    assert recorded_config({"config": {"task": {"x": 1}}}, need_task=False) == (None, 8)
