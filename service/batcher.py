@@ -17,6 +17,10 @@ once when ``max_wait_s`` is 0 (the default: no latency added to a lone
 request); with ``max_wait_s`` > 0 it first waits for company until its
 batch holds ``max_rows`` rows or ``max_wait_s`` has passed.
 
+Clients that leave: a request whose :data:`client_gone` event is set (the API layer sets it on the ASGI
+``http.disconnect``) while its rows are still queued is taken out of the queue and never computed
+(:class:`ClientGone`); rows already in a running pass finish with it and their answer is dropped.
+
 Errors stay with their request: when a gathered batch fails (an unknown or
 corrupt task among them), each of its requests is run again on its own, so
 only the request that caused the error receives it.
@@ -38,6 +42,15 @@ from service.forward import Rows
 
 log = logging.getLogger(__name__)
 
+client_gone: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("supermask_client_gone",
+                                                                                  default=None)
+"""The current request's "client disconnected" event, set by the API layer (:class:`service.api.limits.BodyLimit`);
+None outside a request. Tasks started for the request (the engine's admitted work) inherit it."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its rows waited in the batcher's queue: they were dropped, not computed."""
+
 #: ``[(task, rows), ...]`` → one result per item, in order: ``engine.predict_mixed`` (a list of prediction
 #: dicts per item, what the server uses) or ``engine.logits_mixed`` (a float32 ``[len(rows), num_outputs]`` tensor).
 #: When a gathered batch holds a submission with options, it is called as ``forward(items, options)`` with one
@@ -45,7 +58,7 @@ log = logging.getLogger(__name__)
 MixedForward = Callable[..., list[Any]]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (queue removal)
 class _Pending:
     task: str
     rows: Rows
@@ -84,13 +97,16 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backlog = False  # the queue filled while a forward pass ran: take it without a wait
         self.batches = 0  # forward calls made (for tests and logs)
+        self.dropped = 0  # submissions dropped from the queue because their client left
 
     async def submit(self, task: str, rows: Rows, options: Any = None) -> Any:
         """``forward``'s result for ``rows`` of ``task`` (predictions, or head outputs float32 ``[len(rows), num_outputs]``).
 
         ``options`` (opaque here, e.g. :class:`service.forward.PredictOptions`) travels with the rows to ``forward``.
 
-        Raises whatever ``forward`` raises for this request alone (TaskNotFound, BundleInvalid, ...).
+        Raises whatever ``forward`` raises for this request alone (TaskNotFound, BundleInvalid, ...);
+        :class:`ClientGone` when the request's :data:`client_gone` event is set while its rows are still queued
+        (they are removed from the queue; a pass never sees them).
         """
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._loop is not loop:
@@ -111,7 +127,33 @@ class MicroBatcher:
         self._arrived.set()
         if self._queued_rows >= self.max_rows:
             self._full.set()
-        return await item.future
+        gone = client_gone.get()
+        if gone is None:
+            return await item.future
+        waiter = loop.create_task(gone.wait())
+        try:
+            await asyncio.wait({item.future, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            item.future.cancel()
+            raise
+        finally:
+            waiter.cancel()
+        if item.future.done():
+            return item.future.result()
+        self._drop(item)
+        raise ClientGone(f"the client left; its {len(rows)} row(s) of task {task!r} were dropped from the queue")
+
+    def _drop(self, item: _Pending) -> None:
+        """Take ``item`` out of the queue (if a pass has not taken it yet) and cancel its future."""
+        if item in self._queue:
+            self._queue.remove(item)
+            self._queued_rows -= len(item.rows)
+            self.dropped += 1
+            if not self._queue and self._arrived is not None:
+                self._arrived.clear()
+            if self._queued_rows < self.max_rows and self._full is not None:
+                self._full.clear()
+        item.future.cancel()
 
     async def close(self) -> None:
         """Stop the gathering task; submissions still queued fail with ``RuntimeError``."""

@@ -60,8 +60,24 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)
     """A connection that has not sent a complete request head within this many seconds is closed
     (half-open and slow-header connections); ``supermask serve`` and the Docker image apply it."""
+    body_timeout_s: float = Field(10.0, gt=0)
+    """A request body (any request of a connection, keep-alive included) that receives no byte for this many
+    seconds while the server waits for it is answered 408 and its connection closed; the head of every
+    request, not only the first, has ``header_timeout_s`` (counted from the end of the previous response)."""
     limit_concurrency: int | None = Field(512, gt=0)
     """Most connections and tasks at once before uvicorn answers 503 (None: no limit)."""
+    health_reserved_slots: int = Field(8, ge=0)
+    """Connections kept beyond ``limit_concurrency`` for ``/healthz``, ``/readyz`` and ``/v2/health/*``: a
+    probe is answered while every ordinary slot is held."""
+    max_response_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    """Largest reply a fan-out or v2 inference may produce, estimated from the request and the tasks' label
+    sets before any work: a larger one is refused with 422 ``ReplyTooLarge``."""
+    max_work_rows: int = Field(512, gt=0)
+    """Most rows × tasks one request may ask for (a fan-out's inputs times its tasks); more: 422 ``WorkTooLarge``."""
+    max_labels: int = Field(128, ge=2)
+    """Most labels an uploaded classification bundle may declare (more: 422 at upload)."""
+    max_label_chars: int = Field(64, gt=0)
+    """Longest label (characters) an uploaded bundle may declare (longer: 422 at upload)."""
     max_queued_requests: int = Field(256, gt=0)
     """Predict requests admitted at once (queued for a pass or running); one more is refused at once with
     429 ``Overloaded`` and ``Retry-After``, so that a burst cannot grow the queue (and memory) without bound."""

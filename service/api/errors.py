@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from mask_store.errors import (
@@ -28,6 +29,7 @@ from mask_store.errors import (
     TaskNotFound,
 )
 from mask_store.local import check_task_name
+from service.batcher import ClientGone
 from service.errors import (AdminDisabled, Forbidden, InputInvalid, Overloaded, ReplicaUnavailable, RequestTimedOut,
                             ServiceError, TaskTooLarge, Unauthorized)
 
@@ -108,6 +110,8 @@ class InternalErrors:
 
         try:
             await self.app(scope, receive, send_started)
+        except (ClientGone, ClientDisconnect) as exc:  # nobody to answer: the client left (or its body stalled)
+            log.info("%s %s: the client went away (%s)", scope.get("method"), scope.get("path"), exc or type(exc).__name__)
         except Exception as exc:
             if started:
                 raise

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from mask_store.errors import MaskStoreError
 from mask_store.local import check_task_name
 from service.api.deps import State
+from service.api.limits import check_reply, check_work, predict_reply_bytes
 from service.api.routes import _rows
 from service.api.openapi import errors
 from service.api.schemas import FanOutIn, FanOutPublic, PredictPublic
@@ -63,17 +64,27 @@ def fanout_tasks(state, tasks: list[str] | str, pairs: bool) -> list[str]:
 async def predict_fanout(body: FanOutIn, state: State) -> FanOutPublic:
     """Predict every input with every task of ``tasks`` (a list, or ``"*"``: every stored task that takes
     these inputs), in one mixed-task forward call. Options apply to every task; a regression task answers
-    its value, ignoring the classification-only ones (top_k, raw_scores, function_to_apply)."""
+    its value, ignoring the classification-only ones (top_k, raw_scores, function_to_apply).
+
+    Refused with 422 before any work when inputs x tasks exceed ``SUPERMASK_MAX_WORK_ROWS`` (``WorkTooLarge``)
+    or the reply would exceed ``SUPERMASK_MAX_RESPONSE_BYTES`` (``ReplyTooLarge``)."""
     s = state.settings
     rows = _rows(body, s.max_inputs_per_request, s.max_input_chars)
     options = PredictOptions(**body.option_kwargs())
+    if body.tasks != "*":
+        check_work(len(rows), len(body.tasks), s.max_work_rows)  # before any store I/O
 
     def requests() -> list[PredictRequest]:  # store I/O (listing, headers): in a worker thread
-        reqs = []
-        for t in fanout_tasks(state, body.tasks, pairs=rows[0][1] is not None):
-            regression = state.engine.header(t).problem_type == "regression"
+        reqs, reply = [], len('{"results":[]}')
+        names = fanout_tasks(state, body.tasks, pairs=rows[0][1] is not None)
+        check_work(len(rows), len(names), s.max_work_rows)
+        for t in names:
+            header = state.engine.header(t)
+            regression = header.problem_type == "regression"
             reqs.append(PredictRequest(task=t, inputs=rows, options=options.for_regression() if regression
                                        else options))
+            reply += predict_reply_bytes(t, header, len(rows), options.ranked, options.top_k)
+        check_reply(reply, s.max_response_bytes, f"this fan-out over {len(names)} tasks")  # before any work
         return reqs
 
     reqs = await run_in_threadpool(requests)

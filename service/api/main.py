@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     store = open_store(settings.store_location(), max_bundle_bytes=settings.max_bundle_bytes,
                        options=settings.store_options,
                        on_quarantine=lambda task, reason: metrics.quarantined.inc())
+    store.max_labels, store.max_label_chars = settings.max_labels, settings.max_label_chars  # upload bounds
     if settings.examples_dir is not None and not settings.examples_dir.is_dir():
         log.warning("SUPERMASK_EXAMPLES_DIR %s is not a directory: no example tasks preloaded", settings.examples_dir)
     elif settings.examples_dir is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from typing import Annotated, Any
 
@@ -36,6 +37,7 @@ from pydantic import BaseModel
 from mask_store.format import BundleHeader
 from service import __version__
 from service.api.deps import State
+from service.api.limits import check_reply, v2_reply_bytes
 from service.api.openapi import NON_BLANK, TaskName, errors
 from service.api.routes import _rows
 from service.api.schemas import PredictIn
@@ -166,6 +168,12 @@ def _bytes_elements(raw: bytes, name: str) -> list[str]:
     return out
 
 
+def _short(value: Any, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a large request back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _text(value: Any, name: str) -> str:
     if isinstance(value, bytes):
         try:
@@ -185,7 +193,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, d
             hold its data, an input named twice.
     """
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # ASCII digits only: str.isdigit() also takes "²" or "٣", which int() refuses (a ValueError: 500)
+        if not re.fullmatch(r"[0-9]{1,19}", header_length) or int(header_length) > len(body):
             raise InputInvalid(f"Inference-Header-Content-Length {header_length!r} does not fit a body of "
                                f"{len(body)} bytes")
         head, binary = body[:int(header_length)], body[int(header_length):]
@@ -206,28 +215,53 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, d
         if name in tensors:
             raise InputInvalid(f"input {name!r} is given twice")
         if t.get("datatype") != "BYTES":
-            raise InputInvalid(f"input {name!r} has datatype {t.get('datatype')!r}; text inputs are BYTES")
+            raise InputInvalid(f"input {name[:100]!r} has datatype {_short(t.get('datatype'))}; text inputs are BYTES")
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
-            if not isinstance(size, int) or size < 0 or pos + size > len(binary):
-                raise InputInvalid(f"input {name!r}: binary_data_size {size!r} does not fit the binary data")
+            if type(size) is not int or size < 0 or pos + size > len(binary):  # noqa: E721 - bool is refused
+                raise InputInvalid(f"input {name[:100]!r}: binary_data_size {_short(size)} does not fit the binary data")
             values = _bytes_elements(binary[pos:pos + size], name)
             pos += size
         else:
             values = [_text(v, name) for v in _flatten(t.get("data", []))]
         shape = t.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise InputInvalid(f"input {name!r} has shape {shape!r}; expected a list of sizes")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):  # noqa: E721
+            raise InputInvalid(f"input {name[:100]!r} has shape {_short(shape)}; expected a list of sizes")
         count = 1
         for d in shape:
             count *= d
         if count != len(values):
-            raise InputInvalid(f"input {name!r}: shape {shape} holds {count} elements, the data {len(values)}")
+            raise InputInvalid(f"input {name!r}: shape {_short(shape)} holds {count} elements, the data {len(values)}")
         tensors[name] = values
     if pos != len(binary):
         raise InputInvalid(f"{len(binary) - pos} bytes of binary data are not claimed by any input")
     return doc, tensors
+
+
+def requested_outputs(task: str, outputs: Any, available: list[str]) -> list[str]:
+    """The output names an inference request asks for, in its order (absent or empty: every output).
+
+    Each is answered once: a name given twice is refused, so a reply is bounded by the task's outputs.
+
+    Raises:
+        InputInvalid: ``outputs`` is not a list of ``{"name": <string>}`` objects, names an output the task does
+            not have, or names one twice.
+    """
+    if outputs is None:
+        return list(available)
+    if not isinstance(outputs, list):
+        raise InputInvalid(f'"outputs" is a list of {{"name": ...}} tensors, not {type(outputs).__name__}')
+    wanted = []
+    for k, o in enumerate(outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InputInvalid(f'outputs[{k}] is not a tensor with a "name" string')
+        if o["name"] not in available:
+            raise InputInvalid(f"task {task!r} has no output {o['name'][:100]!r}; it has {available}")
+        if o["name"] in wanted:
+            raise InputInvalid(f"output {o['name']!r} is named twice in outputs; name each output once")
+        wanted.append(o["name"])
+    return wanted or list(available)
 
 
 INFER_REQUEST_SCHEMA = {
@@ -243,7 +277,8 @@ INFER_REQUEST_SCHEMA = {
                            "data": {"type": "array", "items": {"type": "string", "minLength": 1,
                                                                "pattern": NON_BLANK}},
                            "parameters": {"type": "object"}}}},
-        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "outputs": {"type": "array", "maxItems": 3, "uniqueItems": True, "items": {
+            "type": "object", "required": ["name"], "properties": {
             "name": {"type": "string", "enum": ["label", "score", "logits"]}, "parameters": {"type": "object"}}}},
     },
     "example": {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
@@ -281,13 +316,11 @@ async def infer_version(task: TaskName, request: Request, state: State, version:
     else:
         inputs = list(texts)
     available = {o["name"]: o for o in _outputs(header)}
-    if not isinstance(doc.get("outputs") or [], list):
-        raise InputInvalid('"outputs" is a list of {"name": ...} tensors')
-    wanted = [o.get("name") if isinstance(o, dict) else None for o in doc.get("outputs") or []] or list(available)
-    missing = [w for w in wanted if w not in available]
-    if missing:
-        raise InputInvalid(f"task {task!r} has no output(s) {missing}; it has {list(available)}")
+    wanted = requested_outputs(task, doc.get("outputs"), list(available))
     rows = _rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
+    echo = len(json.dumps(doc["id"], ensure_ascii=False).encode()) if isinstance(doc.get("id"), str) else 0
+    check_reply(v2_reply_bytes(task, header, len(rows), wanted) + echo, s.max_response_bytes,
+                f"this inference of {task!r}")
     preds = await state.engine.predict_async(PredictRequest(task=task, inputs=rows,
                                                             options=PredictOptions(with_logits=True)))
     n = len(preds)
