@@ -39,6 +39,16 @@ REQUIRED_METRICS = {
     "process memory": "supermask_process_resident_memory_bytes",
     "backbone memory": "supermask_backbone_bytes",
     "cache memory": "supermask_cache_bytes",
+    "hot tier promotions": "supermask_hot_promotion_duration_seconds_count",
+    "hot tier promotion time": "supermask_hot_promotion_duration_seconds_bucket",
+    "hot tier memory": "supermask_hot_bytes",
+    "429s": "supermask_overloaded_requests_total",
+    "requests in progress (queue)": "supermask_admitted_requests",
+    "batch sizes": "supermask_inference_rows_bucket",
+    "hot tier tasks": "supermask_hot_tasks",
+    "warm tier tasks": "supermask_resident_tasks",
+    "device tier tasks": "supermask_device_resident_tasks",
+    "CPU precision": "supermask_cpu_precision_info",
 }
 PANEL_TYPES = {"timeseries", "stat", "gauge", "bargauge", "table", "text", "row", "heatmap"}
 
@@ -57,6 +67,9 @@ def _exported_names() -> set[str]:
     m.requests.labels(task="t", outcome="ok").inc()
     m.rows.labels(task="t").observe(1)
     m.resident_task_bytes.labels(task="t").set(1)
+    m.hot_promotion_seconds.labels(task="t").observe(0.01)
+    m.device_swap_in_seconds.labels(task="t").observe(0.01)
+    m.cpu_precision.labels("fp32").set(1)
     names = set()
     if not sys.platform.startswith("linux"):  # the process collector exports nothing off Linux
         names.update(f"supermask_process_{n}" for n in ("resident_memory_bytes", "virtual_memory_bytes",
@@ -276,3 +289,76 @@ def test_fleet_prometheus_config_scrapes_the_ingress_and_ray():
     jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
     assert jobs["supermask-fleet"]["metrics_path"] == "/metrics"
     assert jobs["ray"]["file_sd_configs"][0]["files"][0].endswith("prom_metrics_service_discovery.json")
+
+
+def test_dashboard_shows_the_hot_tier_hit_ratio_and_promotion_time_per_task(dashboard):
+    exprs = [t["expr"] for _, t in _targets(dashboard)]
+    hit = [e for e in exprs if "supermask_hot_promotion_duration_seconds_count" in e
+           and "supermask_requests_total" in e]
+    assert hit and hit[0].startswith("1 - "), "the hot tier hit ratio: 1 - promotions / requests"
+    assert any("histogram_quantile" in e and "supermask_hot_promotion_duration_seconds_bucket" in e
+               and "by (task, le)" in e for e in exprs)
+
+
+def test_no_scrape_target_is_down_on_a_cpu_deployment():
+    """Prometheus (profile monitoring) names statically only services that run without a profile; the GPU server
+    (profile gpu) is found by Docker's DNS, so its target exists only while it runs."""
+    doc = _load_yaml(PROMETHEUS)
+    services = _load_yaml(COMPOSE)["services"]
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    for job in jobs.values():
+        for sc in job.get("static_configs", []):
+            for target in sc["targets"]:
+                host = target.rsplit(":", 1)[0]
+                if host in services:
+                    assert not services[host].get("profiles"), f"{target} is down without its profile"
+    gpu = [j for j in jobs.values() if any("server-gpu" in d["names"] for d in j.get("dns_sd_configs", []))]
+    assert len(gpu) == 1, "the GPU server is scraped by DNS service discovery"
+    (sd,) = gpu[0]["dns_sd_configs"]
+    assert sd["type"] == "A" and sd["port"] == 8000 and services["server-gpu"]["profiles"] == ["gpu"]
+    assert {"target_label": "device", "replacement": "cuda"} in gpu[0]["relabel_configs"]
+
+
+def _torch_install_script() -> str:
+    """The CPU Dockerfile's RUN instruction that installs torch, as the shell runs it (continuations joined)."""
+    lines = (DOCKER / "Dockerfile").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("RUN ") and "/tmp/wheels" in ln + lines[i + 1])
+    body = []
+    for ln in lines[start:]:
+        body.append(ln.rstrip().removesuffix("\\"))
+        if not ln.rstrip().endswith("\\"):
+            break
+    return " ".join(body).removeprefix("RUN ")  # Docker drops each backslash-newline: one line
+
+
+def test_cpu_docker_build_fails_fast_naming_docker_wheels_when_the_cpu_index_is_unreachable(tmp_path):
+    """The torch step run as the build runs it (bash -o pipefail), its index on a loopback port nobody listens
+    on and a pip that would install anything: it stops with an error naming docker/wheels/ before calling
+    pip, instead of falling back to PyPI's CUDA torch."""
+    import os
+    import subprocess
+
+    from tests.conftest import free_port
+
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "ARG TORCH_LOCAL_VERSION=+cpu" in text  # no other index has the +cpu version: no PyPI fallback
+    bin_dir, wheels = tmp_path / "bin", tmp_path / "wheels"
+    bin_dir.mkdir()
+    wheels.mkdir()
+    calls = tmp_path / "pip-calls"
+    (bin_dir / "pip").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 0\n")
+    (bin_dir / "pip").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    script = _torch_install_script().replace("/tmp/", f"{tmp_path}/")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCH_VERSION": "2.13.0",
+           "TORCH_LOCAL_VERSION": "+cpu", "TORCH_INDEX_URL": f"http://127.0.0.1:{free_port()}/whl/cpu"}
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0, done.stdout
+    assert "docker/wheels/" in done.stderr and "cannot be reached" in done.stderr
+    assert not calls.exists(), f"pip was called: {calls.read_text()}"
+    # with a wheel in docker/wheels/ the step installs that wheel and nothing else
+    wheel = wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"")
+    subprocess.run(["bash", "-o", "pipefail", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert calls.read_text().split() == ["install", str(wheel)]
