@@ -39,39 +39,18 @@ from backbone import Backbone, replace_module
 from mask_store.format import BundleHeader
 from mask_store.store import MaskStore
 from service.batcher import MicroBatcher
-from service.encoder import LeanEncoder
-from service.dispatch import CpuDispatcher, DeviceDispatcher, HotDispatcher, check_host_capacity, resolve_device
 from service.errors import InputInvalid, Overloaded, RequestTimedOut
-from service.forward import (DEFAULT_OPTIONS, SMALL_PASS_ROWS, Forward, PredictOptions, PredictRequest, Rows,
-                             check_rows, decode)
-from service.hot_tier import HotTier
-from service.kernels import cpu_features, cpu_hot
-from service.kernels.selector import AUTO, DEVICE_TIER_PATHS, select_path
+from service.forward import DEFAULT_OPTIONS, Forward, PredictOptions, PredictRequest, Rows, check_rows, decode
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service import tracing
-from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable, choose_path
+from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable
+from service.tiers.select import needs_model_forward, resolve_precision, select_tier
 
-__all__ = ["Engine", "PredictOptions", "PredictRequest"]
+__all__ = ["Engine", "PredictOptions", "PredictRequest", "needs_model_forward", "resolve_precision"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-LOW_PRECISIONS = ("bf16", "int8")
-"""CPU precisions served through the hot tier (:mod:`service.hot_tier`)."""
-
-
-def needs_model_forward(settings_device: str, kernel_path: str, precision: str) -> bool:
-    """Whether an engine built with these settings runs the backbone model's own forward (the fp32 CPU
-    path, the device tier), i.e. cannot use a weights-only backbone (:mod:`backbone.weights_only`).
-
-    Raises:
-        ValueError: as :func:`service.dispatch.resolve_device` and :func:`resolve_precision`.
-    """
-    if resolve_device(settings_device, kernel_path).type != "cpu":
-        return True
-    return resolve_precision(precision) not in LOW_PRECISIONS
-
 
 class Engine:
     """Serves predictions for any stored task over one shared backbone.
@@ -92,6 +71,8 @@ class Engine:
             or "auto" (:func:`service.kernels.cpu_features.auto_precision` by the CPU's features). Ignored
             on the device tier.
         hot_cache_bytes: byte budget of the CPU hot tier (bf16 / int8 only).
+        runtime: what runs a CPU hot tier: "torch", "onnxruntime" (int8 only: :mod:`service.tiers.onnxruntime`)
+            or "auto" (:func:`service.tiers.select.resolve_runtime`).
         batching: cross-request micro-batching (:class:`service.batcher.MicroBatcher`) for
             :meth:`predict_async`; False runs each request alone.
         batch_wait_ms: with batching, how long a request arriving at an idle server waits for company.
@@ -111,7 +92,8 @@ class Engine:
     def __init__(self, backbone: Backbone, store: MaskStore, metrics: Metrics, cache_bytes: int,
                  max_batch_size: int = 32, kernel_path: str = "auto", device: str = "auto",
                  device_slots: int = 16, batching: bool = False, batch_wait_ms: float = 0.0, precision: str = "fp32",
-                 hot_cache_bytes: int = 256 * 1024 * 1024, *, emulate_device_path: str | None = None,
+                 hot_cache_bytes: int = 256 * 1024 * 1024, *, runtime: str = "auto",
+                 emulate_device_path: str | None = None,
                  max_queued_requests: int | None = None, request_timeout_s: float | None = None):
         self.backbone = backbone
         self.max_queued = max_queued_requests  # None: unbounded (library use); the server sets both
@@ -121,72 +103,28 @@ class Engine:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.kernel_path = kernel_path
-        self.device = resolve_device(device, kernel_path)
-        if emulate_device_path is not None:
-            if self.device.type != "cpu":
-                raise ValueError(f"emulate_device_path is a test hook for device 'cpu', device is {self.device}")
-            if emulate_device_path not in DEVICE_TIER_PATHS:
-                raise ValueError(f"emulate_device_path must be one of {DEVICE_TIER_PATHS}, got {emulate_device_path!r}")
-        #: the device tier (packed host tier + GPU slots + segmented kernels) serves every pass
-        self.device_tier = self.device.type == "cuda" or emulate_device_path is not None
-        override = emulate_device_path or kernel_path
-        if self.device_tier:
-            select_path("cuda", 0.5, 0, override)  # rejects triton_fused without triton
-            check_host_capacity(backbone, cache_bytes, device_slots)
-        else:
-            choose_path(0.5, kernel_path)  # reject a path that cannot run here before any task is loaded
-        #: CPU compute precision ("fp32", "bf16", "int8"); "device" on the device tier
-        self.precision = "device" if self.device_tier else resolve_precision(precision)
-        if self.precision in LOW_PRECISIONS and kernel_path not in AUTO:
-            raise ValueError(f"kernel path {kernel_path!r} is an fp32 CPU path; it cannot run with CPU precision "
-                             f"{self.precision!r} (set SUPERMASK_CPU_PRECISION=fp32 or SUPERMASK_KERNEL_PATH=auto)")
         self._lock = threading.Lock()  # the pass lock: one forward pass at a time over the shared modules
         self.layers: dict[str, MaskedLinear] = {}
-        for name in backbone.masked:
-            lin = backbone.model.get_submodule(name)
-            if isinstance(lin, MaskedLinear):
-                raise ValueError("backbone modules are already wrapped by another engine")
-            ml = MaskedLinear(lin, backbone.qweight[name], backbone.scale[name], name=name)
-            replace_module(backbone.model, name, ml)
-            self.layers[name] = ml
-        lean_reason = LeanEncoder.unsupported(backbone.model)  # None: the lean encoder can run this layout
-        if backbone.weights_only and (self.device_tier or self.precision not in LOW_PRECISIONS
-                                      or lean_reason is not None):
-            raise ValueError("a weights-only backbone (load_backbone(weights_only=True)) has no forward of its own: "
-                             "it serves only through the CPU hot tier (precision bf16 / int8, plain BERT layout)")
-        self._device: DeviceDispatcher | None = None
-        self.hot: HotTier | None = None
-        self.encoder: LeanEncoder | None = None  # the hot tier's lean encoder, where the layout is recognised
-        shapes = {n: ml.weight for n, ml in self.layers.items()}
-        if self.device_tier:
-            self._device = DeviceDispatcher(backbone, self.layers, self.device, override, device_slots, metrics)
-            dispatcher = self._device
-        elif self.precision in LOW_PRECISIONS:
-            if lean_reason is None:
-                self.encoder = LeanEncoder(backbone.model)
-            else:
-                log.info("lean encoder not used (%s): the hot tier runs the model module by module", lean_reason)
-            self.hot = HotTier({n: (ml.w_q, ml.scale, ml.bias) for n, ml in self.layers.items()}, self.precision,
-                               hot_cache_bytes, metrics, groups=self.encoder.groups if self.encoder else None)
-            dispatcher = HotDispatcher(self.hot)
-            shapes = {n: ml.w_q for n, ml in self.layers.items()}
-            for ml in self.layers.values():
-                ml.weight = None  # the float32 deq(W_q) is not needed in this precision: not kept
-        else:
-            dispatcher = CpuDispatcher()
-        for ml in self.layers.values():
-            ml.dispatcher = dispatcher
+        #: the tier every pass runs on (:mod:`service.tiers`), chosen once from these settings
+        self.compute_tier = select_tier(backbone, self._wrap, metrics, cache_bytes=cache_bytes, kernel_path=kernel_path,
+                                device=device, device_slots=device_slots, precision=precision, runtime=runtime,
+                                hot_cache_bytes=hot_cache_bytes, emulate_device_path=emulate_device_path)
+        self.device = self.compute_tier.device
+        #: CPU compute precision ("fp32", "bf16", "int8"); "device" on the device tier
+        self.precision = self.compute_tier.precision
+        self.hot = self.compute_tier.hot
+        log.info("serving tier: precision %s on %s (runtime %s)", self.precision, self.device, self.compute_tier.runtime)
         metrics.cpu_precision.labels(self.precision).set(1)
-        self.builder = TaskBuilder(backbone, shapes, cache_bytes, kernel_path=kernel_path,
-                                   device=self.device if self.device_tier else None, packed=self.hot is not None)
+        self.builder = TaskBuilder(backbone, self.compute_tier.weights, cache_bytes, kernel_path=kernel_path,
+                                   device=self.device if self.compute_tier.warm_form == "device" else None,
+                                   packed=self.compute_tier.warm_form == "packed")
         self.tasks = TaskTable(store, self.builder, metrics, on_drop=self._forget)
-        self.forward = Forward(backbone, self.layers, dispatcher, self.device, max_batch_size, encoder=self.encoder,
-                               single_thread_below=SMALL_PASS_ROWS if self.hot is not None else 0)
+        self.forward = Forward(backbone, self.compute_tier, max_batch_size)
         #: where the passes of predict_async run. The hot tier: one dedicated thread (its passes, mostly small
         #: and run on one intra-op thread, measured b32 66 vs 85 ms on a pool thread); fp32: the event loop's
         #: default pool (a dedicated thread measured b32 275 vs 225 ms there). 2-core AMD EPYC, torch 2.13.
         self._forward_thread = (ThreadPoolExecutor(1, thread_name_prefix="supermask-forward")
-                                if self.hot is not None else None)
+                                if self.compute_tier.dedicated_thread else None)
         self.batcher = (MicroBatcher(self._predict_prepared, max_rows=max_batch_size, max_wait_s=batch_wait_ms / 1e3,
                                      executor=self._forward_thread) if batching else None)
         metrics.backbone_bytes.set(backbone.parameter_bytes())
@@ -194,7 +132,27 @@ class Engine:
         metrics.resident_tasks.set(0)
         metrics.cache_bytes.set(0)
 
+    def _wrap(self) -> dict[str, MaskedLinear]:
+        """Replace the backbone's masked modules by :class:`MaskedLinear` layers (sharing their tensors).
+
+        Raises:
+            ValueError: another engine wrapped them already.
+        """
+        for name in self.backbone.masked:
+            lin = self.backbone.model.get_submodule(name)
+            if isinstance(lin, MaskedLinear):
+                raise ValueError("backbone modules are already wrapped by another engine")
+            ml = MaskedLinear(lin, self.backbone.qweight[name], self.backbone.scale[name], name=name)
+            replace_module(self.backbone.model, name, ml)
+            self.layers[name] = ml
+        return self.layers
+
     # ---- state --------------------------------------------------------------------------------
+    @property
+    def device_tier(self) -> bool:
+        """Whether passes run on the device tier (GPU slots, or their CPU emulation in tests)."""
+        return self.compute_tier.warm_form == "device"
+
     @property
     def cache(self) -> TaskCache:
         """The host task cache (read-only use: the task table guards it)."""
@@ -203,14 +161,15 @@ class Engine:
     @property
     def device_cache(self):
         """The device tier's :class:`service.device_cache.DeviceTaskCache`, or None on the CPU tier."""
-        return self._device.cache if self._device is not None else None
+        return self.compute_tier.cache if self.device_tier else None
 
     def is_resident(self, task: str) -> bool:
         return self.tasks.is_resident(task)
 
     def status(self) -> dict:
-        """For health checks: ``{"device", "precision", "resident_tasks", "hot_tasks"}``."""
-        return {"device": str(self.device), "precision": self.precision, "resident_tasks": len(self.tasks.resident()),
+        """For health checks: ``{"device", "precision", "runtime", "resident_tasks", "hot_tasks"}``."""
+        return {"device": str(self.device), "precision": self.precision, "runtime": self.compute_tier.runtime,
+                "resident_tasks": len(self.tasks.resident()),
                 "hot_tasks": len(self.hot.tasks) if self.hot is not None else None}
 
     def header(self, task: str) -> BundleHeader:
@@ -272,11 +231,7 @@ class Engine:
     def _forget(self, task: str) -> None:
         """Free ``task``'s hot weights and device slot (the task table dropped it: invalidated, deleted or
         replaced in the store). Never called with the pass lock or the task table's lock held."""
-        if self.hot is not None:
-            self.hot.drop(task)
-        if self._device is not None:
-            with self._lock:  # a pass may be using the slot
-                self._device.invalidate(task)
+        self.compute_tier.forget(task, self._lock)
 
     # ---- inference ------------------------------------------------------------------------------
     def logits_mixed(self, items: Sequence[tuple[str, Rows]]) -> list[torch.Tensor]:
@@ -350,7 +305,7 @@ class Engine:
             if task not in entries:
                 entries[task] = self.tasks.get(task, count=count)
             check_rows(entries[task].header, rows)
-        forms = {t: self.hot.get(t, e) for t, e in entries.items()} if self.hot is not None else None
+        forms = {t: self.compute_tier.promote(t, e) for t, e in entries.items()}
         return entries, forms
 
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:
@@ -515,21 +470,3 @@ class Engine:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""
         if self.batcher is not None:
             await self.batcher.close()
-
-
-def resolve_precision(precision: str) -> str:
-    """The CPU compute precision to use: ``precision`` itself, or for "auto" the one
-    :func:`service.kernels.cpu_features.auto_precision` picks for this CPU.
-
-    Raises:
-        ValueError: not one of auto, fp32, bf16, int8, or one this torch build / CPU cannot run.
-    """
-    p = str(precision).strip().lower()
-    if p == "auto":
-        return cpu_features.auto_precision(cpu_features.cpu_features())
-    if p not in cpu_hot.PRECISIONS:
-        raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
-    reason = cpu_hot.unavailable_reason(p)
-    if reason is not None:
-        raise ValueError(f"CPU precision {p!r} cannot run here ({reason}); use 'auto' or 'fp32'")
-    return p

@@ -7,9 +7,8 @@ the task takes them); the token counts give each row's length class, and
 rows are grouped by length class first, then by task (a batch is padded to
 its longest row, so mixing a 10-token and a 128-token row would make the
 short one cost 128 tokens). Each batch holds at most ``max_batch_size`` rows
-(and at most the tier's ``max_tasks`` tasks) and runs as ONE forward pass over
-the backbone, in which every masked layer applies each segment's mask
-(:mod:`service.masked_linear`, :mod:`service.dispatch`).
+(and at most the tier's ``max_tasks`` tasks) and runs as ONE pass of the
+engine's tier (:mod:`service.tiers`), which applies each segment's task mask.
 """
 
 from __future__ import annotations
@@ -24,11 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from backbone import Backbone, mean_pool
+from backbone import Backbone
 from mask_store.format import BundleHeader
-from service.encoder import LeanEncoder
 from service.errors import InputInvalid
-from service.masked_linear import MaskedLinear
 from service.tasks import LoadedTask
 
 Rows = Sequence[tuple[str, str | None]]
@@ -36,15 +33,6 @@ Rows = Sequence[tuple[str, str | None]]
 
 #: length class of every row of up to 2**5 = 32 tokens (see :func:`length_class`)
 SHORT_ROW_CLASS = 5
-
-SMALL_PASS_ROWS = 448
-"""Hot-tier CPU passes of fewer token rows (batch x padded length) run on one intra-op thread.
-
-Measured on a 2-core AMD EPYC, torch 2.13 (GNU OpenMP): in a thread other than the main one — where the
-server runs its passes — each parallel region costs ~50 us more than on the main thread (LayerNorm over 12
-rows: 57 vs 7 us). A bf16 MiniLM pass of 44 / 176 / 352 token rows took 4.6 / 12.0 / 24.8 ms on one thread
-against 7.3 / 14.6 / 33.3 on two; of 528 / 704 / 1,408 rows 57 / 69 / 131 ms against 35 / 48 / 100."""
-
 
 @dataclass(frozen=True)
 class PredictOptions:
@@ -159,33 +147,21 @@ def decode(header: BundleHeader, out: torch.Tensor, options: PredictOptions = DE
 
 
 class Forward:
-    """Runs mixed-task batches over the wrapped backbone.
+    """Runs mixed-task batches on a tier.
 
     Args:
-        backbone: the backbone whose masked modules are ``layers``.
-        layers: the engine's masked layers, by module name.
-        dispatcher: the tier's dispatcher (:mod:`service.dispatch`).
-        device: where the model runs.
+        backbone: the backbone (its tokenizer).
+        tier: the engine's tier (:mod:`service.tiers`): runs each pass.
         max_batch_size: rows per pass.
-        encoder: the lean encoder (:mod:`service.encoder`) to run instead of the model's modules (CPU hot
-            tier, with a dispatcher that has ``product(group, x, table)``), or None.
-        single_thread_below: CPU passes of fewer token rows run on one intra-op thread (the hot tier:
-            :data:`SMALL_PASS_ROWS`; 0: never — fp32's heavier products gain from 2 threads at every size,
-            e.g. 44 rows 16.5 ms on one thread vs 15.7 on two, 352 rows 96 vs 76).
 
-    Not thread-safe: the caller runs one :meth:`run` at a time (the masked layers hold the
+    Not thread-safe: the caller runs one :meth:`run` at a time (a torch tier's masked layers hold the
     pass's segment table).
     """
 
-    def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], dispatcher, device: torch.device,
-                 max_batch_size: int, encoder: LeanEncoder | None = None, single_thread_below: int = 0):
-        self.encoder = encoder
-        self.single_thread_below = single_thread_below
+    def __init__(self, backbone: Backbone, tier, max_batch_size: int):
         self._tokenizer_lock = threading.Lock()  # HF tokenizers set truncation state per call: one at a time
         self.backbone = backbone
-        self.layers = layers
-        self.dispatcher = dispatcher
-        self.device = device
+        self.tier = tier
         self.max_batch_size = max_batch_size
 
     def tokenize(self, header: BundleHeader, rows: Rows, options: PredictOptions = DEFAULT_OPTIONS) -> list[Encoded]:
@@ -239,7 +215,7 @@ class Forward:
             items: ``(task, rows)`` pairs (a task may appear in several items: one segment).
             entries: the resident entry of every task named by ``items``.
             encoded: :meth:`encode`'s result for ``items``.
-            forms: hot tier only: each task's hot weights, promoted by the caller (None: promoted here).
+            forms: each task's promoted form (:meth:`service.tiers.base.Tier.promote`; None: promoted where needed).
 
         Returns:
             One float32 ``[len(rows), num_outputs]`` tensor per item, in the order of ``items``.
@@ -248,7 +224,7 @@ class Forward:
         for i, (task, rows) in enumerate(items):
             by_task.setdefault(task, []).extend((i, j) for j in range(len(rows)))
         results = [torch.empty(len(rows), entries[task].header.num_outputs) for task, rows in items]
-        max_tasks = self.dispatcher.max_tasks or len(by_task)
+        max_tasks = self.tier.max_tasks or len(by_task)
         klass = [[length_class(len(e.ids)) for e in enc] for enc in encoded]
         flat = sorted(((task, i, j) for task, refs in by_task.items() for i, j in refs),
                       key=lambda r: klass[r[1]][r[2]])  # stable: by task within a class
@@ -307,32 +283,6 @@ class Forward:
         for r in rows:
             seq_starts.append(seq_starts[-1] + len(r))
         inputs = self._pad([e for r in rows for e in r])
-        seq_len = inputs["input_ids"].shape[1]
-        table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts], forms)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        threads = torch.get_num_threads()
-        small = self.device.type == "cpu" and table.row_starts[-1] < self.single_thread_below and threads > 1
-        if small:
-            torch.set_num_threads(1)
-        try:
-            hidden = self._encode_rows(inputs, table)
-        finally:
-            if small:
-                torch.set_num_threads(threads)
-        pooled = mean_pool(hidden.float(), inputs["attention_mask"]).cpu()  # [batch, hidden] float32
+        pooled = self.tier.pooled(segs, forms, inputs, seq_starts)  # [batch, hidden] float32 on the CPU
         return [nn.functional.linear(pooled[seq_starts[i]:seq_starts[i + 1]], e.head_weight, e.head_bias)
                 for i, (_, e) in enumerate(segs)]
-
-    def _encode_rows(self, inputs: dict[str, torch.Tensor], table) -> torch.Tensor:
-        """Last hidden states ``[batch, T, hidden]`` of one pass (lean encoder, or the model's modules)."""
-        if self.encoder is not None:
-            product = self.dispatcher.product
-            return self.encoder(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
-                                lambda group, x, low=False: product(group, x, table, low))
-        for layer in self.layers.values():
-            layer.segments = table
-        try:
-            return self.backbone.model(**inputs).last_hidden_state
-        finally:
-            for layer in self.layers.values():
-                layer.segments = None

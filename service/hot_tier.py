@@ -32,6 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,45 +46,55 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HotTask:
-    """One task's materialised product groups (group name → :class:`HotWeight`), from one bundle
-    (:attr:`service.tasks.LoadedTask.identity`)."""
+    """One task's hot form (the torch hot tier: group name → :class:`HotWeight`; the ONNX Runtime tier: its
+    session), from one bundle (:attr:`service.tasks.LoadedTask.identity`)."""
 
     identity: tuple
-    layers: dict[str, HotWeight]
+    form: Any
     nbytes: int
 
 
-class HotTier:
-    """Task → materialised weights, LRU bounded in bytes.
+def masked_groups(entry: LoadedTask, groups: dict[str, list[str]]) -> list[str]:
+    """The product groups (group → member modules) in which ``entry``'s task masks at least one member."""
+    return [g for g, members in groups.items()
+            if any(n in entry.layers and entry.layers[n].packed is not None for n in members)]
+
+
+def group_mask(entry: LoadedTask, members: list[str], shapes: list[tuple[int, int]]) -> torch.Tensor | None:
+    """bool ``[sum of outs, in]``: the masks of ``members`` (shapes ``[out, in]``, one ``in``) stacked along ``out``,
+    all-ones where ``entry``'s task leaves a member unmasked; None when it masks none of them."""
+    packed = [entry.layers[n].packed if n in entry.layers else None for n in members]
+    if all(p is None for p in packed):
+        return None
+    if len(members) == 1:
+        return unpack_bits(packed[0], shapes[0])
+    mask = torch.ones((sum(s[0] for s in shapes), shapes[0][1]), dtype=torch.bool)
+    row = 0
+    for bits, shape in zip(packed, shapes):
+        if bits is not None:
+            mask[row:row + shape[0]] = unpack_bits(bits, shape)
+        row += shape[0]
+    return mask
+
+
+class HotCache:
+    """Task → hot form, LRU bounded in bytes, each promotion run once however many threads ask for it.
+
+    A subclass says how a task's hot form is built (:meth:`_promote`) and how large it would be
+    (:meth:`task_bytes`).
 
     Args:
-        matrices: module name → ``(w_q int8 [out, in], scale float32 [out], bias [out] or None)``.
-        precision: "bf16" or "int8" (see :mod:`service.kernels.cpu_hot`).
-        groups: product group → its member modules (same ``in``, concatenated along ``out`` in this
-            order); None: every module its own group.
-        capacity_bytes: byte budget (> 0); a task larger than the whole budget is materialised for
-            its pass only.
+        capacity_bytes: byte budget (> 0); a task larger than the whole budget is built for its pass only.
         metrics: promotions and residency are recorded here (None: nothing recorded).
     """
 
-    def __init__(self, matrices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                 precision: str, capacity_bytes: int, metrics: Metrics | None = None,
-                 groups: dict[str, list[str]] | None = None):
+    def __init__(self, capacity_bytes: int, metrics: Metrics | None = None):
         if capacity_bytes <= 0:
             raise ValueError(f"hot tier capacity must be > 0 bytes, got {capacity_bytes}")
-        self.matrices = matrices
-        self.groups = groups if groups is not None else {n: [n] for n in matrices}
-        self.precision = precision
         self.metrics = metrics
         self._lru = TaskCache(capacity_bytes)  # task -> HotTask
         self._lock = threading.Lock()  # guards _lru / _promoting; never held while materialising
         self._promoting: dict[tuple[str, tuple], threading.Event] = {}
-        #: each group's (w_q, scale, bias): a module's own tensors, or several modules' concatenated once here
-        #: (a promotion then only unpacks masks)
-        self._cat = {g: matrices[members[0]] if len(members) == 1 else self._concat([matrices[n] for n in members])
-                     for g, members in self.groups.items()}
-        #: the plain backbone weights of every group, for the groups a task does not mask
-        self.base = {g: self._materialize(g, None) for g in self.groups}
         if metrics is not None:
             metrics.hot_capacity_bytes.set(capacity_bytes)
             self._gauges()
@@ -105,38 +116,8 @@ class HotTier:
     def capacity_bytes(self, value: int) -> None:
         self._lru.capacity_bytes = value
 
-    def _materialize(self, group: str, entry: LoadedTask | None) -> HotWeight:
-        """One group's hot form: the members' ``W_q``, scales, masks (all-ones where a member is
-        unmasked) and biases concatenated along ``out``."""
-        w_q, scale, bias = self._cat[group]
-        members = self.groups[group]
-        packed = [None if entry is None or n not in entry.layers else entry.layers[n].packed for n in members]
-        mask = None
-        if len(members) == 1 and packed[0] is not None:
-            mask = unpack_bits(packed[0], tuple(w_q.shape))
-        elif any(p is not None for p in packed):
-            mask = torch.ones(w_q.shape, dtype=torch.bool)  # all-ones where a member is unmasked
-            row = 0
-            for n, bits in zip(members, packed):
-                shape = tuple(self.matrices[n][0].shape)
-                if bits is not None:
-                    mask[row:row + shape[0]] = unpack_bits(bits, shape)
-                row += shape[0]
-        return materialize(w_q, scale, mask, bias, self.precision)
-
-    @staticmethod
-    def _concat(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        biases = [p[2] for p in parts]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                None if any(b is None for b in biases) else torch.cat(biases))
-
-    def _masked_groups(self, entry: LoadedTask) -> list[str]:
-        return [g for g, members in self.groups.items()
-                if any(n in entry.layers and entry.layers[n].packed is not None for n in members)]
-
-    def get(self, task: str, entry: LoadedTask) -> dict[str, HotWeight]:
-        """``task``'s materialised groups (all of them: unmasked ones from :attr:`base`), promoting it on a miss.
+    def get(self, task: str, entry: LoadedTask) -> Any:
+        """``task``'s hot form, promoting it on a miss.
 
         A hot entry from another bundle (a replacement) is rebuilt from ``entry``. The
         materialisation runs outside the tier's lock, once however many threads ask for the same
@@ -147,35 +128,27 @@ class HotTier:
             with self._lock:
                 hot = self._lru.get(task)
                 if hot is not None and hot.identity == entry.identity:
-                    return hot.layers
+                    return hot.form
                 flight = self._promoting.get(key)
                 if flight is None:
                     flight = self._promoting[key] = threading.Event()
                     break
             flight.wait()  # another thread is materialising it; then look again
         try:
-            layers, nbytes = self._promote(task, entry)
+            t0 = time.perf_counter()
+            form, nbytes = self._promote(task, entry)
+            seconds = time.perf_counter() - t0
+            if self.metrics is not None:
+                self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
+            log.debug("promoted task %s to the hot tier in %.1f ms (%d bytes)", task, seconds * 1e3, nbytes)
             with self._lock:
-                self._insert(task, HotTask(entry.identity, layers, nbytes))
+                self._insert(task, HotTask(entry.identity, form, nbytes))
         finally:
             with self._lock:
                 del self._promoting[key]
             flight.set()
         release_freed_memory()
-        return layers
-
-    def _promote(self, task: str, entry: LoadedTask) -> tuple[dict[str, HotWeight], int]:
-        t0 = time.perf_counter()
-        layers = dict(self.base)
-        nbytes = 0
-        for g in self._masked_groups(entry):
-            layers[g] = self._materialize(g, entry)
-            nbytes += layers[g].nbytes()
-        seconds = time.perf_counter() - t0
-        if self.metrics is not None:
-            self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
-        log.debug("promoted task %s to the hot tier in %.1f ms (%d bytes)", task, seconds * 1e3, nbytes)
-        return layers, nbytes
+        return form
 
     def _insert(self, task: str, hot: HotTask) -> None:
         """Put ``hot`` in the LRU, evicting the least recently used beyond the budget (caller holds the lock)."""
@@ -196,11 +169,73 @@ class HotTier:
         if self._lru.pop(task) is not None:
             self._gauges()
 
-    def task_bytes(self, entry: LoadedTask) -> int:
-        """Bytes ``entry`` would take when hot (without materialising it)."""
-        return sum(self.base[g].nbytes() for g in self._masked_groups(entry))
-
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.hot_tasks.set(len(self.tasks))
             self.metrics.hot_bytes.set(self.used_bytes)
+
+    def _promote(self, task: str, entry: LoadedTask) -> tuple[Any, int]:
+        """``task``'s hot form built from ``entry`` and its bytes (outside the cache's lock)."""
+        raise NotImplementedError
+
+    def task_bytes(self, entry: LoadedTask) -> int:
+        """Bytes ``entry`` would take when hot (without building it)."""
+        raise NotImplementedError
+
+
+class HotTier(HotCache):
+    """The torch hot tier: a task's masked product groups materialised as :class:`HotWeight` (its hot form:
+    group name → weight, every group; unmasked ones shared from :attr:`base`).
+
+    Args:
+        matrices: module name → ``(w_q int8 [out, in], scale float32 [out], bias [out] or None)``.
+        precision: "bf16" or "int8" (see :mod:`service.kernels.cpu_hot`).
+        capacity_bytes, metrics: as :class:`HotCache`.
+        groups: product group → its member modules (same ``in``, concatenated along ``out`` in this
+            order); None: every module its own group.
+    """
+
+    def __init__(self, matrices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                 precision: str, capacity_bytes: int, metrics: Metrics | None = None,
+                 groups: dict[str, list[str]] | None = None):
+        super().__init__(capacity_bytes, metrics)
+        self.matrices = matrices
+        self.groups = groups if groups is not None else {n: [n] for n in matrices}
+        self.precision = precision
+        #: each group's (w_q, scale, bias): a module's own tensors, or several modules' concatenated once here
+        #: (a promotion then only unpacks masks)
+        self._cat = {g: matrices[members[0]] if len(members) == 1 else self._concat([matrices[n] for n in members])
+                     for g, members in self.groups.items()}
+        #: the plain backbone weights of every group, for the groups a task does not mask
+        self.base = {g: self._materialize(g, None) for g in self.groups}
+
+    def _materialize(self, group: str, entry: LoadedTask | None) -> HotWeight:
+        """One group's hot form: the members' ``W_q``, scales, masks (all-ones where a member is
+        unmasked) and biases concatenated along ``out``."""
+        w_q, scale, bias = self._cat[group]
+        members = self.groups[group]
+        mask = None if entry is None else group_mask(entry, members, [tuple(self.matrices[n][0].shape) for n in members])
+        return materialize(w_q, scale, mask, bias, self.precision)
+
+    @staticmethod
+    def _concat(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        biases = [p[2] for p in parts]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                None if any(b is None for b in biases) else torch.cat(biases))
+
+    def _masked_groups(self, entry: LoadedTask) -> list[str]:
+        return masked_groups(entry, self.groups)
+
+    def _promote(self, task: str, entry: LoadedTask) -> tuple[dict[str, HotWeight], int]:
+        layers = dict(self.base)
+        nbytes = 0
+        for g in self._masked_groups(entry):
+            layers[g] = self._materialize(g, entry)
+            nbytes += layers[g].nbytes()
+        return layers, nbytes
+
+    def task_bytes(self, entry: LoadedTask) -> int:
+        """Bytes ``entry`` would take when hot (without materialising it)."""
+        return sum(self.base[g].nbytes() for g in self._masked_groups(entry))
+

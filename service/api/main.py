@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
                     device=settings.device, device_slots=settings.device_slots, batching=settings.batching, batch_wait_ms=settings.batch_wait_ms,
                     precision=settings.cpu_precision, hot_cache_bytes=settings.hot_cache_bytes,
+                    runtime=settings.cpu_runtime,
                     max_queued_requests=settings.max_queued_requests, request_timeout_s=settings.request_timeout_s)
 
     @asynccontextmanager

@@ -1,0 +1,142 @@
+"""The tier protocol, and the pass shared by the torch tiers (a dispatcher computes each masked product)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+
+from backbone import Backbone, mean_pool
+from service.encoder import LeanEncoder
+from service.dispatch import Segments
+from service.hot_tier import HotCache
+from service.masked_linear import MaskedLinear
+from service.tasks import LoadedTask
+
+
+class Tier(Protocol):
+    """What the engine and :class:`service.forward.Forward` need of a tier; nothing else branches on it.
+
+    Attributes:
+        precision: what the tier computes in, as ``/healthz`` and ``supermask_cpu_precision_info`` report it
+            ("fp32", "bf16", "int8" or "device").
+        runtime: the library that runs the pass ("torch" or "onnxruntime").
+        device: where the pass runs.
+        max_tasks: most tasks one pass may mix (None: any number).
+        warm_form: the resident form :class:`service.tasks.TaskBuilder` builds for this tier: "cpu" (the fp32
+            forms), "packed" (the bundle's bits; a hot tier materialises them) or "device".
+        weights: masked module name → the tensor whose shape and values the task builder checks bundles against.
+        hot: the tier's hot cache (tasks' promoted forms), or None.
+        dedicated_thread: passes run on one dedicated thread (True) or the event loop's default pool.
+    """
+
+    precision: str
+    runtime: str
+    device: torch.device
+    max_tasks: int | None
+    warm_form: str
+    weights: dict[str, torch.Tensor]
+    hot: HotCache | None
+    dedicated_thread: bool
+
+    def promote(self, task: str, entry: LoadedTask) -> Any:
+        """The form of ``task`` a pass needs, built now (outside the pass lock) so that no pass waits for it;
+        None when the tier needs none."""
+        ...
+
+    def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
+        """Free what the tier holds of ``task`` (it was replaced or deleted); ``pass_lock`` guards state a pass
+        may be using."""
+        ...
+
+    def pooled(self, segs: Segments, forms: dict[str, Any] | None, inputs: dict[str, torch.Tensor],
+               seq_starts: list[int]) -> torch.Tensor:
+        """One forward pass over the rows of several tasks: mean-pooled last hidden states float32
+        ``[batch, hidden]`` on the CPU.
+
+        Args:
+            segs: the pass's segments, one per task.
+            forms: :meth:`promote`'s result per task (None: promoted here where needed).
+            inputs: int64 ``[batch, T]`` ``input_ids``, ``attention_mask`` (and ``token_type_ids``) on the CPU,
+                rows sorted by segment.
+            seq_starts: ``[len(segs) + 1]`` row offsets of the segments in ``inputs``.
+        """
+        ...
+
+    def status(self) -> dict:
+        """For ``/healthz``: at least ``{"precision", "runtime"}``."""
+        ...
+
+
+class TorchTier:
+    """A torch tier: the tier's dispatcher builds the pass's segment table and computes every masked product;
+    the encoder is the lean one (:mod:`service.encoder`) where given, else the model's own modules (each masked
+    ``nn.Linear`` replaced by a :class:`MaskedLinear` that asks the dispatcher).
+
+    Args:
+        backbone: the backbone whose masked modules are ``layers``.
+        layers: the engine's masked layers, by module name.
+        dispatcher: the tier's dispatcher (:mod:`service.dispatch`).
+        device: where the model runs.
+        encoder: the lean encoder (with a dispatcher that has ``product(group, x, table, low)``), or None.
+        single_thread_below: CPU passes of fewer token rows run on one intra-op thread (0: never).
+    """
+
+    runtime = "torch"
+    hot: HotCache | None = None
+    dedicated_thread = False
+
+    def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], dispatcher, device: torch.device,
+                 encoder: LeanEncoder | None = None, single_thread_below: int = 0):
+        self.backbone = backbone
+        self.layers = layers
+        self.dispatcher = dispatcher
+        self.device = device
+        self.encoder = encoder
+        self.single_thread_below = single_thread_below
+        for ml in layers.values():
+            ml.dispatcher = dispatcher
+
+    @property
+    def max_tasks(self) -> int | None:
+        return self.dispatcher.max_tasks
+
+    def promote(self, task: str, entry: LoadedTask) -> Any:
+        return None
+
+    def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
+        return None
+
+    def status(self) -> dict:
+        return {"precision": self.precision, "runtime": self.runtime}
+
+    def pooled(self, segs: Segments, forms: dict[str, Any] | None, inputs: dict[str, torch.Tensor],
+               seq_starts: list[int]) -> torch.Tensor:
+        seq_len = inputs["input_ids"].shape[1]
+        table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts], forms)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        threads = torch.get_num_threads()
+        small = self.device.type == "cpu" and table.row_starts[-1] < self.single_thread_below and threads > 1
+        if small:
+            torch.set_num_threads(1)
+        try:
+            hidden = self._encode(inputs, table)
+        finally:
+            if small:
+                torch.set_num_threads(threads)
+        return mean_pool(hidden.float(), inputs["attention_mask"]).cpu()
+
+    def _encode(self, inputs: dict[str, torch.Tensor], table) -> torch.Tensor:
+        """Last hidden states ``[batch, T, hidden]`` of one pass (lean encoder, or the model's modules)."""
+        if self.encoder is not None:
+            product = self.dispatcher.product
+            return self.encoder(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
+                                lambda group, x, low=False: product(group, x, table, low))
+        for layer in self.layers.values():
+            layer.segments = table
+        try:
+            return self.backbone.model(**inputs).last_hidden_state
+        finally:
+            for layer in self.layers.values():
+                layer.segments = None

@@ -1,0 +1,106 @@
+"""The ONNX Runtime CPU tier (int8): one ONNX Runtime session per hot task (:mod:`service.kernels.ort_encoder`),
+its masked weights ``W_q ⊙ μ`` prepacked once at promotion; a pass runs each segment's rows through its task's
+session (no Python between the ops, any batch and length without per-shape set-up).
+
+Warm tasks are the bundle's packed bits (as for the torch hot tier); a promotion unpacks them, builds the
+masked int8 weights and creates the session; least recently used sessions are evicted beyond
+``SUPERMASK_HOT_CACHE_BYTES``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from backbone import Backbone
+from service.encoder import LeanEncoder
+from service.hot_tier import HotCache, group_mask, masked_groups
+from service.kernels.ort_encoder import OrtEncoder
+from service.masked_linear import MaskedLinear
+from service.metrics import Metrics
+from service.tasks import LoadedTask
+from service.tiers.base import Segments
+
+
+class OrtHotCache(HotCache):
+    """Task → its ONNX Runtime session (the hot form), LRU bounded in bytes (a session's int8 weights).
+
+    Args:
+        ort_encoder: builds the sessions.
+        capacity_bytes, metrics: as :class:`service.hot_tier.HotCache`.
+    """
+
+    def __init__(self, ort_encoder: OrtEncoder, capacity_bytes: int, metrics: Metrics | None = None):
+        super().__init__(capacity_bytes, metrics)
+        self.ort = ort_encoder
+        self.shapes = {g: [tuple(ort_encoder.members_shapes[n]) for n in members]
+                       for g, members in ort_encoder.groups.items()}
+
+    def _promote(self, task: str, entry: LoadedTask) -> tuple[Any, int]:
+        masked = {}
+        for g in masked_groups(entry, self.ort.groups):
+            mask = group_mask(entry, self.ort.groups[g], self.shapes[g])
+            masked[g] = self.ort.base[g] * mask  # int8 * bool -> int8: W_q ⊙ μ, exact
+        return self.ort.session(masked), self.task_bytes(entry)
+
+    def task_bytes(self, entry: LoadedTask) -> int:
+        return self.ort.weight_bytes()
+
+
+class OrtTier:
+    """Args:
+        backbone: a plain-BERT-layout backbone (:meth:`service.encoder.LeanEncoder.unsupported` is None).
+        layers: the engine's masked layers (their int8 weights, scales and biases).
+        hot_cache_bytes: byte budget of the hot sessions.
+        metrics: promotions and residency are recorded here.
+        threads: intra-op threads of each session.
+
+    Raises:
+        ValueError: the layout is not plain BERT, or its activation has no graph form.
+        RuntimeError: ONNX Runtime is missing or cannot run its int8 ops here.
+    """
+
+    precision = "int8"
+    runtime = "onnxruntime"
+    device = torch.device("cpu")
+    max_tasks = None
+    warm_form = "packed"
+    dedicated_thread = True
+
+    def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], hot_cache_bytes: int, metrics: Metrics,
+                 threads: int):
+        reason = LeanEncoder.unsupported(backbone.model)
+        if reason is not None:
+            raise ValueError(f"the onnxruntime tier needs the plain BERT layout: {reason}")
+        self.ort = OrtEncoder(LeanEncoder(backbone.model), {n: (ml.w_q, ml.scale, ml.bias) for n, ml in layers.items()},
+                              threads=threads)
+        self.hot = OrtHotCache(self.ort, hot_cache_bytes, metrics)
+        self.weights = {n: ml.w_q for n, ml in layers.items()}
+        for ml in layers.values():
+            ml.weight = None  # the float32 deq(W_q) is not used by this tier: not kept
+
+    def promote(self, task: str, entry: LoadedTask) -> Any:
+        return self.hot.get(task, entry)
+
+    def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
+        self.hot.drop(task)
+
+    def status(self) -> dict:
+        return {"precision": self.precision, "runtime": self.runtime}
+
+    def pooled(self, segs: Segments, forms: dict[str, Any] | None, inputs: dict[str, torch.Tensor],
+               seq_starts: list[int]) -> torch.Tensor:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        embedded = self.ort.embed(ids, inputs.get("token_type_ids"))
+        outs = []
+        for i, (task, entry) in enumerate(segs):
+            session = forms[task] if forms and task in forms else self.hot.get(task, entry)
+            a, b = seq_starts[i], seq_starts[i + 1]
+            seg_mask = mask[a:b]
+            width = int(seg_mask.sum(dim=1).max())  # right padding: this segment's own longest row
+            if bool(seg_mask[:, width:].any()):
+                width = seg_mask.shape[1]  # left padding: keep every column
+            outs.append(OrtEncoder.run(session, embedded[a:b, :width], seg_mask[:, :width]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -1,0 +1,134 @@
+"""The ONNX Runtime CPU tier (service/tiers/onnxruntime.py, service/kernels/ort_encoder.py): the graph computes the
+lean encoder's int8 semantics (per-channel int8 W_q ⊙ μ, per-tensor uint8 activations), the engine serves through
+it within the int8 tolerance of the fp32 reference, masks matter, hot/warm/cold and the byte budget hold, and
+settings that cannot run are refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone import load_backbone, mean_pool
+from mask_store.local import LocalMaskStore
+from service.engine import Engine
+from service.encoder import LeanEncoder
+from service.kernels import cpu_hot, ort_encoder
+from service.metrics import Metrics
+from service.tiers.select import resolve_runtime
+from tests.conftest import make_bundle
+
+pytestmark = pytest.mark.skipif(ort_encoder.unavailable_reason() is not None,
+                                reason=str(ort_encoder.unavailable_reason()))
+
+ROWS = [("a charming and often affecting journey", None), ("dull, flat and lifeless", None),
+        ("the film is strictly routine", None)]
+TASKS = {"s0": 0.0, "s10": 0.10, "s50": 0.5}
+TOLERANCE = dict(rtol=0.05, atol=0.03)  # as the torch int8 tier's (tests/unit/test_precision.py)
+
+
+@pytest.fixture
+def store(tiny_backbone, tmp_path):
+    s = LocalMaskStore(tmp_path)
+    for i, (task, sparsity) in enumerate(TASKS.items()):
+        s.put(task, make_bundle(tiny_backbone, task=task, sparsity=sparsity, seed=i + 1))
+    return s
+
+
+def _engine(backbone_dir, store, precision="int8", runtime="onnxruntime", **kw) -> Engine:
+    return Engine(load_backbone(backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu",
+                  precision=precision, runtime=runtime, **kw)
+
+
+def _inputs(backbone, texts):
+    return backbone.tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def test_graph_equals_the_torch_reference_of_its_semantics(tiny_backbone):
+    """Reference: the lean encoder with every product as cpu_hot.hot_linear int8 with per-tensor activations."""
+    enc = LeanEncoder(tiny_backbone.model)
+    mats = {n: (tiny_backbone.qweight[n], tiny_backbone.scale[n], tiny_backbone.model.get_submodule(n).bias)
+            for n in tiny_backbone.masked}
+    oe = ort_encoder.OrtEncoder(enc, mats, threads=1)
+    gen = torch.Generator().manual_seed(0)
+    masks = {g: torch.rand(oe.base[g].shape, generator=gen) > 0.3 for g in enc.groups}
+    session = oe.session({g: oe.base[g] * m for g, m in masks.items()})
+    x = _inputs(tiny_backbone, [t for t, _ in ROWS])
+    got = oe.run(session, oe.embed(x["input_ids"], x["token_type_ids"]), x["attention_mask"])
+
+    hot = {}
+    for g, members in enc.groups.items():
+        w_q, scale, bias = (torch.cat([mats[m][k] for m in members]) for k in range(3))
+        hot[g] = cpu_hot.materialize(w_q, scale, masks[g], bias, "int8")
+    hidden = enc(x["input_ids"], x["attention_mask"], x["token_type_ids"],
+                 lambda g, v, low=False: cpu_hot.hot_linear(v, hot[g], act_quant="tensor"))
+    want = mean_pool(hidden, x["attention_mask"])
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    # the masks matter: the unmasked weights move the output far more than the graph differs from its reference
+    plain = oe.run(oe.session({}), oe.embed(x["input_ids"], x["token_type_ids"]), x["attention_mask"])
+    assert (plain - got).abs().max() > 5 * (got - want).abs().max()
+
+
+def test_engine_serves_within_the_int8_tolerance_of_fp32_and_masks_matter(tiny_backbone_dir, store):
+    ref = _engine(tiny_backbone_dir, store, precision="fp32", runtime="torch")
+    low = _engine(tiny_backbone_dir, store)
+    assert low.precision == "int8" and low.compute_tier.runtime == "onnxruntime"
+    assert low.status()["runtime"] == "onnxruntime"
+    assert all(ml.weight is None for ml in low.layers.values())  # no float32 copy of the masked weights kept
+    outs = {t: ref.logits(t, ROWS) for t in TASKS}
+    for task in TASKS:
+        torch.testing.assert_close(low.logits(task, ROWS), outs[task], **TOLERANCE)
+    assert not torch.allclose(outs["s50"], outs["s0"], **TOLERANCE)
+    assert low.tier("s10") == "hot"
+    assert 'supermask_cpu_precision_info{precision="int8"} 1.0' in low.metrics.render().decode()
+
+
+def test_mixed_batch_of_hot_warm_and_cold_tasks_equals_single_task_passes(tiny_backbone_dir, store):
+    engine = _engine(tiny_backbone_dir, store)
+    engine.hot.capacity_bytes = engine.hot.task_bytes(engine.warm("s10"))  # room for one session
+    engine.logits("s10", ROWS)
+    engine.warm("s50")
+    assert [engine.tier(t) for t in ("s10", "s50", "s0")] == ["hot", "warm", "cold"]
+    alone = {t: _engine(tiny_backbone_dir, store).logits(t, ROWS) for t in TASKS}
+    mixed = engine.logits_mixed([("s10", ROWS), ("s50", ROWS), ("s0", ROWS)])
+    for task, got in zip(("s10", "s50", "s0"), mixed):
+        # each segment runs through its own task's session on its own rows: the same as a pass of that task alone
+        torch.testing.assert_close(got, alone[task], rtol=1e-5, atol=1e-6)
+    assert engine.hot.used_bytes <= engine.hot.capacity_bytes and len(engine.hot.tasks) == 1
+
+
+def test_replaced_bundle_gets_a_new_session(tiny_backbone, tiny_backbone_dir, store):
+    engine = _engine(tiny_backbone_dir, store)
+    before = engine.logits("s10", ROWS)
+    store.put("s10", make_bundle(tiny_backbone, task="s10", sparsity=0.6, seed=9))
+    after = engine.logits("s10", ROWS)
+    torch.testing.assert_close(after, _engine(tiny_backbone_dir, store).logits("s10", ROWS), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(before, after, atol=1e-3)
+    engine.delete("s10")
+    assert "s10" not in engine.hot.tasks
+
+
+def test_runtime_choices_and_refusals(tiny_backbone_dir, store):
+    assert resolve_runtime("auto", "int8") == "torch"
+    assert resolve_runtime("torch", "bf16") == "torch"
+    assert resolve_runtime("onnxruntime", "int8") == "onnxruntime"
+    with pytest.raises(ValueError, match="serves precision int8, not 'bf16'"):
+        resolve_runtime("onnxruntime", "bf16")
+    with pytest.raises(ValueError, match="precision is fp32"):
+        resolve_runtime("onnxruntime", "fp32")
+    with pytest.raises(ValueError, match="unknown CPU runtime 'tvm'"):
+        resolve_runtime("tvm", "int8")
+    # a refused setting leaves the backbone unwrapped: a second engine on it still builds
+    bb = load_backbone(tiny_backbone_dir)
+    with pytest.raises(ValueError, match="serves precision int8"):
+        Engine(bb, store, Metrics(), cache_bytes=1 << 30, device="cpu", precision="bf16", runtime="onnxruntime")
+    Engine(bb, store, Metrics(), cache_bytes=1 << 30, device="cpu", precision="int8", runtime="onnxruntime")
+
+
+def test_settings_read_the_runtime(monkeypatch):
+    from service.settings import Settings
+
+    monkeypatch.setenv("SUPERMASK_CPU_RUNTIME", "onnxruntime")
+    assert Settings().cpu_runtime == "onnxruntime"
+    monkeypatch.setenv("SUPERMASK_CPU_RUNTIME", "tvm")
+    with pytest.raises(ValueError):
+        Settings()
