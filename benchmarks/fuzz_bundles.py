@@ -17,7 +17,11 @@ Mutations (:func:`mutants`):
 * ``head``: the task head replaced by NaN, infinite or huge values, or a wrong shape (its SHA-256 and
   the header's recomputed);
 * ``payload``: mask bits changed with consistent checksums and sparsities (such a bundle is valid and
-  must serve).
+  must serve); in a v3 bundle the changed mask is coded again (its section may change length and coding,
+  the sections after it move);
+* ``section``: a mask section's stored bytes corrupted (bits flipped, cut, extended, overwritten) with its
+  SHA-256 and length made to agree, so that the section's contents reach the decoder: v3's Zstandard
+  frame and gap stream, v2's packed bits and padding.
 
 The CI test (``tests/fuzz/``) runs a bounded, seeded sample; this script runs long campaigns::
 
@@ -26,7 +30,8 @@ The CI test (``tests/fuzz/``) runs a bounded, seeded sample; this script runs lo
 
 ``--tiny``: bundles for a random 2-layer, hidden-32 BERT (the tests' backbone, MiniLM's tokenizer), so that
 a mutant costs milliseconds; without it, the shipped SST-2 and STS-B bundles against the real backbone,
-all-MiniLM-L6-v2 (the same code paths, 1.3 MB bundles: slower per case).
+all-MiniLM-L6-v2 (the same code paths, 0.25-0.35 MB v3 bundles: slower per case). The bundles are written
+as format v3 (the writer's default) and, with ``--also-v2``, once more as v2 (still read, still fuzzed).
 """
 
 from __future__ import annotations
@@ -53,15 +58,18 @@ if str(REPO) not in sys.path:
 
 from mask_store.errors import MaskStoreError  # noqa: E402
 from mask_store.format import (  # noqa: E402
+    CODED_VERSION,
     HEAD_BIAS,
     HEAD_WEIGHT,
     HEADER_DIGEST_BYTES,
     _sparsity_of_packed,
+    decode_mask_section,
+    encode_mask_section,
     frame,
 )
 from service.errors import ServiceError  # noqa: E402
 
-KINDS = ("truncate", "bitflip", "bytes", "header", "head", "payload")
+KINDS = ("truncate", "bitflip", "bytes", "header", "head", "payload", "section")
 HOSTILE_VALUES: tuple = (
     None, True, "", "x" * 10_000, "SUPMASK2", [], {}, [[[]]], 0, -1, 1, 7, 2 ** 31, 2 ** 63, -(2 ** 63), 10 ** 30,
     1e200, -1e200, 1e-300, 0.5, float("nan"), float("inf"), "NaN", [1e200, 1e200], [0, 0], [-1, 4], [1, 2, 3],
@@ -74,14 +82,29 @@ class Hang(Exception):
 
 
 def split(bundle: bytes) -> tuple[dict, bytes]:
-    """``(header dict, payload)`` of a v2 bundle."""
+    """``(header dict, payload)`` of a v2 or v3 bundle."""
     (hlen,) = struct.unpack_from("<I", bundle, 8)
     return json.loads(bundle[12:12 + hlen]), bundle[12 + hlen + HEADER_DIGEST_BYTES:]
 
 
 def join(header: dict, payload: bytes) -> bytes:
-    """Re-frame ``header`` (with a valid header checksum) around ``payload``; NaN written as NaN."""
-    return frame(json.dumps(header).encode("utf-8"), payload)
+    """Re-frame ``header`` (with a valid header checksum) around ``payload`` under the magic of its format
+    version (v3 unless it says 2); NaN written as NaN."""
+    version = header.get("format_version")
+    return frame(json.dumps(header).encode("utf-8"), payload, version=2 if version == 2 else 3)
+
+
+def _with_sections(header: dict, payload: bytes, replace: dict[str, bytes]) -> bytes:
+    """The payload laid out again with the mask sections in ``replace`` (name -> stored bytes) swapped in:
+    offsets, lengths and SHA-256 of every section rewritten in ``header`` (in place) so that they agree."""
+    parts = sorted([(m["offset"], m["nbytes"], m) for m in header["masks"]]
+                   + [(header["head"]["offset"], header["head"]["nbytes"], header["head"])], key=lambda x: x[0])
+    out = bytearray()
+    for offset, nbytes, entry in parts:
+        blob = replace.get(entry.get("name"), payload[offset:offset + nbytes])
+        entry.update(offset=len(out), nbytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        out += blob
+    return bytes(out)
 
 
 def _paths(value, prefix=()) -> list[tuple]:
@@ -160,21 +183,48 @@ def _mutate_head(rng: random.Random, header: dict, payload: bytes) -> bytes:
 
 
 def _mutate_payload(rng: random.Random, header: dict, payload: bytes) -> bytes:
-    """Flip mask bits and make every checksum and sparsity agree: a valid bundle with other masks."""
+    """Flip mask bits and make every checksum and sparsity agree: a valid bundle with other masks (v3: the
+    mask coded again, :func:`mask_store.format.encode_mask_section`)."""
     h = copy.deepcopy(header)
-    data = bytearray(payload)
     m = rng.choice(h["masks"])
     n = m["shape"][0] * m["shape"][1]
+    section = payload[m["offset"]:m["offset"] + m["nbytes"]]
+    packed = bytearray(decode_mask_section(m.get("coding", "packed"), section, m["shape"], m.get("pruned")))
     for _ in range(rng.randint(1, 64)):
         i = rng.randrange(n)
-        data[m["offset"] + i // 8] ^= 0x80 >> (i % 8)
-    blob = bytes(data[m["offset"]:m["offset"] + m["nbytes"]])
-    m["sha256"] = hashlib.sha256(blob).hexdigest()
-    m["sparsity"] = _sparsity_of_packed(blob, n)[0]
+        packed[i // 8] ^= 0x80 >> (i % 8)
+    m["sparsity"] = _sparsity_of_packed(bytes(packed), n)[0]
+    if h["format_version"] >= CODED_VERSION:
+        bits = np.unpackbits(np.frombuffer(bytes(packed), np.uint8), count=n).astype(bool)
+        m["coding"], section, m["pruned"] = encode_mask_section(bits, h["format_version"])
+    else:
+        section = bytes(packed)
     total = sum(x["shape"][0] * x["shape"][1] for x in h["masks"])
     zeros = sum(x["sparsity"] * x["shape"][0] * x["shape"][1] for x in h["masks"])
     h["sparsity"] = zeros / total
-    return join(h, bytes(data))
+    return join(h, _with_sections(h, payload, {m["name"]: section}))
+
+
+def _mutate_section(rng: random.Random, header: dict, payload: bytes) -> bytes:
+    """Corrupt one mask section's stored bytes and make its length and SHA-256 agree (the header's counts
+    left as they were): the section's contents are what the reader meets."""
+    h = copy.deepcopy(header)
+    nonempty = [m for m in h["masks"] if m["nbytes"]] or h["masks"]
+    m = rng.choice(nonempty)
+    data = bytearray(payload[m["offset"]:m["offset"] + m["nbytes"]])
+    how = rng.choice(("flip", "cut", "extend", "overwrite"))
+    if how == "flip" and data:
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif how == "cut" and data:
+        del data[rng.randrange(len(data)):]
+    elif how == "extend":
+        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    elif data:
+        j = rng.randrange(len(data))
+        run = rng.randint(1, 16)
+        data[j:j + run] = bytes(rng.choice((0x00, 0xFF, rng.randrange(256))) for _ in range(run))
+    return join(h, _with_sections(h, payload, {m["name"]: bytes(data)}))
 
 
 def mutants(bundle: bytes, seed: int, count: int, kinds=KINDS) -> Iterator[tuple[str, bytes]]:
@@ -206,8 +256,10 @@ def mutants(bundle: bytes, seed: int, count: int, kinds=KINDS) -> Iterator[tuple
             yield kind, _mutate_header(rng, header, payload)
         elif kind == "head":
             yield kind, _mutate_head(rng, header, payload)
-        else:
+        elif kind == "payload":
             yield kind, _mutate_payload(rng, header, payload)
+        else:
+            yield kind, _mutate_section(rng, header, payload)
 
 
 def check_answers(header, predictions: list[dict], rows: int) -> str | None:
@@ -342,6 +394,21 @@ def random_bundle(backbone, task: str, labels: list[str], text_pairs: bool, seed
                          head=head, text_pairs=text_pairs)
 
 
+def reencode(data: bytes, format_version: int = 3, task: str | None = None) -> bytes:
+    """A valid bundle written again by :func:`mask_store.format.encode_bundle` as ``format_version`` (2 or 3),
+    optionally under another task name: same masks, head and header fields."""
+    from mask_store.format import decode_bundle, encode_bundle
+
+    b = decode_bundle(data)
+    h = b.header
+    return encode_bundle(task=task or h.task, problem_type=h.problem_type, labels=h.labels,
+                         max_seq_length=h.max_seq_length, backbone_fingerprint=h.backbone_fingerprint,
+                         backbone_name=h.backbone_name, masks={m.name: b.mask_array(m.name) for m in h.masks},
+                         head=b.head, text_pairs=h.text_pairs, training=h.training, metrics=h.metrics,
+                         created_at=h.created_at, library_version=h.library_version, mask_rule=h.mask_rule,
+                         format_version=format_version)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -353,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default=None, help="local Hugging Face folder (default: all-MiniLM-L6-v2)")
     ap.add_argument("--tiny", action="store_true",
                     help="fuzz bundles of a random 2-layer BERT instead (fast; --bundles and --backbone ignored)")
+    ap.add_argument("--also-v2", action="store_true",
+                    help="fuzz each bundle a second time written as format v2 (task name suffixed '.v2')")
     ap.add_argument("--case-timeout", type=float, default=30.0, help="seconds before a case counts as a hang")
     ap.add_argument("--out", type=Path, default=None, help="write the counts as JSON here")
     args = ap.parse_args(argv)
@@ -360,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from backbone import load_backbone
-    from mask_store.format import decode_bundle, encode_bundle
+    from mask_store.format import decode_header
 
     if args.tiny:
         tmp_model = tempfile.TemporaryDirectory()
@@ -371,14 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backbone = load_backbone(args.backbone)
         bundles = {}
-    for path in args.bundles:  # re-encoded as v2, so that mutations meet the current format
-        b = decode_bundle(path.read_bytes())
-        h = b.header
-        masks = {m.name: b.mask_array(m.name) for m in h.masks}
-        bundles[h.task] = encode_bundle(task=h.task, problem_type=h.problem_type, labels=h.labels,
-                                        max_seq_length=h.max_seq_length, backbone_fingerprint=h.backbone_fingerprint,
-                                        masks=masks, head=b.head, text_pairs=h.text_pairs, training=h.training,
-                                        metrics=h.metrics)
+    for path in args.bundles:  # re-encoded as v3, so that mutations meet the current format
+        data = path.read_bytes()
+        bundles[decode_header(data)[0].task] = reencode(data)
+    if args.also_v2:
+        bundles |= {f"{t}.v2": reencode(data, 2, task=f"{t}.v2") for t, data in bundles.items()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=args.cases, unit="case") as bar:
         result = campaign(make_engine(backbone, tmp), bundles, args.cases, args.seed, args.case_timeout, bar)

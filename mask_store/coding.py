@@ -13,8 +13,9 @@ Layout of a coded section (the byte layout of the whole file is in :mod:`mask_st
     minority bit m = 0 when P <= n - P, else 1;  k = min(P, n - P) positions i_0 < ... < i_{k-1} hold m
     gap g_j = i_j - i_{j-1} - 1   (i_{-1} = -1), each written as floor(g_j / 255) bytes 0xFF
               and then one byte g_j mod 255 (< 0xFF): k terminal bytes in all, none after the last
-    section = one Zstandard frame of those bytes, content size in the frame header, no dictionary;
-              an empty section (0 bytes) when k = 0 (every weight kept, or every weight pruned)
+    section = one Zstandard frame of those bytes, content size in the frame header, with the frame's
+              content checksum (XXH64, 4 bytes), no dictionary; an empty section (0 bytes) when k = 0
+              (every weight kept, or every weight pruned)
 
 Decoding is vectorised numpy (a cumulative sum over the gap bytes, a scatter into a bool array, then
 ``numpy.packbits``) and returns the same packed bits as :func:`mask_store.format.pack_mask` (``numpy.packbits``
@@ -78,7 +79,7 @@ def encode_gaps(mask: np.ndarray) -> tuple[bytes, int]:
     escapes = gaps // ESCAPE
     stream = np.full(k + int(escapes.sum()), ESCAPE, dtype=np.uint8)
     stream[np.cumsum(escapes + 1) - 1] = (gaps % ESCAPE).astype(np.uint8)
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=True,
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True,
                                     write_dict_id=False)
     return cctx.compress(stream.tobytes()), pruned
 
@@ -94,9 +95,10 @@ def decode_gaps(section: bytes, n: int, pruned: int) -> bytes:
         ``ceil(n / 8)`` bytes, row-major, most significant bit first, padding bits 0: equal to
         ``numpy.packbits(mask, bitorder="big")`` of the coded mask.
     Raises:
-        BundleInvalid: the section is not one valid Zstandard frame with its content size, decodes to
-            more bytes than :func:`max_stream_bytes` allows, holds another number of positions than
-            ``pruned`` implies, ends in an escape, or places a position at or past ``n``.
+        BundleInvalid: the section is not one valid Zstandard frame with its content size and content
+            checksum (a corrupted frame fails the checksum even where the header's SHA-256 was recomputed),
+            decodes to more bytes than :func:`max_stream_bytes` allows, holds another number of positions
+            than ``pruned`` implies, ends in an escape, or places a position at or past ``n``.
     """
     if not 0 <= pruned <= n:
         raise BundleInvalid(f"pruned count {pruned} is outside [0, {n}]")
@@ -139,11 +141,14 @@ def _fill(value: int, n: int, nbytes: int) -> np.ndarray:
 
 def _decompress(section: bytes, limit: int) -> np.ndarray:
     try:
-        size = zstandard.frame_content_size(section)
+        params = zstandard.get_frame_parameters(section)
     except zstandard.ZstdError as exc:
         raise BundleInvalid(f"coded section is not a Zstandard frame: {exc}") from None
-    if size < 0:
+    size = params.content_size
+    if size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR) or size < 0:
         raise BundleInvalid("coded section's Zstandard frame does not record its content size")
+    if not params.has_checksum:
+        raise BundleInvalid("coded section's Zstandard frame has no content checksum")
     if not 0 < size <= limit:
         raise BundleInvalid(f"coded section claims {size} bytes of gaps, outside [1, {limit}]")
     try:

@@ -71,8 +71,8 @@ def _with_section(data: bytes, name: str, section: bytes, **fields) -> bytes:
     return frame(json.dumps(header).encode(), bytes(out))
 
 
-def _stream_section(stream: bytes | list[int]) -> bytes:
-    return zstandard.ZstdCompressor(level=3).compress(bytes(stream))
+def _stream_section(stream: bytes | list[int], checksum: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(level=3, write_checksum=checksum).compress(bytes(stream))
 
 
 @pytest.fixture
@@ -193,8 +193,14 @@ def _malformed(case: str, good: bytes, gaps: list[int], n: int) -> bytes:
     if case == "truncated-frame":
         return good[:-2]
     if case == "no-content-size":
-        cobj = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+        cobj = zstandard.ZstdCompressor(write_content_size=False, write_checksum=True).compressobj()
         return cobj.compress(bytes(gaps)) + cobj.flush()
+    if case == "no-checksum":
+        return _stream_section(gaps, checksum=False)
+    if case == "checksum-mismatch":  # the frame's last 4 bytes are its content checksum
+        return good[:-1] + bytes([good[-1] ^ 0x01])
+    if case == "literal-flipped":  # one bit of the compressed block changed (before the 4 checksum bytes)
+        return good[:-8] + bytes([good[-8] ^ 0x01]) + good[-7:]
     if case == "too-large-content":  # more escapes than n weights could need: refused before decompressing
         return _stream_section(bytes(gaps) + bytes([255]) * (n // 255 + 1))
     if case == "two-frames":
@@ -214,9 +220,25 @@ def _malformed(case: str, good: bytes, gaps: list[int], n: int) -> bytes:
     return b""
 
 
-@pytest.mark.parametrize("case", ["garbage", "truncated-frame", "no-content-size", "too-large-content",
-                                  "two-frames", "trailing-byte", "one-position-short", "one-position-more",
-                                  "ends-in-escape", "past-the-end", "empty"])
+MALFORMED = {
+    "garbage": "not a Zstandard frame",
+    "truncated-frame": "does not decompress",
+    "no-content-size": "does not record its content size",
+    "no-checksum": "no content checksum",
+    "checksum-mismatch": "does not decompress",
+    "literal-flipped": "does not decompress",
+    "too-large-content": r"claims \d+ bytes of gaps, outside",
+    "two-frames": "does not decompress",
+    "trailing-byte": "does not decompress",
+    "one-position-short": "holds 122 positions, the header's pruned count implies 123",
+    "one-position-more": "holds 124 positions",
+    "ends-in-escape": "ends in an escape",
+    "past-the-end": "past the matrix's 3880",
+    "empty": "empty exactly when",
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_coded_section_refused(sparse_bundle, case):
     """Each section below has a valid SHA-256 in a header with a valid digest: the coder's checks refuse it."""
     data, mask = sparse_bundle
@@ -224,8 +246,9 @@ def test_malformed_coded_section_refused(sparse_bundle, case):
     assert max(gaps) < 255  # so that the valid stream is the gaps themselves
     assert _stream_section(gaps) != b"" and decode_gaps(_stream_section(gaps), mask.size, len(gaps)) == _packed(mask)
     bad = _with_section(data, SPARSE, _malformed(case, decode_bundle(data).stored_masks[SPARSE], gaps, mask.size))
-    with pytest.raises(BundleInvalid, match=SPARSE.replace(".", r"\.")):
+    with pytest.raises(BundleInvalid, match=SPARSE.replace(".", r"\.")) as exc:
         decode_bundle(bad)
+    assert exc.match(MALFORMED[case])
 
 
 def test_section_must_be_empty_exactly_when_nothing_is_coded(sparse_bundle):
