@@ -19,9 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from service.api.limits import predict_reply_bytes
 from service.api.main import create_app
-from service.batcher import ClientGone, MicroBatcher, client_gone
 from service.settings import Settings
 from tests.api.test_api import AUTH, TOKEN
 from tests.conftest import make_bundle
@@ -86,6 +84,7 @@ def test_default_label_bounds_keep_a_full_top_k_reply_small():
     """At the default bounds (128 labels x 64 characters, 64 inputs) a full-ranking predict reply stays under
     the default reply budget: the single-task route is bounded by construction."""
     from mask_store.format import BundleHeader
+    from service.api.limits import predict_reply_bytes
 
     s = Settings(_env_file=None)
     labels = [("é" * s.max_label_chars)[:-len(str(i))] + str(i) for i in range(s.max_labels)]
@@ -95,6 +94,8 @@ def test_default_label_bounds_keep_a_full_top_k_reply_small():
 
 
 def test_fanout_reply_over_the_budget_is_refused_with_the_reason(server):
+    from service.api.limits import predict_reply_bytes
+
     ok = server.post("/v1/predict", json={"inputs": ["a fine film"], "tasks": ["wide"]})
     assert ok.status_code == 200, ok.text
     estimate = predict_reply_bytes("wide", _header(server, "wide"), 1, ranked=False, top_k=None)
@@ -131,12 +132,22 @@ def test_malformed_v2_outputs_are_422(server, outputs):
     assert r.status_code == 422 and set(r.json()) == {"error"}, r.text
 
 
-@pytest.mark.parametrize("value", [b"\xb2", b"\xb9\xb3", b"1\xb2", b"-1", b"+3", b" 3", b"", b"9" * 40, b"0x10"])
-def test_binary_extension_header_that_is_not_ascii_digits_is_422(server, value):
+@pytest.mark.parametrize("value", [b"\xb2", b"\xb9\xb3", b"1\xb2", b"\xd9\xa3", b"-1", b"+3", b"", b"9" * 40, b"0x10"])
+def test_binary_extension_header_that_is_not_ascii_digits_is_422(slow_app, value):
+    """Over a real socket (the in-process test client re-encodes header bytes): a latin-1 superscript digit is
+    what ``str.isdigit`` takes and ``int`` refuses."""
+    from service.api.server import HeadTimeoutProtocol
+
     body = json.dumps(_infer(["fine"])).encode()
-    r = server.post("/v2/models/toy/infer", content=body,
-                    headers={"inference-header-content-length": value, "content-type": "application/octet-stream"})
-    assert r.status_code == 422 and "Inference-Header-Content-Length" in r.json()["error"], r.text
+    with _uvicorn(slow_app, HeadTimeoutProtocol) as port:
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"POST /v2/models/toy/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: " + value +
+                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        reply = _closed_within(c, 10)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 422"), reply[:300]
+    assert "Inference-Header-Content-Length" in json.loads(payload)["error"]
 
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
@@ -160,8 +171,33 @@ _body = st.fixed_dictionaries({}, optional={"inputs": st.one_of(st.lists(_tensor
                                             "id": _json, "parameters": _json})
 
 
-@hyp_settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(body=st.one_of(_body, _json), binary=st.binary(max_size=24),
+_PATHS = [("inputs",), ("inputs", 0), ("inputs", 0, "name"), ("inputs", 0, "datatype"), ("inputs", 0, "shape"),
+          ("inputs", 0, "data"), ("inputs", 0, "parameters"), ("outputs",), ("outputs", 0), ("outputs", 0, "name"),
+          ("outputs", 1, "name"), ("id",), ("parameters",)]
+
+
+@st.composite
+def _mutated(draw):
+    """A valid inference request with one to three fields replaced by arbitrary JSON: the parser's every branch
+    is reached with the rest of the request valid."""
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fine"]}],
+            "outputs": [{"name": "label"}, {"name": "score"}]}
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_PATHS))
+        node = body
+        for key in path[:-1]:
+            node = node[key] if isinstance(node, dict) and key in node or isinstance(node, list) and \
+                isinstance(key, int) and key < len(node) else None
+            if not isinstance(node, (dict, list)):
+                break
+        else:
+            if isinstance(node, dict) or isinstance(node, list) and path[-1] < len(node):
+                node[path[-1]] = draw(_json)
+    return body
+
+
+@hyp_settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=st.one_of(_mutated(), _body, _json), binary=st.binary(max_size=24),
        header=st.one_of(st.none(), st.text(alphabet=st.characters(max_codepoint=255, blacklist_categories=("Cc",)),
                                            max_size=6)),
        task=st.sampled_from(["toy", "pair"]))
@@ -193,6 +229,8 @@ def test_fanout_rows_times_tasks_over_the_work_bound_is_refused(server):
 def test_queued_rows_of_a_client_that_left_are_never_computed():
     """Three submissions: the first holds the forward pass; the second's client leaves while it is queued. Its
     rows never reach a pass; the third's do."""
+    from service.batcher import ClientGone, MicroBatcher, client_gone
+
     seen: list[list[str]] = []
     release = threading.Event()
 
@@ -268,9 +306,13 @@ def _closed_within(sock: socket.socket, seconds: float) -> bytes:
 def slow_app(tiny_backbone_dir, tmp_path_factory):
     from backbone import load_backbone
 
+    from mask_store.local import LocalMaskStore
+
+    bb = load_backbone(tiny_backbone_dir)
     settings = Settings(device="cpu", store_dir=tmp_path_factory.mktemp("slow"), examples_dir=None,
                         admin_token=TOKEN, batching=False)
-    return create_app(settings, backbone=load_backbone(tiny_backbone_dir))
+    LocalMaskStore(settings.store_dir).put("toy", make_bundle(bb, "toy"))
+    return create_app(settings, backbone=bb)
 
 
 def test_partial_second_head_and_stalled_body_are_timed_out_on_keep_alive(slow_app):
