@@ -164,7 +164,7 @@ def _own_test_set(header, test_file: str, text_column: str | None, text_pair_col
     Raises:
         DataError: as :func:`training.data.to_examples` (a label the bundle does not know is "seen only in test").
     """
-    from training.data import DataTask, read_table, to_examples
+    from training.data import LABEL_COLUMNS, TEXT_COLUMNS, DataTask, read_table, to_examples
 
     data = header.training.get("data")
     recorded = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}  # names only
@@ -179,9 +179,9 @@ def _own_test_set(header, test_file: str, text_column: str | None, text_pair_col
             return recorded[key]
         return next((c for c in defaults if c in cols), recorded.get(key) or defaults[0])
 
-    text = column(text_column, "text_column", ("text", "sentence", "sentence1"))
+    text = column(text_column, "text_column", TEXT_COLUMNS)
     pair = column(text_pair_column, "text_pair_column", ("sentence2",)) if header.text_pairs else None
-    label = column(label_column, "label_column", ("label", "labels", "score"))
+    label = column(label_column, "label_column", LABEL_COLUMNS)
     task = DataTask(header.task, tuple(header.labels), header.text_pairs, text, pair, label, regression=regression,
                     label_index={v: k for k, v in enumerate(header.labels)})
     return task, to_examples(task, table, str(test_file), "test")

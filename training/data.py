@@ -7,9 +7,9 @@ goes through a temporary cache folder, so nothing is fetched and nothing is left
 
 What the data says decides the task (:func:`infer_task`):
 
-* the text column(s): ``--text-column`` (default the first present of ``text``, ``sentence``,
-  ``sentence1``) and, for sentence pairs, ``--text-pair-column`` (default ``sentence2`` when present with
-  ``sentence1``);
+* the text column(s): ``--text-column`` (default the first present of :data:`TEXT_COLUMNS`) and, for
+  sentence pairs, ``--text-pair-column`` (default the partner :data:`PAIR_COLUMNS` names, e.g. ``sentence2``
+  beside ``sentence1``, when present);
 * the problem type: regression when the label column holds floats (or ``problem_type="regression"``),
   else single-label classification over the labels seen in the training file;
 * the label names and their order (the logit order in the bundle): ``--labels a,b,c`` when given;
@@ -33,7 +33,7 @@ from typing import Iterable
 
 from training.glue import Example, GlueDataError
 
-TEXT_COLUMNS = ("text", "sentence", "sentence1")  # first present is the text column
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "question1", "premise")  # first present is the text column
 PAIR_COLUMNS = {"sentence1": "sentence2", "question1": "question2", "premise": "hypothesis"}
 LABEL_COLUMNS = ("label", "labels", "score")
 PROBLEM_TYPES = ("auto", "classification", "regression")

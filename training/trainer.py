@@ -34,7 +34,7 @@ from training.supermask import SCORE_INIT, SupermaskModel, apply_mask_rule
 
 log = logging.getLogger(__name__)
 BERNOULLI_SAMPLES = 10
-MIN_MASK_STEPS = 300  # a user's own data: fewest optimizer steps unless max_steps fixes them (plan_schedule)
+MIN_MASK_STEPS = 200  # a user's own data: fewest optimizer steps unless max_steps fixes them (plan_schedule)
 MIN_SCORE_INIT = 1.0  # smallest |ν₀| plan_schedule gives
 LEARNED_NOTHING_SPARSITY = 0.001
 OWN_DATA_FIELDS = ("train_file", "validation_file", "test_file", "dataset", "text_column", "text_pair_column",
