@@ -4,13 +4,18 @@ Deployments (routing and scaling are Serve's; nothing here routes or schedules):
 
 ``SupermaskIngress`` (one replica, no CPU reserved)
     The public REST API, the same paths, bodies and errors as the single server (``/v1/tasks...``,
-    ``/healthz``, ``/metrics``). It forwards each request to a model replica through a Serve
-    deployment handle; for ``/v1/tasks/{task}/predict`` and ``GET /v1/tasks/{task}`` the handle carries
-    the task name as the *multiplexed model id*, so Serve routes the request to a replica that already
-    holds that task (else to the replica holding the fewest tasks). A read whose replica dies mid-request
-    is retried on another (``SUPERMASK_RAY_RETRIES``); a write, or a read out of retries, answers
-    503 ``ReplicaUnavailable`` with ``Retry-After``: never a wrong answer. ``/metrics`` merges the
-    metrics every live replica published, each series labelled ``replica="<id>"``.
+    ``/v1/predict``, ``/v2/...``, ``/healthz``, ``/metrics``). It forwards each request to a model replica
+    through a Serve deployment handle; for a path that names one task (``/v1/tasks/{task}/predict``,
+    ``GET /v1/tasks/{task}``, ``/v2/models/{task}[/versions/1][/infer|/ready]``: :func:`route`) the handle
+    carries the task name as the *multiplexed model id*, so Serve routes the request to a replica that
+    already holds that task (else to the replica holding the fewest tasks); a fan-out (``/v1/predict``)
+    names several and goes to any replica. A read (GET, and every predict or inference POST) whose replica
+    dies mid-request is retried on another (``SUPERMASK_RAY_RETRIES``); a write, or a read out of retries,
+    answers 503 ``ReplicaUnavailable`` with ``Retry-After``: never a wrong answer. ``/metrics`` merges the
+    metrics every live replica published, each series labelled ``replica="<id>"``. A body over its limit
+    (``SUPERMASK_MAX_REQUEST_BYTES``; uploads ``SUPERMASK_MAX_BUNDLE_BYTES``) is refused with 413 by its
+    ``Content-Length`` before a byte is read, or as soon as the bytes read pass it; header bytes travel
+    as bytes (latin-1, as HTTP carries them), so a non-ASCII header is answered as the single server does.
 
 ``SupermaskModel`` (``SUPERMASK_RAY_REPLICAS`` replicas, or autoscaled up to ``SUPERMASK_RAY_MAX_REPLICAS``)
     Each replica loads the backbone once and runs the single server's app in process
@@ -47,7 +52,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mask_store.errors import MaskStoreError
-from service.api.errors import typed_response
+from service.api.errors import error_response, typed_response
 from service.errors import ReplicaUnavailable, ServiceError
 from service.metrics import CONTENT_TYPE_LATEST
 from service.settings import Settings
@@ -60,7 +65,38 @@ REPLICA_HEADER = "x-supermask-replica"
 METRICS_HUB_NAME = "supermask-metrics-hub"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _TASK_ROUTE = re.compile(r"v1/tasks/([^/]+)(/predict)?")
+_V2_ROUTE = re.compile(r"v2/models/([^/]+)(?:/versions/[^/]+)?(/infer|/ready)?")
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
+SHUTDOWN_TIMEOUT_S = 15.0
+"""Longest wait for the fleet's clean-up on Ctrl-C / SIGTERM (deleting the app, stopping Serve and Ray): when
+the signal went to the whole process group, Ray's own processes are gone and every call would wait ~60 s for
+them; past this the process exits without it."""
+
+
+def route(method: str, path: str) -> tuple[str | None, bool]:
+    """How the ingress forwards ``method /path``: ``(task, read)``. ``task``: the multiplexed model id (the one
+    task the path names, for the methods that use it), else None (any replica). ``read``: the request changes
+    nothing, so it may be re-sent to another replica when its replica dies (GET, HEAD, OPTIONS, and the predict
+    and inference POSTs: ``/v1/tasks/{task}/predict``, ``/v1/predict``, ``/v2/models/{task}/infer``)."""
+    path = path.lstrip("/")
+    task, predict = None, False
+    if m := _TASK_ROUTE.fullmatch(path):
+        predict = bool(m.group(2))
+        task = m.group(1) if predict and method == "POST" or not predict and method in ("GET", "HEAD") else None
+    elif m := _V2_ROUTE.fullmatch(path):
+        predict = m.group(2) == "/infer"
+        task = m.group(1) if (method == "POST") == predict else None
+    elif path == "v1/predict":
+        predict = True
+    read = method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and predict)
+    return task, read
+
+
+def raw_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The request headers to forward, as bytes (hop-by-hop ones dropped): any byte a client sent (latin-1, as
+    HTTP/1.1 carries headers) reaches the replica's app unchanged, where a decoded ``str`` would fail httpx's
+    ASCII encoding (a 500 on every route)."""
+    return [(k, v) for k, v in headers if k.decode("latin-1").lower() not in _HOP_HEADERS]
 
 
 def settings_args(settings: Settings) -> dict[str, Any]:
@@ -186,8 +222,8 @@ class ModelReplica:
     async def _load(self, task: str) -> ResidentTask:
         return await run_in_threadpool(ResidentTask, self.engine, task)
 
-    async def serve_http(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
-                     body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def serve_http(self, method: str, path: str, query: str, headers: list[tuple[bytes, bytes]],
+                         body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         """Run one HTTP request through this replica's app; ``(status, headers, body)`` of its response,
         with :data:`REPLICA_HEADER` added. A predict first loads its task through the multiplexed loader."""
         task = serve.get_multiplexed_model_id()
@@ -197,7 +233,8 @@ class ModelReplica:
             except (MaskStoreError, ServiceError):
                 pass  # not loadable: the app below answers with the typed error (404, 422, ...)
         resp = await self.client.request(method, "/" + path, params=query or None, headers=headers, content=body)
-        out = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _HOP_HEADERS]
+        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers.raw
+               if k.decode("latin-1").lower() not in _HOP_HEADERS]
         out.append((REPLICA_HEADER, self.replica))
         return resp.status_code, out, resp.content
 
@@ -234,19 +271,29 @@ def model_deployment(tasks_per_replica: int):
 
 
 # ---- ingress --------------------------------------------------------------------------------------
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes. Raises BundleTooLarge as soon as the declared length or the
-    bytes read exceed it (the upload limit, checked again by the replica's app)."""
+class BodyTooLarge(Exception):
+    """A request body (not an upload) over ``SUPERMASK_MAX_REQUEST_BYTES`` at the ingress (413 ``RequestTooLarge``)."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"request body is {size} bytes, larger than the limit of {limit} bytes "
+                         f"(SUPERMASK_MAX_REQUEST_BYTES)")
+
+
+async def _read_limited(request: Request, limit: int, upload: bool = True) -> bytes:
+    """The request body, at most ``limit`` bytes, checked by the declared length before a byte is read, then as it
+    streams (a chunked body). Raises BundleTooLarge (``upload``: the upload limit, checked again by the replica's
+    app) or :class:`BodyTooLarge` as soon as either exceeds it."""
     from mask_store.errors import BundleTooLarge
 
+    too_large = BundleTooLarge if upload else BodyTooLarge
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BundleTooLarge(int(declared), limit)
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > limit:
-            raise BundleTooLarge(len(data), limit)
+            raise too_large(len(data), limit)
     return bytes(data)
 
 
@@ -300,18 +347,18 @@ class SupermaskIngress:
     async def forward(self, path: str, request: Request) -> Response:
         """Forward one request to a model replica (the task as multiplexed model id where the path names one)."""
         method = request.method
-        match = _TASK_ROUTE.fullmatch(path)
-        task = match.group(1) if match and (match.group(2) or method == "GET") else None
-        try:
-            if method == "PUT":  # the upload limit is checked here too: an oversized body never crosses Ray
+        task, reads = route(method, path)
+        try:  # the body limits are checked here too: an oversized body is never read whole, nor crosses Ray
+            if method == "PUT":
                 body = await _read_limited(request, self.settings.max_bundle_bytes)
             else:
-                body = await request.body()
+                body = await _read_limited(request, self.settings.max_request_bytes, upload=False)
         except (MaskStoreError, ServiceError) as exc:
             return typed_response(exc, "/" + path)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
+        except BodyTooLarge as exc:
+            return error_response(413, "RequestTooLarge", str(exc), path="/" + path)
+        headers = raw_headers(request.headers.raw)
         handle = self.model.options(multiplexed_model_id=task) if task else self.model
-        reads = method in ("GET", "HEAD", "OPTIONS") or (method == "POST" and task is not None)
         attempts = 1 + (self.settings.ray_retries if reads else 0)
         for attempt in range(1, attempts + 1):
             try:
@@ -324,6 +371,10 @@ class SupermaskIngress:
                 if attempt < attempts:
                     self.retries.labels(method).inc()
                     await asyncio.sleep(0.05 * attempt)
+            except Exception as exc:  # noqa: BLE001 - the replica raised: the documented JSON 500, not Serve's text
+                log.exception("replica failed on %s /%s", method, path)
+                return error_response(500, "InternalError", f"internal server error ({type(exc).__name__}; logged "
+                                      f"on the server)", path="/" + path)
         self.unavailable.labels(method).inc()
         what = "the request was retried on other replicas" if attempts > 1 else \
             "a write is not retried: it may or may not have been applied; repeat it (uploads are idempotent)"
@@ -427,8 +478,21 @@ def run(settings: Settings, blocking: bool = True) -> None:
         log.info("shutting down the fleet")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if deployed:
-            serve.delete(APP_NAME)
-        if started:
-            serve.shutdown()
-            ray.shutdown()
+
+        def clean_up() -> None:
+            if deployed:
+                serve.delete(APP_NAME)
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+
+        # a signal to the whole process group (Ctrl-C, `timeout`) has already stopped Ray's own processes: each
+        # call would wait ~60 s for the GCS; bounded here, then the process leaves without it
+        cleaner = threading.Thread(target=clean_up, name="supermask-fleet-shutdown", daemon=True)
+        cleaner.start()
+        cleaner.join(SHUTDOWN_TIMEOUT_S)
+        if cleaner.is_alive():
+            log.warning("the fleet's clean-up did not finish within %g s (Ray's processes are gone?); exiting "
+                        "without it", SHUTDOWN_TIMEOUT_S)
+            logging.shutdown()
+            os._exit(143)

@@ -293,3 +293,61 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
     while "supermask_fleet_replicas_reporting 2.0" not in httpx.get(f"{base}/metrics").text:
         assert time.time() < deadline, "the fleet's metrics did not recover after the kill"
         time.sleep(0.5)
+
+
+# ---- the entry point under abuse (issue 35, item 8) -------------------------------------------------------------
+
+
+def test_routes_name_the_task_for_v1_and_v2_and_every_predict_is_a_read():
+    from service.ray_app import route
+
+    assert route("POST", "v2/models/t0/infer") == ("t0", True)
+    assert route("POST", "/v2/models/t0/versions/1/infer") == ("t0", True)
+    assert route("GET", "v2/models/t0") == ("t0", True) and route("GET", "v2/models/t0/ready") == ("t0", True)
+    assert route("POST", "v1/predict") == (None, True)  # a fan-out names several tasks: any replica, retried
+    assert route("POST", "v1/tasks/t0/predict") == ("t0", True) and route("GET", "v1/tasks/t0") == ("t0", True)
+    assert route("PUT", "v1/tasks/t0") == (None, False) and route("DELETE", "v1/tasks/t0") == (None, False)
+
+
+def _raw(port: int, head: bytes, body: bytes = b"", timeout_s: float = 30) -> bytes:
+    """One request over a loopback socket with exactly these bytes (``head`` without its blank line); the reply."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as c:
+        c.sendall(head + b"\r\nConnection: close\r\n\r\n" + body)
+        out = b""
+        while chunk := c.recv(65536):
+            out += chunk
+        return out
+
+
+def test_a_non_ascii_header_byte_is_answered_as_the_single_server_does(fleet):
+    base, _, settings, _ = fleet
+    for request in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Note: caf\xe9 \xff",
+                    b"GET /v1/tasks/t0 HTTP/1.1\r\nHost: x\r\nUser-Agent: \xc3\xa9t\xc3\xa9"):
+        reply = _raw(settings.port, request)
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:400]
+    body = b'{"inputs": ["a fine film"]}'
+    reply = _raw(settings.port, b"POST /v1/tasks/t0/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nX-Note: \xe9\r\nContent-Length: " + str(len(body)).encode(), body)
+    assert reply.startswith(b"HTTP/1.1 200") and b'"task":"t0"' in reply, reply[:400]
+
+
+def test_an_oversized_predict_body_is_refused_by_its_length_before_it_is_read(fleet):
+    """300 MiB declared, 1 KiB sent: the ingress answers 413 at once instead of reading the body whole."""
+    _, _, settings, _ = fleet
+    t0 = time.monotonic()
+    reply = _raw(settings.port, b"POST /v1/tasks/t0/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: " + str(300 << 20).encode(), b"{" + b" " * 1023, timeout_s=20)
+    assert reply.startswith(b"HTTP/1.1 413") and b"RequestTooLarge" in reply, reply[:400]
+    assert b"SUPERMASK_MAX_REQUEST_BYTES" in reply and time.monotonic() - t0 < 20
+
+
+def test_v2_inference_is_routed_to_the_replica_holding_its_task(fleet):
+    base = fleet[0]
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a fine film"]}]}
+    first = httpx.post(f"{base}/v2/models/t1/infer", json=body, timeout=30)
+    assert first.status_code == 200, first.text
+    time.sleep(1.5)  # the replica reports its loaded tasks to Serve's routers
+    replicas = {httpx.post(f"{base}/v2/models/t1/infer", json=body, timeout=30).headers[REPLICA] for _ in range(6)}
+    assert replicas == {first.headers[REPLICA]}
