@@ -112,11 +112,17 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if args.upload:
         from mask_store.format import read_header_file
-        from supermask.client import Client
+        from supermask.client import Client, ClientError
 
         name = read_header_file(res.bundle_path).task
-        with Client(args.upload) as c:  # token from $SUPERMASK_ADMIN_TOKEN
-            _, created = c.upload(name, res.bundle_path)
+        try:
+            with Client(args.upload) as c:  # token from $SUPERMASK_ADMIN_TOKEN
+                _, created = c.upload(name, res.bundle_path)
+        except ClientError as exc:  # the bundle is written: say so, and how to retry
+            print(f"supermask train: error: wrote {res.bundle_path}, but the upload to {args.upload} failed: {exc}; "
+                  f"retry with: supermask upload {shlex.quote(res.bundle_path)} --url {shlex.quote(args.upload)}",
+                  file=sys.stderr)
+            return 2
         print(f"wrote {res.bundle_path} and {'uploaded' if created else 'replaced'} task {name!r} on {args.upload}; "
               f"try it: supermask predict {shlex.quote(name)} 'some text' --url {shlex.quote(args.upload)}",
               file=sys.stderr)

@@ -341,3 +341,16 @@ def test_a_backbone_without_a_bert_encoder_layout_is_refused_in_one_line(tmp_pat
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
     assert rc == 2 and last.startswith("supermask train: error: ") and "expected a BERT-family encoder" in last
     assert not (tmp_path / "out" / "t.smask").exists()
+
+
+def test_a_failed_upload_keeps_the_bundle_and_says_how_to_retry(tmp_path, tiny_backbone_dir, capsys):
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    f = _write_csv(tmp_path / "t.csv", _rows(12))
+    rc = cli.main(["train", "mine", "--train-file", f, "--backbone", str(tiny_backbone_dir), "--max-steps", "1",
+                   "--batch-size", "4", "--max-seq-length", "16", "--head-refit-steps", "5", "--no-scores",
+                   "--no-linear-probe", "--no-early-stopping", "-o", str(tmp_path / "mine.smask"), "--upload", url])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and (tmp_path / "mine.smask").is_file()
+    assert last.startswith("supermask train: error: wrote ") and f"supermask upload {tmp_path / 'mine.smask'}" in last
