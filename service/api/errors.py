@@ -111,7 +111,8 @@ class InternalErrors:
         try:
             await self.app(scope, receive, send_started)
         except (ClientGone, ClientDisconnect) as exc:  # nobody to answer: the client left (or its body stalled)
-            log.info("%s %s: the client went away (%s)", scope.get("method"), scope.get("path"), exc or type(exc).__name__)
+            log.info("%s %s: the client went away (%s)", scope.get("method"), scope.get("path"),
+                     exc or type(exc).__name__)
         except Exception as exc:
             if started:
                 raise

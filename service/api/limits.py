@@ -150,7 +150,8 @@ class BodyLimit:
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:  # refused before a byte is read
+        # refused before a byte is read (ASCII digits: str.isdigit() also takes "²", which int() refuses)
+        if declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(413, "RequestTooLarge", f"request body is {int(declared)} bytes, larger than "
                                       f"the limit of {self.max_bytes} bytes (SUPERMASK_MAX_REQUEST_BYTES)",
                                       path=scope.get("path", ""))

@@ -220,7 +220,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, d
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
             if type(size) is not int or size < 0 or pos + size > len(binary):  # noqa: E721 - bool is refused
-                raise InputInvalid(f"input {name[:100]!r}: binary_data_size {_short(size)} does not fit the binary data")
+                raise InputInvalid(f"input {name[:100]!r}: binary_data_size {_short(size)} does not fit the "
+                                   f"binary data")
             values = _bytes_elements(binary[pos:pos + size], name)
             pos += size
         else:
