@@ -9,8 +9,9 @@ loopback HTTP client (httpx), route ``POST /v1/tasks/{task}/predict``:
 * ``hf-fp32``: one Hugging Face model per task (the backbone + mean pooling + a linear head, fp32);
 * ``hf-int8``: the same, each model through torch dynamic int8 quantization of its ``nn.Linear`` layers;
 * ``ort-int8``: one ONNX Runtime session per task over the backbone exported to ONNX here, offline,
-  and quantized to int8 (needs the ``bench`` extra: pip install -e '.[bench]'; skipped with a message
-  when it is missing).
+  and quantized to int8 (skipped with a message when onnx / onnxruntime are missing);
+* ``ort-int8-concurrent``: the same, its requests run side by side in FastAPI's thread pool (a plain
+  ``def`` route: how users of ONNX Runtime serve it), where the others run one forward at a time.
 
 The peers are ``benchmarks/peers/app.py`` (FastAPI/uvicorn, one forward at a time, random heads).
 Rounds are interleaved: in round r every server in turn is started, measured and stopped, then round
@@ -61,8 +62,12 @@ from benchmarks.peers import onnx_export  # noqa: E402
 from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, machine_busy_cpu_s, own_cpu_s,  # noqa: E402
                                      tree_rss_bytes, write_results)
 
-PRECISIONS = ("fp32", "bf16", "int8", "auto")
-PEERS = ("hf-fp32", "hf-int8", "ort-int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-ort", "auto")
+"""This server's variants: ``SUPERMASK_CPU_PRECISION`` values, and ``int8-ort`` = precision int8 on the ONNX
+Runtime tier (``SUPERMASK_CPU_RUNTIME=onnxruntime``)."""
+PEERS = ("hf-fp32", "hf-int8", "ort-int8", "ort-int8-concurrent")
+"""``ort-int8-concurrent`` is ``ort-int8`` as its users serve it: a plain FastAPI ``def`` route, requests running
+concurrently in the thread pool (an ONNX Runtime session is thread-safe); the others run one pass at a time."""
 # defaults of the options that --smoke shrinks: (full run, --smoke)
 SCALE = {
     "rounds": (3, 1),
@@ -140,6 +145,13 @@ def launch(server: Server, procs: ServerProcesses, work: Path, tag: str) -> tupl
         cmd += ["--port", str(port)]
     proc = procs.start(cmd, env, REPO, work / "logs" / f"{server.name}-{tag}.log")
     return proc, port
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's instruction sets that decide the CPU paths (AVX-512 BF16 / VNNI, AVX-VNNI, AMX)."""
+    from service.kernels.cpu_features import BF16_DOT_FEATURES, INT8_DOT_FEATURES, cpu_features
+
+    return sorted(cpu_features() & (BF16_DOT_FEATURES | INT8_DOT_FEATURES | {"amx_tile"}))
 
 
 # ------------------------------------------------------------------ measurements
@@ -401,14 +413,17 @@ def markdown(res: dict) -> str:
         md += ["Not run: " + "; ".join(f"{k}: {why}" for k, why in res["skipped"].items()), ""]
     md += ["## Every round", "", *per_round_table(servers, specs), "",
            "## What was measured", "",
-           f"* **supermask-<p>**: `supermask serve` with `SUPERMASK_CPU_PRECISION=<p>` (in brackets: the precision "
+           f"* **supermask-<p>**: `supermask serve` with `SUPERMASK_CPU_PRECISION=<p>` (`int8-ort`: int8 on the ONNX "
+           f"Runtime tier, `SUPERMASK_CPU_RUNTIME=onnxruntime`; in brackets: the precision "
            f"its /healthz reports, where it differs, as for auto), every other setting at its default{extra}"
            f" (dynamic batching on; the bf16/int8 hot tier's byte budget: `healthz_end` in the JSON says how many "
            f"tasks were hot at the end); tasks: random-mask tasks over the real int8 backbone "
            f"(`benchmarks/synthetic.py`, {cfg['sparsity']:.0%} of weights pruned, random heads).",
            "* **hf-fp32 / hf-int8 / ort-int8**: `benchmarks/peers/app.py`, one model copy per task (Hugging Face "
            "fp32; the same after torch dynamic int8 quantization of `nn.Linear`; ONNX Runtime session over the "
-           "ONNX export quantized to int8 per channel), mean pooling, random linear head, one forward at a time, "
+           "ONNX export quantized to int8 per channel), mean pooling, random linear head, one forward at a time "
+           "(`ort-int8-concurrent`: the same ONNX Runtime server with requests side by side in FastAPI's thread "
+           "pool, as a plain `def` route runs them), "
            f"at most {cfg['max_peer_tasks']} tasks (`--max-peer-tasks`; larger counts: not run).",
            f"* batch-1 / batch-32 p50: {cfg['requests']} / {cfg['requests_32']} sequential requests from one client "
            f"to a loaded task, cycling over the sentences (32 consecutive ones per batch-32 request).",
@@ -557,7 +572,8 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
     inputs = (f"the first {len(texts)} SST-2 dev sentences ({args.data_dir})" if texts else
               f"no SST-2 dev set under {args.data_dir}: {len(serve_cpu.FALLBACK_SENTENCES)} fixed sentences")
     texts = texts or serve_cpu.synthetic_inputs(args.data_dir, False, SENTENCES)
-    log(f"cpu_peers: {cpu_model()}, {os.cpu_count()} CPUs, {threads} threads per server; {inputs}")
+    log(f"cpu_peers: {cpu_model()} ({', '.join(cpu_flags()) or 'no AVX-512 / AMX'}), {os.cpu_count()} CPUs, "
+        f"{threads} threads per server; {inputs}")
 
     n_max = max(args.tasks_list + [args.mixed_tasks])
     n_peer = min(n_max, args.max_peer_tasks)
@@ -583,11 +599,13 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
                 env["SUPERMASK_BACKBONE_PATH"] = str(backbone)
             env.update(args.server_env)
             for p in args.precisions:
-                servers.append(Server(f"supermask-{p}", True, names, cmd, dict(env, SUPERMASK_CPU_PRECISION=p)))
+                variant = (dict(SUPERMASK_CPU_PRECISION="int8", SUPERMASK_CPU_RUNTIME="onnxruntime") if p == "int8-ort"
+                           else dict(SUPERMASK_CPU_PRECISION=p))
+                servers.append(Server(f"supermask-{p}", True, names, cmd, dict(env, **variant)))
     peer_names = [f"synthetic-{i:02d}" for i in range(n_peer)]
     onnx_path = None
     for kind in args.peers:
-        if kind == "ort-int8":
+        if kind.startswith("ort-int8") and onnx_path is None:
             why = onnx_export.missing()
             if why is None:
                 log("exporting the backbone to ONNX and quantizing it to int8 (ort-int8 peer)")
@@ -599,10 +617,14 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
                 skipped[kind] = why
                 log(f"skipping peer {kind}: {why}")
                 continue
-        cmd = [sys.executable, "-m", "benchmarks.peers.app", "--kind", kind, "--backbone", str(backbone),
-               "--task-names", ",".join(peer_names), "--threads", str(threads)]
-        if kind == "ort-int8":
+        if kind.startswith("ort-int8") and onnx_path is None:
+            continue  # the export failed or its packages are missing: skipped above
+        cmd = [sys.executable, "-m", "benchmarks.peers.app", "--kind", kind.replace("-concurrent", ""),
+               "--backbone", str(backbone), "--task-names", ",".join(peer_names), "--threads", str(threads)]
+        if kind.startswith("ort-int8"):
             cmd += ["--onnx", str(onnx_path)]
+        if kind.endswith("-concurrent"):
+            cmd += ["--concurrent"]
         servers.append(Server(kind, False, peer_names, cmd, base_env))
     if not servers:
         log("cpu_peers: no server can run here")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
@@ -47,10 +47,21 @@ from service.kernels.selector import (AUTO, CPU_ONLY_PATHS, DEVICE_TIER_PATHS, G
 from service.metrics import Metrics
 from service.tasks import LayerState, LoadedTask
 
-if TYPE_CHECKING:  # annotations only: the masked layer sits above this module
-    from service.masked_linear import MaskedLinear
-
 log = logging.getLogger(__name__)
+
+
+
+class MaskedLinear(Protocol):
+    """What a dispatcher reads of a masked layer (:class:`service.masked_linear.MaskedLinear`, which sits above
+    this module and calls it)."""
+
+    name: str
+    weight: torch.Tensor | None  # deq(W_q) [out, in] (float32 on the CPU, float16 on CUDA), or None
+    bias: torch.Tensor | None
+    w_q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [out]
+    device_words: torch.Tensor | None
+    device_pruned: list | None
 
 Segments = Sequence[tuple[str, LoadedTask]]
 """``(task, resident entry)`` per segment of one pass, distinct tasks, in batch order."""
@@ -84,7 +95,7 @@ class Dispatcher(Protocol):
         """The segment table of one pass."""
         ...
 
-    def linear(self, layer: "MaskedLinear", x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
+    def linear(self, layer: MaskedLinear, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
         """``x`` ``[rows, in]`` sorted by segment → ``[rows, out]``, each segment with its task's mask."""
         ...
 

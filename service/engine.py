@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
 import os
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Iterator, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -38,8 +38,9 @@ from fastapi.concurrency import run_in_threadpool
 from backbone import Backbone, replace_module
 from mask_store.format import BundleHeader
 from mask_store.store import MaskStore
+from service.admission import Admission
 from service.batcher import MicroBatcher
-from service.errors import InputInvalid, Overloaded, RequestTimedOut
+from service.errors import InputInvalid
 from service.forward import DEFAULT_OPTIONS, Forward, PredictOptions, PredictRequest, Rows, check_rows, decode
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
@@ -51,6 +52,17 @@ __all__ = ["Engine", "PredictOptions", "PredictRequest", "needs_model_forward", 
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Prepared:
+    """A predict request after :meth:`Engine.prepare`: its options, and what its pass needs, resolved once — the
+    task's resident entry (whose header decodes the answer), its tier form, and its rows' tokens."""
+
+    options: PredictOptions
+    entry: LoadedTask
+    form: Any
+    encoded: list
+
 
 class Engine:
     """Serves predictions for any stored task over one shared backbone.
@@ -96,9 +108,7 @@ class Engine:
                  emulate_device_path: str | None = None,
                  max_queued_requests: int | None = None, request_timeout_s: float | None = None):
         self.backbone = backbone
-        self.max_queued = max_queued_requests  # None: unbounded (library use); the server sets both
-        self.request_timeout_s = request_timeout_s
-        self._admitted = 0
+        self.admission = Admission(metrics, max_queued_requests, request_timeout_s)  # None: unbounded (library use)
         self.store = store
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -272,9 +282,24 @@ class Engine:
         return [decode(h, out, o, enc) for h, out, o, enc in zip(headers, outs, opts, encoded)]
 
     def _predict_prepared(self, items: Sequence[tuple[str, Rows]],
-                          options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
-        """:meth:`predict_mixed` for requests :meth:`prepare` already counted in the cache metrics."""
-        return self._predict_mixed(items, count=False, options=options)
+                          prepared: Sequence[Prepared]) -> list[list[dict]]:
+        """:meth:`predict_mixed` for requests :meth:`prepare` checked, resolved and tokenized: their passes reuse
+        that work. A task whose bundle was replaced since (the store's file identity, one ``stat``), or whose items
+        were prepared from different bundles, is resolved and tokenized again, so that every item is answered
+        wholly by the bundle the store holds when its pass runs."""
+        entries: dict[str, LoadedTask] = {}
+        for (task, _), p in zip(items, prepared):
+            if entries.setdefault(task, p.entry) is not p.entry:
+                return self._predict_mixed(items, count=False, options=[p.options for p in prepared])
+        for task, entry in entries.items():  # one stat each: a bundle replaced since its prepare is used instead
+            if self.tasks.get(task, count=False) is not entry:
+                return self._predict_mixed(items, count=False, options=[p.options for p in prepared])
+        forms = {task: p.form for (task, _), p in zip(items, prepared)}
+        encoded = [p.encoded for p in prepared]
+        rows = sum(len(r) for _, r in items)
+        with self._lock, tracing.span("supermask.forward", rows=rows, tasks=len(entries)):
+            outs = self.forward.run(items, entries, encoded, forms)
+        return [decode(p.entry.header, out, p.options, p.encoded) for p, out in zip(prepared, outs)]
 
     def _mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True,
                options: Sequence[PredictOptions] | None = None) -> tuple[list[torch.Tensor], list[BundleHeader], list]:
@@ -331,13 +356,18 @@ class Engine:
             BundleInvalid: the stored header cannot be read.
         """
         header = self.tasks.header(req.task)
+        self._check(req, header)
+        return header
+
+    @staticmethod
+    def _check(req: PredictRequest, header: BundleHeader) -> None:
+        """:meth:`check_inputs` against ``header``."""
         check_rows(header, req.inputs)
         wrong = req.options.classification_only() if header.problem_type == "regression" else []
         if wrong:
             raise InputInvalid(f"task {req.task!r} is a regression task (it answers a value): {', '.join(wrong)} "
                                f"{'applies' if len(wrong) == 1 else 'apply'} only to classification tasks; a "
                                f"regression task takes truncate and truncation_direction")
-        return header
 
     @contextlib.contextmanager
     def observed(self, req: PredictRequest) -> Iterator[None]:
@@ -375,36 +405,17 @@ class Engine:
             return self.predict_mixed([(req.task, req.inputs)], [req.options])[0]
 
     async def admitted(self, work: Awaitable[T]) -> T:
-        """Run ``work`` (a predict call) under admission control: at most ``max_queued_requests`` at once
-        (queued or running), each answered within ``request_timeout_s``. A call that times out is answered
-        at once, but its slot stays taken until its work has really finished (the pass it joined still
-        runs), so the bound holds for the work in progress, not only for the waiting clients. Runs on the
-        event loop (no lock: one thread).
+        """Run ``work`` (a predict call) under admission control (:meth:`service.admission.Admission.run`).
 
         Raises:
-            Overloaded: the limit is reached (``work`` is closed unrun). RequestTimedOut: no answer in time.
+            Overloaded, RequestTimedOut: as :meth:`service.admission.Admission.run`.
         """
-        if self.max_queued is not None and self._admitted >= self.max_queued:
-            self.metrics.overloaded.inc()
-            if inspect.iscoroutine(work):
-                work.close()
-            raise Overloaded(f"{self._admitted} predict requests are in progress, the limit "
-                             f"(SUPERMASK_MAX_QUEUED_REQUESTS) is {self.max_queued}: retry shortly")
-        self._admitted += 1
-        self.metrics.admitted.set(self._admitted)
-        task = asyncio.ensure_future(work)
+        return await self.admission.run(work)
 
-        def release(done: asyncio.Future) -> None:
-            self._admitted -= 1
-            self.metrics.admitted.set(self._admitted)
-            if not done.cancelled():
-                done.exception()  # retrieved: a timed-out call's late error is not logged as never retrieved
-
-        task.add_done_callback(release)
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimedOut(f"no answer within {self.request_timeout_s:g} s (SUPERMASK_REQUEST_TIMEOUT_S)") from None
+    @property
+    def _admitted(self) -> int:
+        """Predict calls in progress (queued or running) now."""
+        return self.admission.in_progress
 
     async def predict_async(self, req: PredictRequest) -> list[dict]:
         """:meth:`predict` from the event loop (same result, errors and metrics), under :meth:`admitted`.
@@ -419,14 +430,20 @@ class Engine:
     async def _predict_async(self, req: PredictRequest) -> list[dict]:
         with self.observed(req):
             with tracing.span("supermask.prepare", task=req.task, rows=len(req.inputs)):
-                await run_in_threadpool(self.prepare, req)
+                if self._is_hot(req.task):  # nothing to load or promote: no thread hop
+                    prepared = self.prepare(req)
+                else:
+                    prepared = await run_in_threadpool(self.prepare, req)
             if self.batcher is not None:
-                return await self.batcher.submit(req.task, req.inputs,
-                                                 None if req.options == DEFAULT_OPTIONS else req.options)
+                return await self.batcher.submit(req.task, req.inputs, prepared)
             loop = asyncio.get_running_loop()
             run = contextvars.copy_context().run  # the request's trace context in the forward thread
             return (await loop.run_in_executor(self._forward_thread, run, self._predict_prepared,
-                                               [(req.task, req.inputs)], [req.options]))[0]
+                                               [(req.task, req.inputs)], [prepared]))[0]
+
+    def _is_hot(self, task: str) -> bool:
+        """Whether ``task`` is resident and, where the tier has a hot cache, hot: preparing it loads nothing."""
+        return self.tasks.is_resident(task) and (self.hot is None or task in self.hot.tasks)
 
     async def predict_fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
         """Predictions for several requests (a fan-out: the same inputs for several tasks) from ONE call
@@ -448,23 +465,24 @@ class Engine:
             for req in reqs:
                 stack.enter_context(self.observed(req))
             with tracing.span("supermask.prepare", tasks=len(reqs), rows=sum(len(r.inputs) for r in reqs)):
-                await run_in_threadpool(lambda: [self.prepare(req) for req in reqs])
+                prepared = await run_in_threadpool(lambda: [self.prepare(req) for req in reqs])
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._forward_thread, contextvars.copy_context().run,
-                                              self._predict_prepared, [(r.task, r.inputs) for r in reqs],
-                                              [r.options for r in reqs])
+                                              self._predict_prepared, [(r.task, r.inputs) for r in reqs], prepared)
 
-    def prepare(self, req: PredictRequest) -> None:
-        """Check ``req``'s inputs (:meth:`check_inputs`; with ``truncate`` off, their token counts), load its
-        task and, on the hot tier, promote it.
+    def prepare(self, req: PredictRequest) -> Prepared:
+        """Check ``req``'s inputs against its task, load the task (a miss), have the tier promote it, and tokenize
+        its rows: everything its pass needs, done once, outside the pass lock.
 
         Raises:
             as :meth:`predict`; InputInvalid: with ``truncate`` off, a row longer than the task's limit.
         """
-        header = self.check_inputs(req)
-        self._resolve([(req.task, req.inputs)])
-        if not req.options.truncate:
-            self.forward.tokenize(header, req.inputs, req.options)  # refuses an over-long row before any pass
+        entry = self.tasks.get(req.task)
+        self._check(req, entry.header)
+        form = self.compute_tier.promote(req.task, entry)
+        with tracing.span("supermask.tokenize", rows=len(req.inputs)):
+            encoded = self.forward.tokenize(entry.header, req.inputs, req.options)
+        return Prepared(req.options, entry, form, encoded)
 
     async def close(self) -> None:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""

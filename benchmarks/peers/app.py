@@ -15,7 +15,7 @@ Kinds:
 Heads are random (seeded per task): the figures are costs, the logits mean nothing. A task's model is
 loaded on its first request, as this server loads a task. Forward passes run one at a time on a single
 worker thread (concurrent requests queue; no cross-request batching), each with ``--threads`` intra-op
-threads. Routes: ``POST /v1/tasks/{task}/predict`` (body ``{"inputs": ["text", ...]}`` or pairs
+threads; with ``--concurrent`` they run side by side in FastAPI's thread pool, as a plain ``def`` route does. Routes: ``POST /v1/tasks/{task}/predict`` (body ``{"inputs": ["text", ...]}`` or pairs
 ``[["a", "b"], ...]``; answer ``{"task", "predictions": [{"label", "score", "scores"}]}``),
 ``GET /v1/tasks``, ``GET /healthz``. Binds 127.0.0.1 only.
 """
@@ -146,8 +146,9 @@ def make_runner(kind: str, backbone: str, names: list[str], threads: int | None,
     raise ValueError(f"unknown peer kind {kind!r}; one of {', '.join(KINDS)}")
 
 
-def create_app(runner: Runner, kind: str):
+def create_app(runner: Runner, kind: str, concurrent: bool = False):
     from fastapi import FastAPI, HTTPException
+    from fastapi.concurrency import run_in_threadpool
     from pydantic import BaseModel
 
     class PredictIn(BaseModel):  # resolved at definition: this module has no `from __future__ import annotations`
@@ -178,7 +179,10 @@ def create_app(runner: Runner, kind: str):
             rows.append((texts[0], texts[1] if len(texts) == 2 else None))
         if len({r[1] is None for r in rows}) > 1:
             raise HTTPException(422, "mix of single texts and pairs in one request")
-        logits = await asyncio.get_running_loop().run_in_executor(worker, runner.logits, task, rows)
+        if concurrent:  # as a plain ``def`` route runs: in the server's thread pool, requests side by side
+            logits = await run_in_threadpool(runner.logits, task, rows)
+        else:
+            logits = await asyncio.get_running_loop().run_in_executor(worker, runner.logits, task, rows)
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = z / z.sum(axis=1, keepdims=True)
         preds = []
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (torch / ONNX Runtime)")
     ap.add_argument("--onnx", default=None, help="int8 ONNX model file (--kind ort-int8)")
     ap.add_argument("--max-seq-length", type=int, default=128, help="tokens per input after truncation")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run requests side by side in the server's thread pool (a plain FastAPI `def` route) "
+                         "instead of one forward at a time")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random heads (task i uses seed + i)")
     args = ap.parse_args(argv)
     names = [n for n in args.task_names.split(",") if n]
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     runner = make_runner(args.kind, args.backbone, names, args.threads, args.onnx, args.max_seq_length, args.seed)
-    uvicorn.run(create_app(runner, args.kind), host="127.0.0.1", port=args.port, log_level="warning",
+    uvicorn.run(create_app(runner, args.kind, args.concurrent), host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
     return 0
 

@@ -11,7 +11,6 @@ import re
 
 import torch
 
-from service.kernels import cpu_hot
 
 def cpu_features() -> frozenset[str]:
     """Instruction-set features of this CPU, as lowercase cpuinfo-style names (``"avx512_vnni"``, ``"avx_vnni"``,
@@ -63,17 +62,20 @@ INT8_DOT_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 BF16_DOT_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-def auto_precision(features: frozenset[str] | set[str] | None = None, rows: int | None = None) -> str:
+def auto_precision(features: frozenset[str] | set[str] | None = None, rows: int | None = None,
+                   int8_works: bool = True) -> str:
     """The hot-tier precision for a CPU.
 
     Args:
         features: as :func:`cpu_features` (default: this CPU's).
         rows: the typical number of token rows per product, if known; None: not considered.
+        int8_works: whether the int8 products run in this process (the caller's
+            ``service.kernels.cpu_hot.unavailable_reason("int8") is None``; this module imports no kernel).
     Returns:
         one of :data:`PRECISIONS`: ``"bf16"`` where a bfloat16 dot-product instruction exists
         (:data:`BF16_DOT_FEATURES`), except ``"int8"`` when ``rows`` is given, is at least :data:`INT8_MIN_ROWS`
         and an int8 one exists too; else ``"int8"`` where an int8 dot-product instruction exists
-        (:data:`INT8_DOT_FEATURES`) and the int8 ops work in this process (:func:`unavailable_reason`); else
+        (:data:`INT8_DOT_FEATURES`) and the int8 ops work in this process (``int8_works``); else
         ``"fp32"``.
 
     Why (measured here, avx512_vnni + avx512_bf16, no AMX; ms per MiniLM layer = 4 x [384, 384] + [1536, 384] +
@@ -88,7 +90,7 @@ def auto_precision(features: frozenset[str] | set[str] | None = None, rows: int 
     choice unless batches are known to be large (``rows``).
     """
     feats = cpu_features() if features is None else frozenset(features)
-    has_int8 = bool(feats & INT8_DOT_FEATURES) and cpu_hot.unavailable_reason("int8") is None
+    has_int8 = bool(feats & INT8_DOT_FEATURES) and int8_works
     has_bf16 = bool(feats & BF16_DOT_FEATURES)
     if has_bf16 and (rows is None or not has_int8 or rows < INT8_MIN_ROWS):
         return "bf16"

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from service.kernels.cpu_features import INT8_DOT_FEATURES, cpu_features
 from service.kernels.packing import unpack_bits
 
 #: precisions of the hot tier, in order of accuracy (fp32 is the exact served path)
@@ -270,8 +271,6 @@ def _materialize_checked(w_q, scale, mask, bias, precision) -> HotWeight:
 
 @functools.lru_cache(maxsize=1)
 def _act_qmax() -> int:
-    from service.kernels.cpu_features import INT8_DOT_FEATURES, cpu_features  # (that module imports this one)
-
     return 255 if cpu_features() & INT8_DOT_FEATURES else 127
 
 

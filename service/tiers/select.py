@@ -35,7 +35,8 @@ def resolve_precision(precision: str) -> str:
     """
     p = str(precision).strip().lower()
     if p == "auto":
-        return cpu_features.auto_precision(cpu_features.cpu_features())
+        return cpu_features.auto_precision(cpu_features.cpu_features(),
+                                           int8_works=cpu_hot.unavailable_reason("int8") is None)
     if p not in cpu_hot.PRECISIONS:
         raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
     reason = cpu_hot.unavailable_reason(p)

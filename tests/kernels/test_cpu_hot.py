@@ -282,10 +282,9 @@ def test_proc_cpuinfo_fallback_normalises_flag_names(tmp_path):
     ({"avx512_f"}, 4096, "fp32"),
 ])
 def test_auto_precision_rules(features, rows, want, monkeypatch):
-    monkeypatch.setattr(cpu_hot, "_probe", lambda p: None)  # the rules, whatever this torch build has
-    assert auto_precision(frozenset(features), rows) == want
-    monkeypatch.setattr(cpu_hot, "_probe", lambda p: "no int8 here" if p == "int8" else None)
-    assert auto_precision(frozenset(features), rows) == want.replace(
+    # the rules, whatever this torch build has
+    assert auto_precision(frozenset(features), rows, int8_works=True) == want
+    assert auto_precision(frozenset(features), rows, int8_works=False) == want.replace(
         "int8", "bf16" if frozenset(features) & features_mod.BF16_DOT_FEATURES else "fp32")
 
 

@@ -156,7 +156,7 @@ def test_server_batches_concurrent_requests_across_tasks_with_the_same_answers(t
 
 
 def test_a_task_replaced_while_its_request_waits_is_answered_by_one_bundle(tiny_backbone, tmp_path):
-    """The early input check reads the old header; the answer must be decoded with the bundle the forward used."""
+    """The request is prepared with the old bundle; the answer must be decoded with the bundle the forward used."""
     from service.api.main import create_app
     from service.engine import PredictRequest
     from service.settings import Settings
@@ -165,14 +165,14 @@ def test_a_task_replaced_while_its_request_waits_is_answered_by_one_bundle(tiny_
     state = create_app(settings, backbone=tiny_backbone).state.supermask
     state.store.put("toy", make_bundle(tiny_backbone, seed=1))
     state.engine.warm("toy")
-    check = state.engine.check_inputs
+    prepare = state.engine.prepare
 
-    def check_then_replace(req):  # a concurrent upload lands between the check and the forward pass
-        header = check(req)
+    def prepare_then_replace(req):  # a concurrent upload lands between the request's prepare and its pass
+        prepared = prepare(req)
         state.store.put("toy", make_bundle(tiny_backbone, seed=2, labels=("a", "b", "c")))
-        return header
+        return prepared
 
-    state.engine.check_inputs = check_then_replace
+    state.engine.prepare = prepare_then_replace
     req = PredictRequest("toy", (("a lovely film", None), ("dull", None)))
 
     async def main():
@@ -183,5 +183,5 @@ def test_a_task_replaced_while_its_request_waits_is_answered_by_one_bundle(tiny_
 
     preds = asyncio.run(main())
     assert [set(p["scores"]) for p in preds] == [{"a", "b", "c"}] * 2
-    state.engine.check_inputs = check
+    state.engine.prepare = prepare
     assert preds == state.engine.predict(req)
