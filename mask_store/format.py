@@ -36,10 +36,12 @@ number of pruned weights (``pruned``, needed to decode):
 
 * ``"zstd-gaps"`` (what the writer uses): the gaps between the positions of
   the minority bit, escaped to bytes and compressed as one Zstandard frame
-  (RFC 8878); the section's exact layout is in :mod:`mask_store.coding`. A
-  1-5 % sparse MiniLM task takes about 0.24 MB instead of 1.33 MB, about
-  1.02x the masks' empirical entropy ``sum n H(p)`` bits;
-* ``"packed"``: the bits as above, kept where that is no larger (near 50 %).
+  (RFC 8878) with its content checksum; the section's exact layout is in
+  :mod:`mask_store.coding`. The shipped SST-2 task (MiniLM, 2.75 % sparse)
+  takes 0.24 MB of masks instead of 1.33 MB, 1.02x their empirical entropy
+  ``sum n H(p)`` bits (``benchmarks/results/mask_coding.md``);
+* ``"packed"``: the bits as above, written where that is strictly smaller
+  (near 50 % sparsity, or a matrix of a few hundred weights).
 
 ``nbytes`` and ``sha256`` are those of the stored section, so the section
 digests and the header digest cover every byte of a v3 file as of a v2 one.
@@ -280,7 +282,7 @@ def encode_mask_section(mask: np.ndarray, format_version: int = FORMAT_VERSION) 
     Args:
         mask: bool (or 0/1) array ``[out, in]``; True keeps the weight.
         format_version: 1 or 2 (always ``"packed"``) or 3 (``"zstd-gaps"``, or ``"packed"`` where that is
-            strictly smaller, which happens only near 50 % sparsity).
+            strictly smaller: near 50 % sparsity, or a matrix of a few hundred weights).
     Returns:
         ``(coding, section bytes, pruned)``, ``pruned`` the number of zeros.
     """
