@@ -26,6 +26,7 @@ import contextvars
 import os
 import logging
 import threading
+import types
 import time
 from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
@@ -488,3 +489,45 @@ class Engine:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""
         if self.batcher is not None:
             await self.batcher.close()
+
+    def embed(self, task: str | None, rows: Rows, *, truncate: bool = True,
+              truncation_direction: str = "right") -> torch.Tensor:
+        """Sentence embeddings: the mean-pooled last hidden states of the backbone (``task`` None: no mask, as
+        sentence-transformers' ``Pooling(mean)`` over the int8 backbone) or of the backbone through ``task``'s
+        supermask (the vectors its head reads: ``embed(t, x) @ W_head.T + b_head`` is :meth:`logits`).
+
+        Rows are tokenized as :meth:`service.forward.Forward.tokenize` does (single texts, or pairs where
+        ``text_b`` is set), cut to the task's ``max_seq_length`` (no task: the backbone's position embeddings,
+        at most the tokenizer's ``model_max_length``), and run as passes of at most ``max_batch_size`` rows of
+        the engine's tier (:meth:`service.tiers.base.Tier.pooled`), under the pass lock.
+
+        Returns:
+            float32 ``[len(rows), hidden]`` on the CPU, not normalised.
+        Raises:
+            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge: as :meth:`logits`. InputInvalid:
+            ``truncate`` False and a row longer than the limit (its token count in the message).
+        """
+        if task is None:
+            entry = getattr(self, "_backbone_entry", None)
+            if entry is None:  # no masks, no head: every tier computes the plain backbone (built once)
+                hidden = self.backbone.hidden_size
+                entry = self._backbone_entry = LoadedTask(None, {}, torch.empty(0, hidden), torch.empty(0))
+            limit = min(getattr(self.backbone.model.config, "max_position_embeddings", 512),
+                        getattr(self.backbone.tokenizer, "model_max_length", 512))
+            name = "<backbone>"  # not a valid task name: never one of the store's
+        else:
+            entry, name = self.tasks.get(task), task
+            limit = entry.header.max_seq_length
+        pairs = any(b is not None for _, b in rows)
+        shape = types.SimpleNamespace(task=name, text_pairs=pairs, max_seq_length=limit)  # what tokenize reads
+        options = PredictOptions(truncate=truncate, truncation_direction=truncation_direction)
+        encoded = self.forward.tokenize(shape, rows, options)
+        form = self.compute_tier.promote(name, entry)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(encoded), self.max_batch_size):
+                chunk = encoded[start:start + self.max_batch_size]
+                inputs = self.forward._pad(chunk)
+                with self._lock:
+                    out.append(self.compute_tier.pooled([(name, entry)], {name: form}, inputs, [0, len(chunk)]))
+        return torch.cat(out) if out else torch.empty(0, self.backbone.hidden_size)

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     """Longest text (characters) in one input; tokens beyond the task's max sequence length are truncated."""
     max_fanout_tasks: int = Field(16, gt=0)
     """Most tasks one fan-out call (``POST /v1/predict`` with ``tasks``) may name, or ``"*"`` may stand for."""
+    tei_task: str | None = None
+    """The task text-embeddings-inference's ``POST /predict`` and ``GET /info`` answer for when a request has no
+    ``X-Supermask-Task`` header (service/api/tei.py): a TEI client then works unchanged. None: the header is needed."""
     max_batch_size: int = Field(32, gt=0)
     """Rows per forward pass; longer requests run in several passes."""
     batching: bool = True

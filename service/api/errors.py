@@ -154,6 +154,20 @@ def similar_task(store, name: str) -> str | None:
     return close[0] if close else None
 
 
+def content_type_hint(request: Request, exc: RequestValidationError) -> str | None:
+    """A hint when a JSON body was refused as a whole and the request did not say it is JSON: FastAPI parses a body
+    as JSON only under ``Content-Type: application/json`` (or ``+json``); curl's ``-d`` sends
+    ``application/x-www-form-urlencoded``, which reaches the model as bytes ("body: Input should be a valid
+    dictionary"). None when the header says JSON or the errors are about fields."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return None
+    if not any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
+        return None
+    got = f"it sent {media!r}" if media else "it sent none"
+    return f"hint: send the header 'Content-Type: application/json' with a JSON body ({got})"
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn typed errors into JSON error bodies."""
 
@@ -181,6 +195,9 @@ def install(app: FastAPI) -> None:
         for err in exc.errors():
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{loc}: {err.get('msg')}")
+        hint = content_type_hint(request, exc)
+        if hint:
+            parts.append(hint)
         return error_response(422, "RequestInvalid", "; ".join(parts), path=path)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

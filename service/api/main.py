@@ -20,7 +20,7 @@ from service.api import errors
 from service.api.deps import AppState
 from service.api.limits import BodyLimit
 from service.api.routes import router
-from service.api import fanout, openapi, v2
+from service.api import fanout, openapi, tei, v2
 from backbone import Backbone, load_backbone
 from service.engine import Engine, needs_model_forward
 from service import tracing
@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         app.state.ready = False  # /readyz answers 503 while shutting down
         await engine.close()
 
-    app = FastAPI(title="supermask", version=__version__, lifespan=lifespan,
+    # /docs with local assets: service.api.openapi.install (FastAPI's default pages load theirs from a CDN)
+    app = FastAPI(title="supermask", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Multi-task server for supermask-fine-tuned BERT: one int8 backbone, "
                   "one bit-packed mask + head per task.")
     app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics)
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
     app.include_router(router)
     app.include_router(fanout.router)
     app.include_router(v2.router)
+    app.include_router(tei.router)  # text-embeddings-inference's /predict, /embed, /info
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.gzip_min_bytes is not None:
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)

@@ -18,6 +18,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from mask_store.format import TASK_NAME_PATTERN
 from service.api.schemas import ErrorPublic, OipError
@@ -90,8 +94,19 @@ def upload_body() -> dict[str, Any]:
                                                                                  "format": "binary"}}}}}
 
 
+DOCS_ASSETS = "/docs-assets"
+"""Where Swagger UI's own files are served (from the ``swagger-ui-bundle-v2`` package: no CDN, works offline)."""
+
+
 def install(app: FastAPI, settings: Settings) -> None:
-    """Make ``app.openapi()`` FastAPI's document with the limits of ``settings`` filled in (built once, cached)."""
+    """Make ``app.openapi()`` FastAPI's document with the limits of ``settings`` filled in (built once, cached), and
+    serve ``GET /docs`` (Swagger UI 5, which renders OpenAPI 3.1) with its JavaScript and CSS from this server.
+
+    FastAPI's own ``/docs`` loads them from a CDN (a blank page offline); this is FastAPI's documented
+    "self-hosting JavaScript and CSS for docs" (``docs_url=None``, ``get_swagger_ui_html`` with local URLs, a
+    ``StaticFiles`` mount), with the files of the ``swagger-ui-bundle-v2`` package (``swagger_ui_path``). The app
+    must be built with ``docs_url=None`` (and ``redoc_url=None``: ReDoc has no offline package here).
+    """
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -100,6 +115,14 @@ def install(app: FastAPI, settings: Settings) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
 def _with_limits(doc: dict[str, Any], settings: Settings) -> None:
@@ -109,9 +132,16 @@ def _with_limits(doc: dict[str, Any], settings: Settings) -> None:
     rows = {"type": "array", "minItems": 1, "maxItems": settings.max_inputs_per_request}
     single = {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}
     pair = {"type": "array", "items": text, "minItems": 2, "maxItems": 2}
-    inputs = {"anyOf": [rows | {"items": single}, rows | {"items": pair}],
-              "description": "Texts (a one-text list counts as a text), or [text_a, text_b] pairs: all of one kind, "
-                             "the kind the task takes (its `text_pairs`).",
+    hf_single = {"type": "object", "properties": {"text": text, "text_pair": {"type": "null"}},
+                 "required": ["text"], "additionalProperties": False}
+    hf_pair = {"type": "object", "properties": {"text": text, "text_pair": text},
+               "required": ["text", "text_pair"], "additionalProperties": False}
+    inputs = {"anyOf": [rows | {"items": {"anyOf": [*single["anyOf"], hf_single]}},
+                        rows | {"items": {"anyOf": [pair, hf_pair]}}, text, hf_single, hf_pair],
+              "description": "Texts (a one-text list counts as a text), or [text_a, text_b] pairs, or Hugging Face's "
+                             '{"text", "text_pair"} objects: all of one kind, the kind the task takes (its '
+                             "`text_pairs`). One text or object alone (no list) is one input, answered by one "
+                             "prediction, as text-embeddings-inference and pipeline() take it.",
               "examples": [["a charming and often affecting journey"]]}
     for name in ("PredictIn", "FanOutIn"):
         if name in schemas:

@@ -19,6 +19,7 @@ from service.api.schemas import (
     ReadyPublic,
     TaskPublic,
     TasksPublic,
+    TextPairIn,
 )
 from service.engine import PredictOptions, PredictRequest
 from service.errors import InputInvalid
@@ -50,13 +51,24 @@ def _task_public(state, task: str, header: BundleHeader, detail: bool) -> TaskPu
 
 
 def _rows(body: PredictIn, max_inputs: int, max_chars: int) -> tuple[tuple[str, str | None], ...]:
-    if not body.inputs:
+    """``(text_a, text_b or None)`` per input of ``body``: a text, a one-text list, a ``[text_a, text_b]`` pair or
+    Hugging Face's ``{"text", "text_pair"}`` object; a lone text or object (not in a list) is one input.
+
+    Raises:
+        InputInvalid: no inputs, more than ``max_inputs``, a list of other than 1 or 2 texts, an empty or blank
+            text, one over ``max_chars`` characters, or one holding an unpaired UTF-16 surrogate.
+    """
+    items = body.inputs if isinstance(body.inputs, list) else [body.inputs]
+    if not items:
         raise InputInvalid("inputs is empty: send at least one text")
-    if len(body.inputs) > max_inputs:
-        raise InputInvalid(f"{len(body.inputs)} inputs, more than the limit of {max_inputs} per request")
+    if len(items) > max_inputs:
+        raise InputInvalid(f"{len(items)} inputs, more than the limit of {max_inputs} per request")
     rows = []
-    for i, item in enumerate(body.inputs):
-        texts = [item] if isinstance(item, str) else item
+    for i, item in enumerate(items):
+        if isinstance(item, TextPairIn):
+            texts = [item.text] if item.text_pair is None else [item.text, item.text_pair]
+        else:
+            texts = [item] if isinstance(item, str) else item
         if len(texts) not in (1, 2):
             raise InputInvalid(f"inputs[{i}] has {len(texts)} texts; send a text or a [text_a, text_b] pair")
         for t in texts:

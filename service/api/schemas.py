@@ -6,7 +6,18 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TextOrPair = Union[str, list[str]]
+
+class TextPairIn(BaseModel):
+    """One input as Hugging Face ``pipeline("text-classification")`` takes it: ``{"text": ..., "text_pair": ...}``
+    (``text_pair`` absent or null: a single text)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str
+    text_pair: str | None = None
+
+
+TextOrPair = Union[str, list[str], TextPairIn]
 
 
 class PredictIn(BaseModel):
@@ -19,7 +30,9 @@ class PredictIn(BaseModel):
         {"inputs": ["a charming and often affecting journey", "dull, flat and lifeless"]},
         {"inputs": ["an astonishing film"], "top_k": 2, "truncate": False}]})
 
-    inputs: list[TextOrPair] = Field(description="Texts, or [text_a, text_b] pairs for pair tasks.")
+    inputs: Union[list[TextOrPair], str, TextPairIn] = Field(
+        description="Texts, or [text_a, text_b] pairs (or {\"text\", \"text_pair\"} objects) for pair tasks; one text "
+        "or one object alone is one input (answered by one prediction, as TEI and pipeline() take it).")
     top_k: int | None = Field(None, ge=1, description="Add `top`: the labels sorted by score, highest first, this "
                               "many of them; null: every label. Absent: no `top`. Classification only.")
     raw_scores: bool = Field(False, description="Scores are the logits instead of probabilities (as "

@@ -83,7 +83,8 @@ def model_metadata(task: str, header: BundleHeader) -> dict:
 
 @router.get("")
 async def server_metadata() -> dict:
-    return {"name": "supermask", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return {"name": "supermask", "version": __version__,
+            "extensions": ["binary_tensor_data", "model_configuration", "model_repository"]}
 
 
 @router.get("/health/live")
@@ -335,3 +336,58 @@ async def infer_version(task: TaskName, request: Request, state: State, version:
     if isinstance(doc.get("id"), str):
         out["id"] = doc["id"]
     return out
+
+
+_TRITON_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+
+
+def model_config(task: str, header: BundleHeader) -> dict:
+    """Triton's model configuration of a task, as ``GET /v2/models/{task}/config`` answers it (the JSON form of
+    Triton's ``ModelConfig`` protobuf: ``name``, ``platform``, ``max_batch_size`` (0: shapes carry no batch
+    dimension, as in :func:`model_metadata`), ``input`` / ``output`` with ``data_type`` ``TYPE_STRING`` /
+    ``TYPE_FP32`` and ``dims``, ``parameters`` as ``{"key": {"string_value": ...}}``). Triton's model configuration
+    extension: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_model_configuration.md
+    """
+    meta = model_metadata(task, header)
+
+    def tensor(t: dict) -> dict:
+        return {"name": t["name"], "data_type": _TRITON_TYPES[t["datatype"]], "dims": t["shape"]}
+
+    return {"name": task, "platform": PLATFORM, "backend": PLATFORM, "max_batch_size": 0,
+            "version_policy": {"specific": {"versions": [int(VERSION)]}},
+            "input": [tensor(t) for t in meta["inputs"]], "output": [tensor(t) for t in meta["outputs"]],
+            "parameters": {k: {"string_value": str(v)} for k, v in meta["parameters"].items()}}
+
+
+@router.get("/models/{task}/config", responses=_META_ERRORS)
+async def config(task: TaskName, state: State) -> Any:
+    """Triton's model configuration of the task (``tritonclient``'s ``get_model_config``)."""
+    return await config_version(task, state, VERSION)
+
+
+@router.get("/models/{task}/versions/{version}/config", responses=_META_ERRORS)
+async def config_version(task: TaskName, state: State, version: Version) -> Any:
+    """:func:`config` of the task's one version."""
+    _check_version(version)
+    return model_config(task, await run_in_threadpool(state.engine.header, task))
+
+
+@router.post("/repository/index", responses=errors(422, 503, oip=True), openapi_extra={"requestBody": {
+    "required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"ready": {"type": "boolean"}}}}}}})
+async def repository_index(request: Request, state: State) -> Any:
+    """Triton's model repository index (``tritonclient``'s ``get_model_repository_index``): every stored task as
+    ``{"name", "version": "1", "state": "READY", "reason": ""}``, by name (a stored task is ready: it loads on first
+    use). The body is empty or ``{"ready": bool}``; ``ready: false`` lists the same tasks (none is unready). Triton's
+    model repository extension: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_model_repository.md
+    """
+    body = await request.body()  # bounded by SUPERMASK_MAX_REQUEST_BYTES (service.api.limits)
+    if body.strip():
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            raise InputInvalid("the repository index request is not valid JSON") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+            raise InputInvalid('the repository index request is {} or {"ready": true|false}')
+    tasks = await run_in_threadpool(state.store.tasks)
+    return [{"name": t, "version": VERSION, "state": "READY", "reason": ""} for t in sorted(tasks)]
