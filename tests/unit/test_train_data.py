@@ -354,3 +354,27 @@ def test_a_failed_upload_keeps_the_bundle_and_says_how_to_retry(tmp_path, tiny_b
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and (tmp_path / "mine.smask").is_file()
     assert last.startswith("supermask train: error: wrote ") and f"supermask upload {tmp_path / 'mine.smask'}" in last
+
+
+def test_any_local_bert_encoder_trains_and_a_server_on_another_backbone_refuses_its_bundle(tmp_path, tiny_backbone,
+                                                                                          tiny_backbone_dir):
+    """A BERT-layout encoder of another size (as e5 / bge-style BERT encoders are) trains from a CSV; its bundle
+    names that backbone, and the store of a server on the default tiny backbone refuses it."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mask_store.errors import BackboneMismatch
+    from mask_store.local import LocalMaskStore
+
+    other = tmp_path / "other-bert"
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                         intermediate_size=96, max_position_embeddings=64)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(str(tiny_backbone_dir), local_files_only=True).save_pretrained(other)
+    res, b = _run(tmp_path, other, train_file=_write_csv(tmp_path / "t.csv", _rows(12)), linear_probe=False,
+                  early_stopping=False)
+    assert len(b.header.masks) == 3 * 6 and b.header.backbone_fingerprint != tiny_backbone.fingerprint
+    store = LocalMaskStore(tmp_path / "store")
+    with pytest.raises(BackboneMismatch):
+        store.put("toy", open(res.bundle_path, "rb").read(), tiny_backbone.fingerprint)
+    assert store.tasks() == []
