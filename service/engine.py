@@ -126,6 +126,7 @@ class Engine:
         self.hot = self.compute_tier.hot
         log.info("serving tier: precision %s on %s (runtime %s)", self.precision, self.device, self.compute_tier.runtime)
         metrics.cpu_precision.labels(self.precision).set(1)
+        metrics.tier.labels(self.precision, self.compute_tier.runtime).set(1)
         self.builder = TaskBuilder(backbone, self.compute_tier.weights, cache_bytes, kernel_path=kernel_path,
                                    device=self.device if self.compute_tier.warm_form == "device" else None,
                                    packed=self.compute_tier.warm_form == "packed")

@@ -39,6 +39,7 @@ class Metrics:
     supermask_hot_bytes                              gauge      bytes of the hot tier's materialised weights
     supermask_hot_capacity_bytes                     gauge      the hot tier's byte budget
     supermask_cpu_precision_info{precision}          gauge      1 for the CPU compute precision in use
+    supermask_tier_info{precision,runtime}           gauge      1 for the compute tier in use (service/tiers)
     supermask_device_swap_in_duration_seconds{task}  histogram  copy a task's mask bits into a GPU slot + relayout
     supermask_device_resident_tasks                  gauge      tasks holding a GPU mask slot
     supermask_gpu_memory_allocated_bytes             gauge      torch.cuda.memory_allocated (0 without CUDA)
@@ -81,6 +82,8 @@ class Metrics:
                                         registry=r)
         self.cpu_precision = Gauge(f"{PREFIX}_cpu_precision_info", "1 for the CPU compute precision in use.",
                                    ["precision"], registry=r)
+        self.tier = Gauge(f"{PREFIX}_tier_info", "1 for the compute tier in use: its precision and runtime.",
+                          ["precision", "runtime"], registry=r)
         self.device_swap_in_seconds = Histogram(
             f"{PREFIX}_device_swap_in_duration_seconds",
             "Device tier swap-in time in seconds (host-to-device copy of the packed masks and relayout into a slot).",

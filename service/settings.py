@@ -125,12 +125,13 @@ class Settings(BaseSettings):
     """CPU compute precision of the masked products. 'fp32': float32 over the shared de-quantized backbone
     plus each task's sparse correction (the reference, bit-compatible with earlier releases); 'bf16' or
     'int8' (oneDNN int8 GEMM over ``W_q ⊙ μ`` with the backbone's per-channel scales, activations quantized
-    per token): each task's masked weights materialised once in the hot tier; 'auto': bf16 where the CPU has
-    AVX-512 BF16 / AMX-BF16, else int8 where it has VNNI, else fp32."""
+    per token): each task's masked weights materialised once in the hot tier; 'auto': int8 on ONNX Runtime where
+    it runs and the CPU has int8 dot products (VNNI / AMX), else bf16 where the CPU has AVX-512 BF16 / AMX-BF16,
+    else int8 where it has VNNI, else fp32."""
     cpu_runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     """What runs the CPU hot tier's passes: 'torch' (oneDNN products, the lean torch encoder), 'onnxruntime'
     (precision int8 only: one ONNX Runtime session per hot task, the whole encoder in one graph;
-    ``service/tiers/onnxruntime.py``), or 'auto' (torch for now; see the README's CPU table)."""
+    ``service/tiers/onnxruntime.py``), or 'auto' (onnxruntime for int8 where it runs, else torch)."""
     hot_cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the CPU hot tier (bf16 / int8): tasks' materialised masked weights, least recently used
     evicted to the warm tier (packed mask bits + head in the task cache)."""

@@ -58,6 +58,7 @@ def _train(args: argparse.Namespace) -> int:
         linear_probe=False if args.no_linear_probe else None,
         scale_schedule=False if args.paper_schedule else None,
         max_minutes=args.max_minutes,
+        run_dir=args.run_dir,
         backbone=args.backbone,
         bits=args.bits,
         max_seq_length=args.max_seq_length,
@@ -151,7 +152,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_bundle(args.bundle, data_dir=args.data_dir, backbone=args.backbone, scores=args.scores,
                              samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task,
-                             bernoulli_per=args.bernoulli_per, precision=args.precision, test_file=args.test_file,
+                             bernoulli_per=args.bernoulli_per, precision=args.precision, runtime=args.runtime,
+                             test_file=args.test_file,
                              text_column=args.text_column, text_pair_column=args.text_pair_column,
                              label_column=args.label_column)
     print(json.dumps(result, indent=2))
@@ -427,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper's schedule as given (|ν₀| = 5, --epochs as they are), not scaled to the data")
     d.add_argument("--max-minutes", type=float, help="stop training after this many minutes; the best checkpoint so "
                                                      "far is evaluated and written")
+    d.add_argument("--run-dir", help="folder for a checkpoint after every epoch; run the same command again to "
+                                     "continue an interrupted run from its last epoch (removed when the run completes)")
     d.add_argument("--upload", metavar="URL", help="put the bundle on the server at URL when done (admin token from "
                                                    "$SUPERMASK_ADMIN_TOKEN)")
     t.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with GLUE tasks in the original TSV layout")
@@ -503,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU compute precision to serve the mask in, as SUPERMASK_CPU_PRECISION: 'fp32' (the "
                         "reference, reproduces the recorded figure), 'bf16', 'int8' (the hot tier), 'auto' (the "
                         "server's default: int8 / bf16 / fp32 by this CPU's features)")
+    e.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="what runs the bf16 / int8 hot tier, as SUPERMASK_CPU_RUNTIME: 'onnxruntime' (int8 only), "
+                        "'torch', or 'auto' (onnxruntime for int8 where it runs)")
     e.set_defaults(func=_evaluate)
 
     r = sub.add_parser("refit-head", help="refit a bundle's task head on its own served mask (writes a new bundle)",

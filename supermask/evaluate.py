@@ -61,7 +61,7 @@ def recorded_config(training: dict, need_task: bool) -> tuple[str | None, int]:
 
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
                     samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
-                    batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32",
+                    batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32", runtime: str = "auto",
                     identical_pairs: int = 200, test_file: str | None = None, text_column: str | None = None,
                     text_pair_column: str | None = None, label_column: str | None = None) -> dict:
     """Evaluate a bundle on its GLUE task's dev split, or on the user's own labeled file (``test_file``).
@@ -73,7 +73,8 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
     then says ``"split": "test"`` and ``"dev_examples"`` counts the file's rows.
 
     ``precision``: the server's CPU compute precision to serve it in ("fp32", "bf16", "int8" or "auto",
-    see :class:`service.settings.Settings`); recorded in the result (resolved).
+    see :class:`service.settings.Settings`); recorded in the result (resolved). ``runtime``: what runs a bf16 /
+    int8 hot tier ("auto", "torch", "onnxruntime"); recorded too.
 
     ``identical_pairs`` (sentence-pair regression, STS-B): also score that many distinct dev first sentences
     paired with themselves (gold would be 5), ``result["identical_pairs"] = {"n", "mean", "min",
@@ -118,7 +119,7 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         store = LocalMaskStore(tmp)
         store.put(header.task, data, bb.fingerprint)
         engine = Engine(bb, store, Metrics(), cache_bytes=1 << 34, max_batch_size=batch_size, device="cpu",
-                        precision=precision)
+                        precision=precision, runtime=runtime)
         outs = []
         for i in tqdm(range(0, len(dev), batch_size), desc=f"dev {task.name} (served mask, {engine.precision})",
                       leave=False):
@@ -137,6 +138,7 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         "split": "test" if test_file is not None else "dev",
         "dev_examples": len(dev),
         "precision": engine.precision,
+        "runtime": engine.compute_tier.runtime,
         "sparsity": header.sparsity,
         "deterministic": compute_metrics(task, preds, golds),
         "recorded": header.metrics.get("deterministic", {}) if test_file is None

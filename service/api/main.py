@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         torch.set_num_threads(settings.torch_threads)
     if backbone is None:
         # the CPU hot tier never runs the model's own forward: its tensors suffice (~190 MiB less memory)
-        lean = not needs_model_forward(settings.device, settings.kernel_path, settings.cpu_precision)
+        lean = not needs_model_forward(settings.device, settings.kernel_path, settings.cpu_precision,
+                                       settings.cpu_runtime)
         backbone = load_backbone(settings.backbone_path, bits=settings.backbone_bits, weights_only=lean)
     metrics = Metrics()
     store = open_store(settings.store_location(), max_bundle_bytes=settings.max_bundle_bytes,

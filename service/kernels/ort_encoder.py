@@ -42,11 +42,8 @@ from service.encoder import LeanEncoder
 #: ``config.hidden_act`` -> how the graph computes it (see the module docstring)
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-#: shared tensors up to this size are written into each session's graph (shape inference reads the small
-#: constants); larger ones are shared buffers (``SessionOptions.add_initializer``)
-INLINE_BYTES = 4096
-#: ONNX Runtime's location tag for external data already resident in memory at ``offset`` (its address)
-MEM_ADDR_TAG = "*/_ORT_MEM_ADDR_/*"
+#: activation quantization modes (see :class:`OrtEncoder`)
+ACT_QUANT = ("row", "tensor")
 
 
 def unavailable_reason() -> str | None:
@@ -96,6 +93,9 @@ class OrtEncoder:
         encoder: the backbone's :class:`LeanEncoder` (its tensors and product groups; plain BERT layout).
         matrices: masked module name → ``(w_q int8 [out, in], scale float32 [out], bias float32 [out] or None)``.
         threads: intra-op threads of each session (the server's torch thread count).
+        act_quant: how activations are quantized per product: "row" (each token's own min/max, as the torch int8
+            tier does; a row's result does not depend on the other rows of its batch) or "tensor" (ONNX Runtime's
+            ``DynamicQuantizeMatMul``: one scale for the whole input, faster, batch-dependent).
 
     Raises:
         ValueError: an activation the graph does not compute. RuntimeError: ONNX Runtime unavailable
@@ -103,7 +103,8 @@ class OrtEncoder:
     """
 
     def __init__(self, encoder: LeanEncoder,
-                 matrices: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], threads: int = 1):
+                 matrices: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], threads: int = 1,
+                 act_quant: str = "row"):
         reason = unavailable_reason()
         if reason is not None:
             raise RuntimeError(reason)
@@ -118,6 +119,7 @@ class OrtEncoder:
         self.shapes: dict[str, tuple[int, int]] = {}  # group -> (out, in)
         self.members_shapes = {n: tuple(int(d) for d in w[0].shape) for n, w in matrices.items()}  # module -> (out, in)
         self._const: dict[str, np.ndarray] = {}  # every tensor of the graph but the products' weights
+        self._scales: dict[str, torch.Tensor] = {}
         self.base: dict[str, torch.Tensor] = {}  # group -> the plain int8 W_q [out, in] (members concatenated)
         for g, members in self.groups.items():
             w_q = torch.cat([matrices[m][0] for m in members])
@@ -128,9 +130,13 @@ class OrtEncoder:
             self.shapes[g] = (int(w_q.shape[0]), int(w_q.shape[1]))
             self.base[g] = w_q.contiguous()
             self._const[f"{g}.scale"] = scale.float().numpy()
+            self._scales[g] = scale.float()
             self._const[f"{g}.zero"] = np.zeros(w_q.shape[0], np.int8)
             self._const[f"{g}.bias"] = bias.float().numpy()
-        self._nodes, extra = _graph(encoder, act)
+        if act_quant not in ACT_QUANT:
+            raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+        self.act_quant = act_quant
+        self._nodes, extra = _graph(encoder, act, act_quant)
         self._const.update(extra)
         from onnx import numpy_helper
 
@@ -162,6 +168,9 @@ class OrtEncoder:
             if w.dtype != torch.int8 or tuple(w.shape) != self.shapes[g]:
                 raise ValueError(f"group {g}: expected int8 {list(self.shapes[g])}, got {w.dtype} {list(w.shape)}")
             inits.append(numpy_helper.from_array(w.t().contiguous().numpy(), f"{g}.weight"))  # [in, out]
+            if self.act_quant == "row":
+                rowsum = w.sum(dim=1, dtype=torch.int32).to(torch.float32) * self._scales[g]
+                inits.append(numpy_helper.from_array(rowsum.numpy(), f"{g}.rowsum"))
         graph = helper.make_graph(
             self._nodes, "supermask_encoder",
             [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, ["batch", "seq", self.hidden]),
@@ -199,7 +208,7 @@ def _activation_name(encoder: LeanEncoder) -> str:
     raise ValueError("the encoder's activation has no ONNX Runtime form here")
 
 
-def _graph(encoder: LeanEncoder, act: str):
+def _graph(encoder: LeanEncoder, act: str, act_quant: str = "row"):
     """The graph's nodes, and its tensors other than the products' weights, scales and biases."""
     from onnx import TensorProto, helper
 
@@ -209,6 +218,9 @@ def _graph(encoder: LeanEncoder, act: str):
         "emb.beta": encoder.emb_norm[1].detach().float().numpy(),
         "split.qkv": np.array([h, h, h], np.int64), "axis.1": np.array([1], np.int64),
         "axis.2": np.array([2], np.int64), "tiny": np.array([1e-9], np.float32),
+        "act.min_range": np.array([255e-30], np.float32),
+        "act.levels": np.array([255.0], np.float32), "act.half": np.array([0.5], np.float32),
+        "act.one": np.array([1.0], np.float32),
     }
     n = []
 
@@ -216,8 +228,29 @@ def _graph(encoder: LeanEncoder, act: str):
         n.append(helper.make_node(op, inputs, outputs, domain="com.microsoft" if ms else "", **attrs))
 
     def product(group, x, y):
-        node("DynamicQuantizeMatMul", [x, f"{group}.weight", f"{group}.scale", f"{group}.zero", f"{group}.bias"],
-             [y], ms=True)
+        if act_quant == "tensor":
+            node("DynamicQuantizeMatMul", [x, f"{group}.weight", f"{group}.scale", f"{group}.zero", f"{group}.bias"],
+                 [y], ms=True)
+            return
+        # per row (token): x ≈ lo + step · q, q = floor((x - lo) / step + 1/2) in [0, 255], step = (hi - lo) / 255;
+        # y = step · (q · (W_q ⊙ μ)ᵀ · scale) + lo · rowsum + b, rowsum[o] = scale[o] · Σ_i (W_q ⊙ μ)[o, i]
+        p = f"{y}.aq"
+        node("ReduceMax", [x], [f"{p}.hi"], axes=[-1], keepdims=1)  # opset 17: axes is an attribute here
+        node("ReduceMin", [x], [f"{p}.lo"], axes=[-1], keepdims=1)
+        node("Sub", [f"{p}.hi", f"{p}.lo"], [f"{p}.range"])
+        node("Max", [f"{p}.range", "act.min_range"], [f"{p}.width"])
+        node("Div", ["act.levels", f"{p}.width"], [f"{p}.inv"])
+        node("Sub", [x, f"{p}.lo"], [f"{p}.shift"])
+        node("Mul", [f"{p}.shift", f"{p}.inv"], [f"{p}.scaled"])
+        node("Add", [f"{p}.scaled", "act.half"], [f"{p}.t"])
+        node("Cast", [f"{p}.t"], [f"{p}.q"], to=TensorProto.UINT8)  # truncation of a value in [0.5, 255.5]
+        node("MatMulIntegerToFloat", [f"{p}.q", f"{group}.weight", "act.one", f"{group}.scale"], [f"{p}.raw"],
+             ms=True)
+        node("Div", [f"{p}.width", "act.levels"], [f"{p}.step"])
+        node("Mul", [f"{p}.raw", f"{p}.step"], [f"{p}.prod"])
+        node("Mul", [f"{p}.lo", f"{group}.rowsum"], [f"{p}.base"])
+        node("Add", [f"{p}.base", f"{group}.bias"], [f"{p}.offset"])
+        node("Add", [f"{p}.prod", f"{p}.offset"], [y])
 
     node("Cast", ["attention_mask"], ["mask32"], to=TensorProto.INT32)
     node("LayerNormalization", ["embedded", "emb.gamma", "emb.beta"], ["x0"], axis=-1,

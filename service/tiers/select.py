@@ -26,21 +26,26 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 """Values of ``SUPERMASK_CPU_RUNTIME``: what runs a CPU hot tier's passes."""
 
 
-def resolve_precision(precision: str) -> str:
-    """The CPU compute precision to use: ``precision`` itself, or for "auto" the one
-    :func:`service.kernels.cpu_features.auto_precision` picks for this CPU.
+def resolve_precision(precision: str, runtime: str = "torch") -> str:
+    """The CPU compute precision to use: ``precision`` itself, or for "auto": "int8" where ONNX Runtime's int8 tier
+    can run (``runtime`` "auto" or "onnxruntime", ONNX Runtime and its contrib ops present) and the CPU has int8
+    dot-product instructions — the fastest tier measured here (README, "CPU precisions and runtimes") — else the
+    one :func:`service.kernels.cpu_features.auto_precision` picks for this CPU and torch.
 
     Raises:
         ValueError: not one of auto, fp32, bf16, int8, or one this torch build / CPU cannot run.
     """
     p = str(precision).strip().lower()
     if p == "auto":
-        return cpu_features.auto_precision(cpu_features.cpu_features(),
-                                           int8_works=cpu_hot.unavailable_reason("int8") is None)
+        feats = cpu_features.cpu_features()
+        if (str(runtime).strip().lower() in ("auto", "onnxruntime") and ort_encoder.unavailable_reason() is None
+                and feats & cpu_features.INT8_DOT_FEATURES):
+            return "int8"
+        return cpu_features.auto_precision(feats, int8_works=cpu_hot.unavailable_reason("int8") is None)
     if p not in cpu_hot.PRECISIONS:
         raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
     reason = cpu_hot.unavailable_reason(p)
-    if reason is not None:
+    if reason is not None and not (p == "int8" and str(runtime).strip().lower() == "onnxruntime"):
         raise ValueError(f"CPU precision {p!r} cannot run here ({reason}); use 'auto' or 'fp32'")
     return p
 
@@ -48,9 +53,9 @@ def resolve_precision(precision: str) -> str:
 def resolve_runtime(runtime: str, precision: str, model: torch.nn.Module | None = None) -> str:
     """The runtime of a CPU tier in ``precision`` (resolved): "onnxruntime" or "torch".
 
-    "auto" is "torch" (ONNX Runtime's int8 tier is opt-in until it meets every accuracy floor; see
-    docs/results.md); "onnxruntime" needs precision int8, the plain BERT layout (``model``, when given) and
-    ONNX Runtime with its int8 contrib ops.
+    "auto" is "onnxruntime" for precision int8 where it can run (ONNX Runtime with its int8 contrib ops, the plain
+    BERT layout of ``model`` when given), else "torch"; "onnxruntime" must run: precision int8, and the same
+    conditions.
 
     Raises:
         ValueError: an unknown runtime, or "onnxruntime" where it cannot run (the message says why).
@@ -58,23 +63,25 @@ def resolve_runtime(runtime: str, precision: str, model: torch.nn.Module | None 
     r = str(runtime).strip().lower()
     if r not in RUNTIMES:
         raise ValueError(f"unknown CPU runtime {runtime!r}; allowed: {', '.join(RUNTIMES)}")
-    if r in ("auto", "torch") or precision == "fp32":
-        if r == "onnxruntime":
-            raise ValueError("CPU runtime 'onnxruntime' serves precision int8; precision is fp32 "
-                             "(set SUPERMASK_CPU_PRECISION=int8)")
+    if r == "torch":
         return "torch"
     if precision != "int8":
+        if r == "auto":
+            return "torch"
         raise ValueError(f"CPU runtime 'onnxruntime' serves precision int8, not {precision!r} "
                          "(set SUPERMASK_CPU_PRECISION=int8)")
     reason = ort_encoder.unavailable_reason()
     if reason is None and model is not None:
         reason = LeanEncoder.unsupported(model)
     if reason is not None:
+        if r == "auto":
+            log.info("int8 runs on torch: ONNX Runtime's int8 tier cannot run here (%s)", reason)
+            return "torch"
         raise ValueError(f"CPU runtime 'onnxruntime' cannot run here ({reason}); use SUPERMASK_CPU_RUNTIME=torch")
     return "onnxruntime"
 
 
-def needs_model_forward(settings_device: str, kernel_path: str, precision: str) -> bool:
+def needs_model_forward(settings_device: str, kernel_path: str, precision: str, runtime: str = "auto") -> bool:
     """Whether an engine built with these settings runs the backbone model's own forward (the fp32 CPU
     tier, the device tier), i.e. cannot use a weights-only backbone (:mod:`backbone.weights_only`).
 
@@ -83,7 +90,7 @@ def needs_model_forward(settings_device: str, kernel_path: str, precision: str) 
     """
     if resolve_device(settings_device, kernel_path).type != "cpu":
         return True
-    return resolve_precision(precision) not in LOW_PRECISIONS
+    return resolve_precision(precision, runtime) not in LOW_PRECISIONS
 
 
 def select_tier(backbone: Backbone, wrap: Callable[[], dict[str, MaskedLinear]], metrics: Metrics, *, cache_bytes: int,
@@ -115,7 +122,7 @@ def select_tier(backbone: Backbone, wrap: Callable[[], dict[str, MaskedLinear]],
 
         return DeviceTier(backbone, wrap(), dev, override, device_slots, metrics)
     choose_path(0.5, kernel_path)  # reject a path that cannot run here before any task is loaded
-    p = resolve_precision(precision)
+    p = resolve_precision(precision, runtime if kernel_path in AUTO else "torch")
     if p in LOW_PRECISIONS and kernel_path not in AUTO:
         raise ValueError(f"kernel path {kernel_path!r} is an fp32 CPU path; it cannot run with CPU precision "
                          f"{p!r} (set SUPERMASK_CPU_PRECISION=fp32 or SUPERMASK_KERNEL_PATH=auto)")

