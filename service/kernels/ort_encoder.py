@@ -169,7 +169,8 @@ class OrtEncoder:
                 raise ValueError(f"group {g}: expected int8 {list(self.shapes[g])}, got {w.dtype} {list(w.shape)}")
             inits.append(numpy_helper.from_array(w.t().contiguous().numpy(), f"{g}.weight"))  # [in, out]
             if self.act_quant == "row":
-                rowsum = w.sum(dim=1, dtype=torch.int32).to(torch.float32) * self._scales[g]
+                # numpy's int8 -> int32 row sum: ~100x faster than torch's (torch 2.13 CPU), the same integers
+                rowsum = torch.from_numpy(w.numpy().sum(axis=1, dtype=np.int32)).to(torch.float32) * self._scales[g]
                 inits.append(numpy_helper.from_array(rowsum.numpy(), f"{g}.rowsum"))
         graph = helper.make_graph(
             self._nodes, "supermask_encoder",
