@@ -351,3 +351,43 @@ def test_v2_inference_is_routed_to_the_replica_holding_its_task(fleet):
     time.sleep(1.5)  # the replica reports its loaded tasks to Serve's routers
     replicas = {httpx.post(f"{base}/v2/models/t1/infer", json=body, timeout=30).headers[REPLICA] for _ in range(6)}
     assert replicas == {first.headers[REPLICA]}
+
+
+def test_sigterm_to_the_process_group_exits_promptly(tiny_backbone_dir, tmp_path):
+    """``supermask serve --ray`` in its own process group; SIGTERM to the whole group (as Ctrl-C or ``timeout``
+    send it) also stops Ray's own processes: the server must exit within its bounded clean-up, not hang ~60 s on
+    a GCS that is gone."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = dict(os.environ, **ENV, SUPERMASK_BACKBONE_PATH=str(tiny_backbone_dir), SUPERMASK_EXAMPLES_DIR="",
+               SUPERMASK_DEVICE="cpu", SUPERMASK_RAY_REPLICA_CPUS="0.25", SUPERMASK_TORCH_THREADS="1",
+               SUPERMASK_LOG_LEVEL="WARNING", RAY_OBJECT_STORE_MEMORY=str(80 * 1024 * 1024))
+    proc = subprocess.Popen([sys.executable, "-m", "supermask", "serve", "--ray", "--host", "127.0.0.1", "--port",
+                             str(port), "--store-dir", str(tmp_path / "store")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.skip(f"the fleet could not start here: {proc.stderr.read().decode()[-500:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the fleet did not answer /healthz within 240 s"
+            time.sleep(1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still running 45 s after SIGTERM to its process group")
+        assert time.monotonic() - t0 < 45
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
