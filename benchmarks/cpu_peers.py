@@ -62,9 +62,9 @@ from benchmarks.peers import onnx_export  # noqa: E402
 from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, machine_busy_cpu_s, own_cpu_s,  # noqa: E402
                                      tree_rss_bytes, write_results)
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-ort", "auto")
-"""This server's variants: ``SUPERMASK_CPU_PRECISION`` values, and ``int8-ort`` = precision int8 on the ONNX
-Runtime tier (``SUPERMASK_CPU_RUNTIME=onnxruntime``)."""
+PRECISIONS = ("fp32", "bf16", "int8", "int8-torch", "auto")
+"""This server's variants: ``SUPERMASK_CPU_PRECISION`` values (int8 runs on the ONNX Runtime tier where it can), and
+``int8-torch`` = precision int8 on the torch tier (``SUPERMASK_CPU_RUNTIME=torch``)."""
 PEERS = ("hf-fp32", "hf-int8", "ort-int8", "ort-int8-concurrent")
 """``ort-int8-concurrent`` is ``ort-int8`` as its users serve it: a plain FastAPI ``def`` route, requests running
 concurrently in the thread pool (an ONNX Runtime session is thread-safe); the others run one pass at a time."""
@@ -413,8 +413,8 @@ def markdown(res: dict) -> str:
         md += ["Not run: " + "; ".join(f"{k}: {why}" for k, why in res["skipped"].items()), ""]
     md += ["## Every round", "", *per_round_table(servers, specs), "",
            "## What was measured", "",
-           f"* **supermask-<p>**: `supermask serve` with `SUPERMASK_CPU_PRECISION=<p>` (`int8-ort`: int8 on the ONNX "
-           f"Runtime tier, `SUPERMASK_CPU_RUNTIME=onnxruntime`; in brackets: the precision "
+           f"* **supermask-<p>**: `supermask serve` with `SUPERMASK_CPU_PRECISION=<p>` (int8 runs on the ONNX Runtime "
+           f"tier; `int8-torch`: int8 on the torch tier, `SUPERMASK_CPU_RUNTIME=torch`; in brackets: the precision "
            f"its /healthz reports, where it differs, as for auto), every other setting at its default{extra}"
            f" (dynamic batching on; the bf16/int8 hot tier's byte budget: `healthz_end` in the JSON says how many "
            f"tasks were hot at the end); tasks: random-mask tasks over the real int8 backbone "
@@ -599,7 +599,7 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
                 env["SUPERMASK_BACKBONE_PATH"] = str(backbone)
             env.update(args.server_env)
             for p in args.precisions:
-                variant = (dict(SUPERMASK_CPU_PRECISION="int8", SUPERMASK_CPU_RUNTIME="onnxruntime") if p == "int8-ort"
+                variant = (dict(SUPERMASK_CPU_PRECISION="int8", SUPERMASK_CPU_RUNTIME="torch") if p == "int8-torch"
                            else dict(SUPERMASK_CPU_PRECISION=p))
                 servers.append(Server(f"supermask-{p}", True, names, cmd, dict(env, **variant)))
     peer_names = [f"synthetic-{i:02d}" for i in range(n_peer)]
@@ -645,7 +645,9 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
                 results[s.name]["rounds"].append({"error": err, "log_tail": tail})
 
     for s in results.values():  # what the server says it ran ('auto' resolves to a precision)
-        s["precision_served"] = next((r["healthz"].get("precision") for r in s["rounds"] if "healthz" in r), None)
+        served = next((r["healthz"] for r in s["rounds"] if "healthz" in r), {})
+        s["precision_served"] = (served.get("precision") if served.get("runtime", "torch") == "torch"
+                                 else f"{served.get('precision')} on {served.get('runtime')}") if served else None
     specs = figure_specs(args.tasks_list)
     best = aggregate(results, specs)
     res = {

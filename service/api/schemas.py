@@ -158,7 +158,8 @@ class ReadyPublic(BaseModel):
 class HealthPublic(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"status": "ok", "quarantined": [], "backbone": "all-MiniLM-L6-v2", "backbone_fingerprint": "9c1d…",
-         "tasks": 6, "resident_tasks": 2, "device": "cpu", "precision": "int8", "hot_tasks": 2}]})
+         "tasks": 6, "resident_tasks": 2, "device": "cpu", "precision": "int8", "runtime": "onnxruntime",
+         "hot_tasks": 2}]})
 
     status: str = Field(description="ok, or degraded when corrupt stored bundles were quarantined.")
     quarantined: list[str] = Field(default_factory=list, description="Tasks whose stored bundle was found corrupt.")
@@ -168,6 +169,7 @@ class HealthPublic(BaseModel):
     resident_tasks: int
     device: str
     precision: str = Field(description="CPU compute precision (fp32, bf16, int8), or 'device' on the GPU tier.")
+    runtime: str = Field("torch", description="What runs the passes: torch, or onnxruntime (the int8 CPU tier).")
     hot_tasks: int | None = Field(None, description="Tasks in the CPU hot tier (bf16 / int8 only).")
 
 

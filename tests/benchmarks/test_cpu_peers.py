@@ -18,7 +18,7 @@ from benchmarks.peers.procs import tree_pids, tree_rss_bytes
 def test_smoke_shrinks_the_defaults_and_explicit_options_win():
     full = cpu_peers.parse_args([])
     assert (full.rounds, full.tasks_list, full.precisions, full.peers) == (
-        3, [1, 6, 20, 100], ["fp32", "bf16", "int8", "auto"], ["hf-fp32", "hf-int8", "ort-int8"])
+        3, [1, 6, 20, 100], ["fp32", "bf16", "int8", "auto"], ["hf-fp32", "hf-int8", "ort-int8", "ort-int8-concurrent"])
     smoke = cpu_peers.parse_args(["--smoke", "--requests", "7", "--tasks-list", "4,1,4"])
     assert (smoke.rounds, smoke.requests, smoke.tasks_list) == (1, 7, [1, 4])
     assert smoke.out.endswith("cpu_peers_smoke")
