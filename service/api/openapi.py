@@ -146,6 +146,15 @@ def _with_limits(doc: dict[str, Any], settings: Settings) -> None:
     for name in ("PredictIn", "FanOutIn"):
         if name in schemas:
             schemas[name]["properties"]["inputs"] = inputs
+    if "TeiPredictIn" in schemas:  # text-embeddings-inference's shapes (service/api/tei.py)
+        schemas["TeiPredictIn"]["properties"]["inputs"] = {
+            "anyOf": [text, pair, rows | {"items": {"anyOf": [text, pair, single["anyOf"][1]]}}],
+            "description": 'One text, one ["text_a", "text_b"] pair, or a batch: [["text"], ["text_a", "text_b"], '
+                           "...] (a list of exactly two texts is one pair).", "examples": ["What is Deep Learning?"]}
+    if "TeiEmbedIn" in schemas:
+        schemas["TeiEmbedIn"]["properties"]["inputs"] = {"anyOf": [text, rows | {"items": text}],
+                                                         "description": "One text or a list of texts.",
+                                                         "examples": ["What is Deep Learning?"]}
     if "FanOutIn" in schemas:
         task = {"type": "string", "pattern": TASK_NAME_REGEX}
         schemas["FanOutIn"]["properties"]["tasks"] = {

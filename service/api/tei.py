@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import __version__
 from service.api.deps import State
-from service.api.openapi import errors
+from service.api.openapi import TASK_NAME_REGEX, errors
 from service.api.routes import _rows
 from service.api.schemas import PredictIn
 from service.engine import PredictOptions, PredictRequest
@@ -55,8 +55,9 @@ REGRESSION_LABEL = "LABEL_0"
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "device": "float16"}
 
 Direction = Literal["right", "left", "Right", "Left"]  # TEI's enum is "Left" / "Right", its default "right"
-TaskHeader = Annotated[str | None, Header(alias=TASK_HEADER, description="The task to answer with (else "
-                                          "SUPERMASK_TEI_TASK; /embed: the plain backbone).")]
+TaskHeader = Annotated[str | None, Header(alias=TASK_HEADER, pattern=TASK_NAME_REGEX, examples=["SST-2"],
+                                          description="The task to answer with (else SUPERMASK_TEI_TASK; /embed: "
+                                                      "the plain backbone).")]
 
 
 class TeiPredictIn(BaseModel):
@@ -74,7 +75,7 @@ class TeiPredictIn(BaseModel):
 
 
 class TeiEmbedIn(BaseModel):
-    """TEI's ``EmbedRequest`` (see the module docstring; ``prompt_name`` is not supported)."""
+    """TEI's ``EmbedRequest`` (see the module docstring; ``prompt_name`` is not supported: a 422 unless null)."""
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
         {"inputs": "What is Deep Learning?"}, {"inputs": ["a text", "another"], "normalize": False}]})
@@ -83,7 +84,7 @@ class TeiEmbedIn(BaseModel):
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: Direction = "right"
-    prompt_name: str | None = None
+    prompt_name: None = Field(None, description="Not supported (this backbone has no prompts): null or absent.")
 
 
 class TeiPrediction(BaseModel):
@@ -144,8 +145,6 @@ async def embed(body: TeiEmbedIn, state: State, task: TaskHeader = None) -> Any:
     """TEI's ``POST /embed``: mean-pooled sentence embeddings ``[texts][hidden]`` of the backbone (the header's task:
     through its supermask), float32, L2-normalised unless ``normalize`` is false."""
     s = state.settings
-    if body.prompt_name is not None:
-        raise InputInvalid("prompt_name is not supported: this backbone has no prompts; prepend the text yourself")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     rows = _rows(PredictIn(inputs=texts), s.max_inputs_per_request, s.max_input_chars)
     direction = body.truncation_direction.lower()

@@ -374,7 +374,7 @@ async def config_version(task: TaskName, state: State, version: Version) -> Any:
 
 @router.post("/repository/index", responses=errors(422, 503, oip=True), openapi_extra={"requestBody": {
     "required": False, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"ready": {"type": "boolean"}}}}}}})
+        "type": "object", "properties": {"ready": {"type": "boolean"}}, "example": {"ready": True}}}}}})
 async def repository_index(request: Request, state: State) -> Any:
     """Triton's model repository index (``tritonclient``'s ``get_model_repository_index``): every stored task as
     ``{"name", "version": "1", "state": "READY", "reason": ""}``, by name (a stored task is ready: it loads on first

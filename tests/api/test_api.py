@@ -179,7 +179,7 @@ def test_admin_disabled_without_token(tiny_backbone, tmp_path):
         ({"inputs": ["y" * 201]}, "limit of 200"),
         ({"inputs": [""]}, "empty text"),
         ({"inputs": [["a", "b", "c"]]}, "3 texts"),
-        ({"inputs": "not a list"}, "inputs"),
+        ({"inputs": 3}, "inputs"),  # one text alone is one input now; a number is not
         ({}, "inputs"),
     ],
 )

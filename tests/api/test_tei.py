@@ -247,3 +247,25 @@ def test_docs_served_from_this_server(server):
         r = server.get(asset)
         assert r.status_code == 200 and len(r.content) > 10_000
     assert server.get("/redoc").status_code == 404  # ReDoc loaded from a CDN only: not offered
+
+
+def test_huggingface_inference_client_unchanged(tiny_backbone, tmp_path, monkeypatch):
+    """Hugging Face's TEI client (``huggingface_hub.InferenceClient`` pointed at a URL) against /predict and /embed:
+    the body it sends (``parameters`` included) is taken and its parser reads the answers."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    # the hub's offline switch refuses every request, loopback included; this client talks to nothing but it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    app = create_app(_settings(tmp_path, tei_task="toy"), backbone=tiny_backbone)
+    with live_server(app) as url:
+        with httpx.Client(base_url=url) as c:
+            _upload(c, tiny_backbone)
+            want = c.post("/v1/tasks/toy/predict", json={"inputs": ["a lovely film"]}).json()["predictions"][0]
+            vec = c.post("/embed", json={"inputs": "a lovely film"}).json()
+        out = InferenceClient(f"{url}/predict").text_classification("a lovely film")
+        top = out[0] if isinstance(out, list) else out  # huggingface_hub takes the first of TEI's flat list
+        assert (top.label, top.score) == (want["label"], pytest.approx(want["score"], abs=1e-6))
+        emb = InferenceClient(f"{url}/embed").feature_extraction("a lovely film")
+        assert emb.shape == (1, tiny_backbone.hidden_size)
+        np.testing.assert_allclose(emb, np.array(vec), atol=1e-6)
