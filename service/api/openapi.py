@@ -146,7 +146,7 @@ def _with_limits(doc: dict[str, Any], settings: Settings) -> None:
     for name in ("PredictIn", "FanOutIn"):
         if name in schemas:
             schemas[name]["properties"]["inputs"] = inputs
-    if "TeiPredictIn" in schemas:  # text-embeddings-inference's shapes (service/api/tei.py)
+    if "TeiPredictIn" in schemas:  # text-embeddings-inference's (service/api/tei.py)
         schemas["TeiPredictIn"]["properties"]["inputs"] = {
             "anyOf": [text, pair, rows | {"items": {"anyOf": [text, pair, single["anyOf"][1]]}}],
             "description": 'One text, one ["text_a", "text_b"] pair, or a batch: [["text"], ["text_a", "text_b"], '

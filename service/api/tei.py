@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import __version__
 from service.api.deps import State
+from service.api.limits import FLOAT_CHARS, check_reply, predict_reply_bytes
 from service.api.openapi import TASK_NAME_REGEX, errors
 from service.api.routes import _rows
 from service.api.schemas import PredictIn
@@ -129,6 +130,9 @@ async def predict(body: TeiPredictIn, state: State, task: TaskHeader = None) -> 
     if single and isinstance(inputs[0], list) and not header.text_pairs:
         raise InputInvalid(f"task {name!r} takes single texts, and TEI reads a list of two texts as one pair: send "
                            '[["text"], ["text"]] for two texts')
+    # TEI's reply is smaller than /v1's for the same rows (no "scores", no "task"): /v1's bound bounds it
+    check_reply(predict_reply_bytes(name, header, len(rows), True, None), s.max_response_bytes,
+                f"this /predict of {name!r}")
     if header.problem_type == "regression":
         if body.raw_scores:
             raise InputInvalid(f"task {name!r} is a regression task: raw_scores applies only to classification")
@@ -148,6 +152,7 @@ async def embed(body: TeiEmbedIn, state: State, task: TaskHeader = None) -> Any:
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     rows = _rows(PredictIn(inputs=texts), s.max_inputs_per_request, s.max_input_chars)
     direction = body.truncation_direction.lower()
+    check_reply(len(rows) * (state.backbone.hidden_size * (FLOAT_CHARS + 1) + 3), s.max_response_bytes, "this /embed")
     vectors = await state.engine.admitted(run_in_threadpool(
         state.engine.embed, task, rows, truncate=body.truncate is not False, truncation_direction=direction))
     if body.normalize:

@@ -92,7 +92,8 @@ def test_tei_predict_shapes(server):
     batch = server.post("/predict", json={"inputs": [["a lovely film"], ["a dreadful film"]]}, headers=TASK)
     assert batch.json() == [p["top"] for p in ours]
     raw = server.post("/predict", json={"inputs": "a lovely film", "raw_scores": True}, headers=TASK).json()
-    logits = {p["label"]: p["score"] for p in v1(server, "toy", ["a lovely film"], raw_scores=True, top_k=None)[0]["top"]}
+    top = v1(server, "toy", ["a lovely film"], raw_scores=True, top_k=None)[0]["top"]
+    logits = {p["label"]: p["score"] for p in top}
     assert {p["label"]: p["score"] for p in raw} == logits
 
 
@@ -193,6 +194,19 @@ def test_embed_bad_inputs(server):
     r = server.post("/embed", json={"inputs": "a", "prompt_name": "query"})
     assert r.status_code == 422 and "prompt_name" in r.json()["error"]["message"]
     assert server.post("/embed", json={"inputs": "a"}, headers={"X-Supermask-Task": "nope"}).status_code == 404
+    r = server.post("/embed", json={"inputs": "a"}, headers={"X-Supermask-Task": "no/such"})
+    assert r.status_code == 422  # not a task name
+
+
+def test_replies_over_the_response_limit_are_refused_before_work(tiny_backbone, tmp_path):
+    with TestClient(create_app(_settings(tmp_path, max_response_bytes=2000), backbone=tiny_backbone)) as client:
+        _upload(client, tiny_backbone)
+        assert client.post("/embed", json={"inputs": ["a"]}).status_code == 200  # 32 floats
+        r = client.post("/embed", json={"inputs": ["a", "b", "c"]})
+        assert r.status_code == 422 and "SUPERMASK_MAX_RESPONSE_BYTES" in r.json()["error"]["message"]
+        assert client.post("/predict", json={"inputs": "a"}, headers=TASK).status_code == 200
+        r = client.post("/predict", json={"inputs": [["a"]] * 8}, headers=TASK)
+        assert r.status_code == 422 and "SUPERMASK_MAX_RESPONSE_BYTES" in r.json()["error"]["message"]
 
 
 # ---- Open Inference Protocol v2: model config and repository index through tritonclient -------------------------
