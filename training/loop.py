@@ -48,7 +48,8 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
               desc: str, progress: bool = True, device: torch.device | str = "cpu",
               clip_norm: float | None = None, stop_on_interrupt: bool = False,
               on_epoch_end: Callable[[int, int], bool | None] | None = None,
-              deadline: float | None = None, status: dict | None = None) -> list[float]:
+              deadline: float | None = None, status: dict | None = None,
+              checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[float]:
     """``total_steps`` AdamW steps over reshuffled epochs with linear warm-up then linear decay
     (``transformers.get_linear_schedule_with_warmup``). Returns the loss of every step.
 
@@ -63,6 +64,12 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
     ``deadline``: a ``time.monotonic()`` value; no step starts after it (``--max-minutes``).
     ``status``: entries shown beside the loss on the progress bar (e.g. the held-out metric that
     ``on_epoch_end`` writes into it).
+
+    ``checkpoint(state)``: called after every complete pass (after ``on_epoch_end``) with the loop's own
+    state, ``{"epoch", "losses", "scheduler", "order_generator", "torch_rng"}`` (the learning-rate schedule's
+    ``state_dict``, the data-order generator's and the global torch generator's states): what, with the
+    model and optimizer, a run needs to continue exactly. ``resume``: such a state; the loop continues from
+    it (the returned losses include the earlier ones), giving the steps an uninterrupted run would.
 
     Raises:
         ValueError: an empty training set, or ``total_steps`` / ``batch_size`` below 1.
@@ -79,8 +86,16 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
     params = [p for group in opt.param_groups for p in group["params"]]
     model.train()
     losses: list[float] = []
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
     epoch = 0
+    if resume is not None:
+        losses = list(resume["losses"])
+        epoch = int(resume["epoch"])
+        sched.load_state_dict(resume["scheduler"])
+        for group, lr in zip(opt.param_groups, sched.get_last_lr()):  # load_state_dict leaves the groups' lr
+            group["lr"] = lr
+        gen.set_state(resume["order_generator"])
+        torch.set_rng_state(resume["torch_rng"])
+    bar = tqdm(total=total_steps, initial=len(losses), desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         while len(losses) < total_steps:
             order = torch.randperm(len(train_set), generator=gen).tolist()
@@ -106,6 +121,9 @@ def run_steps(model: nn.Module, task: GlueTask, train_set: list[Example], tokeni
             if complete and on_epoch_end is not None:
                 stop = on_epoch_end(epoch, len(losses))
                 model.train()
+                if checkpoint is not None:
+                    checkpoint({"epoch": epoch, "losses": list(losses), "scheduler": sched.state_dict(),
+                                "order_generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
                 if stop:
                     break
                 if status:

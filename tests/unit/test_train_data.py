@@ -378,3 +378,41 @@ def test_any_local_bert_encoder_trains_and_a_server_on_another_backbone_refuses_
     with pytest.raises(BackboneMismatch):
         store.put("toy", open(res.bundle_path, "rb").read(), tiny_backbone.fingerprint)
     assert store.tasks() == []
+
+
+def test_an_interrupted_run_resumes_from_its_run_folder_and_ends_as_an_uninterrupted_one(tmp_path, tiny_backbone_dir,
+                                                                                         monkeypatch):
+    import training.loop
+    from training.trainer import train
+
+    f = _write_csv(tmp_path / "t.csv", _rows(20))
+    kw = dict(train_file=f, max_steps=None, epochs=4.0, scale_schedule=False, patience=10, save_scores=False)
+    whole = train(_cfg(tmp_path / "a", tiny_backbone_dir, **kw), progress=False)  # 5 steps an epoch, 20 steps
+
+    calls = {"n": 0}
+    real_encode = training.loop.encode
+
+    def ctrl_c_in_epoch_3(*a, **k):  # batches encoded: 5 per epoch, then 1 held-out evaluation; the 15th is
+        calls["n"] += 1             # epoch 3's third, after the checkpoint of epoch 2
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return real_encode(*a, **k)
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(training.loop, "encode", ctrl_c_in_epoch_3)
+    cut = train(_cfg(tmp_path / "b", tiny_backbone_dir, run_dir=str(run_dir), **kw), progress=False)
+    monkeypatch.setattr(training.loop, "encode", real_encode)
+    assert cut.interrupted and cut.steps == 12 and (run_dir / "checkpoint.pt").is_file()
+
+    with pytest.raises(ValueError, match="differing: head_lr"):
+        train(_cfg(tmp_path / "c", tiny_backbone_dir, run_dir=str(run_dir), head_lr=0.5, **kw), progress=False)
+    resumed = train(_cfg(tmp_path / "b", tiny_backbone_dir, run_dir=str(run_dir), **kw), progress=False)
+    assert not resumed.interrupted and resumed.steps == whole.steps == 20
+    assert resumed.losses == whole.losses  # the steps an uninterrupted run takes
+    a = decode_bundle(open(whole.bundle_path, "rb").read())
+    b = decode_bundle(open(resumed.bundle_path, "rb").read())
+    for m in a.header.masks:
+        assert np.array_equal(a.mask_array(m.name), b.mask_array(m.name))
+    for k in a.head:
+        assert np.array_equal(np.array(a.head[k]), np.array(b.head[k]))
+    assert not (run_dir / "checkpoint.pt").exists()  # complete: nothing left to resume
