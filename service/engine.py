@@ -502,6 +502,9 @@ class Engine:
         at most the tokenizer's ``model_max_length``), and run as passes of at most ``max_batch_size`` rows of
         the engine's tier (:meth:`service.tiers.base.Tier.pooled`), under the pass lock.
 
+        No task is served as a task named ``<backbone>`` (not a valid task name) with no masks and no head, built
+        once: like a task it takes a hot-tier entry or a device slot, and appears in their metrics under that name.
+
         Returns:
             float32 ``[len(rows), hidden]`` on the CPU, not normalised.
         Raises:
