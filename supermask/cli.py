@@ -497,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "header; else its name)")
     e.add_argument("--scores", help="mask scores file written by train (enables Bernoulli samples); "
                    "default: <bundle>.scores.safetensors if present")
-    e.add_argument("--samples", type=non_negative_int, default=10, help="Bernoulli samples (needs the scores)")
+    e.add_argument("--samples", type=non_negative_int,
+                   help="Bernoulli samples (needs the scores; default: 10 for a GLUE task, 0 for your own data)")
     e.add_argument("--bernoulli-per", choices=BERNOULLI_PER, default="batch",
                    help="how each Bernoulli sample draws its masks: 'batch', a fresh mask per batch of 64 "
                         "examples (the figures recorded at training time); 'mask', one mask for the whole dev set "

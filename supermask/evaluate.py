@@ -60,7 +60,7 @@ def recorded_config(training: dict, need_task: bool) -> tuple[str | None, int]:
 
 
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
-                    samples: int = 10, dev_limit: int | None = None, glue_task: str | None = None,
+                    samples: int | None = 10, dev_limit: int | None = None, glue_task: str | None = None,
                     batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32", runtime: str = "auto",
                     identical_pairs: int = 200, test_file: str | None = None, text_column: str | None = None,
                     text_pair_column: str | None = None, label_column: str | None = None) -> dict:
@@ -151,6 +151,8 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         result["identical_pairs"] = {"n": len(identical), "mean": float(identical.mean()),
                                      "min": float(identical.min()), "share_at_least_4": float((identical >= 4).mean())}
     spath = Path(scores) if scores else scores_path(bundle_path)
+    if samples is None:  # as at training time: 10 Bernoulli samples for a GLUE task, none for the user's own data
+        samples = 0 if "data" in header.training else 10
     if samples > 0 and spath.is_file():
         result["bernoulli"] = _bernoulli(spath, bundle, backbone, bits, task, dev, samples, batch_size, bernoulli_per)
         result["bernoulli_per"] = bernoulli_per

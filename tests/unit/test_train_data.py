@@ -416,3 +416,17 @@ def test_an_interrupted_run_resumes_from_its_run_folder_and_ends_as_an_uninterru
     for k in a.head:
         assert np.array_equal(np.array(a.head[k]), np.array(b.head[k]))
     assert not (run_dir / "checkpoint.pt").exists()  # complete: nothing left to resume
+
+
+def test_evaluate_command_on_a_test_file_skips_bernoulli_samples_by_default(tmp_path, tiny_backbone_dir, capsys):
+    rows = _rows(16)
+    test = _write_csv(tmp_path / "test.csv", rows[:8])
+    res, _ = _run(tmp_path, tiny_backbone_dir, train_file=_write_csv(tmp_path / "t.csv", rows), test_file=test,
+                  save_scores=True, linear_probe=False)
+    assert (tmp_path / "toy.smask.scores.safetensors").is_file()
+    capsys.readouterr()
+    assert cli.main(["evaluate", res.bundle_path, "--test-file", test, "--backbone", str(tiny_backbone_dir)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "test" and "bernoulli" not in out and set(out["deterministic"]) == {"accuracy", "macro_f1",
+                                                                                                  "mcc"}
+    assert out["deterministic"] == pytest.approx(out["recorded"])
