@@ -241,7 +241,8 @@ def infer_task(name: str, ds, source: str, *, text_column: str | None = None, te
     else:
         raw = [_label_text(v, label, source, i) for i, v in enumerate(ds[label])]
         values = set(raw)
-        seen = sorted(values, key=int) if _is_int(feature) else sorted(values)
+        numeric = _is_int(feature) and _dtype(feature) != "bool"
+        seen = sorted(values, key=int) if numeric else sorted(values)
     if labels:
         if len(set(labels)) != len(labels):
             raise DataError(f"--labels repeats a name: {','.join(labels)}")

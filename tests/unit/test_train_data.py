@@ -430,3 +430,17 @@ def test_evaluate_command_on_a_test_file_skips_bernoulli_samples_by_default(tmp_
     assert out["split"] == "test" and "bernoulli" not in out and set(out["deterministic"]) == {"accuracy", "macro_f1",
                                                                                                   "mcc"}
     assert out["deterministic"] == pytest.approx(out["recorded"])
+
+
+def test_parquet_tsv_and_csv_read_the_same_examples_and_bool_labels_work(tmp_path):
+    import datasets
+
+    rows = _rows(10, ("neg", "neutral", "pos"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    got = [load_task_data("t", train_file=f) for f in (_write_csv(tmp_path / "d.csv", rows),
+                                                        _write_csv(tmp_path / "d.tsv", rows, "\t"),
+                                                        str(tmp_path / "d.parquet"))]
+    for other in got[1:]:
+        assert other.task.labels == got[0].task.labels and other.train == got[0].train
+    flags = _write_jsonl(tmp_path / "b.jsonl", [{"text": f"row {i}", "label": i % 3 == 0} for i in range(6)])
+    assert load_task_data("b", train_file=flags).task.labels == ("False", "True")
