@@ -86,6 +86,10 @@ class Engine:
         hot_cache_bytes: byte budget of the CPU hot tier (bf16 / int8 only).
         runtime: what runs a CPU hot tier: "torch", "onnxruntime" (int8 only: :mod:`service.tiers.onnxruntime`)
             or "auto" (:func:`service.tiers.select.resolve_runtime`).
+        pinned_tasks: tasks never evicted from the host cache or the hot tier.
+        hot_promote_after, hot_promote_window_s: a task is kept in the hot tier from its ``hot_promote_after``-th
+            request within that many seconds (before: built for its pass only; see
+            :class:`service.hot_tier.HotCache`).
         batching: cross-request micro-batching (:class:`service.batcher.MicroBatcher`) for
             :meth:`predict_async`; False runs each request alone.
         batch_wait_ms: with batching, how long a request arriving at an idle server waits for company.
@@ -106,6 +110,7 @@ class Engine:
                  max_batch_size: int = 32, kernel_path: str = "auto", device: str = "auto",
                  device_slots: int = 16, batching: bool = False, batch_wait_ms: float = 0.0, precision: str = "fp32",
                  hot_cache_bytes: int = 256 * 1024 * 1024, *, runtime: str = "auto",
+                 pinned_tasks: Sequence[str] = (), hot_promote_after: int = 1, hot_promote_window_s: float = 60.0,
                  emulate_device_path: str | None = None,
                  max_queued_requests: int | None = None, request_timeout_s: float | None = None):
         self.backbone = backbone
@@ -119,7 +124,9 @@ class Engine:
         #: the tier every pass runs on (:mod:`service.tiers`), chosen once from these settings
         self.compute_tier = select_tier(backbone, self._wrap, metrics, cache_bytes=cache_bytes, kernel_path=kernel_path,
                                 device=device, device_slots=device_slots, precision=precision, runtime=runtime,
-                                hot_cache_bytes=hot_cache_bytes, emulate_device_path=emulate_device_path)
+                                hot_cache_bytes=hot_cache_bytes, emulate_device_path=emulate_device_path,
+                                hot_policy=dict(pinned=tuple(pinned_tasks), promote_after=hot_promote_after,
+                                                window_s=hot_promote_window_s))
         self.device = self.compute_tier.device
         #: CPU compute precision ("fp32", "bf16", "int8"); "device" on the device tier
         self.precision = self.compute_tier.precision
@@ -130,7 +137,7 @@ class Engine:
         self.builder = TaskBuilder(backbone, self.compute_tier.weights, cache_bytes, kernel_path=kernel_path,
                                    device=self.device if self.compute_tier.warm_form == "device" else None,
                                    packed=self.compute_tier.warm_form == "packed")
-        self.tasks = TaskTable(store, self.builder, metrics, on_drop=self._forget)
+        self.tasks = TaskTable(store, self.builder, metrics, on_drop=self._forget, pinned=pinned_tasks)
         self.forward = Forward(backbone, self.compute_tier, max_batch_size)
         #: where the passes of predict_async run. The hot tier: one dedicated thread (its passes, mostly small
         #: and run on one intra-op thread, measured b32 66 vs 85 ms on a pool thread); fp32: the event loop's
@@ -179,10 +186,17 @@ class Engine:
         return self.tasks.is_resident(task)
 
     def status(self) -> dict:
-        """For health checks: ``{"device", "precision", "runtime", "resident_tasks", "hot_tasks"}``."""
+        """For health checks: ``{"device", "precision", "runtime", "resident_tasks", "hot_tasks", "tiers"}``;
+        ``tiers`` has ``{"tasks", "bytes", "capacity_bytes", "evictions"}`` per tier ("warm", and "hot" where the
+        tier has one, with its pinned tasks)."""
+        cache = self.tasks.cache
+        tiers = {"warm": {"tasks": len(cache.tasks), "bytes": cache.used_bytes, "capacity_bytes": cache.capacity_bytes,
+                          "evictions": self.tasks.evictions}}
+        if self.hot is not None:
+            tiers["hot"] = self.hot.status()
         return {"device": str(self.device), "precision": self.precision, "runtime": self.compute_tier.runtime,
                 "resident_tasks": len(self.tasks.resident()),
-                "hot_tasks": len(self.hot.tasks) if self.hot is not None else None}
+                "hot_tasks": len(self.hot.tasks) if self.hot is not None else None, "tiers": tiers}
 
     def header(self, task: str) -> BundleHeader:
         """The header of ``task`` (the resident one, else read from the store; no torch work).

@@ -31,10 +31,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from cachetools import TTLCache
 
 from service.kernels.cpu_hot import HotWeight, materialize
 from service.kernels.packing import unpack_bits
@@ -42,6 +44,14 @@ from service.metrics import Metrics
 from service.tasks import LoadedTask, TaskCache, release_freed_memory
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Flight:
+    """One hot form being built: waiters block on ``done``, then use ``form`` (None: the build failed)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    form: Any = None
 
 
 @dataclass
@@ -86,15 +96,28 @@ class HotCache:
     Args:
         capacity_bytes: byte budget (> 0); a task larger than the whole budget is built for its pass only.
         metrics: promotions and residency are recorded here (None: nothing recorded).
+        pinned: tasks never evicted (``SUPERMASK_PINNED_TASKS``); promoted on first use.
+        promote_after: a task is kept hot from its ``promote_after``-th request within ``window_s`` seconds;
+            before that its form is built for its pass only and nothing is evicted for it (1: on first use). A task
+            seen once — one request of a long tail — then costs no other task its place.
     """
 
-    def __init__(self, capacity_bytes: int, metrics: Metrics | None = None):
+    def __init__(self, capacity_bytes: int, metrics: Metrics | None = None, pinned: Collection[str] = (),
+                 promote_after: int = 1, window_s: float = 60.0):
         if capacity_bytes <= 0:
             raise ValueError(f"hot tier capacity must be > 0 bytes, got {capacity_bytes}")
+        if promote_after < 1:
+            raise ValueError(f"promote_after must be >= 1, got {promote_after}")
         self.metrics = metrics
+        self.pinned = frozenset(pinned)
+        self.promote_after = promote_after
+        #: task -> requests that found it not hot within the last ``window_s`` seconds (bounded: a scan of many
+        #: names forgets the oldest)
+        self._seen: TTLCache = TTLCache(maxsize=100_000, ttl=window_s)
+        self.evictions = 0
         self._lru = TaskCache(capacity_bytes)  # task -> HotTask
         self._lock = threading.Lock()  # guards _lru / _promoting; never held while materialising
-        self._promoting: dict[tuple[str, tuple], threading.Event] = {}
+        self._promoting: dict[tuple[str, tuple], _Flight] = {}
         if metrics is not None:
             metrics.hot_capacity_bytes.set(capacity_bytes)
             self._gauges()
@@ -131,34 +154,55 @@ class HotCache:
                     return hot.form
                 flight = self._promoting.get(key)
                 if flight is None:
-                    flight = self._promoting[key] = threading.Event()
+                    flight = self._promoting[key] = _Flight()
+                    seen = self._seen.get(task, 0) + 1
+                    self._seen[task] = seen
+                    keep = seen >= self.promote_after or task in self.pinned
                     break
-            flight.wait()  # another thread is materialising it; then look again
+            flight.done.wait()  # another thread is materialising it: its form serves this pass too
+            if flight.form is not None:
+                return flight.form
         try:
             t0 = time.perf_counter()
             form, nbytes = self._promote(task, entry)
             seconds = time.perf_counter() - t0
+            flight.form = form
             if self.metrics is not None:
                 self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
-            log.debug("promoted task %s to the hot tier in %.1f ms (%d bytes)", task, seconds * 1e3, nbytes)
+            log.debug("built task %s's hot form in %.1f ms (%d bytes; %s)", task, seconds * 1e3, nbytes,
+                      "kept" if keep else "this pass only")
             with self._lock:
-                self._insert(task, HotTask(entry.identity, form, nbytes))
+                kept = keep and self._insert(task, HotTask(entry.identity, form, nbytes))
+                if kept:
+                    self._seen.pop(task, None)
+            if self.metrics is not None:
+                self.metrics.hot_admissions.labels("promoted" if kept else "pass_only").inc()
         finally:
             with self._lock:
                 del self._promoting[key]
-            flight.set()
+            flight.done.set()
         release_freed_memory()
         return form
 
-    def _insert(self, task: str, hot: HotTask) -> None:
-        """Put ``hot`` in the LRU, evicting the least recently used beyond the budget (caller holds the lock)."""
+    def _insert(self, task: str, hot: HotTask) -> bool:
+        """Put ``hot`` in the LRU, evicting the least recently used unpinned tasks beyond the budget; False when
+        it does not fit (caller holds the lock)."""
         self._pop(task)
-        if hot.nbytes > self.capacity_bytes:
-            log.warning("task %s needs %d hot bytes, more than SUPERMASK_HOT_CACHE_BYTES=%d: materialised for "
-                        "this pass only", task, hot.nbytes, self.capacity_bytes)
-            return
-        self._lru.put(task, hot)
+        evicted = self._lru.put(task, hot, self.pinned)
+        if evicted is None:
+            log.warning("task %s needs %d hot bytes, more than SUPERMASK_HOT_CACHE_BYTES=%d leaves beside the pinned "
+                        "tasks: materialised for this pass only", task, hot.nbytes, self.capacity_bytes)
+            return False
+        self.evictions += len(evicted)
+        if self.metrics is not None and evicted:
+            self.metrics.hot_evictions.inc(len(evicted))
         self._gauges()
+        return True
+
+    def status(self) -> dict:
+        """For ``/healthz``: ``{"tasks", "bytes", "capacity_bytes", "evictions", "pinned"}`` of the hot tier."""
+        return {"tasks": len(self.tasks), "bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes,
+                "evictions": self.evictions, "pinned": sorted(self.pinned)}
 
     def drop(self, task: str) -> None:
         """Forget ``task``'s materialised weights (no-op when it is not hot)."""
@@ -190,15 +234,15 @@ class HotTier(HotCache):
     Args:
         matrices: module name → ``(w_q int8 [out, in], scale float32 [out], bias [out] or None)``.
         precision: "bf16" or "int8" (see :mod:`service.kernels.cpu_hot`).
-        capacity_bytes, metrics: as :class:`HotCache`.
+        capacity_bytes, metrics, policy (``pinned``, ``promote_after``, ``window_s``): as :class:`HotCache`.
         groups: product group → its member modules (same ``in``, concatenated along ``out`` in this
             order); None: every module its own group.
     """
 
     def __init__(self, matrices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
                  precision: str, capacity_bytes: int, metrics: Metrics | None = None,
-                 groups: dict[str, list[str]] | None = None):
-        super().__init__(capacity_bytes, metrics)
+                 groups: dict[str, list[str]] | None = None, **policy):
+        super().__init__(capacity_bytes, metrics, **policy)
         self.matrices = matrices
         self.groups = groups if groups is not None else {n: [n] for n in matrices}
         self.precision = precision

@@ -36,6 +36,9 @@ class Metrics:
     supermask_backbone_bytes                         gauge      bytes of the shared backbone tensors
     supermask_hot_promotion_duration_seconds{task}  histogram  warm -> hot: unpack mask bits, materialise weights
     supermask_hot_tasks                              gauge      tasks in the CPU hot tier
+    supermask_hot_evictions_total                    counter    tasks evicted from the hot tier to stay within budget
+    supermask_hot_admissions_total{decision}         counter    hot forms built: kept hot ("promoted"), or for their
+                                                                pass only ("pass_only": seen too rarely, or no room)
     supermask_hot_bytes                              gauge      bytes of the hot tier's materialised weights
     supermask_hot_capacity_bytes                     gauge      the hot tier's byte budget
     supermask_cpu_precision_info{precision}          gauge      1 for the CPU compute precision in use
@@ -77,6 +80,9 @@ class Metrics:
             "CPU hot tier promotion time in seconds (unpack a warm task's mask bits, materialise its weights).",
             ["task"], buckets=SWAP_IN_BUCKETS_SECONDS, registry=r)
         self.hot_tasks = Gauge(f"{PREFIX}_hot_tasks", "Tasks in the CPU hot tier.", registry=r)
+        self.hot_evictions = Counter(f"{PREFIX}_hot_evictions", "Tasks evicted from the hot tier.", registry=r)
+        self.hot_admissions = Counter(f"{PREFIX}_hot_admissions", "Hot forms built, by whether they were kept hot.",
+                                      ["decision"], registry=r)
         self.hot_bytes = Gauge(f"{PREFIX}_hot_bytes", "Bytes of the CPU hot tier's materialised weights.", registry=r)
         self.hot_capacity_bytes = Gauge(f"{PREFIX}_hot_capacity_bytes", "Byte budget of the CPU hot tier.",
                                         registry=r)

@@ -6,10 +6,10 @@ This is the only place that reads the environment (pydantic-settings).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.kernels.selector import KernelPath
 
@@ -135,6 +135,15 @@ class Settings(BaseSettings):
     hot_cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the CPU hot tier (bf16 / int8): tasks' materialised masked weights, least recently used
     evicted to the warm tier (packed mask bits + head in the task cache)."""
+    pinned_tasks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Tasks never evicted from the host cache or the hot tier (a JSON list, or names separated by commas);
+    promoted on first use. They still leave when replaced or deleted."""
+    hot_promote_after: int = Field(1, ge=1)
+    """A task is kept in the hot tier from its N-th request within ``hot_promote_window_s`` (before that its hot
+    form is built for its pass only, evicting nothing): 2 keeps one-off tasks of a long tail from evicting the hot
+    set; 1 (default) promotes on first use."""
+    hot_promote_window_s: float = Field(60.0, gt=0)
+    """The window of ``hot_promote_after`` (seconds)."""
     onednn_cache_capacity: int = Field(64, gt=0)
     """Entries of oneDNN's primitive cache and ideep's computation cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
     ``LRU_CACHE_CAPACITY``; those variables win when set): every distinct batch shape of the bf16 / int8
@@ -170,6 +179,19 @@ class Settings(BaseSettings):
         if self.store_url:
             return self.store_url
         return self.store_dir.resolve().as_uri()
+
+    @field_validator("pinned_tasks", mode="before")
+    @classmethod
+    def _task_list(cls, v):
+        """``SUPERMASK_PINNED_TASKS``: a JSON list, or names separated by commas (blank entries dropped)."""
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return v
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,14 +145,21 @@ class TaskCache:
             self.tasks.move_to_end(task)
         return entry
 
-    def put(self, task: str, entry: LoadedTask) -> list[str]:
-        """Insert ``entry``; return the names evicted to make room (least recently used first)."""
+    def put(self, task: str, entry: LoadedTask, pinned: Collection[str] = ()) -> list[str] | None:
+        """Insert ``entry``, evicting the least recently used entries not in ``pinned`` until it fits; return the
+        names evicted (least recently used first). None: it would not fit even with every unpinned entry evicted
+        (nothing is inserted or evicted then), unless ``task`` is pinned itself (inserted over the budget)."""
         self.pop(task)
+        held = sum(e.nbytes for n, e in self.tasks.items() if n in pinned)
+        if task not in pinned and held + entry.nbytes > self.capacity_bytes:
+            return None
         evicted = []
-        while self.tasks and self.used_bytes + entry.nbytes > self.capacity_bytes:
-            name, old = self.tasks.popitem(last=False)
-            self.used_bytes -= old.nbytes
-            evicted.append(name)
+        for name in list(self.tasks):
+            if self.used_bytes + entry.nbytes <= self.capacity_bytes:
+                break
+            if name not in pinned:
+                evicted.append(name)
+                self.used_bytes -= self.tasks.pop(name).nbytes
         self.tasks[task] = entry
         self.used_bytes += entry.nbytes
         return evicted
@@ -273,10 +280,13 @@ class TaskTable:
         metrics: hits, misses, evictions, load time and residency gauges are recorded here.
         on_drop: called with a task's name after it is dropped (invalidated, or found deleted / replaced in
             the store), with no lock of the table held: the engine frees the task's hot weights and device slot.
+        pinned: tasks never evicted to make room (they still leave when replaced or deleted).
     """
 
     def __init__(self, store: MaskStore, builder: TaskBuilder, metrics: Metrics,
-                 on_drop: Callable[[str], None] | None = None):
+                 on_drop: Callable[[str], None] | None = None, pinned: Collection[str] = ()):
+        self.pinned = frozenset(pinned)  # never evicted (SUPERMASK_PINNED_TASKS)
+        self.evictions = 0  # tasks evicted to stay within the budget, since start
         self.store = store
         self.builder = builder
         self.metrics = metrics
@@ -326,10 +336,13 @@ class TaskTable:
             entry = self._load(task)
             self.metrics.cache_misses.labels(task).inc()  # after the load: no series for names not stored
             with self._lock:
-                for name in self.cache.put(task, entry):
+                evicted = self.cache.put(task, entry, self.pinned)
+                for name in evicted or ():
+                    self.evictions += 1
                     self.metrics.cache_evictions.inc()
                     self.metrics.resident_task_bytes.remove(name)
-                self._update_gauges(task, entry)
+                if evicted is not None:  # None: pinned tasks hold the budget; served, not kept
+                    self._update_gauges(task, entry)
             flight.entry = entry
         except BaseException as exc:
             flight.error = exc

@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                     max_batch_size=settings.max_batch_size, kernel_path=settings.kernel_path,
                     device=settings.device, device_slots=settings.device_slots, batching=settings.batching, batch_wait_ms=settings.batch_wait_ms,
                     precision=settings.cpu_precision, hot_cache_bytes=settings.hot_cache_bytes,
-                    runtime=settings.cpu_runtime,
+                    runtime=settings.cpu_runtime, pinned_tasks=settings.pinned_tasks,
+                    hot_promote_after=settings.hot_promote_after, hot_promote_window_s=settings.hot_promote_window_s,
                     max_queued_requests=settings.max_queued_requests, request_timeout_s=settings.request_timeout_s)
 
     @asynccontextmanager

@@ -171,6 +171,9 @@ class HealthPublic(BaseModel):
     precision: str = Field(description="CPU compute precision (fp32, bf16, int8), or 'device' on the GPU tier.")
     runtime: str = Field("torch", description="What runs the passes: torch, or onnxruntime (the int8 CPU tier).")
     hot_tasks: int | None = Field(None, description="Tasks in the CPU hot tier (bf16 / int8 only).")
+    tiers: dict[str, dict] = Field(default_factory=dict, description=(
+        "Per residency tier (warm: the host task cache; hot: the CPU hot tier, where there is one): tasks, bytes, "
+        "capacity_bytes, evictions since start; the hot tier also names its pinned tasks."))
 
 
 class ErrorBody(BaseModel):

@@ -36,20 +36,21 @@ class CpuHotTier(TorchTier):
         precision: "bf16" or "int8".
         hot_cache_bytes: byte budget of the hot tier.
         metrics: promotions and residency are recorded here.
+        hot_policy: ``pinned`` / ``promote_after`` / ``window_s`` of the hot cache (:class:`service.hot_tier.HotCache`).
     """
 
     warm_form = "packed"
     dedicated_thread = True  # its passes, mostly small and on one intra-op thread: b32 66 vs 85 ms on a pool thread
 
     def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], precision: str, hot_cache_bytes: int,
-                 metrics: Metrics):
+                 metrics: Metrics, hot_policy: dict | None = None):
         reason = LeanEncoder.unsupported(backbone.model)  # None: the lean encoder can run this layout
         encoder = LeanEncoder(backbone.model) if reason is None else None
         if reason is not None:
             log.info("lean encoder not used (%s): the hot tier runs the model module by module", reason)
         self.precision = precision
         self.hot = HotTier({n: (ml.w_q, ml.scale, ml.bias) for n, ml in layers.items()}, precision,
-                           hot_cache_bytes, metrics, groups=encoder.groups if encoder else None)
+                           hot_cache_bytes, metrics, groups=encoder.groups if encoder else None, **(hot_policy or {}))
         super().__init__(backbone, layers, HotDispatcher(self.hot), torch.device("cpu"), encoder=encoder,
                          single_thread_below=SMALL_PASS_ROWS)
         self.weights = {n: ml.w_q for n, ml in layers.items()}
@@ -61,3 +62,6 @@ class CpuHotTier(TorchTier):
 
     def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
         self.hot.drop(task)
+
+    def status(self) -> dict:
+        return {"precision": self.precision, "runtime": self.runtime, "hot": self.hot.status()}

@@ -29,11 +29,11 @@ class OrtHotCache(HotCache):
 
     Args:
         ort_encoder: builds the sessions.
-        capacity_bytes, metrics: as :class:`service.hot_tier.HotCache`.
+        capacity_bytes, metrics, policy: as :class:`service.hot_tier.HotCache`.
     """
 
-    def __init__(self, ort_encoder: OrtEncoder, capacity_bytes: int, metrics: Metrics | None = None):
-        super().__init__(capacity_bytes, metrics)
+    def __init__(self, ort_encoder: OrtEncoder, capacity_bytes: int, metrics: Metrics | None = None, **policy):
+        super().__init__(capacity_bytes, metrics, **policy)
         self.ort = ort_encoder
         self.shapes = {g: [tuple(ort_encoder.members_shapes[n]) for n in members]
                        for g, members in ort_encoder.groups.items()}
@@ -56,6 +56,7 @@ class OrtTier:
         hot_cache_bytes: byte budget of the hot sessions.
         metrics: promotions and residency are recorded here.
         threads: intra-op threads of each session.
+        hot_policy: ``pinned`` / ``promote_after`` / ``window_s`` of the hot cache (:class:`service.hot_tier.HotCache`).
 
     Raises:
         ValueError: the layout is not plain BERT, or its activation has no graph form.
@@ -70,13 +71,13 @@ class OrtTier:
     dedicated_thread = True
 
     def __init__(self, backbone: Backbone, layers: dict[str, MaskedLinear], hot_cache_bytes: int, metrics: Metrics,
-                 threads: int):
+                 threads: int, hot_policy: dict | None = None):
         reason = LeanEncoder.unsupported(backbone.model)
         if reason is not None:
             raise ValueError(f"the onnxruntime tier needs the plain BERT layout: {reason}")
         self.ort = OrtEncoder(LeanEncoder(backbone.model), {n: (ml.w_q, ml.scale, ml.bias) for n, ml in layers.items()},
                               threads=threads)
-        self.hot = OrtHotCache(self.ort, hot_cache_bytes, metrics)
+        self.hot = OrtHotCache(self.ort, hot_cache_bytes, metrics, **(hot_policy or {}))
         self.weights = {n: ml.w_q for n, ml in layers.items()}
         for ml in layers.values():
             ml.weight = None  # the float32 deq(W_q) is not used by this tier: not kept
@@ -88,7 +89,7 @@ class OrtTier:
         self.hot.drop(task)
 
     def status(self) -> dict:
-        return {"precision": self.precision, "runtime": self.runtime}
+        return {"precision": self.precision, "runtime": self.runtime, "hot": self.hot.status()}
 
     def pooled(self, segs: Segments, forms: dict[str, Any] | None, inputs: dict[str, torch.Tensor],
                seq_starts: list[int]) -> torch.Tensor:

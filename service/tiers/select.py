@@ -96,7 +96,7 @@ def needs_model_forward(settings_device: str, kernel_path: str, precision: str, 
 def select_tier(backbone: Backbone, wrap: Callable[[], dict[str, MaskedLinear]], metrics: Metrics, *, cache_bytes: int,
                 kernel_path: str = "auto", device: str = "auto", device_slots: int = 16, precision: str = "fp32",
                 runtime: str = "auto", hot_cache_bytes: int = 256 * 1024 * 1024,
-                emulate_device_path: str | None = None) -> Tier:
+                emulate_device_path: str | None = None, hot_policy: dict | None = None) -> Tier:
     """The tier an engine with these settings serves through (arguments as :class:`service.engine.Engine`'s).
 
     ``wrap`` replaces the backbone's masked modules by :class:`MaskedLinear` layers and returns them; it is called
@@ -134,12 +134,13 @@ def select_tier(backbone: Backbone, wrap: Callable[[], dict[str, MaskedLinear]],
     if resolve_runtime(runtime, p, backbone.model) == "onnxruntime":
         from service.tiers.onnxruntime import OrtTier
 
-        return OrtTier(backbone, wrap(), hot_cache_bytes, metrics, threads=torch.get_num_threads())
+        return OrtTier(backbone, wrap(), hot_cache_bytes, metrics, threads=torch.get_num_threads(),
+                       hot_policy=hot_policy)
     if backbone.weights_only and LeanEncoder.unsupported(backbone.model) is not None:
         _refuse_weights_only(backbone)
     from service.tiers.cpu_hot import CpuHotTier
 
-    return CpuHotTier(backbone, wrap(), p, hot_cache_bytes, metrics)
+    return CpuHotTier(backbone, wrap(), p, hot_cache_bytes, metrics, hot_policy=hot_policy)
 
 
 def _refuse_weights_only(backbone: Backbone) -> None:

@@ -1,0 +1,104 @@
+"""The hot tier's residency policy: pinned tasks are never evicted, a task is kept hot from its N-th request
+within a window (before that its form serves its own pass only), and /healthz and the metrics report each tier's
+tasks, bytes, budget and evictions."""
+
+from __future__ import annotations
+
+import pytest
+
+from backbone import load_backbone
+from mask_store.local import LocalMaskStore
+from service.engine import Engine
+from service.metrics import Metrics
+from service.tasks import LoadedTask, TaskCache
+from tests.conftest import make_bundle
+
+ROWS = [("a charming and often affecting journey", None), ("dull, flat and lifeless", None)]
+TASKS = {"s10": 0.10, "s50": 0.5, "s30": 0.3}
+
+
+@pytest.fixture
+def store(tiny_backbone, tmp_path):
+    s = LocalMaskStore(tmp_path)
+    for i, (task, sparsity) in enumerate(TASKS.items()):
+        s.put(task, make_bundle(tiny_backbone, task=task, sparsity=sparsity, seed=i + 1))
+    return s
+
+
+@pytest.fixture(params=["torch", "onnxruntime"])
+def runtime(request):
+    from service.kernels import ort_encoder
+
+    if request.param == "onnxruntime" and ort_encoder.unavailable_reason() is not None:
+        pytest.skip(ort_encoder.unavailable_reason())
+    return request.param
+
+
+def _engine(backbone_dir, store, runtime, **kw) -> Engine:
+    return Engine(load_backbone(backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu", precision="int8",
+                  runtime=runtime, **kw)
+
+
+def _metric(engine: Engine, line: str) -> float:
+    for row in engine.metrics.render().decode().splitlines():
+        if row.startswith(line + " "):
+            return float(row.split()[-1])
+    return 0.0
+
+
+def test_a_pinned_task_is_never_evicted(tiny_backbone_dir, store, runtime):
+    engine = _engine(tiny_backbone_dir, store, runtime, pinned_tasks=["s10"])
+    engine.hot.capacity_bytes = engine.hot.task_bytes(engine.warm("s10"))  # room for one task
+    want = {t: engine.logits(t, ROWS) for t in ("s50", "s10")}  # s50 hot, then evicted for the pinned s10
+    assert list(engine.hot.tasks) == ["s10"] and engine.hot.evictions == 1
+    for task in ("s50", "s30"):  # no room beside the pinned task: served from a form built for the pass
+        got = engine.logits(task, ROWS)
+        assert list(engine.hot.tasks) == ["s10"] and engine.tier(task) == "warm"
+    assert engine.logits("s50", ROWS).allclose(want["s50"])
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') >= 2
+    assert _metric(engine, "supermask_hot_evictions_total") == 1
+    status = engine.status()["tiers"]
+    assert status["hot"]["pinned"] == ["s10"] and status["hot"]["tasks"] == 1 and status["hot"]["evictions"] == 1
+    assert status["hot"]["bytes"] <= status["hot"]["capacity_bytes"]
+    assert status["warm"]["tasks"] == 3 and status["warm"]["evictions"] == 0
+    assert got.shape == (2, 2)
+
+
+def test_a_task_is_kept_hot_from_its_second_request(tiny_backbone_dir, store, runtime):
+    engine = _engine(tiny_backbone_dir, store, runtime, hot_promote_after=2)
+    first = engine.logits("s10", ROWS)
+    assert engine.tier("s10") == "warm"  # seen once: its hot form served that pass only
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 1
+    second = engine.logits("s10", ROWS)
+    assert engine.tier("s10") == "hot" and second.allclose(first)
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="promoted"}') == 1
+    engine.logits("s50", ROWS)  # a one-off task evicts nothing
+    assert list(engine.hot.tasks) == ["s10"] and engine.hot.evictions == 0
+
+
+def test_task_cache_put_skips_pinned_entries():
+    def entry(n: int) -> LoadedTask:
+        return LoadedTask(header=None, layers={}, head_weight=None, head_bias=None, nbytes=n)
+
+    cache = TaskCache(100)
+    assert cache.put("a", entry(40), pinned={"a"}) == []
+    assert cache.put("b", entry(40), pinned={"a"}) == []
+    assert cache.put("c", entry(40), pinned={"a"}) == ["b"]  # the least recently used unpinned entry goes
+    assert cache.put("d", entry(70), pinned={"a"}) is None  # 40 pinned + 70 > 100: not inserted, nothing evicted
+    assert list(cache.tasks) == ["a", "c"] and cache.used_bytes == 80
+    assert cache.put("e", entry(70), pinned={"a", "e"}) == ["c"]  # a pinned task goes in even over the budget
+    assert list(cache.tasks) == ["a", "e"] and cache.used_bytes == 110
+
+
+def test_settings_read_the_policy(monkeypatch):
+    from service.settings import Settings
+
+    monkeypatch.setenv("SUPERMASK_PINNED_TASKS", "SST-2, CoLA,")
+    monkeypatch.setenv("SUPERMASK_HOT_PROMOTE_AFTER", "2")
+    s = Settings()
+    assert s.pinned_tasks == ["SST-2", "CoLA"] and s.hot_promote_after == 2
+    monkeypatch.setenv("SUPERMASK_PINNED_TASKS", '["a b"]')
+    assert Settings().pinned_tasks == ["a b"]
+    monkeypatch.setenv("SUPERMASK_HOT_PROMOTE_AFTER", "0")
+    with pytest.raises(ValueError):
+        Settings()
