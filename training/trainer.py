@@ -366,13 +366,16 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, progress: bool = T
     resume = folder.resume(model, opt, stopper) if folder else None
     t0 = time.perf_counter()
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
-    losses = run_steps(model, task, train_set, tokenizer, opt, total_steps, batch_size=cfg.batch_size,
-                       max_len=cfg.max_seq_length, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-                       desc=f"train {task.name}", progress=progress, device=device, stop_on_interrupt=True,
-                       on_epoch_end=stopper.on_epoch_end if stopper else None, deadline=deadline,
-                       status=stopper.status if stopper else None,
-                       checkpoint=(lambda state: folder.save(state, model, opt, stopper)) if folder else None,
-                       resume=resume)
+    if resume is not None and stopper is not None and stopper.stopped:  # it had stopped early: only finish it
+        losses = list(resume["losses"])
+    else:
+        losses = run_steps(model, task, train_set, tokenizer, opt, total_steps, batch_size=cfg.batch_size,
+                           max_len=cfg.max_seq_length, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
+                           desc=f"train {task.name}", progress=progress, device=device, stop_on_interrupt=True,
+                           on_epoch_end=stopper.on_epoch_end if stopper else None, deadline=deadline,
+                           status=stopper.status if stopper else None,
+                           checkpoint=(lambda state: folder.save(state, model, opt, stopper)) if folder else None,
+                           resume=resume)
     step = len(losses)
     seconds = time.perf_counter() - t0
     timed_out = deadline is not None and step < total_steps and time.monotonic() >= deadline
