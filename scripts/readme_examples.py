@@ -12,7 +12,8 @@ settings, ``SUPERMASK_ADMIN_TOKEN=change-me``) on a loopback port, its store a t
   right under it whose text starts with ``{`` or ``[`` (optionally after a status, ``# 422 {...}``; no status
   shown means 200), continued on ``#   `` lines. A command without one may say its statuses in its own trailing
   comment (``# 201 new, 200 replaced``, ``# 204``); else it must answer 200. ``DELETE`` commands run last, so the
-  other examples see every shipped task.
+  other examples see every shipped task. A command that expects success from a ``/v1/tasks/<task>`` not shipped
+  (one the reader trains first) is not run, and says so.
 * ``python`` blocks that call ``127.0.0.1:8000``: run as a script; each ``print(...)`` line's output is the comment
   on that line or the comment line right under it, in order.
 
@@ -155,6 +156,21 @@ class Answer:
     status: int | None
     body: str  # curl: the response body; python: stdout
     outputs: list[str] = field(default_factory=list)  # python: stdout lines
+    skipped: str | None = None  # why the example was not run (a task the shipped bundles do not hold)
+
+
+_TASK_IN_URL = re.compile(r"/v1/tasks/([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def needs_other_task(ex: Example, shipped: set[str]) -> str | None:
+    """Why ``ex`` cannot run against the shipped bundles: it expects success from a ``/v1/tasks/<task>`` the
+    README's reader makes first (``supermask train`` in "Train your own task"); None when it can run."""
+    m = _TASK_IN_URL.search(ex.code)
+    if ex.kind != "curl" or m is None or m.group(1) in shipped or "-X PUT" in ex.code:
+        return None
+    if all(200 <= s < 300 for s in ex.statuses):
+        return f"task {m.group(1)!r} is made earlier in the README, not shipped in examples/masks"
+    return None
 
 
 def run(ex: Example, base_url: str, timeout_s: float = 120.0) -> Answer:
@@ -192,7 +208,9 @@ def masked(text: str) -> str:
 
 
 def check(ex: Example, answer: Answer) -> list[str]:
-    """What differs between the README and the server's answer (empty: the example is right)."""
+    """What differs between the README and the server's answer (empty: the example is right, or was skipped)."""
+    if answer.skipped:
+        return []
     if ex.kind == "python":
         if answer.status is None:
             return [f"python example failed:\n{answer.body}"]
@@ -267,6 +285,8 @@ def rewritten(text: str, results: list[tuple[Example, Answer]]) -> str:
     """README ``text`` with each shown answer replaced by the server's (curl: JSON; python: printed lines)."""
     lines = text.split("\n")
     for ex, ans in sorted(results, key=lambda r: -r[0].shown[0]):  # bottom-up: indices stay valid
+        if ans.skipped:
+            continue
         if ex.kind == "curl" and ex.shown_text and ans.status is not None:
             compact = json.dumps(json.loads(ans.body), separators=(",", ":"), ensure_ascii=False)
             lines[ex.shown[0]:ex.shown[1]] = wrap_json(compact, ans.status)
@@ -296,9 +316,11 @@ def serve_and_run(readme: Path = README, settings_overrides: dict | None = None
         shutil.copytree(DEFAULT_EXAMPLES_DIR, Path(store), dirs_exist_ok=True)
         settings = Settings(store_dir=Path(store), examples_dir=None, admin_token=ADMIN_TOKEN,
                             **(settings_overrides or {}))
+        shipped = {p.stem for p in DEFAULT_EXAMPLES_DIR.glob("*.smask")}
         with live_server(create_app(settings), timeout_s=120.0) as url:
             order = sorted(examples, key=lambda e: "-X DELETE" in e.code)  # deletes last (stable otherwise)
-            return [(ex, run(ex, url)) for ex in order]
+            return [(ex, Answer(None, "", skipped=why) if (why := needs_other_task(ex, shipped)) else run(ex, url))
+                    for ex in order]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     for ex, ans in sorted(results, key=lambda r: r[0].command[0]):
         problems = check(ex, ans)
         failed += bool(problems)
-        print(f"--- README line {ex.command[0] + 1} ({ex.kind}): status {ans.status}")
+        print(f"--- README line {ex.command[0] + 1} ({ex.kind}): "
+              + (f"not run: {ans.skipped}" if ans.skipped else f"status {ans.status}"))
         print(ex.code)
         print(ans.body.rstrip()[:2000])
         for p in problems:
