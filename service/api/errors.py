@@ -66,16 +66,36 @@ OIP_PREFIX = "/v2"
 """Paths under this prefix are the Open Inference Protocol's (:mod:`service.api.v2`): errors in its shape."""
 
 
+TEI_PATHS = frozenset({"/predict", "/embed", "/info", "/health"})
+"""text-embeddings-inference's routes (:mod:`service.api.tei`): errors in TEI's shape."""
+
+
 def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
                    path: str = "") -> JSONResponse:
     """The documented error body ``{"error": {"type": kind, "message": message}}``; under ``/v2`` (``path``)
-    the Open Inference Protocol's ``{"error": message}`` instead."""
-    body = {"error": message} if is_oip(path) else {"error": {"type": kind, "message": message}}
+    the Open Inference Protocol's ``{"error": message}`` instead; on text-embeddings-inference's routes TEI's
+    ``ErrorResponse`` ``{"error": message, "error_type": ...}`` (:func:`tei_error_type`)."""
+    if is_oip(path):
+        body = {"error": message}
+    elif path in TEI_PATHS:
+        body = {"error": message, "error_type": tei_error_type(status)}
+    else:
+        body = {"error": {"type": kind, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def is_oip(path: str) -> bool:
     return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def tei_error_type(status: int) -> str:
+    """TEI's ``ErrorType`` of a status, as TEI maps them (its ``docs/openapi.json``): 429 ``overloaded``, 503
+    ``unhealthy``, another 5xx ``backend``, a 4xx ``validation``."""
+    if status == 429:
+        return "overloaded"
+    if status == 503:
+        return "unhealthy"
+    return "backend" if status >= 500 else "validation"
 
 
 def error_headers(exc: Exception, status: int) -> dict[str, str] | None:

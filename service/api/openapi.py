@@ -24,7 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from mask_store.format import TASK_NAME_PATTERN
-from service.api.schemas import ErrorPublic, OipError
+from service.api.errors import tei_error_type
+from service.api.schemas import ErrorPublic, OipError, TeiError
 from service.settings import Settings
 
 TASK_NAME_REGEX = f"^{TASK_NAME_PATTERN}$"
@@ -72,14 +73,20 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying 
                                  "schema": {"type": "integer"}}}
 
 
-def errors(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, Any]]:
+def errors(*statuses: int, oip: bool = False, tei: bool = False) -> dict[int | str, dict[str, Any]]:
     """FastAPI ``responses=`` for these error statuses: each with :data:`_WHY`'s description, the error body's
-    model (``ErrorPublic``, or OIP's ``{"error": str}`` with ``oip``) and an example; ``Retry-After`` on 429/503."""
+    model (``ErrorPublic``; OIP's ``{"error": str}`` with ``oip``; TEI's ``{"error", "error_type"}`` with ``tei``)
+    and an example; ``Retry-After`` on 429/503."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         kind, message = _EXAMPLES[status]
-        example = {"error": message} if oip else {"error": {"type": kind, "message": message}}
-        out[status] = {"model": OipError if oip else ErrorPublic, "description": _WHY[status],
+        if oip:
+            model, example = OipError, {"error": message}
+        elif tei:
+            model, example = TeiError, {"error": message, "error_type": tei_error_type(status)}
+        else:
+            model, example = ErrorPublic, {"error": {"type": kind, "message": message}}
+        out[status] = {"model": model, "description": _WHY[status],
                        "content": {"application/json": {"example": example}}}
         if status in (429, 503):
             out[status]["headers"] = _RETRY_AFTER

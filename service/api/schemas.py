@@ -189,3 +189,10 @@ class OipError(BaseModel):
     """The Open Inference Protocol's error body, under ``/v2``."""
 
     error: str
+
+
+class TeiError(BaseModel):
+    """text-embeddings-inference's ``ErrorResponse``, on its routes (``/predict``, ``/embed``, ``/info``, ``/health``)."""
+
+    error: str
+    error_type: Literal["unhealthy", "backend", "overloaded", "validation", "tokenizer"]

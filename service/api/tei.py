@@ -25,7 +25,9 @@ Which task answers: TEI serves one model; here the ``X-Supermask-Task`` header n
 sentence-embedding model, mean pooling) unless the header names a task, whose supermask is then applied (the
 vectors its head reads). ``/info`` without a task describes the backbone as TEI's embedding model.
 
-Errors keep this server's body (``{"error": {"type", "message"}}``, status from :mod:`service.api.errors`).
+Errors are TEI's ``ErrorResponse`` ``{"error": "<message>", "error_type": "validation" | "overloaded" | "unhealthy" |
+"backend"}`` (:func:`service.api.errors.tei_error_type`), with the status of the one table in
+:mod:`service.api.errors`.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def _task(header: str | None, default: str | None, route: str) -> str:
 
 
 @router.post("/predict", response_model=Union[list[TeiPrediction], list[list[TeiPrediction]]],
-             responses=errors(404, 409, 413, 422, 429, 500, 503, 507))
+             responses=errors(404, 409, 413, 422, 429, 500, 503, 507, tei=True))
 async def predict(body: TeiPredictIn, state: State, task: TaskHeader = None) -> Any:
     """TEI's ``POST /predict``: every label's score, highest first, per input (one input: a flat list)."""
     s = state.settings
@@ -144,7 +146,7 @@ async def predict(body: TeiPredictIn, state: State, task: TaskHeader = None) -> 
     return out[0] if single else out
 
 
-@router.post("/embed", response_model=list[list[float]], responses=errors(404, 409, 413, 422, 429, 500, 503, 507))
+@router.post("/embed", response_model=list[list[float]], responses=errors(404, 409, 413, 422, 429, 500, 503, 507, tei=True))
 async def embed(body: TeiEmbedIn, state: State, task: TaskHeader = None) -> Any:
     """TEI's ``POST /embed``: mean-pooled sentence embeddings ``[texts][hidden]`` of the backbone (the header's task:
     through its supermask), float32, L2-normalised unless ``normalize`` is false."""
@@ -160,7 +162,7 @@ async def embed(body: TeiEmbedIn, state: State, task: TaskHeader = None) -> Any:
     return vectors.tolist()
 
 
-@router.get("/info", responses=errors(404, 422, 503))
+@router.get("/info", responses=errors(404, 422, 503, tei=True))
 async def info(state: State, task: TaskHeader = None) -> Any:
     """TEI's ``GET /info``: the task's classifier (labels) or, with no task, the backbone as an embedding model."""
     s, engine = state.settings, state.engine
@@ -182,7 +184,7 @@ async def info(state: State, task: TaskHeader = None) -> Any:
             "version": __version__, "sha": None, "docker_label": None}
 
 
-@router.get("/health", response_class=Response, responses=errors(503))
+@router.get("/health", response_class=Response, responses=errors(503, tei=True))
 async def health(state: State) -> Response:
     """TEI's ``GET /health``: 200 with an empty body while the store can be listed."""
     await run_in_threadpool(state.store.tasks)

@@ -40,6 +40,14 @@ def server(tiny_backbone, tmp_path):
         yield client
 
 
+def tei_error(r) -> str:
+    """The message of TEI's ``ErrorResponse`` ``{"error", "error_type"}`` (its error_type checked by status)."""
+    body = r.json()
+    want = {429: "overloaded", 503: "unhealthy"}.get(r.status_code, "backend" if r.status_code >= 500 else "validation")
+    assert set(body) == {"error", "error_type"} and body["error_type"] == want, body
+    return body["error"]
+
+
 def v1(server, task, inputs, **opts) -> list[dict]:
     r = server.post(f"/v1/tasks/{task}/predict", json={"inputs": inputs, **opts})
     assert r.status_code == 200, r.text
@@ -107,16 +115,16 @@ def test_tei_predict_pairs_and_regression(server):
     assert sim.json() == [[{"score": v, "label": "LABEL_0"}] for v in values]
     # a two-text list is one pair in TEI: a single-text task says so
     r = server.post("/predict", json={"inputs": ["a", "b"]}, headers=TASK)
-    assert r.status_code == 422 and "pair" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "pair" in tei_error(r)
 
 
 def test_tei_predict_needs_a_task_and_ignores_unknown_fields(server):
     r = server.post("/predict", json={"inputs": "a"})
-    assert r.status_code == 422 and "X-Supermask-Task" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "X-Supermask-Task" in tei_error(r)
     r = server.post("/predict", json={"inputs": "a", "parameters": {"top_k": 1}}, headers=TASK)  # InferenceClient's
     assert r.status_code == 200 and len(r.json()) == 2
     r = server.post("/predict", json={"inputs": "a"}, headers={"X-Supermask-Task": "TOY"})
-    assert r.status_code == 404 and "'toy'" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "'toy'" in tei_error(r)
 
 
 def test_tei_default_task_setting(tiny_backbone, tmp_path):
@@ -186,16 +194,20 @@ def test_embed_through_a_task_mask_is_what_its_head_reads(server):
 def test_embed_bad_inputs(server):
     long = " ".join(["word"] * 300)
     r = server.post("/embed", json={"inputs": long, "truncate": False})
-    assert r.status_code == 422 and "tokens" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "tokens" in tei_error(r)
     assert server.post("/embed", json={"inputs": long}).status_code == 200  # truncated (auto_truncate)
     assert server.post("/embed", json={"inputs": [1, 2, 3]}).status_code == 422  # token ids: not taken
     assert server.post("/embed", json={"inputs": []}).status_code == 422
     assert server.post("/embed", json={"inputs": ["x"] * 9}).status_code == 422  # over max_inputs_per_request
     r = server.post("/embed", json={"inputs": "a", "prompt_name": "query"})
-    assert r.status_code == 422 and "prompt_name" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "prompt_name" in tei_error(r)
     assert server.post("/embed", json={"inputs": "a"}, headers={"X-Supermask-Task": "nope"}).status_code == 404
     r = server.post("/embed", json={"inputs": "a"}, headers={"X-Supermask-Task": "no/such"})
-    assert r.status_code == 422  # not a task name
+    assert r.status_code == 422 and "X-Supermask-Task" in tei_error(r)  # not a task name
+    r = server.get("/embed")  # a wrong method: TEI's shape too (Starlette's 405)
+    assert r.status_code == 405 and "POST" in tei_error(r)
+    r = server.post("/embed", content=b'{"inputs": "a"}')  # no content type
+    assert r.status_code == 422 and "Content-Type: application/json" in tei_error(r)
 
 
 def test_replies_over_the_response_limit_are_refused_before_work(tiny_backbone, tmp_path):
@@ -203,10 +215,10 @@ def test_replies_over_the_response_limit_are_refused_before_work(tiny_backbone, 
         _upload(client, tiny_backbone)
         assert client.post("/embed", json={"inputs": ["a"]}).status_code == 200  # 32 floats
         r = client.post("/embed", json={"inputs": ["a", "b", "c"]})
-        assert r.status_code == 422 and "SUPERMASK_MAX_RESPONSE_BYTES" in r.json()["error"]["message"]
+        assert r.status_code == 422 and "SUPERMASK_MAX_RESPONSE_BYTES" in tei_error(r)
         assert client.post("/predict", json={"inputs": "a"}, headers=TASK).status_code == 200
         r = client.post("/predict", json={"inputs": [["a"]] * 8}, headers=TASK)
-        assert r.status_code == 422 and "SUPERMASK_MAX_RESPONSE_BYTES" in r.json()["error"]["message"]
+        assert r.status_code == 422 and "SUPERMASK_MAX_RESPONSE_BYTES" in tei_error(r)
 
 
 # ---- Open Inference Protocol v2: model config and repository index through tritonclient -------------------------
