@@ -192,7 +192,8 @@ class OipError(BaseModel):
 
 
 class TeiError(BaseModel):
-    """text-embeddings-inference's ``ErrorResponse``, on its routes (``/predict``, ``/embed``, ``/info``, ``/health``)."""
+    """text-embeddings-inference's ``ErrorResponse``, on its routes (``/predict``, ``/embed``, ``/info``,
+    ``/health``)."""
 
     error: str
     error_type: Literal["unhealthy", "backend", "overloaded", "validation", "tokenizer"]

@@ -146,7 +146,8 @@ async def predict(body: TeiPredictIn, state: State, task: TaskHeader = None) -> 
     return out[0] if single else out
 
 
-@router.post("/embed", response_model=list[list[float]], responses=errors(404, 409, 413, 422, 429, 500, 503, 507, tei=True))
+@router.post("/embed", response_model=list[list[float]],
+             responses=errors(404, 409, 413, 422, 429, 500, 503, 507, tei=True))
 async def embed(body: TeiEmbedIn, state: State, task: TaskHeader = None) -> Any:
     """TEI's ``POST /embed``: mean-pooled sentence embeddings ``[texts][hidden]`` of the backbone (the header's task:
     through its supermask), float32, L2-normalised unless ``normalize`` is false."""
