@@ -1,20 +1,16 @@
-"""Engine: the façade the API calls — predict (input check, request metrics, batching or not),
-register and delete tasks, status for health.
+"""Engine: the façade the API calls — predict (request metrics, admission, batching or not), register and delete
+tasks, status for health — over one tier chosen once (:mod:`service.tiers`).
 
-A request is followed top-down: the route calls :meth:`Engine.predict_async`;
-the engine checks its inputs against the task's header and either hands it
-to the micro-batcher (:mod:`service.batcher`, which gathers concurrent
-requests of any task into one call of :meth:`Engine.predict_mixed`) or runs it
-alone; :meth:`Engine.predict_mixed` takes each task's resident entry from the
-task table (:mod:`service.tasks`; a cold task is loaded there, outside the
-pass lock, once however many requests wait for it) and runs the rows as
-length-classed mixed-task passes (:mod:`service.forward`), in which every
-masked layer (:mod:`service.masked_linear`) asks its tier's dispatcher
-(:mod:`service.dispatch`) for the product, computed by :mod:`service.kernels`.
+A request is followed top-down: the route calls :meth:`Engine.predict_async`; the request is prepared once
+(:mod:`service.passes`: checked against its task, the task loaded and promoted, its rows tokenized; a hot task
+without a thread hop), admitted (:mod:`service.admission`), then handed to the micro-batcher
+(:mod:`service.batcher`, which gathers concurrent requests of any task into one call of
+:meth:`service.passes.Passes.run_prepared`) or run alone; the rows run as length-classed mixed-task passes
+(:mod:`service.forward`) on the tier, whose ``pooled`` pass applies each segment's task mask (torch tiers through
+:mod:`service.masked_linear` and :mod:`service.dispatch` to :mod:`service.kernels`; ONNX Runtime through each
+task's session), and are decoded per protocol.
 
-Forward passes are serialised by the engine's pass lock (the shared modules
-hold the active pass's segment table); torch uses its intra-op threads inside
-a pass. Task loads, the store's freshness checks and the early input check
+Passes are serialised by the pass lock; task loads, promotions, the store's freshness checks and tokenization
 run outside it.
 """
 
@@ -26,11 +22,9 @@ import contextvars
 import os
 import logging
 import threading
-import types
 import time
 from collections.abc import Awaitable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -41,8 +35,8 @@ from mask_store.format import BundleHeader
 from mask_store.store import MaskStore
 from service.admission import Admission
 from service.batcher import MicroBatcher
-from service.errors import InputInvalid
-from service.forward import DEFAULT_OPTIONS, Forward, PredictOptions, PredictRequest, Rows, check_rows, decode
+from service.forward import Forward, PredictOptions, PredictRequest, Rows
+from service.passes import Passes, Prepared, check_request
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service import tracing
@@ -53,17 +47,6 @@ __all__ = ["Engine", "PredictOptions", "PredictRequest", "needs_model_forward", 
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class Prepared:
-    """A predict request after :meth:`Engine.prepare`: its options, and what its pass needs, resolved once — the
-    task's resident entry (whose header decodes the answer), its tier form, and its rows' tokens."""
-
-    options: PredictOptions
-    entry: LoadedTask
-    form: Any
-    encoded: list
-
 
 class Engine:
     """Serves predictions for any stored task over one shared backbone.
@@ -119,7 +102,6 @@ class Engine:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.kernel_path = kernel_path
-        self._lock = threading.Lock()  # the pass lock: one forward pass at a time over the shared modules
         self.layers: dict[str, MaskedLinear] = {}
         #: the tier every pass runs on (:mod:`service.tiers`), chosen once from these settings
         self.compute_tier = select_tier(backbone, self._wrap, metrics, cache_bytes=cache_bytes, kernel_path=kernel_path,
@@ -139,6 +121,7 @@ class Engine:
                                    packed=self.compute_tier.warm_form == "packed")
         self.tasks = TaskTable(store, self.builder, metrics, on_drop=self._forget, pinned=pinned_tasks)
         self.forward = Forward(backbone, self.compute_tier, max_batch_size)
+        self.passes = Passes(backbone, self.tasks, self.compute_tier, self.forward, max_batch_size)
         #: where the passes of predict_async run. The hot tier: one dedicated thread (its passes, mostly small
         #: and run on one intra-op thread, measured b32 66 vs 85 ms on a pool thread); fp32: the event loop's
         #: default pool (a dedicated thread measured b32 275 vs 225 ms there). 2-core AMD EPYC, torch 2.13.
@@ -278,7 +261,7 @@ class Engine:
             TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge. InputInvalid: an item's
             rows are pairs for a single-sentence task or the reverse.
         """
-        return self._mixed(items)[0]
+        return self.passes.mixed(items)[0]
 
     def predict_mixed(self, items: Sequence[tuple[str, Rows]],
                       options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
@@ -289,65 +272,12 @@ class Engine:
         replaced while the request waited is answered wholly by the old or wholly by the new bundle.
         Raises as :meth:`logits_mixed`; InputInvalid as :meth:`service.forward.Forward.tokenize`.
         """
-        return self._predict_mixed(items, options=options)
+        return self.passes.predict_mixed(items, options=options)
 
-    def _predict_mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True,
-                       options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
-        opts = [o or DEFAULT_OPTIONS for o in options] if options is not None else [DEFAULT_OPTIONS] * len(items)
-        outs, headers, encoded = self._mixed(items, count, opts)
-        return [decode(h, out, o, enc) for h, out, o, enc in zip(headers, outs, opts, encoded)]
+    def _predict_prepared(self, items: Sequence[tuple[str, Rows]], prepared: Sequence[Prepared]) -> list[list[dict]]:
+        """The batcher's forward: :meth:`service.passes.Passes.run_prepared`."""
+        return self.passes.run_prepared(items, prepared)
 
-    def _predict_prepared(self, items: Sequence[tuple[str, Rows]],
-                          prepared: Sequence[Prepared]) -> list[list[dict]]:
-        """:meth:`predict_mixed` for requests :meth:`prepare` checked, resolved and tokenized: their passes reuse
-        that work. A task whose bundle was replaced since (the store's file identity, one ``stat``), or whose items
-        were prepared from different bundles, is resolved and tokenized again, so that every item is answered
-        wholly by the bundle the store holds when its pass runs."""
-        entries: dict[str, LoadedTask] = {}
-        for (task, _), p in zip(items, prepared):
-            if entries.setdefault(task, p.entry) is not p.entry:
-                return self._predict_mixed(items, count=False, options=[p.options for p in prepared])
-        for task, entry in entries.items():  # one stat each: a bundle replaced since its prepare is used instead
-            if self.tasks.get(task, count=False) is not entry:
-                return self._predict_mixed(items, count=False, options=[p.options for p in prepared])
-        forms = {task: p.form for (task, _), p in zip(items, prepared)}
-        encoded = [p.encoded for p in prepared]
-        rows = sum(len(r) for _, r in items)
-        with self._lock, tracing.span("supermask.forward", rows=rows, tasks=len(entries)):
-            outs = self.forward.run(items, entries, encoded, forms)
-        return [decode(p.entry.header, out, p.options, p.encoded) for p, out in zip(prepared, outs)]
-
-    def _mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True,
-               options: Sequence[PredictOptions] | None = None) -> tuple[list[torch.Tensor], list[BundleHeader], list]:
-        """:meth:`logits_mixed`, the header used for each item and its rows' tokens (``count`` as in
-        :meth:`_resolve`; ``options`` as in :meth:`predict_mixed`, None: the defaults)."""
-        entries, forms = self._resolve(items, count)
-        rows = sum(len(r) for _, r in items)
-        with tracing.span("supermask.tokenize", rows=rows):
-            encoded = self.forward.encode(items, entries, options)  # tokenized outside the pass lock too
-        with self._lock, tracing.span("supermask.forward", rows=rows, tasks=len(entries)):
-            outs = self.forward.run(items, entries, encoded, forms)
-        return outs, [entries[task].header for task, _ in items], encoded
-
-    def _resolve(self, items: Sequence[tuple[str, Rows]], count: bool = True
-                 ) -> tuple[dict[str, LoadedTask], dict[str, dict] | None]:
-        """Each named task's resident entry (loaded on a miss) and, on the hot tier, its hot weights (promoted
-        on a miss), after checking each item's rows against the entry's header. Outside the pass lock: a cold
-        load or a promotion stalls no pass of other tasks.
-
-        ``count``: record cache hits / misses (False for the second lookup of a request :meth:`prepare`
-        already counted).
-
-        Raises:
-            as :meth:`logits_mixed`.
-        """
-        entries: dict[str, LoadedTask] = {}
-        for task, rows in items:
-            if task not in entries:
-                entries[task] = self.tasks.get(task, count=count)
-            check_rows(entries[task].header, rows)
-        forms = {t: self.compute_tier.promote(t, e) for t, e in entries.items()}
-        return entries, forms
 
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:
         """Head outputs ``[len(rows), num_outputs]`` float32 for ``task`` (a mixed batch of one task).
@@ -356,7 +286,7 @@ class Engine:
             TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge. InputInvalid: pairs for a
             single-sentence task or the reverse.
         """
-        return self._mixed([(task, rows)])[0][0]
+        return self.passes.mixed([(task, rows)])[0][0]
 
     def check_inputs(self, req: PredictRequest) -> BundleHeader:
         """The header of ``req.task`` after checking that the inputs fit it (single texts or pairs) and
@@ -372,18 +302,9 @@ class Engine:
             BundleInvalid: the stored header cannot be read.
         """
         header = self.tasks.header(req.task)
-        self._check(req, header)
+        check_request(req, header)
         return header
 
-    @staticmethod
-    def _check(req: PredictRequest, header: BundleHeader) -> None:
-        """:meth:`check_inputs` against ``header``."""
-        check_rows(header, req.inputs)
-        wrong = req.options.classification_only() if header.problem_type == "regression" else []
-        if wrong:
-            raise InputInvalid(f"task {req.task!r} is a regression task (it answers a value): {', '.join(wrong)} "
-                               f"{'applies' if len(wrong) == 1 else 'apply'} only to classification tasks; a "
-                               f"regression task takes truncate and truncation_direction")
 
     @contextlib.contextmanager
     def observed(self, req: PredictRequest) -> Iterator[None]:
@@ -487,18 +408,8 @@ class Engine:
                                               self._predict_prepared, [(r.task, r.inputs) for r in reqs], prepared)
 
     def prepare(self, req: PredictRequest) -> Prepared:
-        """Check ``req``'s inputs against its task, load the task (a miss), have the tier promote it, and tokenize
-        its rows: everything its pass needs, done once, outside the pass lock.
-
-        Raises:
-            as :meth:`predict`; InputInvalid: with ``truncate`` off, a row longer than the task's limit.
-        """
-        entry = self.tasks.get(req.task)
-        self._check(req, entry.header)
-        form = self.compute_tier.promote(req.task, entry)
-        with tracing.span("supermask.tokenize", rows=len(req.inputs)):
-            encoded = self.forward.tokenize(entry.header, req.inputs, req.options)
-        return Prepared(req.options, entry, form, encoded)
+        """:meth:`service.passes.Passes.prepare`: ``req`` checked, its task loaded and promoted, its rows tokenized."""
+        return self.passes.prepare(req)
 
     async def close(self) -> None:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""
@@ -507,47 +418,10 @@ class Engine:
 
     def embed(self, task: str | None, rows: Rows, *, truncate: bool = True,
               truncation_direction: str = "right") -> torch.Tensor:
-        """Sentence embeddings: the mean-pooled last hidden states of the backbone (``task`` None: no mask, as
-        sentence-transformers' ``Pooling(mean)`` over the int8 backbone) or of the backbone through ``task``'s
-        supermask (the vectors its head reads: ``embed(t, x) @ W_head.T + b_head`` is :meth:`logits`).
+        """Sentence embeddings float32 ``[len(rows), hidden]``: :meth:`service.passes.Passes.embed`."""
+        return self.passes.embed(task, rows, truncate=truncate, truncation_direction=truncation_direction)
 
-        Rows are tokenized as :meth:`service.forward.Forward.tokenize` does (single texts, or pairs where
-        ``text_b`` is set), cut to the task's ``max_seq_length`` (no task: the backbone's position embeddings,
-        at most the tokenizer's ``model_max_length``), and run as passes of at most ``max_batch_size`` rows of
-        the engine's tier (:meth:`service.tiers.base.Tier.pooled`), under the pass lock.
-
-        No task is served as a task named ``<backbone>`` (not a valid task name) with no masks and no head, built
-        once: like a task it takes a hot-tier entry or a device slot, and appears in their metrics under that name.
-
-        Returns:
-            float32 ``[len(rows), hidden]`` on the CPU, not normalised.
-        Raises:
-            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge: as :meth:`logits`. InputInvalid:
-            ``truncate`` False and a row longer than the limit (its token count in the message).
-        """
-        if not rows:
-            return torch.empty(0, self.backbone.hidden_size)
-        if task is None:
-            entry = getattr(self, "_backbone_entry", None)
-            if entry is None:  # no masks, no head: every tier computes the plain backbone (built once)
-                hidden = self.backbone.hidden_size
-                entry = self._backbone_entry = LoadedTask(None, {}, torch.empty(0, hidden), torch.empty(0))
-            limit = min(getattr(self.backbone.model.config, "max_position_embeddings", 512),
-                        getattr(self.backbone.tokenizer, "model_max_length", 512))
-            name = "<backbone>"  # not a valid task name: never one of the store's
-        else:
-            entry, name = self.tasks.get(task), task
-            limit = entry.header.max_seq_length
-        pairs = any(b is not None for _, b in rows)
-        shape = types.SimpleNamespace(task=name, text_pairs=pairs, max_seq_length=limit)  # what tokenize reads
-        options = PredictOptions(truncate=truncate, truncation_direction=truncation_direction)
-        encoded = self.forward.tokenize(shape, rows, options)
-        form = self.compute_tier.promote(name, entry)
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(encoded), self.max_batch_size):
-                chunk = encoded[start:start + self.max_batch_size]
-                inputs = self.forward._pad(chunk)
-                with self._lock:
-                    out.append(self.compute_tier.pooled([(name, entry)], {name: form}, inputs, [0, len(chunk)]))
-        return torch.cat(out)
+    @property
+    def _lock(self) -> threading.Lock:
+        """The pass lock (:attr:`service.passes.Passes.lock`)."""
+        return self.passes.lock

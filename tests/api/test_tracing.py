@@ -79,8 +79,10 @@ def test_a_predict_is_traced_stage_by_stage(spans, tiny_backbone, tmp_path, batc
         (batch,) = got["supermask.batch"]
         assert under_request(queue) and queue.attributes["task"] == "t"
         assert batch.parent is None and [link.context.span_id for link in batch.links] == [queue.parent.span_id]
-        assert tokenize.parent.span_id == batch.context.span_id == forward.parent.span_id
-        assert queue.end_time <= batch.start_time <= tokenize.start_time <= forward.start_time <= batch.end_time
+        # a request is tokenized once, while it is prepared (before it queues); its pass runs in the batch
+        assert tokenize.parent.span_id == prepare.context.span_id and forward.parent.span_id == batch.context.span_id
+        assert tokenize.end_time <= prepare.end_time <= queue.end_time <= batch.start_time <= forward.start_time
+        assert forward.end_time <= batch.end_time
     else:
         assert "supermask.batch" not in got and "supermask.queue" not in got
         assert under_request(tokenize) and under_request(forward)
