@@ -314,7 +314,11 @@ def main() -> None:
     args = ap.parse_args()
     port = args.port or _free_port()
     store = Path(tempfile.mkdtemp(prefix="abuse-store-"))
-    proc = start_server(store, port, args.limit_concurrency, args.timeout_s)
+    try:
+        proc = start_server(store, port, args.limit_concurrency, args.timeout_s)
+    except BaseException:
+        shutil.rmtree(store, ignore_errors=True)
+        raise
     base = f"http://127.0.0.1:{port}"
     results: dict[str, dict] = {}
     try:
