@@ -34,7 +34,7 @@ from backbone import Backbone, replace_module
 from mask_store.format import BundleHeader
 from mask_store.store import MaskStore
 from service.admission import Admission
-from service.batcher import MicroBatcher
+from service.batcher import ClientGone, MicroBatcher, client_gone
 from service.forward import Forward, PredictOptions, PredictRequest, Rows
 from service.passes import Passes, Prepared, check_request
 from service.masked_linear import MaskedLinear
@@ -373,10 +373,32 @@ class Engine:
                     prepared = await run_in_threadpool(self.prepare, req)
             if self.batcher is not None:
                 return await self.batcher.submit(req.task, req.inputs, prepared)
-            loop = asyncio.get_running_loop()
-            run = contextvars.copy_context().run  # the request's trace context in the forward thread
-            return (await loop.run_in_executor(self._forward_thread, run, self._predict_prepared,
-                                               [(req.task, req.inputs)], [prepared]))[0]
+            return (await self._run_unless_gone([(req.task, req.inputs)], [prepared]))[0]
+
+    async def _run_unless_gone(self, items: Sequence[tuple[str, Rows]], prepared: Sequence[Prepared]) -> list:
+        """:meth:`_predict_prepared` on the forward thread, dropped unrun if the request's client leaves while it
+        waits for that thread (:data:`service.batcher.client_gone`): a pass already running finishes, its answer
+        unused.
+
+        Raises:
+            ClientGone: the client left first.
+        """
+        loop = asyncio.get_running_loop()
+        run = contextvars.copy_context().run  # the request's trace context in the forward thread
+        work = loop.run_in_executor(self._forward_thread, run, self._predict_prepared, items, prepared)
+        gone = client_gone.get()
+        if gone is None:
+            return await work
+        waiter = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()  # not yet started: never runs (a running pass cannot be stopped; its result is dropped)
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late error is not logged as lost
+        raise ClientGone(f"the client left while {sum(len(r) for _, r in items)} rows waited for a pass")
 
     def _is_hot(self, task: str) -> bool:
         """Whether ``task`` is resident and, where the tier has a hot cache, hot: preparing it loads nothing."""
@@ -403,9 +425,7 @@ class Engine:
                 stack.enter_context(self.observed(req))
             with tracing.span("supermask.prepare", tasks=len(reqs), rows=sum(len(r.inputs) for r in reqs)):
                 prepared = await run_in_threadpool(lambda: [self.prepare(req) for req in reqs])
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._forward_thread, contextvars.copy_context().run,
-                                              self._predict_prepared, [(r.task, r.inputs) for r in reqs], prepared)
+            return await self._run_unless_gone([(r.task, r.inputs) for r in reqs], prepared)
 
     def prepare(self, req: PredictRequest) -> Prepared:
         """:meth:`service.passes.Passes.prepare`: ``req`` checked, its task loaded and promoted, its rows tokenized."""

@@ -261,6 +261,51 @@ def test_queued_rows_of_a_client_that_left_are_never_computed():
     assert seen == [["a"], ["c"]] and batcher.dropped == 1
 
 
+def test_a_fanout_whose_client_left_while_queued_is_never_computed(tiny_backbone, tmp_path):
+    """Two fan-outs: the first holds the forward thread; the second's client leaves while it waits for it. The second
+    never runs (ClientGone); the first answers."""
+    from mask_store.local import LocalMaskStore
+    from service.batcher import ClientGone, client_gone
+    from service.engine import Engine, PredictRequest
+    from service.metrics import Metrics
+    from tests.conftest import make_bundle
+
+    store = LocalMaskStore(tmp_path)
+    for i, task in enumerate(("t1", "t2")):
+        store.put(task, make_bundle(tiny_backbone, task=task, seed=i))
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", precision="int8",
+                    runtime="torch")  # a dedicated forward thread: the second fan-out queues behind the first
+    seen: list[list[str]] = []
+    release = threading.Event()
+    real = engine._predict_prepared
+
+    def slow(items, prepared):
+        seen.append([t for t, _ in items])
+        release.wait(5)
+        return real(items, prepared)
+
+    engine._predict_prepared = slow
+    reqs = [PredictRequest(t, (("a fine film", None),)) for t in ("t1", "t2")]
+
+    async def main():
+        first = asyncio.ensure_future(engine.predict_fanout_async(reqs))
+        await asyncio.sleep(0.5)  # prepared, and in its pass
+        gone = asyncio.Event()
+        token = client_gone.set(gone)
+        second = asyncio.ensure_future(engine.predict_fanout_async(reqs))
+        client_gone.reset(token)
+        await asyncio.sleep(0.5)  # prepared, waiting for the forward thread
+        gone.set()
+        await asyncio.sleep(0.1)
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 20)
+
+    a, b = asyncio.run(main())
+    assert isinstance(b, ClientGone), b
+    assert [len(r) for r in a] == [1, 1] and seen == [["t1", "t2"]]
+    assert engine._admitted == 0
+
+
 # ---- 3. slow and idle connections ------------------------------------------------------------------------------
 
 
