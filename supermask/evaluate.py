@@ -26,7 +26,7 @@ from training import BERNOULLI_PER, check_choice
 from training.controls import restore_float_weights
 from training.glue import calibration, compute_metrics, get_task, read_split
 from training.trainer import evaluate_bernoulli, scores_path
-from training.supermask import SupermaskModel
+from training.model import SupermaskModel
 
 
 def recorded_config(training: dict, need_task: bool) -> tuple[str | None, int]:

@@ -15,7 +15,7 @@ from backbone import Backbone
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE, encode_bundle
 from mask_store.local import atomic_write
 from training.glue import GlueTask
-from training.supermask import SupermaskModel
+from training.model import SupermaskModel
 
 
 def build_bundle(model: SupermaskModel, backbone: Backbone, task: GlueTask, name: str, max_len: int,

@@ -1,7 +1,7 @@
 """Ordinary full fine-tuning of the backbone: the baseline that supermasks are compared with.
 
 Same backbone, data, tokenization and task head as :mod:`training.trainer`
-(mean-pooled token vectors → dropout → linear, :class:`training.supermask.TaskHead`),
+(mean-pooled token vectors → dropout → linear, :class:`training.model.TaskHead`),
 but every encoder weight is trained along with the head: the standard BERT
 recipe (Devlin et al. 2018; the paper's baseline, Radiya-Dixit & Wang 2020,
 Table 4): AdamW, learning rate 2e-5, weight decay 0.01 (not on biases and
@@ -33,7 +33,7 @@ from torch import nn
 
 from backbone import load_backbone, load_encoder_folder, resolve_torch_device
 from training.glue import HELDOUT_SEED, compute_metrics, get_task, read_split, split_heldout
-from training.supermask import EncoderWithHead, TaskHead
+from training.model import EncoderWithHead, TaskHead
 from training.loop import predict_examples, run_steps
 from training.bundles import write_output
 from training.trainer import hardware
@@ -97,7 +97,7 @@ class FinetuneResult:
 
 class FinetuneModel(EncoderWithHead):
     """A trainable encoder with the supermask trainer's head: ``[batch, seq]`` ids → ``[batch, num_outputs]``
-    (the forward pass is :meth:`training.supermask.EncoderWithHead.forward`)."""
+    (the forward pass is :meth:`training.model.EncoderWithHead.forward`)."""
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_outputs: int, head_dropout: float = 0.1):
         super().__init__()

@@ -33,7 +33,7 @@ from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, MASK_RULE
 from training.bundles import build_bundle, check_output, write_output
 from training.glue import Example, GlueTask, calibration, compute_metrics
 from training.loop import encode
-from training.supermask import SCORE_INIT, SupermaskModel, apply_mask_rule
+from training.model import SCORE_INIT, SupermaskModel, apply_mask_rule
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def refit_bundle(bundle_path: str, output: str, data_dir: str, *, steps: int = D
     """Refit the head of an existing bundle on its own stored (served) mask and write the result to ``output``.
 
     With ``scores_file`` (the bundle's ``.scores.safetensors``, float16 ``ν`` per masked matrix) and
-    ``mask_rule`` (:func:`training.supermask.apply_mask_rule`), the served mask is first rebuilt from the
+    ``mask_rule`` (:func:`training.model.apply_mask_rule`), the served mask is first rebuilt from the
     trained scores with that rule, and the head is refitted on it: the bundle a run with that mask rule would
     have written (the rule is applied only after training; the scores were rounded to float16 when saved;
     the ``"sampled"`` rule draws with the seed of the run the bundle's config records, else 0).

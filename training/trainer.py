@@ -30,7 +30,7 @@ from training.glue import (HELDOUT_FRACTION, HELDOUT_SEED, Example, GlueTask, ca
 from training.loop import predict_examples, run_steps
 from training.bundles import build_bundle, check_output, write_output
 from training.refit import DEFAULT_REFIT_STEPS, REGRESSION_SCALES, refit_head, split_metrics
-from training.supermask import SCORE_INIT, SupermaskModel, apply_mask_rule
+from training.model import SCORE_INIT, SupermaskModel, apply_mask_rule
 
 log = logging.getLogger(__name__)
 BERNOULLI_SAMPLES = 10

@@ -56,7 +56,7 @@ def probe_bundle(path: Path, data_dir: str, backbone: str | None, dev_limit: int
     from mask_store.format import decode_bundle
     from supermask.evaluate import model_from_scores
     from training.glue import compute_metrics, get_task, read_split
-    from training.supermask import expected_sparsity, threshold_for_sparsity
+    from training.model import expected_sparsity, threshold_for_sparsity
     from training.trainer import predict, scores_path
 
     spath = scores_path(path)

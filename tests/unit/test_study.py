@@ -388,7 +388,7 @@ def test_legacy_supermask_configs_mean_no_split_and_no_refit(tmp_path, monkeypat
 
 
 def test_expected_sparsity_and_threshold_for_sparsity():
-    from training.supermask import expected_sparsity, threshold_for_sparsity
+    from training.model import expected_sparsity, threshold_for_sparsity
 
     nu = [torch.tensor([[-2.0, 0.5], [3.0, 4.0]]), torch.tensor([1.0, -1.0, 6.0, 2.0])]
     flat = torch.cat([t.reshape(-1) for t in nu]).double()
@@ -442,7 +442,7 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
 
     from mask_store.format import MASK_RULE, read_header_file
     from supermask.evaluate import evaluate_bundle
-    from training.supermask import expected_sparsity
+    from training.model import expected_sparsity
     from training.trainer import TrainConfig, train
 
     data = _write_glue(tmp_path / "glue")

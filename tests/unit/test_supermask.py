@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.supermask import SCORE_INIT, SupermaskLinear, SupermaskModel
+from training.model import SCORE_INIT, SupermaskLinear, SupermaskModel
 
 
 def test_straight_through_gradient_reaches_scores():
@@ -160,7 +160,7 @@ def test_bernoulli_per_mask_evaluates_the_whole_set_with_one_mask(tiny_backbone)
 
 
 def test_sampled_mask_rule_serves_one_seeded_draw_from_the_trained_distribution(tiny_backbone):
-    from training.supermask import apply_mask_rule, expected_sparsity
+    from training.model import apply_mask_rule, expected_sparsity
 
     model = SupermaskModel(tiny_backbone, num_outputs=2)
     gen = torch.Generator().manual_seed(0)
@@ -193,7 +193,7 @@ def test_sampled_mask_rule_serves_one_seeded_draw_from_the_trained_distribution(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the draw on a CUDA model against the CPU one")
 def test_sampled_mask_rule_draws_the_same_mask_on_cuda_as_on_cpu(tiny_backbone):
-    from training.supermask import apply_mask_rule
+    from training.model import apply_mask_rule
 
     model = SupermaskModel(tiny_backbone, num_outputs=2)
     apply_mask_rule(model, "sampled", seed=5)
