@@ -46,8 +46,8 @@ from typing import Any, Hashable
 from mask_store.errors import BundleInvalid, BundleUnsupported, StoredBundleCorrupt, StoreUnavailable, TaskNotFound
 from mask_store.format import BUNDLE_SUFFIX, HEADER_DIGEST_BYTES, MAX_HEADER_BYTES, TASK_NAME_PATTERN, Bundle, BundleHeader
 from mask_store.format import decode_bundle, decode_header
-from mask_store.local import MAX_LABEL_CHARS, MAX_LABELS, QUARANTINE_MARK, check_stored_name, check_task_name
-from mask_store.local import seed_store, spool_file, storage_error, validate_spooled, validate_upload
+from mask_store.common import MAX_LABEL_CHARS, MAX_LABELS, QUARANTINE_MARK, check_stored_name, check_task_name
+from mask_store.common import seed_store, spool_file, storage_error, validate_spooled, validate_upload
 
 log = logging.getLogger(__name__)
 
