@@ -181,8 +181,12 @@ class OrtEncoder:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the graph is fused already
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions burn no CPU
+        # no spinning: many sessions take turns, and a spinning idle pool would take the CPU from the next one
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
+        # no per-session memory arena: each session's arena kept its largest pass's activations (MiniLM after one
+        # 32-row pass: 104 MiB of RSS per session with it, 24.5 without; the pass ~15 % slower)
+        opts.enable_cpu_mem_arena = False
         return ort.InferenceSession(_model(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
