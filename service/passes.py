@@ -128,38 +128,6 @@ class Passes:
             outs = self.forward.run(items, entries, encoded, forms)
         return [decode(p.entry.header, out, p.options, p.encoded) for p, out in zip(prepared, outs)]
 
-    def _mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True,
-               options: Sequence[PredictOptions] | None = None) -> tuple[list[torch.Tensor], list[BundleHeader], list]:
-        """:meth:`logits_mixed`, the header used for each item and its rows' tokens (``count`` as in
-        :meth:`_resolve`; ``options`` as in :meth:`predict_mixed`, None: the defaults)."""
-        entries, forms = self._resolve(items, count)
-        rows = sum(len(r) for _, r in items)
-        with tracing.span("supermask.tokenize", rows=rows):
-            encoded = self.forward.encode(items, entries, options)  # tokenized outside the pass lock too
-        with self.lock, tracing.span("supermask.forward", rows=rows, tasks=len(entries)):
-            outs = self.forward.run(items, entries, encoded, forms)
-        return outs, [entries[task].header for task, _ in items], encoded
-
-    def _resolve(self, items: Sequence[tuple[str, Rows]], count: bool = True
-                 ) -> tuple[dict[str, LoadedTask], dict[str, dict] | None]:
-        """Each named task's resident entry (loaded on a miss) and, on the hot tier, its hot weights (promoted
-        on a miss), after checking each item's rows against the entry's header. Outside the pass lock: a cold
-        load or a promotion stalls no pass of other tasks.
-
-        ``count``: record cache hits / misses (False for the second lookup of a request :meth:`prepare`
-        already counted).
-
-        Raises:
-            as :meth:`logits_mixed`.
-        """
-        entries: dict[str, LoadedTask] = {}
-        for task, rows in items:
-            if task not in entries:
-                entries[task] = self.tasks.get(task, count=count)
-            check_rows(entries[task].header, rows)
-        forms = {t: self.compute_tier.promote(t, e) for t, e in entries.items()}
-        return entries, forms
-
     def prepare(self, req: PredictRequest) -> Prepared:
         """Check ``req``'s inputs against its task, load the task (a miss), have the tier promote it, and tokenize
         its rows: everything its pass needs, done once, outside the pass lock.

@@ -69,6 +69,24 @@ class Tier(Protocol):
         ...
 
 
+class HotCached:
+    """For a tier whose tasks are promoted into a hot cache (:class:`service.hot_tier.HotCache`): a pass needs the
+    task's hot form, built once outside the pass lock; a replaced or deleted task's form is dropped."""
+
+    hot: HotCache
+    precision: str
+    runtime: str
+
+    def promote(self, task: str, entry: LoadedTask) -> Any:
+        return self.hot.get(task, entry)
+
+    def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
+        self.hot.drop(task)
+
+    def status(self) -> dict:
+        return {"precision": self.precision, "runtime": self.runtime, "hot": self.hot.status()}
+
+
 class TorchTier:
     """A torch tier: the tier's dispatcher builds the pass's segment table and computes every masked product;
     the encoder is the lean one (:mod:`service.encoder`) where given, else the model's own modules (each masked

@@ -4,9 +4,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any
 
 import torch
 
@@ -16,8 +14,7 @@ from service.encoder import LeanEncoder
 from service.hot_tier import HotTier
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
-from service.tasks import LoadedTask
-from service.tiers.base import TorchTier
+from service.tiers.base import HotCached, TorchTier
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +27,7 @@ rows: 57 vs 7 us). A bf16 MiniLM pass of 44 / 176 / 352 token rows took 4.6 / 12
 against 7.3 / 14.6 / 33.3 on two; of 528 / 704 / 1,408 rows 57 / 69 / 131 ms against 35 / 48 / 100."""
 
 
-class CpuHotTier(TorchTier):
+class CpuHotTier(HotCached, TorchTier):
     """Args:
         backbone, layers: as :class:`service.tiers.base.TorchTier`.
         precision: "bf16" or "int8".
@@ -56,12 +53,3 @@ class CpuHotTier(TorchTier):
         self.weights = {n: ml.w_q for n, ml in layers.items()}
         for ml in layers.values():
             ml.weight = None  # the float32 deq(W_q) is not needed in this precision: not kept
-
-    def promote(self, task: str, entry: LoadedTask) -> Any:
-        return self.hot.get(task, entry)
-
-    def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
-        self.hot.drop(task)
-
-    def status(self) -> dict:
-        return {"precision": self.precision, "runtime": self.runtime, "hot": self.hot.status()}

@@ -9,7 +9,6 @@ masked int8 weights and creates the session; least recently used sessions are ev
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from service.kernels.ort_encoder import OrtEncoder
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service.tasks import LoadedTask
-from service.tiers.base import Segments
+from service.tiers.base import HotCached, Segments
 
 
 SESSION_BYTES_PER_WEIGHT_BYTE = 2.3
@@ -56,7 +55,7 @@ class OrtHotCache(HotCache):
         return int(SESSION_BYTES_PER_WEIGHT_BYTE * self.ort.weight_bytes())
 
 
-class OrtTier:
+class OrtTier(HotCached):
     """Args:
         backbone: a plain-BERT-layout backbone (:meth:`service.encoder.LeanEncoder.unsupported` is None).
         layers: the engine's masked layers (their int8 weights, scales and biases).
@@ -88,15 +87,6 @@ class OrtTier:
         self.weights = {n: ml.w_q for n, ml in layers.items()}
         for ml in layers.values():
             ml.weight = None  # the float32 deq(W_q) is not used by this tier: not kept
-
-    def promote(self, task: str, entry: LoadedTask) -> Any:
-        return self.hot.get(task, entry)
-
-    def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
-        self.hot.drop(task)
-
-    def status(self) -> dict:
-        return {"precision": self.precision, "runtime": self.runtime, "hot": self.hot.status()}
 
     def pooled(self, segs: Segments, forms: dict[str, Any] | None, inputs: dict[str, torch.Tensor],
                seq_starts: list[int]) -> torch.Tensor:
