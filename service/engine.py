@@ -32,6 +32,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from backbone import Backbone, replace_module
 from mask_store.format import BundleHeader
+from mask_store.local import LocalMaskStore
 from mask_store.store import MaskStore
 from service.admission import Admission
 from service.batcher import ClientGone, MicroBatcher, client_gone
@@ -46,6 +47,10 @@ from service.tiers.select import needs_model_forward, resolve_precision, select_
 __all__ = ["Engine", "PredictOptions", "PredictRequest", "needs_model_forward", "resolve_precision"]
 
 T = TypeVar("T")
+
+INLINE_PREPARE_CHARS = 2048
+"""A hot task's request of at most this many characters is prepared on the event loop (no thread hop); a longer
+one in a worker thread (tokenizing 64 inputs of 10,000 characters took ~350 ms here)."""
 log = logging.getLogger(__name__)
 
 class Engine:
@@ -274,9 +279,10 @@ class Engine:
         """
         return self.passes.predict_mixed(items, options=options)
 
-    def _predict_prepared(self, items: Sequence[tuple[str, Rows]], prepared: Sequence[Prepared]) -> list[list[dict]]:
+    def _predict_prepared(self, items: Sequence[tuple[str, Rows]], prepared: Sequence[Prepared],
+                          cancelled=None) -> list[list[dict]]:
         """The batcher's forward: :meth:`service.passes.Passes.run_prepared`."""
-        return self.passes.run_prepared(items, prepared)
+        return self.passes.run_prepared(items, prepared, cancelled)
 
 
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:
@@ -367,7 +373,7 @@ class Engine:
     async def _predict_async(self, req: PredictRequest) -> list[dict]:
         with self.observed(req):
             with tracing.span("supermask.prepare", task=req.task, rows=len(req.inputs)):
-                if self._is_hot(req.task):  # nothing to load or promote: no thread hop
+                if self._is_hot(req):  # nothing to load or promote, small: no thread hop
                     prepared = self.prepare(req)
                 else:
                     prepared = await run_in_threadpool(self.prepare, req)
@@ -385,7 +391,8 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         run = contextvars.copy_context().run  # the request's trace context in the forward thread
-        work = loop.run_in_executor(self._forward_thread, run, self._predict_prepared, items, prepared)
+        left = threading.Event()
+        work = loop.run_in_executor(self._forward_thread, run, self._predict_prepared, items, prepared, left.is_set)
         gone = client_gone.get()
         if gone is None:
             return await work
@@ -396,13 +403,21 @@ class Engine:
             waiter.cancel()
         if work.done():
             return work.result()
-        work.cancel()  # not yet started: never runs (a running pass cannot be stopped; its result is dropped)
+        left.set()  # a pass waiting for the lock skips itself (one already running finishes, its answer unused)
+        work.cancel()  # not yet started on the forward thread: never runs
         work.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late error is not logged as lost
         raise ClientGone(f"the client left while {sum(len(r) for _, r in items)} rows waited for a pass")
 
-    def _is_hot(self, task: str) -> bool:
-        """Whether ``task`` is resident and, where the tier has a hot cache, hot: preparing it loads nothing."""
-        return self.tasks.is_resident(task) and (self.hot is None or task in self.hot.tasks)
+    def _is_hot(self, req: PredictRequest) -> bool:
+        """Whether preparing ``req`` can run on the event loop: its task resident and, where the tier has a hot
+        cache, hot (nothing to load or promote), the store local (its freshness check is one ``stat``, not a
+        network call), and the request small (its tokenization takes well under a millisecond). A bundle replaced
+        by another worker since is still reloaded there, once."""
+        if not isinstance(self.store, LocalMaskStore):
+            return False
+        if sum(len(a) + len(b or "") for a, b in req.inputs) > INLINE_PREPARE_CHARS:
+            return False
+        return self.tasks.is_resident(req.task) and (self.hot is None or req.task in self.hot.tasks)
 
     async def predict_fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
         """Predictions for several requests (a fan-out: the same inputs for several tasks) from ONE call

@@ -114,6 +114,7 @@ class HotCache:
         #: task -> requests that found it not hot within the last ``window_s`` seconds (bounded: a scan of many
         #: names forgets the oldest)
         self._seen: TTLCache = TTLCache(maxsize=100_000, ttl=window_s)
+        self._epochs: dict[str, int] = {}  # task -> times dropped: a build that started before a drop is not kept
         self.evictions = 0
         self._lru = TaskCache(capacity_bytes)  # task -> HotTask
         self._lock = threading.Lock()  # guards _lru / _promoting; never held while materialising
@@ -155,9 +156,12 @@ class HotCache:
                 flight = self._promoting.get(key)
                 if flight is None:
                     flight = self._promoting[key] = _Flight()
-                    seen = self._seen.get(task, 0) + 1
-                    self._seen[task] = seen
-                    keep = seen >= self.promote_after or task in self.pinned
+                    seen = self._seen.get(task)
+                    if seen is None:  # set once: the window runs from the first request, not the latest
+                        seen = self._seen[task] = [0]
+                    seen[0] += 1
+                    keep = seen[0] >= self.promote_after or task in self.pinned
+                    epoch = self._epochs.get(task, 0)
                     break
             flight.done.wait()  # another thread is materialising it: its form serves this pass too
             if flight.form is not None:
@@ -172,7 +176,9 @@ class HotCache:
             log.debug("built task %s's hot form in %.1f ms (%d bytes; %s)", task, seconds * 1e3, nbytes,
                       "kept" if keep else "this pass only")
             with self._lock:
-                kept = keep and self._insert(task, HotTask(entry.identity, form, nbytes))
+                # not kept when the task was dropped (replaced, deleted) while its form was being built
+                kept = keep and self._epochs.get(task, 0) == epoch and self._insert(task, HotTask(entry.identity, form,
+                                                                                                  nbytes))
                 if kept:
                     self._seen.pop(task, None)
             if self.metrics is not None:
@@ -205,8 +211,10 @@ class HotCache:
                 "evictions": self.evictions, "pinned": sorted(self.pinned)}
 
     def drop(self, task: str) -> None:
-        """Forget ``task``'s materialised weights (no-op when it is not hot)."""
+        """Forget ``task``'s materialised weights (no-op when it is not hot); a form of it being built now is used for
+        its own pass and not kept."""
         with self._lock:
+            self._epochs[task] = self._epochs.get(task, 0) + 1
             self._pop(task)
 
     def _pop(self, task: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from backbone import Backbone
 from mask_store.format import BundleHeader
 from service import tracing
+from service.batcher import ClientGone
 from service.errors import InputInvalid
 from service.forward import DEFAULT_OPTIONS, Forward, PredictOptions, PredictRequest, Rows, check_rows, decode
 from service.tasks import LoadedTask, TaskTable
@@ -108,23 +109,28 @@ class Passes:
         outs, headers, encoded = self.mixed(items, count, opts)
         return [decode(h, out, o, enc) for h, out, o, enc in zip(headers, outs, opts, encoded)]
 
-    def run_prepared(self, items: Sequence[tuple[str, Rows]],
-                          prepared: Sequence[Prepared]) -> list[list[dict]]:
-        """:meth:`predict_mixed` (decoded predictions per item) for requests :meth:`prepare` checked, resolved and tokenized: their passes reuse
-        that work. A task whose bundle was replaced since (the store's file identity, one ``stat``), or whose items
-        were prepared from different bundles, is resolved and tokenized again, so that every item is answered
-        wholly by the bundle the store holds when its pass runs."""
+    def run_prepared(self, items: Sequence[tuple[str, Rows]], prepared: Sequence[Prepared],
+                     cancelled: Callable[[], bool] | None = None) -> list[list[dict]]:
+        """:meth:`predict_mixed` (decoded predictions per item) for requests :meth:`prepare` checked, resolved and
+        tokenized: their passes reuse that work. A task whose bundle was replaced since (the store's version of it,
+        one ``stat`` or ``HEAD``), or whose items were prepared from different bundles, is resolved and tokenized
+        again, so that every item is answered wholly by the bundle the store holds when its pass runs.
+
+        ``cancelled``: asked once the pass lock is held; True skips the pass (raises :class:`ClientGone`).
+        """
         entries: dict[str, LoadedTask] = {}
         for (task, _), p in zip(items, prepared):
             if entries.setdefault(task, p.entry) is not p.entry:
                 return self.predict_mixed(items, count=False, options=[p.options for p in prepared])
-        for task, entry in entries.items():  # one stat each: a bundle replaced since its prepare is used instead
-            if self.tasks.get(task, count=False) is not entry:
+        for task, entry in entries.items():  # a bundle replaced since its prepare is resolved again
+            if entry.version is not None and self.tasks.store.version(task) != entry.version:
                 return self.predict_mixed(items, count=False, options=[p.options for p in prepared])
         forms = {task: p.form for (task, _), p in zip(items, prepared)}
         encoded = [p.encoded for p in prepared]
         rows = sum(len(r) for _, r in items)
         with self.lock, tracing.span("supermask.forward", rows=rows, tasks=len(entries)):
+            if cancelled is not None and cancelled():
+                raise ClientGone(f"the client left while {rows} rows waited for a pass")
             outs = self.forward.run(items, entries, encoded, forms)
         return [decode(p.entry.header, out, p.options, p.encoded) for p, out in zip(prepared, outs)]
 

@@ -5,6 +5,7 @@ This is the only place that reads the environment (pydantic-settings).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -189,8 +190,14 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 import json
 
-                return json.loads(text)
-            return [name.strip() for name in text.split(",") if name.strip()]
+                v = json.loads(text)
+            else:
+                v = [name.strip() for name in text.split(",") if name.strip()]
+        from mask_store.format import TASK_NAME_PATTERN  # torch-free
+
+        bad = [n for n in v if not isinstance(n, str) or not re.fullmatch(TASK_NAME_PATTERN, n)]
+        if bad:
+            raise ValueError(f"not task names: {bad[:3]} (a task name matches {TASK_NAME_PATTERN})")
         return v
 
     @field_validator("admin_token", mode="before")

@@ -2,30 +2,35 @@
 
 Semantics (same as reference): the lean encoder (:mod:`service.encoder`; transformers' ``BertModel`` in eval
 mode, Devlin et al. 2019) followed by mean pooling over the attention mask, with every masked product
-``x · (deq(W_q) ⊙ μ)ᵀ + b`` computed as ONNX Runtime's ``com.microsoft.DynamicQuantizeMatMul``: the stored weight is
-``W_q ⊙ μ`` (int8, exact: masking keeps the int8 grid) with the backbone's per-channel scales as the per-column
-``b_scale`` and zero points 0; the activations are quantized per call to uint8, one asymmetric scale per tensor
-(ONNX ``DynamicQuantizeLinear``: ``scale = (max(0, hi) - min(0, lo)) / 255``, zero point
-``round(-min(0, lo) / scale)``), as :func:`service.kernels.cpu_hot.hot_linear` with ``act_quant="tensor"`` does
-(its torch reference here: ``tests/kernels/test_ort_encoder.py`` checks both against the float32 model).
+``x · (deq(W_q) ⊙ μ)ᵀ + b`` computed in int8 over the stored weight ``W_q ⊙ μ`` (exact: masking keeps the int8
+grid) with the backbone's per-channel scales, as :func:`service.kernels.cpu_hot.hot_linear` computes it for the
+same ``act_quant`` (``tests/unit/test_ort_tier.py`` checks the graph against that torch reference):
+
+* ``act_quant="row"`` (the tier's default): each token's activations quantized to uint8 with its own min / max,
+  ``x ≈ lo + step · q``, ``q = floor((x - lo) / step + 1/2)``, ``step = (hi - lo) / 255``; the product is
+  ``step · (q · (W_q ⊙ μ)ᵀ · scale) + lo · rowsum + b`` with ``rowsum[o] = scale[o] · Σ_i (W_q ⊙ μ)[o, i]``
+  (ONNX ``ReduceMin`` / ``ReduceMax`` and ``com.microsoft.MatMulIntegerToFloat``): a row's result does not depend
+  on the other rows of its batch;
+* ``act_quant="tensor"``: one asymmetric uint8 scale for the whole input (ONNX ``DynamicQuantizeLinear``, fused as
+  ``com.microsoft.DynamicQuantizeMatMul``: ``scale = (max(0, hi) - min(0, lo)) / 255``), as ONNX Runtime's own
+  dynamic quantization does; faster, batch-dependent, and less accurate on the shipped tasks (docs in README).
 
 Why: one graph runs the whole pass in C++ (no Python dispatch per op), takes any batch and length without
 per-shape set-up (MLAS kernels, unlike a new oneDNN primitive per shape), and the weights are prepacked once per
-session. Measured in-process on a 2-core AMD EPYC (avx512_vnni, no AMX), one SST-2 dev sentence at a time: 1.9 ms
-against 4-6 ms for the torch hot tier (``benchmarks/cpu_peers.py`` has the served figures).
+session (README, "CPU precisions and runtimes", has the served figures against one-model-per-task peers).
 
-The graph (opset 17 + ``com.microsoft`` contrib ops of ONNX Runtime's CPU provider): ``EmbedLayerNormalization``
-(word + position + token-type embeddings, LayerNorm), then per layer one fused Q|K|V ``DynamicQuantizeMatMul``,
+The graph (opset 17 + ``com.microsoft`` contrib ops of ONNX Runtime's CPU provider): ``LayerNormalization`` of
+the embeddings (looked up outside the graph, :meth:`OrtEncoder.embed`), then per layer one fused Q|K|V product,
 ``Split``, ``MultiHeadAttention`` (key padding mask from the attention mask), the output product,
 ``SkipLayerNormalization`` (residual + LayerNorm), the intermediate product, the activation (``Gelu`` for
 ``gelu``, ``FastGelu`` for the tanh forms, ``Relu``, ``x · Sigmoid(x)``), the output product,
-``SkipLayerNormalization``; then the mean over unmasked tokens. Inputs int64 ``input_ids``, ``attention_mask``,
-``token_type_ids`` ``[batch, T]``; output float32 ``pooled`` ``[batch, hidden]``.
+``SkipLayerNormalization``; then the mean over unmasked tokens. Inputs float32 ``embedded`` ``[batch, T, hidden]``
+and int64 ``attention_mask`` ``[batch, T]``; output float32 ``pooled`` ``[batch, hidden]``.
 
-Weights: every tensor a task does not change (embeddings, LayerNorms, biases, scales, the plain int8 weights of the
-groups it leaves unmasked) is one ``OrtValue`` shared by every session (``SessionOptions.add_initializer``: ONNX
-Runtime uses the caller's buffer, no copy); a task's masked groups are serialised into its session's model bytes, so
-ONNX Runtime frees them once prepacked and the session holds only its prepacked form.
+Weights: each session's model bytes carry every group's int8 weight (the task's ``W_q ⊙ μ`` where it masks the
+group, the plain ``W_q`` elsewhere) and the small constants (scales, biases, LayerNorms); ONNX Runtime prepacks the
+weights and frees the unpacked copies, so a session owns its weights and nothing else of the process. The
+embedding tables stay outside (one copy in the process).
 """
 
 from __future__ import annotations

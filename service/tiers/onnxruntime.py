@@ -23,9 +23,9 @@ from service.tasks import LoadedTask
 from service.tiers.base import HotCached, Segments
 
 
-SESSION_BYTES_PER_WEIGHT_BYTE = 2.3
-"""Resident memory of one hot session per byte of its int8 weights, measured: MiniLM (10.6 MB of masked int8
-weights) held 24.5 MiB of RSS per session after a 32-row pass (ten sessions, glibc trimmed, no memory arena):
+SESSION_BYTES_PER_WEIGHT_BYTE = 2.42
+"""Resident memory of one hot session per byte of its int8 weights, measured: MiniLM (10.6 MB of int8 weights)
+held 24.5 MiB (25.7 MB) of RSS per session after a 32-row pass (ten sessions, glibc trimmed, no memory arena):
 the prepacked weights, their column sums and the session's graph and thread pool."""
 
 

@@ -45,7 +45,9 @@ def resolve_precision(precision: str, runtime: str = "torch") -> str:
     if p not in cpu_hot.PRECISIONS:
         raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
     reason = cpu_hot.unavailable_reason(p)
-    if reason is not None and not (p == "int8" and str(runtime).strip().lower() == "onnxruntime"):
+    onnxruntime_int8 = (p == "int8" and str(runtime).strip().lower() in ("auto", "onnxruntime")
+                        and ort_encoder.unavailable_reason() is None)
+    if reason is not None and not onnxruntime_int8:
         raise ValueError(f"CPU precision {p!r} cannot run here ({reason}); use 'auto' or 'fp32'")
     return p
 

@@ -261,9 +261,10 @@ def test_queued_rows_of_a_client_that_left_are_never_computed():
     assert seen == [["a"], ["c"]] and batcher.dropped == 1
 
 
-def test_a_fanout_whose_client_left_while_queued_is_never_computed(tiny_backbone, tmp_path):
-    """Two fan-outs: the first holds the forward thread; the second's client leaves while it waits for it. The second
-    never runs (ClientGone); the first answers."""
+@pytest.mark.parametrize("precision", ["int8", "fp32"])  # a dedicated forward thread; the default thread pool
+def test_a_fanout_whose_client_left_while_queued_is_never_computed(tiny_backbone, tmp_path, precision):
+    """A fan-out waits for the pass lock (another pass holds it); its client leaves; it never runs (ClientGone)
+    and a fan-out whose client stays is answered."""
     from mask_store.local import LocalMaskStore
     from service.batcher import ClientGone, client_gone
     from service.engine import Engine, PredictRequest
@@ -273,36 +274,36 @@ def test_a_fanout_whose_client_left_while_queued_is_never_computed(tiny_backbone
     store = LocalMaskStore(tmp_path)
     for i, task in enumerate(("t1", "t2")):
         store.put(task, make_bundle(tiny_backbone, task=task, seed=i))
-    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", precision="int8",
-                    runtime="torch")  # a dedicated forward thread: the second fan-out queues behind the first
-    seen: list[list[str]] = []
-    release = threading.Event()
-    real = engine._predict_prepared
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", precision=precision,
+                    runtime="torch")
+    passes: list[list[str]] = []
+    real_run = engine.forward.run
 
-    def slow(items, prepared):
-        seen.append([t for t, _ in items])
-        release.wait(5)
-        return real(items, prepared)
+    def counted(items, *a, **k):
+        passes.append([t for t, _ in items])
+        return real_run(items, *a, **k)
 
-    engine._predict_prepared = slow
+    engine.forward.run = counted
     reqs = [PredictRequest(t, (("a fine film", None),)) for t in ("t1", "t2")]
 
     async def main():
-        first = asyncio.ensure_future(engine.predict_fanout_async(reqs))
-        await asyncio.sleep(0.5)  # prepared, and in its pass
-        gone = asyncio.Event()
-        token = client_gone.set(gone)
-        second = asyncio.ensure_future(engine.predict_fanout_async(reqs))
-        client_gone.reset(token)
-        await asyncio.sleep(0.5)  # prepared, waiting for the forward thread
-        gone.set()
-        await asyncio.sleep(0.1)
-        release.set()
-        return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 20)
+        engine._lock.acquire()  # a pass in progress
+        try:
+            gone = asyncio.Event()
+            token = client_gone.set(gone)
+            left = asyncio.ensure_future(engine.predict_fanout_async(reqs))
+            client_gone.reset(token)
+            await asyncio.sleep(1.0)  # prepared, waiting for the pass lock
+            gone.set()
+            await asyncio.sleep(0.2)
+        finally:
+            engine._lock.release()
+        stayed = await asyncio.wait_for(engine.predict_fanout_async(reqs), 20)
+        return await asyncio.gather(left, return_exceptions=True), stayed
 
-    a, b = asyncio.run(main())
-    assert isinstance(b, ClientGone), b
-    assert [len(r) for r in a] == [1, 1] and seen == [["t1", "t2"]]
+    (left,), stayed = asyncio.run(main())
+    assert isinstance(left, ClientGone), left
+    assert [len(r) for r in stayed] == [1, 1] and passes == [["t1", "t2"]]  # only the second fan-out ran
     assert engine._admitted == 0
 
 

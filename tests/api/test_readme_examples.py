@@ -81,8 +81,10 @@ def test_the_checks_catch_a_stale_readme():
     assert script.check(lists, script.Answer(200, "[1]"))  # a list of another length
     upload = script.parse("```bash\ncurl -s -X PUT localhost:8000/x   # 201 new, 200 replaced\n```\n")[0]
     assert upload.statuses == {200, 201} and script.check(upload, script.Answer(422, "{}"))
-    other = script.parse("```bash\ncurl -s localhost:8000/v1/tasks/mine/predict -d '{}'\n```\n")[0]
-    assert script.needs_other_task(other, {"SST-2"}) and not script.needs_other_task(other, {"mine"})
+    trained = script.parse("```bash\ncurl -s localhost:8000/v1/tasks/similarity/predict -d '{}'\n```\n")[0]
+    assert script.needs_other_task(trained, {"SST-2"}) and not script.needs_other_task(trained, {"similarity"})
+    typo = script.parse("```bash\ncurl -s localhost:8000/v1/tasks/SST2/predict -d '{}'\n```\n")[0]
+    assert not script.needs_other_task(typo, {"SST-2"})  # run, so that a misspelt task name fails the check
     py = script.parse('```python\nc = "127.0.0.1:8000"\nprint(1.5, "a")   # 2.5 a\n```\n')[0]
     assert not script.check(py, script.Answer(0, "7.25 a\n", ["7.25 a"]))
     assert script.check(py, script.Answer(0, "7.25 b\n", ["7.25 b"]))

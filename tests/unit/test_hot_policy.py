@@ -97,8 +97,12 @@ def test_settings_read_the_policy(monkeypatch):
     monkeypatch.setenv("SUPERMASK_HOT_PROMOTE_AFTER", "2")
     s = Settings()
     assert s.pinned_tasks == ["SST-2", "CoLA"] and s.hot_promote_after == 2
-    monkeypatch.setenv("SUPERMASK_PINNED_TASKS", '["a b"]')
-    assert Settings().pinned_tasks == ["a b"]
+    monkeypatch.setenv("SUPERMASK_PINNED_TASKS", '["a.b_c"]')
+    assert Settings().pinned_tasks == ["a.b_c"]
+    monkeypatch.setenv("SUPERMASK_PINNED_TASKS", '["a b"]')  # not a task name: refused, not silently unpinned
+    with pytest.raises(ValueError, match="not task names"):
+        Settings()
+    monkeypatch.setenv("SUPERMASK_PINNED_TASKS", "SST-2")
     monkeypatch.setenv("SUPERMASK_HOT_PROMOTE_AFTER", "0")
     with pytest.raises(ValueError):
         Settings()
