@@ -1,11 +1,14 @@
 """Admission: at most ``SUPERMASK_MAX_QUEUED_REQUESTS`` predict calls queued or running at once, each answered
-within ``SUPERMASK_REQUEST_TIMEOUT_S`` (the stage between a checked request and the batcher)."""
+within ``SUPERMASK_REQUEST_TIMEOUT_S`` (the stage between a checked request and the batcher); and each request's
+count, latency and rows in the metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from service.errors import Overloaded, RequestTimedOut
@@ -59,3 +62,23 @@ class Admission:
             return await asyncio.wait_for(asyncio.shield(task), self.timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimedOut(f"no answer within {self.timeout_s:g} s (SUPERMASK_REQUEST_TIMEOUT_S)") from None
+
+
+@contextlib.contextmanager
+def observed(metrics: Metrics, task: str, rows: int, known: Callable[[], bool]) -> Iterator[None]:
+    """Count and time one predict request of ``task`` (``rows`` inputs) around the block it wraps.
+
+    When the block completes: ``requests{task, "ok"}`` +1 and its latency (seconds, from entering the block) and row
+    count observed; when it raises an ``Exception``: ``requests{task, "error"}`` +1 — under ``_unknown`` unless
+    ``known()`` (the task is stored), so that a scan of bad names cannot grow the label set — and the exception
+    propagates unchanged.
+    """
+    t0 = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        metrics.requests.labels(task if known() else "_unknown", "error").inc()
+        raise
+    metrics.request_seconds.labels(task).observe(time.perf_counter() - t0)
+    metrics.requests.labels(task, "ok").inc()
+    metrics.rows.labels(task).observe(rows)

@@ -22,23 +22,22 @@ import contextvars
 import os
 import logging
 import threading
-import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fastapi.concurrency import run_in_threadpool
 
-from backbone import Backbone, replace_module
+from backbone import Backbone
 from mask_store.format import BundleHeader
 from mask_store.local import LocalMaskStore
 from mask_store.store import MaskStore
-from service.admission import Admission
+from service.admission import Admission, observed
 from service.batcher import ClientGone, MicroBatcher, client_gone
 from service.forward import Forward, PredictOptions, PredictRequest, Rows
 from service.passes import Passes, Prepared, check_request
-from service.masked_linear import MaskedLinear
+from service.masked_linear import MaskedLinear, wrap_backbone
 from service.metrics import Metrics
 from service import tracing
 from service.tasks import LoadedTask, TaskBuilder, TaskCache, TaskTable
@@ -140,18 +139,8 @@ class Engine:
         metrics.cache_bytes.set(0)
 
     def _wrap(self) -> dict[str, MaskedLinear]:
-        """Replace the backbone's masked modules by :class:`MaskedLinear` layers (sharing their tensors).
-
-        Raises:
-            ValueError: another engine wrapped them already.
-        """
-        for name in self.backbone.masked:
-            lin = self.backbone.model.get_submodule(name)
-            if isinstance(lin, MaskedLinear):
-                raise ValueError("backbone modules are already wrapped by another engine")
-            ml = MaskedLinear(lin, self.backbone.qweight[name], self.backbone.scale[name], name=name)
-            replace_module(self.backbone.model, name, ml)
-            self.layers[name] = ml
+        """:func:`service.masked_linear.wrap_backbone`, kept as the engine's layers."""
+        self.layers = wrap_backbone(self.backbone)
         return self.layers
 
     # ---- state --------------------------------------------------------------------------------
@@ -312,25 +301,10 @@ class Engine:
         return header
 
 
-    @contextlib.contextmanager
-    def observed(self, req: PredictRequest) -> Iterator[None]:
-        """Count and time the predict request ``req`` around the block it wraps.
-
-        When the block completes: ``requests{task, "ok"}`` +1 and its latency (seconds, from entering
-        the block) and row count observed; when it raises an ``Exception``: ``requests{task, "error"}``
-        +1 (unknown task names share the label ``_unknown``, so that a scan of bad names cannot grow
-        the label set) and the exception propagates unchanged.
-        """
-        t0 = time.perf_counter()
-        try:
-            yield
-        except Exception:
-            known = self.tasks.is_resident(req.task) or self.store.exists(req.task)
-            self.metrics.requests.labels(req.task if known else "_unknown", "error").inc()
-            raise
-        self.metrics.request_seconds.labels(req.task).observe(time.perf_counter() - t0)
-        self.metrics.requests.labels(req.task, "ok").inc()
-        self.metrics.rows.labels(req.task).observe(len(req.inputs))
+    def observed(self, req: PredictRequest) -> contextlib.AbstractContextManager:
+        """Count and time ``req`` around the block it wraps (:func:`service.admission.observed`)."""
+        return observed(self.metrics, req.task, len(req.inputs),
+                        lambda: self.tasks.is_resident(req.task) or self.store.exists(req.task))
 
     def predict(self, req: PredictRequest) -> list[dict]:
         """Predictions for a request, in input order, from forward passes of this request alone.

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backbone import replace_module
+
 from service.dispatch import Dispatcher, SegmentTable
 
 
@@ -49,3 +51,20 @@ class MaskedLinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         y = self.dispatcher.linear(self, x.reshape(-1, x.shape[-1]), seg)  # [batch * T, out]
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def wrap_backbone(backbone) -> dict[str, MaskedLinear]:
+    """Replace each masked ``nn.Linear`` of ``backbone`` (a :class:`backbone.Backbone`) by a :class:`MaskedLinear`
+    sharing its tensors; return them by module name.
+
+    Raises:
+        ValueError: another engine wrapped them already.
+    """
+    layers: dict[str, MaskedLinear] = {}
+    for name in backbone.masked:
+        lin = backbone.model.get_submodule(name)
+        if isinstance(lin, MaskedLinear):
+            raise ValueError("backbone modules are already wrapped by another engine")
+        layers[name] = MaskedLinear(lin, backbone.qweight[name], backbone.scale[name], name=name)
+        replace_module(backbone.model, name, layers[name])
+    return layers
