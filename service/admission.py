@@ -69,7 +69,7 @@ def observed(metrics: Metrics, task: str, rows: int, known: Callable[[], bool]) 
     """Count and time one predict request of ``task`` (``rows`` inputs) around the block it wraps.
 
     When the block completes: ``requests{task, "ok"}`` +1 and its latency (seconds, from entering the block) and row
-    count observed; when it raises an ``Exception``: ``requests{task, "error"}`` +1 — under ``_unknown`` unless
+    count observed, unless ``known()`` says the task is gone (deleted meanwhile); when it raises an ``Exception``: ``requests{task, "error"}`` +1 — under ``_unknown`` unless
     ``known()`` (the task is stored), so that a scan of bad names cannot grow the label set — and the exception
     propagates unchanged.
     """
@@ -79,6 +79,8 @@ def observed(metrics: Metrics, task: str, rows: int, known: Callable[[], bool]) 
     except Exception:
         metrics.requests.labels(task if known() else "_unknown", "error").inc()
         raise
+    if not known():  # deleted while it was answered: its series were removed with it, and stay removed
+        return
     metrics.request_seconds.labels(task).observe(time.perf_counter() - t0)
     metrics.requests.labels(task, "ok").inc()
     metrics.rows.labels(task).observe(rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import logging
 
 from fastapi import APIRouter, Request, Response
@@ -29,7 +31,9 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def _task_public(state, task: str, header: BundleHeader, detail: bool) -> TaskPublic:
+def _task_public(state, task: str, header: BundleHeader, detail: bool, size: int | None = None) -> TaskPublic:
+    """``task``'s public description from ``header``; ``size``: its stored bytes when known (an upload's own size:
+    a delete that lands right after the upload must not turn its answer into a 404), else read from the store."""
     return TaskPublic(
         name=task,
         problem_type=header.problem_type,
@@ -40,7 +44,7 @@ def _task_public(state, task: str, header: BundleHeader, detail: bool) -> TaskPu
         sparsity=header.sparsity,
         masked_matrices=len(header.masks),
         masked_weights=header.masked_weights,
-        bytes=state.store.size_bytes(task),
+        bytes=size if size is not None else state.store.size_bytes(task),
         resident=state.engine.is_resident(task),
         tier=state.engine.tier(task),
         backbone_fingerprint=header.backbone_fingerprint,
@@ -154,9 +158,10 @@ async def upload_task(task: TaskName, request: Request, response: Response, stat
     """
     with state.store.spool() as (fh, path):
         await _spool_body(request, fh, state.settings.max_bundle_bytes)
+        size = os.path.getsize(path)  # the bundle stored is these bytes
         header, created = await run_in_threadpool(state.engine.register, task, path)
     response.status_code = 201 if created else 200
-    return _task_public(state, task, header, detail=True)
+    return _task_public(state, task, header, detail=True, size=size)
 
 
 @router.delete("/v1/tasks/{task}", status_code=204, dependencies=[Admin], response_class=Response,

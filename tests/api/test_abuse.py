@@ -307,6 +307,53 @@ def test_a_fanout_whose_client_left_while_queued_is_never_computed(tiny_backbone
     assert engine._admitted == 0
 
 
+# ---- 6. concurrent admin writes --------------------------------------------------------------------------------
+
+
+def test_an_upload_answers_its_own_bundle_when_a_delete_lands_right_after(tiny_backbone, tmp_path):
+    """The upload stored the bundle; a DELETE of the same task lands before the answer is written: the PUT still
+    answers 201 with the bundle it stored (it answered 404, the size read back from a store that no longer had it)."""
+    settings = Settings(device="cpu", store_dir=tmp_path / "store", examples_dir=None, admin_token=TOKEN)
+    app = create_app(settings, backbone=tiny_backbone)
+    engine = app.state.supermask.engine
+    register = engine.register
+
+    def register_then_deleted(task, data):
+        out = register(task, data)
+        engine.delete(task)  # the concurrent DELETE
+        return out
+
+    engine.register = register_then_deleted
+    body = make_bundle(tiny_backbone, "racy")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.put("/v1/tasks/racy", content=body, headers=AUTH)
+        assert r.status_code == 201, r.text
+        assert r.json()["name"] == "racy" and r.json()["bytes"] == len(body)
+        assert client.get("/v1/tasks/racy").status_code == 404  # and the delete did happen
+
+
+def test_a_predict_answered_after_its_task_was_deleted_leaves_no_metric_series(tiny_backbone, tmp_path):
+    from mask_store.local import LocalMaskStore
+    from service.engine import Engine, PredictRequest
+    from service.metrics import Metrics
+
+    store = LocalMaskStore(tmp_path)
+    store.put("gone", make_bundle(tiny_backbone, task="gone"))
+    engine = Engine(tiny_backbone, store, Metrics(), cache_bytes=1 << 30, device="cpu", precision="fp32")
+    real = engine._predict_prepared
+
+    def delete_during_the_pass(items, prepared, cancelled=None):
+        out = real(items, prepared, cancelled)
+        engine.delete("gone")  # a DELETE racing the predict
+        return out
+
+    engine._predict_prepared = delete_during_the_pass
+    preds = asyncio.run(engine.predict_async(PredictRequest("gone", (("fine", None),))))
+    assert len(preds) == 1  # answered with the bundle it was prepared with
+    text = engine.metrics.render().decode()
+    assert 'task="gone"' not in text, [line for line in text.splitlines() if 'task="gone"' in line]
+
+
 # ---- 3. slow and idle connections ------------------------------------------------------------------------------
 
 
