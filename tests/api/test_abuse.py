@@ -191,7 +191,7 @@ def _mutated(draw):
             if not isinstance(node, (dict, list)):
                 break
         else:
-            if isinstance(node, dict) or isinstance(node, list) and path[-1] < len(node):
+            if isinstance(node, dict) or isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
                 node[path[-1]] = draw(_json)
     return body
 
