@@ -413,12 +413,18 @@ class Engine:
             for req in reqs:
                 stack.enter_context(self.observed(req))
             with tracing.span("supermask.prepare", tasks=len(reqs), rows=sum(len(r.inputs) for r in reqs)):
-                prepared = await run_in_threadpool(lambda: [self.prepare(req) for req in reqs])
+                prepared = await run_in_threadpool(self._prepare_fanout, reqs)
             return await self._run_unless_gone([(r.task, r.inputs) for r in reqs], prepared)
 
     def prepare(self, req: PredictRequest) -> Prepared:
         """:meth:`service.passes.Passes.prepare`: ``req`` checked, its task loaded and promoted, its rows tokenized."""
         return self.passes.prepare(req)
+
+    def _prepare_fanout(self, reqs: Sequence[PredictRequest]) -> list[Prepared]:
+        """Each request prepared; tasks beyond what the hot tier holds beside the others built for this pass only
+        (:meth:`service.passes.Passes.fanout_plan`)."""
+        plan = self.passes.fanout_plan([r.task for r in reqs]) if len(reqs) > 1 else {}
+        return [self.passes.prepare(req, plan.get(req.task)) for req in reqs]
 
     async def close(self) -> None:
         """Stop the micro-batcher (queued requests fail with ``RuntimeError``)."""

@@ -140,8 +140,9 @@ class HotCache:
     def capacity_bytes(self, value: int) -> None:
         self._lru.capacity_bytes = value
 
-    def get(self, task: str, entry: LoadedTask) -> Any:
-        """``task``'s hot form, promoting it on a miss.
+    def get(self, task: str, entry: LoadedTask, keep: bool | None = None) -> Any:
+        """``task``'s hot form, promoting it on a miss (``keep``: False builds it for the caller's pass only, never
+        evicting another task for it; None: the policy, ``promote_after``).
 
         A hot entry from another bundle (a replacement) is rebuilt from ``entry``. The
         materialisation runs outside the tier's lock, once however many threads ask for the same
@@ -160,7 +161,7 @@ class HotCache:
                     if seen is None:  # set once: the window runs from the first request, not the latest
                         seen = self._seen[task] = [0]
                     seen[0] += 1
-                    keep = seen[0] >= self.promote_after or task in self.pinned
+                    keep = (seen[0] >= self.promote_after or task in self.pinned) if keep is None else keep
                     epoch = self._epochs.get(task, 0)
                     break
             flight.done.wait()  # another thread is materialising it: its form serves this pass too

@@ -134,19 +134,44 @@ class Passes:
             outs = self.forward.run(items, entries, encoded, forms)
         return [decode(p.entry.header, out, p.options, p.encoded) for p, out in zip(prepared, outs)]
 
-    def prepare(self, req: PredictRequest) -> Prepared:
-        """Check ``req``'s inputs against its task, load the task (a miss), have the tier promote it, and tokenize
-        its rows: everything its pass needs, done once, outside the pass lock.
+    def prepare(self, req: PredictRequest, keep: bool | None = None) -> Prepared:
+        """Check ``req``'s inputs against its task, load the task (a miss), have the tier promote it (``keep`` as
+        :meth:`service.tiers.base.Tier.promote`), and tokenize its rows: everything its pass needs, done once,
+        outside the pass lock.
 
         Raises:
             as :meth:`predict`; InputInvalid: with ``truncate`` off, a row longer than the task's limit.
         """
         entry = self.tasks.get(req.task)
         check_request(req, entry.header)
-        form = self.tier.promote(req.task, entry)
+        form = self.tier.promote(req.task, entry, keep)
         with tracing.span("supermask.tokenize", rows=len(req.inputs)):
             encoded = self.forward.tokenize(entry.header, req.inputs, req.options)
         return Prepared(req.options, entry, form, encoded)
+
+    def fanout_plan(self, tasks: Sequence[str]) -> dict[str, bool]:
+        """Which of a fan-out's tasks to keep hot: those already hot, then the others in order while the hot cache's
+        budget holds them beside the fan-out's hot ones; the rest are built for this pass only (``False``), so a
+        fan-out wider than the hot tier never evicts its own tasks to promote its others (no thrashing: the same
+        fan-out again finds the kept ones hot). Empty without a hot cache. Loads the tasks (they are needed next).
+        """
+        hot = self.tier.hot
+        if hot is None:
+            return {}
+        size = {}
+        for t in dict.fromkeys(tasks):
+            try:
+                size[t] = hot.task_bytes(self.tasks.get(t, count=False))
+            except Exception:  # noqa: BLE001 - its own prepare raises it, in request order
+                continue
+        room = hot.capacity_bytes - sum(n for t, n in size.items() if t in hot.tasks)
+        plan = {}
+        for t in size:
+            if t in hot.tasks:
+                continue
+            plan[t] = size[t] <= room
+            room -= size[t] if plan[t] else 0
+        return plan
 
     def embed(self, task: str | None, rows: Rows, *, truncate: bool = True,
               truncation_direction: str = "right") -> torch.Tensor:

@@ -40,9 +40,10 @@ class Tier(Protocol):
     hot: HotCache | None
     dedicated_thread: bool
 
-    def promote(self, task: str, entry: LoadedTask) -> Any:
+    def promote(self, task: str, entry: LoadedTask, keep: bool | None = None) -> Any:
         """The form of ``task`` a pass needs, built now (outside the pass lock) so that no pass waits for it;
-        None when the tier needs none."""
+        None when the tier needs none. ``keep`` False: for that pass only, evicting nothing (a hot cache's
+        :meth:`service.hot_tier.HotCache.get`)."""
         ...
 
     def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
@@ -77,8 +78,8 @@ class HotCached:
     precision: str
     runtime: str
 
-    def promote(self, task: str, entry: LoadedTask) -> Any:
-        return self.hot.get(task, entry)
+    def promote(self, task: str, entry: LoadedTask, keep: bool | None = None) -> Any:
+        return self.hot.get(task, entry, keep)
 
     def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
         self.hot.drop(task)
@@ -120,7 +121,7 @@ class TorchTier:
     def max_tasks(self) -> int | None:
         return self.dispatcher.max_tasks
 
-    def promote(self, task: str, entry: LoadedTask) -> Any:
+    def promote(self, task: str, entry: LoadedTask, keep: bool | None = None) -> Any:
         return None
 
     def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:

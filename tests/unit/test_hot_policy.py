@@ -106,3 +106,22 @@ def test_settings_read_the_policy(monkeypatch):
     monkeypatch.setenv("SUPERMASK_HOT_PROMOTE_AFTER", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_a_fanout_wider_than_the_hot_tier_does_not_thrash_it(tiny_backbone_dir, store, runtime):
+    """Three tasks, room for two: the fan-out keeps two hot and builds the third for its pass only; the same
+    fan-out again evicts nothing and answers the same (before: every call evicted and rebuilt its own tasks)."""
+    import asyncio
+
+    from service.engine import PredictRequest
+
+    engine = _engine(tiny_backbone_dir, store, runtime)
+    engine.hot.capacity_bytes = 2 * engine.hot.task_bytes(engine.warm("s10"))
+    reqs = [PredictRequest(t, tuple(ROWS)) for t in TASKS]
+    first = asyncio.run(engine.predict_fanout_async(reqs))
+    hot = list(engine.hot.tasks)
+    assert len(hot) == 2 and engine.hot.evictions == 0
+    again = asyncio.run(engine.predict_fanout_async(reqs))
+    assert sorted(engine.hot.tasks) == sorted(hot) and engine.hot.evictions == 0
+    assert again == first
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 2  # the third, each call
