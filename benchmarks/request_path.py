@@ -8,7 +8,7 @@ REST-minus-in-process difference of the medians (the request path's own cost: HT
 batcher, thread hops, metrics); and ``GET /healthz`` over the same client (a floor: one routed request that does
 no work). Writes ``--out``.json and .md.
 
-    .venv/bin/python benchmarks/request_path.py --data-dir ../shared/data/glue      # ~1 min
+    .venv/bin/python benchmarks/request_path.py --data-dir $GLUE_DIR      # ~1 min
     .venv/bin/python benchmarks/request_path.py --requests 20                      # smoke
 """
 
