@@ -104,7 +104,9 @@ class Passes:
         return entries, forms
 
     def predict_mixed(self, items: Sequence[tuple[str, Rows]], count: bool = True,
-                       options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
+                      options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
+        """:meth:`mixed` decoded: one prediction list per item, each with the header its pass used (``options`` one
+        per item, None: the defaults)."""
         opts = [o or DEFAULT_OPTIONS for o in options] if options is not None else [DEFAULT_OPTIONS] * len(items)
         outs, headers, encoded = self.mixed(items, count, opts)
         return [decode(h, out, o, enc) for h, out, o, enc in zip(headers, outs, opts, encoded)]
@@ -120,11 +122,11 @@ class Passes:
         """
         entries: dict[str, LoadedTask] = {}
         for (task, _), p in zip(items, prepared):
-            if entries.setdefault(task, p.entry) is not p.entry:
-                return self.predict_mixed(items, count=False, options=[p.options for p in prepared])
-        for task, entry in entries.items():  # a bundle replaced since its prepare is resolved again
-            if entry.version is not None and self.tasks.store.version(task) != entry.version:
-                return self.predict_mixed(items, count=False, options=[p.options for p in prepared])
+            entries.setdefault(task, p.entry)
+        mixed_bundles = any(p.entry is not entries[task] for (task, _), p in zip(items, prepared))
+        if mixed_bundles or any(e.version is not None and self.tasks.store.version(t) != e.version
+                                for t, e in entries.items()):  # replaced since prepared: resolved again
+            return self.predict_mixed(items, count=False, options=[p.options for p in prepared])
         forms = {task: p.form for (task, _), p in zip(items, prepared)}
         encoded = [p.encoded for p in prepared]
         rows = sum(len(r) for _, r in items)

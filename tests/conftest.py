@@ -81,6 +81,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_store(backbone, root, sparsities: dict[str, float]):
+    """A :class:`mask_store.local.LocalMaskStore` at ``root`` holding one random-mask bundle per ``task: sparsity``
+    (seeds 1, 2, ... in order)."""
+    from mask_store.local import LocalMaskStore
+
+    store = LocalMaskStore(root)
+    for i, (task, sparsity) in enumerate(sparsities.items()):
+        store.put(task, make_bundle(backbone, task=task, sparsity=sparsity, seed=i + 1))
+    return store
+
+
 def make_bundle(backbone, task: str = "toy", sparsity: float = 0.05, labels=("neg", "pos"), seed: int = 0,
                 text_pairs: bool = False, fingerprint: str | None = None, max_seq_length: int = 32) -> bytes:
     """Encode a bundle with random masks of the given sparsity and a random head for ``backbone``."""

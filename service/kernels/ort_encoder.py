@@ -124,7 +124,6 @@ class OrtEncoder:
         self.shapes: dict[str, tuple[int, int]] = {}  # group -> (out, in)
         self.members_shapes = {n: tuple(int(d) for d in w[0].shape) for n, w in matrices.items()}  # module -> (out, in)
         self._const: dict[str, np.ndarray] = {}  # every tensor of the graph but the products' weights
-        self._scales: dict[str, torch.Tensor] = {}
         self.base: dict[str, torch.Tensor] = {}  # group -> the plain int8 W_q [out, in] (members concatenated)
         for g, members in self.groups.items():
             w_q = torch.cat([matrices[m][0] for m in members])
@@ -135,7 +134,6 @@ class OrtEncoder:
             self.shapes[g] = (int(w_q.shape[0]), int(w_q.shape[1]))
             self.base[g] = w_q.contiguous()
             self._const[f"{g}.scale"] = scale.float().numpy()
-            self._scales[g] = scale.float()
             self._const[f"{g}.zero"] = np.zeros(w_q.shape[0], np.int8)
             self._const[f"{g}.bias"] = bias.float().numpy()
         if act_quant not in ACT_QUANT:
@@ -175,7 +173,7 @@ class OrtEncoder:
             inits.append(numpy_helper.from_array(w.t().contiguous().numpy(), f"{g}.weight"))  # [in, out]
             if self.act_quant == "row":
                 # numpy's int8 -> int32 row sum: ~100x faster than torch's (torch 2.13 CPU), the same integers
-                rowsum = torch.from_numpy(w.numpy().sum(axis=1, dtype=np.int32)).to(torch.float32) * self._scales[g]
+                rowsum = torch.from_numpy(w.numpy().sum(axis=1, dtype=np.int32)).to(torch.float32) * torch.from_numpy(self._const[f"{g}.scale"])
                 inits.append(numpy_helper.from_array(rowsum.numpy(), f"{g}.rowsum"))
         graph = helper.make_graph(
             self._nodes, "supermask_encoder",

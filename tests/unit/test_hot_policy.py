@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 
 from backbone import load_backbone
-from mask_store.local import LocalMaskStore
 from service.engine import Engine
 from service.metrics import Metrics
 from service.tasks import LoadedTask, TaskCache
-from tests.conftest import make_bundle
+from tests.conftest import make_store
 
 ROWS = [("a charming and often affecting journey", None), ("dull, flat and lifeless", None)]
 TASKS = {"s10": 0.10, "s50": 0.5, "s30": 0.3}
@@ -19,10 +18,7 @@ TASKS = {"s10": 0.10, "s50": 0.5, "s30": 0.3}
 
 @pytest.fixture
 def store(tiny_backbone, tmp_path):
-    s = LocalMaskStore(tmp_path)
-    for i, (task, sparsity) in enumerate(TASKS.items()):
-        s.put(task, make_bundle(tiny_backbone, task=task, sparsity=sparsity, seed=i + 1))
-    return s
+    return make_store(tiny_backbone, tmp_path, TASKS)
 
 
 @pytest.fixture(params=["torch", "onnxruntime"])

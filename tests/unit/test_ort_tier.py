@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from backbone import load_backbone, mean_pool
-from mask_store.local import LocalMaskStore
 from service.engine import Engine
 from service.encoder import LeanEncoder
 from service.kernels import cpu_hot, ort_encoder
 from service.metrics import Metrics
 from service.tiers.select import resolve_runtime
-from tests.conftest import make_bundle
+from tests.conftest import make_bundle, make_store
 
 pytestmark = pytest.mark.skipif(ort_encoder.unavailable_reason() is not None,
                                 reason=str(ort_encoder.unavailable_reason()))
@@ -28,10 +27,7 @@ TOLERANCE = dict(rtol=0.05, atol=0.03)  # as the torch int8 tier's (tests/unit/t
 
 @pytest.fixture
 def store(tiny_backbone, tmp_path):
-    s = LocalMaskStore(tmp_path)
-    for i, (task, sparsity) in enumerate(TASKS.items()):
-        s.put(task, make_bundle(tiny_backbone, task=task, sparsity=sparsity, seed=i + 1))
-    return s
+    return make_store(tiny_backbone, tmp_path, TASKS)
 
 
 def _engine(backbone_dir, store, precision="int8", runtime="onnxruntime", **kw) -> Engine:

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from backbone import load_backbone
-from mask_store.local import LocalMaskStore
 from service.engine import Engine, resolve_precision
 from service.metrics import Metrics
-from tests.conftest import make_bundle
+from tests.conftest import make_bundle, make_store
 
 ROWS = [("a charming and often affecting journey", None), ("dull, flat and lifeless", None),
         ("the film is strictly routine", None)]
@@ -21,10 +20,7 @@ TOLERANCE = {"bf16": dict(rtol=0.05, atol=0.03), "int8": dict(rtol=0.05, atol=0.
 
 @pytest.fixture
 def store(tiny_backbone, tmp_path):
-    s = LocalMaskStore(tmp_path)
-    for i, (task, sparsity) in enumerate(TASKS.items()):
-        s.put(task, make_bundle(tiny_backbone, task=task, sparsity=sparsity, seed=i + 1))
-    return s
+    return make_store(tiny_backbone, tmp_path, TASKS)
 
 
 def _engine(backbone_dir, store, precision, **kw) -> Engine:
