@@ -43,18 +43,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import soak  # noqa: E402
+from benchmarks.peers.procs import rss_bytes  # noqa: E402
+
 EXAMPLES = REPO / "examples" / "masks"
 TOKEN = "abuse-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LONG = "the film , which was long and at times dull , still had moments of real grace and wit " * 6
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def start_server(store: Path, port: int, limit: int, timeout_s: float) -> subprocess.Popen:
@@ -62,21 +57,7 @@ def start_server(store: Path, port: int, limit: int, timeout_s: float) -> subpro
                SUPERMASK_LOG_LEVEL="WARNING", SUPERMASK_LIMIT_CONCURRENCY=str(limit),
                SUPERMASK_HEADER_TIMEOUT_S=str(timeout_s), SUPERMASK_BODY_TIMEOUT_S=str(timeout_s),
                SUPERMASK_TORCH_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "supermask", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--store-dir", str(store)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server not ready after 240 s")
+    return soak.serve(store, port, env, ready_timeout_s=240)
 
 
 class Observer:

@@ -102,12 +102,21 @@ def start_server(store: Path, port: int, allocator: str, threads: int, extra_env
         if lib is None:
             raise SystemExit("--allocator jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2)")
         env["LD_PRELOAD"] = lib
+    return serve(store, port, env, ready_timeout_s=180)
+
+
+def serve(store: Path, port: int, env: dict, ready_timeout_s: float) -> subprocess.Popen:
+    """``supermask serve`` on 127.0.0.1:``port`` over ``store`` with environment ``env``, once ``/readyz`` answers 200.
+
+    Raises:
+        SystemExit: the server exited (its stderr's tail in the message) or was not ready in time (then killed).
+    """
+    import httpx
+
     proc = subprocess.Popen([sys.executable, "-m", "supermask", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--store-dir", str(store)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    import httpx
-
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited: {proc.stderr.read().decode()[-3000:]}")
@@ -118,7 +127,7 @@ def start_server(store: Path, port: int, allocator: str, threads: int, extra_env
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server not ready after 180 s")
+    raise SystemExit(f"server not ready after {ready_timeout_s:g} s")
 
 
 class Load:
