@@ -36,18 +36,17 @@ def resolve_precision(precision: str, runtime: str = "torch") -> str:
         ValueError: not one of auto, fp32, bf16, int8, or one this torch build / CPU cannot run.
     """
     p = str(precision).strip().lower()
+    # ONNX Runtime may serve int8 here: the runtime allows it and its int8 contrib ops run
+    ort_int8 = str(runtime).strip().lower() in ("auto", "onnxruntime") and ort_encoder.unavailable_reason() is None
     if p == "auto":
         feats = cpu_features.cpu_features()
-        if (str(runtime).strip().lower() in ("auto", "onnxruntime") and ort_encoder.unavailable_reason() is None
-                and feats & cpu_features.INT8_DOT_FEATURES):
+        if ort_int8 and feats & cpu_features.INT8_DOT_FEATURES:
             return "int8"
         return cpu_features.auto_precision(feats, int8_works=cpu_hot.unavailable_reason("int8") is None)
     if p not in cpu_hot.PRECISIONS:
         raise ValueError(f"unknown CPU precision {precision!r}; allowed: auto, {', '.join(cpu_hot.PRECISIONS)}")
     reason = cpu_hot.unavailable_reason(p)
-    onnxruntime_int8 = (p == "int8" and str(runtime).strip().lower() in ("auto", "onnxruntime")
-                        and ort_encoder.unavailable_reason() is None)
-    if reason is not None and not onnxruntime_int8:
+    if reason is not None and not (p == "int8" and ort_int8):
         raise ValueError(f"CPU precision {p!r} cannot run here ({reason}); use 'auto' or 'fp32'")
     return p
 
