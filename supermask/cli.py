@@ -235,10 +235,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     if args.ray:
         try:
-            from service import ray_app
+            from service.fleet import app as fleet_app
         except ImportError as exc:
             raise OSError(f"--ray needs Ray Serve ({exc}); install it with: pip install -e '.[ray]'") from None
-        ray_app.run(settings)
+        fleet_app.run(settings)
         return 0
     run(settings)
     return 0
@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store-url", help="shared mask store URL, file:///dir or s3://bucket/prefix (default: "
                                        "SUPERMASK_STORE_URL, else the store directory)")
     s.add_argument("--ray", action="store_true",
-                   help="serve as a Ray Serve fleet (service/ray_app.py): model replicas behind one ingress, "
+                   help="serve as a Ray Serve fleet (service/fleet/): model replicas behind one ingress, "
                         "tasks routed to the replica that holds them; starts a local Ray instance unless "
                         "--ray-address (or RAY_ADDRESS) names a cluster")
     s.add_argument("--ray-address", help="with --ray: the Ray cluster to deploy on, e.g. auto or "

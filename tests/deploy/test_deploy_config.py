@@ -269,13 +269,13 @@ def test_serve_config_is_valid_and_its_args_are_settings(tmp_path):
 
     doc = _load_yaml(RAY_DIR / "serve.yaml")
     (app,) = doc["applications"]
-    assert app["import_path"] == "service.ray_app:build_app" and app["route_prefix"] == "/"
+    assert app["import_path"] == "service.fleet.app:build_app" and app["route_prefix"] == "/"
     unknown = set(app["args"]) - set(Settings.model_fields)
     assert not unknown, f"serve.yaml args that are not Settings fields: {sorted(unknown)}"
     Settings(**app["args"])  # and valid ones
     schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve is not installed")
     schema.ServeDeploySchema.model_validate(doc)
-    from service.ray_app import build_app
+    from service.fleet.app import build_app
 
     built = build_app({**app["args"], "store_url": tmp_path.as_uri()})  # the graph, built without a cluster
     assert len(list(tmp_path.glob("*.smask"))) == 6  # an empty store is seeded once, by the builder

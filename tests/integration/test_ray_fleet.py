@@ -1,4 +1,4 @@
-"""The Ray Serve fleet (service/ray_app.py) on a local Ray instance started here: 2 model replicas behind the
+"""The Ray Serve fleet (service/fleet/) on a local Ray instance started here: 2 model replicas behind the
 ingress, over one store directory, on the tiny test backbone. Real Ray, real Serve routing, real HTTP on
 loopback; skipped with the reason when Ray cannot start. Ray is held to 2 CPUs and torn down after the module."""
 
@@ -40,7 +40,8 @@ def fleet(tiny_backbone_dir, tmp_path_factory):
     from backbone import load_backbone
     from mask_store.local import LocalMaskStore
     from service.api.main import create_app
-    from service.ray_app import APP_NAME, build_app
+    from service.fleet import APP_NAME
+    from service.fleet.app import build_app
     from service.settings import Settings
 
     store_dir = tmp_path_factory.mktemp("fleet-store")
@@ -299,7 +300,7 @@ def test_killing_a_replica_mid_traffic_loses_no_request_silently(fleet):
 
 
 def test_routes_name_the_task_for_v1_and_v2_and_every_predict_is_a_read():
-    from service.ray_app import route
+    from service.fleet.routing import route
 
     assert route("POST", "v2/models/t0/infer") == ("t0", True)
     assert route("POST", "/v2/models/t0/versions/1/infer") == ("t0", True)
