@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mask-rule", choices=MASK_RULES, default="sign",
                    help="deterministic mask written to the bundle: 'sign' is 1[ν > 0], i.e. 1[σ(ν) > 0.5] (our rule: the paper reports the mean of 10 Bernoulli samples and states none); 'expected' "
                         "thresholds ν globally so the mask prunes the expected sparsity of the Bernoulli masks "
-                        "it was trained with, mean(1 − σ(ν)) (benchmarks/glue/mask_threshold.py, docs/results.md); "
+                        "it was trained with, mean(1 − σ(ν)) (studies/glue/mask_threshold.py, docs/results.md); "
                         "'sampled' serves one draw μ ~ Bern(σ(ν)) fixed by --seed, a member of the distribution "
                         "the network trained under")
     t.add_argument("--ste", choices=STE_KINDS, default="identity",

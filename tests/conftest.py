@@ -105,3 +105,20 @@ def make_bundle(backbone, task: str = "toy", sparsity: float = 0.05, labels=("ne
     return encode_bundle(task=task, problem_type="single_label_classification" if labels else "regression",
                          labels=list(labels), max_seq_length=max_seq_length, backbone_fingerprint=fingerprint or backbone.fingerprint,
                          masks=masks, head=head, text_pairs=text_pairs, training={"test": True})
+
+
+def write_glue(root: Path, n: int = 12) -> str:
+    """A tiny GLUE folder under ``root`` (created) with SST-2 and MRPC in the original TSV layout, ``n`` rows in
+    each of train.tsv and dev.tsv; returns ``str(root)``."""
+    sst = root / "SST-2"
+    sst.mkdir(parents=True)
+    mrpc = root / "MRPC"
+    mrpc.mkdir()
+    words = ["good", "bad", "fine", "awful", "great", "dull"]
+    for split in ("train", "dev"):
+        rows = ["sentence\tlabel"] + [f"a {words[i % 6]} film number {i}\t{i % 2}" for i in range(n)]
+        (sst / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        rows = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"] + [
+            f"{int(i % 3 != 0)}\t{i}\t{i + 100}\tthe cat {i} sat\ta cat {i} sat down" for i in range(n)]
+        (mrpc / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return str(root)

@@ -8,8 +8,7 @@ import pytest
 from training.glue import Example, get_task, split_heldout
 from training.refit import fit_head
 
-from tests.conftest import make_bundle
-from tests.unit.test_study import _write_glue
+from tests.conftest import make_bundle, write_glue
 
 
 def _examples(n: int) -> list[Example]:
@@ -93,7 +92,7 @@ def test_refit_bundle_keeps_masks_replaces_head_and_records_what_the_server_serv
     from supermask.evaluate import evaluate_bundle
     from training.refit import refit_bundle
 
-    data = _write_glue(tmp_path / "glue", n=60)
+    data = write_glue(tmp_path / "glue", n=60)
     src = tmp_path / "SST-2.smask"
     src.write_bytes(make_bundle(tiny_backbone, task="SST-2", labels=("negative", "positive"), seed=3))
     out = tmp_path / "refit.smask"
@@ -120,7 +119,7 @@ def test_training_refits_the_head_and_records_split_and_refit(tiny_backbone_dir,
     from mask_store.format import decode_bundle
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue", n=40)
+    data = write_glue(tmp_path / "glue", n=40)
     kw = dict(task="MRPC", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=8,
               max_seq_length=16, bernoulli_samples=1, save_scores=False, device="cpu")
     res = train(TrainConfig(output=str(tmp_path / "a.smask"), head_refit_steps=20, **kw), progress=False)
@@ -142,7 +141,7 @@ def test_regression_training_records_the_refit_heads_calibration_on_dev(tiny_bac
     from mask_store.format import decode_bundle
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue", n=40)
+    data = write_glue(tmp_path / "glue", n=40)
     sts = tmp_path / "glue" / "STS-B"
     sts.mkdir()
     for split in ("train", "dev"):  # the original layout: sentences in columns 7 and 8, the score last

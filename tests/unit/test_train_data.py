@@ -255,10 +255,10 @@ def test_early_stopping_keeps_the_best_held_out_epoch(tmp_path, tiny_backbone_di
 
 
 def test_glue_preset_header_has_no_own_data_settings(tmp_path, tiny_backbone_dir):
-    from tests.unit.test_study import _write_glue
+    from tests.conftest import write_glue
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     res = train(TrainConfig(task="SST-2", data_dir=data, output=str(tmp_path / "s.smask"),
                             backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4, max_seq_length=16,
                             head_refit_steps=5, bernoulli_samples=0, save_scores=False), progress=False)

@@ -14,7 +14,7 @@ This script evaluates, for each bundle with its ``.scores.safetensors``:
 
 next to the mean over Bernoulli samples recorded in the bundle.
 
-    .venv/bin/python benchmarks/glue/mask_threshold.py runs/a.smask runs/b.smask
+    .venv/bin/python studies/glue/mask_threshold.py runs/a.smask runs/b.smask
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "mask_threshold"
 

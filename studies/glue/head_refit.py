@@ -6,7 +6,7 @@ carved from train), then :func:`supermask.evaluate.evaluate_bundle` on the old a
 the served deterministic mask over the int8 backbone, GLUE dev. Dev is reported, never chosen on:
 ``--ship-to`` copies a refitted bundle only when it beats the old one on the held-out split.
 
-    .venv/bin/python benchmarks/glue/head_refit.py examples/masks/*.smask --ship-to examples/masks
+    .venv/bin/python studies/glue/head_refit.py examples/masks/*.smask --ship-to examples/masks
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "head_refit"
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the GLUE study scripts (``benchmarks/glue/*.py``).
+"""Shared pieces of the GLUE study scripts (``studies/glue/*.py``).
 
 * :data:`RECIPES` — the one table of per-task training recipes (steps, ``ν``
   learning rate, max length) that every experiment starts from.
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-log = logging.getLogger("benchmarks.glue")
+log = logging.getLogger("studies.glue")
 
 DEFAULT_OUT_DIR = REPO / "benchmarks" / "results" / "glue"
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "glue"
@@ -139,7 +139,7 @@ def setup(args: argparse.Namespace) -> None:
 def command_line(script: str, argv: list[str] | None) -> str:
     """The exact command, runnable from the repository root."""
     argv = sys.argv[1:] if argv is None else argv
-    return shlex.join([".venv/bin/python", f"benchmarks/glue/{script}", *argv])
+    return shlex.join([".venv/bin/python", f"studies/glue/{script}", *argv])
 
 
 def steps_override(args: argparse.Namespace) -> dict[str, Any]:

@@ -14,8 +14,8 @@ Reads task bundles (no training; nothing to resume):
   where chance is ``Σ_m |P_i,m|·|P_j,m| / n_m / Σ_m |P_j,m|`` (independence within
   each matrix, so the layer-wise sparsity pattern alone is not counted as overlap).
 
-    .venv/bin/python benchmarks/glue/heatmap_overlap.py                          # the shipped examples/masks
-    .venv/bin/python benchmarks/glue/heatmap_overlap.py --bundles A.smask B.smask --matrix <masked matrix name>
+    .venv/bin/python studies/glue/heatmap_overlap.py                          # the shipped examples/masks
+    .venv/bin/python studies/glue/heatmap_overlap.py --bundles A.smask B.smask --matrix <masked matrix name>
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "heatmap_overlap"
 DEFAULT_BUNDLES = common.REPO / "examples" / "masks"

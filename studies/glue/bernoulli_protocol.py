@@ -9,7 +9,7 @@ with their saved mask scores under ``per="mask"`` (one mask for the whole dev
 set, seeded as at training time) and lists both side by side; the per-batch
 figures are the ones recorded in each bundle's header, not recomputed.
 
-    .venv/bin/python benchmarks/glue/bernoulli_protocol.py runs/a.smask runs/b.smask
+    .venv/bin/python studies/glue/bernoulli_protocol.py runs/a.smask runs/b.smask
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "bernoulli_protocol"
 

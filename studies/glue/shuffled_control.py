@@ -6,8 +6,8 @@ matrices each had their entries randomly permuted (norm-preserving;
 ``training.controls.shuffle_masked_weights``, permutation seeded by the run's
 seed). The paper: MRPC F1 91.3 → 81.2 with shuffled weights.
 
-    .venv/bin/python benchmarks/glue/shuffled_control.py                 # MRPC and SST-2
-    .venv/bin/python benchmarks/glue/shuffled_control.py --tasks MRPC --seeds 0 1 2
+    .venv/bin/python studies/glue/shuffled_control.py                 # MRPC and SST-2
+    .venv/bin/python studies/glue/shuffled_control.py --tasks MRPC --seeds 0 1 2
 
 Resumable: finished runs (``<out-dir>/runs/*.json``) are read back, not retrained.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "shuffled_control"
 

@@ -1,5 +1,5 @@
 """The GLUE study tooling: shuffled-weights control, fp32 weights, fine-tuning baseline,
-heat-map / overlap analysis and resumable experiment scripts (benchmarks/glue/)."""
+heat-map / overlap analysis and resumable experiment scripts (studies/glue/)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.glue import common, heatmap_overlap, table_a
 from backbone import dequantize, load_backbone
+from studies.glue import common, heatmap_overlap, table_a
 from training.controls import restore_float_weights, shuffle_masked_weights
 
-from tests.conftest import make_bundle
-
-
-def _write_glue(root, n: int = 12) -> str:
-    """A tiny GLUE folder with SST-2 and MRPC in the original TSV layout."""
-    sst = root / "SST-2"
-    sst.mkdir(parents=True)
-    mrpc = root / "MRPC"
-    mrpc.mkdir()
-    words = ["good", "bad", "fine", "awful", "great", "dull"]
-    for split in ("train", "dev"):
-        rows = ["sentence\tlabel"] + [f"a {words[i % 6]} film number {i}\t{i % 2}" for i in range(n)]
-        (sst / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-        rows = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"] + [
-            f"{int(i % 3 != 0)}\t{i}\t{i + 100}\tthe cat {i} sat\ta cat {i} sat down" for i in range(n)]
-        (mrpc / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return str(root)
+from tests.conftest import make_bundle, write_glue
 
 
 # ------------------------------------------------------------------ shuffled control
@@ -90,7 +74,7 @@ def test_trainer_bits32_keeps_int8_fingerprint_and_shuffle_changes_it(tiny_backb
     from mask_store.format import read_header_file
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     fp_int8 = load_backbone(tiny_backbone_dir).fingerprint
     common_kw = dict(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
                      max_seq_length=16, bernoulli_samples=0, save_scores=False)
@@ -110,7 +94,7 @@ def test_trainer_device_recorded_and_cuda_without_cuda_is_a_clear_error(tiny_bac
     from mask_store.format import read_header_file
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     common_kw = dict(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2, batch_size=4,
                      max_seq_length=16, bernoulli_samples=0, save_scores=False)
     res = train(TrainConfig(output=str(tmp_path / "cpu.smask"), device="cpu", **common_kw), progress=False)
@@ -127,7 +111,7 @@ def test_trainer_on_cuda_writes_a_servable_bundle(tiny_backbone_dir, tmp_path):
     from mask_store.format import decode_bundle
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     res = train(TrainConfig(task="SST-2", data_dir=data, output=str(tmp_path / "gpu.smask"),
                             backbone=str(tiny_backbone_dir), max_steps=3, batch_size=4, max_seq_length=16,
                             bernoulli_samples=2, device="cuda"), progress=False)
@@ -158,7 +142,7 @@ def test_finetune_trains_every_weight_and_writes_json(tiny_backbone_dir, tmp_pat
     assert by_id[id(named["encoder.encoder.layer.0.attention.self.query.bias"])]["weight_decay"] == 0.0
     assert by_id[id(named["encoder.embeddings.LayerNorm.weight"])]["weight_decay"] == 0.0
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     out = tmp_path / "ft.json"
     res = finetune(FinetuneConfig(task="MRPC", data_dir=data, output=str(out), backbone=str(tiny_backbone_dir),
                                   max_steps=3, batch_size=4, max_seq_length=16, lr=1e-3, device="cpu"),
@@ -267,7 +251,7 @@ def test_run_name_depends_on_every_config_value():
 
 
 def test_table_a_is_resumable(tmp_path, monkeypatch):
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     calls = {"supermask": 0, "finetune": 0}
     commands = []
     devices = []
@@ -292,7 +276,7 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
     assert table_a.main(argv) == 0
     assert calls == {"supermask": 2, "finetune": 2}
     # the exact command reaches the trainer, which records it in each bundle
-    assert all("benchmarks/glue/table_a.py --tasks MRPC --seeds 0 1" in c for c in commands), commands
+    assert all("studies/glue/table_a.py --tasks MRPC --seeds 0 1" in c for c in commands), commands
     assert len(list((tmp_path / "out" / "runs").glob("*.json"))) == 4
     assert table_a.main(argv) == 0  # everything read back
     assert calls == {"supermask": 2, "finetune": 2}
@@ -305,7 +289,7 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
     assert devices == ["auto"] * 4 + ["cpu"] * 2  # --device reaches the trainer
 
     md = (tmp_path / "out" / "table_a.md").read_text()
-    assert "benchmarks/glue/table_a.py --tasks MRPC --seeds 0 1" in md
+    assert "studies/glue/table_a.py --tasks MRPC --seeds 0 1" in md
     doc = json.loads((tmp_path / "out" / "table_a.json").read_text())
     row = doc["rows"][0]
     assert row["task"] == "MRPC" and row["metric"] == "f1"
@@ -322,7 +306,7 @@ def test_table_a_is_resumable(tmp_path, monkeypatch):
 
 
 def test_table_a_ship_copies_best_bundle_and_skips_a_missing_one(tmp_path, monkeypatch):
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
 
     def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command, device="auto"):
         f1 = 0.80 + 0.01 * config["seed"]
@@ -361,7 +345,7 @@ def test_table_a_does_not_ship_from_runs_without_a_heldout_split(tmp_path, monke
 
     monkeypatch.setattr(common, "train_supermask", fake_supermask)
     out, ship_dir = tmp_path / "out", tmp_path / "examples"
-    assert table_a.main(["--tasks", "MRPC", "--seeds", "0", "--skip-baseline", "--data-dir", _write_glue(tmp_path / "g"),
+    assert table_a.main(["--tasks", "MRPC", "--seeds", "0", "--skip-baseline", "--data-dir", write_glue(tmp_path / "g"),
                          "--out-dir", str(out), "-q", "--ship-to", str(ship_dir)]) == 0
     assert not (ship_dir / "MRPC.smask").exists()
     assert "no run with a held-out figure" in json.loads((out / "table_a.json").read_text())["not_shipped"][0]
@@ -407,7 +391,7 @@ def _tiny_trained_bundle(tmp_path, task: str, backbone_dir) -> tuple[str, Path]:
     """A 2-step supermask bundle (with its mask scores, 2 Bernoulli samples recorded) on the tiny GLUE folder."""
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     bundle = tmp_path / f"{task.lower().replace('-', '')}.smask"
     train(TrainConfig(task=task, data_dir=data, backbone=str(backbone_dir), max_steps=2, batch_size=4,
                       max_seq_length=16, bernoulli_samples=2, output=str(bundle)), progress=False)
@@ -415,7 +399,7 @@ def _tiny_trained_bundle(tmp_path, task: str, backbone_dir) -> tuple[str, Path]:
 
 
 def test_mask_threshold_script_matches_expected_sparsity(tiny_backbone_dir, tmp_path):
-    from benchmarks.glue import mask_threshold
+    from studies.glue import mask_threshold
     from mask_store.format import read_header_file
 
     data, bundle = _tiny_trained_bundle(tmp_path, "SST-2", tiny_backbone_dir)
@@ -445,7 +429,7 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
     from training.model import expected_sparsity
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     kw = dict(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=3, batch_size=4,
               max_seq_length=16, bernoulli_samples=0, seed=3)
     sign = train(TrainConfig(output=str(tmp_path / "sign.smask"), **kw), progress=False)
@@ -475,7 +459,7 @@ def test_trainer_expected_mask_rule_prunes_the_sampled_sparsity(tiny_backbone_di
 
 
 def test_bernoulli_protocol_script_lists_recorded_and_per_mask_figures(tiny_backbone_dir, tmp_path):
-    from benchmarks.glue import bernoulli_protocol
+    from studies.glue import bernoulli_protocol
     from mask_store.format import read_header_file
 
     data, bundle = _tiny_trained_bundle(tmp_path, "MRPC", tiny_backbone_dir)
@@ -523,7 +507,7 @@ def test_ctrl_c_during_training_writes_the_model_so_far(tiny_backbone_dir, tmp_p
     from training import loop
     from training.trainer import TrainConfig, scores_path, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     real_loss, calls = loop.loss_fn, []
 
     def loss_then_interrupt(*a):
@@ -555,7 +539,7 @@ def test_evaluate_a_renamed_and_an_fp32_bundle(tiny_backbone_dir, tmp_path):
     from supermask.evaluate import evaluate_bundle
     from training.trainer import TrainConfig, train
 
-    data = _write_glue(tmp_path / "glue")
+    data = write_glue(tmp_path / "glue")
     for name, bits in (("sentiment", 8), ("fp32-control", 32)):
         out = tmp_path / f"{name}.smask"
         res = train(TrainConfig(task="SST-2", data_dir=data, backbone=str(tiny_backbone_dir), max_steps=2,
@@ -573,7 +557,7 @@ def test_evaluate_a_renamed_and_an_fp32_bundle(tiny_backbone_dir, tmp_path):
 
 def test_recipe_sweep_chooses_on_heldout_shows_dev_only_for_the_choice_and_ships_only_a_better_run(
         tmp_path, monkeypatch, tiny_backbone):
-    from benchmarks.glue import recipe_sweep
+    from studies.glue import recipe_sweep
     from mask_store.format import decode_bundle, encode_bundle
 
     seen = []
@@ -635,7 +619,7 @@ def test_recipe_sweep_chooses_on_heldout_shows_dev_only_for_the_choice_and_ships
 
 
 def test_recipe_sweep_report_only_does_not_choose_a_row_with_fewer_seeds(tmp_path, monkeypatch):
-    from benchmarks.glue import recipe_sweep
+    from studies.glue import recipe_sweep
 
     def fake_supermask(config, bundle_path, data_dir, save_scores, progress, command, device="auto"):
         held = {0.1: 0.70, 0.3: 0.90}[config["mask_lr"]]  # ν lr 0.3's one finished seed beats 0.1's mean
@@ -658,7 +642,7 @@ def test_recipe_sweep_report_only_does_not_choose_a_row_with_fewer_seeds(tmp_pat
 
 
 def test_recipe_sweep_default_ste_keeps_recorded_run_names_and_sigmoid_reaches_the_config():
-    from benchmarks.glue import recipe_sweep
+    from studies.glue import recipe_sweep
 
     base = ["--tasks", "CoLA", "--mask-lrs", "0.3", "--seeds", "0"]
     (kind, plain), = recipe_sweep.plan_runs(recipe_sweep.build_parser().parse_args(base))
@@ -680,7 +664,7 @@ def test_run_steps_calls_on_epoch_end_after_each_complete_pass_only(tiny_backbon
     from training.glue import get_task, read_split
     from training.loop import run_steps
 
-    data = _write_glue(tmp_path / "glue", n=12)
+    data = write_glue(tmp_path / "glue", n=12)
     task = get_task("SST-2")
     train_set = read_split(task, data, "train")
     encoder, tok = load_encoder(str(tiny_backbone_dir), bits=32)
@@ -703,7 +687,7 @@ def test_finetune_holds_out_the_split_and_evaluates_every_epoch(tiny_backbone_di
     from training.finetune import FinetuneConfig, finetune
     from training.glue import get_task, read_split, split_heldout
 
-    data = _write_glue(tmp_path / "glue", n=40)
+    data = write_glue(tmp_path / "glue", n=40)
     kw = dict(task="MRPC", data_dir=data, backbone=str(tiny_backbone_dir), batch_size=8, max_seq_length=16,
               lr=1e-3, device="cpu", epochs=2)
     res = finetune(FinetuneConfig(heldout_fraction=0.1, eval_each_epoch=True, **kw), progress=False)
@@ -718,7 +702,7 @@ def test_finetune_holds_out_the_split_and_evaluates_every_epoch(tiny_backbone_di
 
 
 def test_baseline_sweep_chooses_lr_and_epoch_on_heldout_and_confirms_with_more_seeds(tmp_path, monkeypatch):
-    from benchmarks.glue import baseline_sweep
+    from studies.glue import baseline_sweep
 
     seen = []
 
@@ -754,7 +738,7 @@ def test_baseline_sweep_chooses_lr_and_epoch_on_heldout_and_confirms_with_more_s
 
 def _finished_sign_run(tiny_backbone_dir, tmp_path, seed: int, bernoulli_samples: int):
     """A tiny MRPC held-out sign run, finished: (data dir, study args, its config, its get_or_run result)."""
-    data = _write_glue(tmp_path / "glue", n=40)
+    data = write_glue(tmp_path / "glue", n=40)
     args = _study_args(out_dir=str(tmp_path / "out"), data_dir=data, backbone=str(tiny_backbone_dir))
     over = dict(max_steps=4, batch_size=8, max_seq_length=16, bernoulli_samples=bernoulli_samples, mask_lr=0.5,
                 head_lr=1e-2)
@@ -856,7 +840,7 @@ def _study_args(**kw):
 
 
 def test_acceptance_prefers_heldout_choices_and_judges_the_targets(tmp_path, monkeypatch, tiny_backbone):
-    from benchmarks.glue import acceptance
+    from studies.glue import acceptance
 
     res, masks = tmp_path / "res", tmp_path / "masks"
     res.mkdir()

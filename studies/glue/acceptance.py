@@ -11,7 +11,7 @@ Reads only what the study scripts wrote (no training, no evaluation):
   (``baseline_sweep-*.json``), else Table A's single baseline (lr 5e-5, 3 epochs, seed 0, every train row),
   else (SST-2) the budget-matched baseline of ``sst2_baseline_2000steps.json``.
 
-    .venv/bin/python benchmarks/glue/acceptance.py
+    .venv/bin/python studies/glue/acceptance.py
 
 The targets are the issue's: within 2.0 points of fine-tuning on SST-2, MRPC and STS-B, within 4.0 on RTE
 and CoLA, RTE above its majority class, CoLA MCC ≥ 30.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "acceptance"
 TASKS = ("SST-2", "MRPC", "STS-B", "RTE", "CoLA")

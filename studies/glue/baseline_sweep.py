@@ -11,7 +11,7 @@ dev after every epoch (``training.finetune``, ``eval_each_epoch``). Selection re
 Dev is reported for the chosen (learning rate, epoch) alone. That figure is the baseline the supermask is
 judged against (``docs/results.md``, Table A).
 
-    .venv/bin/python benchmarks/glue/baseline_sweep.py --tasks CoLA --lrs 2e-5 5e-5 1e-4 --max-epochs 5 \\
+    .venv/bin/python studies/glue/baseline_sweep.py --tasks CoLA --lrs 2e-5 5e-5 1e-4 --max-epochs 5 \\
         --confirm-seeds 1 2
 
 Resumable: finished runs (``<out-dir>/runs/finetune-*.json``) are read back, not retrained.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "baseline_sweep"
 

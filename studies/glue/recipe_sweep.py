@@ -5,9 +5,9 @@ supermask on the rest, refits the head on the served mask (penalty chosen on the
 records the served mask's held-out and dev figures. The configuration is chosen on the **held-out mean over
 seeds** only; dev is reported for the chosen configuration alone (the other rows show held-out figures).
 
-    .venv/bin/python benchmarks/glue/recipe_sweep.py --tasks RTE --mask-lrs 0.03 0.1 --epoch-grid 2 3 \\
+    .venv/bin/python studies/glue/recipe_sweep.py --tasks RTE --mask-lrs 0.03 0.1 --epoch-grid 2 3 \\
         --max-lens 256 --seeds 0 1 2
-    .venv/bin/python benchmarks/glue/recipe_sweep.py --tasks CoLA --mask-lrs 0.3 --epoch-grid 6 --ship-to examples/masks
+    .venv/bin/python studies/glue/recipe_sweep.py --tasks CoLA --mask-lrs 0.3 --epoch-grid 6 --ship-to examples/masks
 
 Resumable: finished runs (``<out-dir>/runs/*.json``) are read back, not retrained (shared with the other
 study scripts by config hash).
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 from training import MASK_RULES, STE_KINDS  # noqa: E402  (torch-free)
 
 STEM = "recipe_sweep"

@@ -6,8 +6,8 @@ channel to ``b`` bits (``b = 1``: sign × the row's mean |W|), or left in fp32
 (``b = 32``, "none"). The essay finds 8- and 4-bit weights fine-tune MRPC as
 well as fp32, and 2- and 1-bit weights fail.
 
-    .venv/bin/python benchmarks/glue/bit_width.py                        # MRPC and SST-2, bits 32 8 4 2 1
-    .venv/bin/python benchmarks/glue/bit_width.py --tasks MRPC --seeds 0 1 2
+    .venv/bin/python studies/glue/bit_width.py                        # MRPC and SST-2, bits 32 8 4 2 1
+    .venv/bin/python studies/glue/bit_width.py --tasks MRPC --seeds 0 1 2
 
 Resumable: finished runs (``<out-dir>/runs/*.json``) are read back, not retrained.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "bit_width"
 DEFAULT_BITS = (32, 8, 4, 2, 1)

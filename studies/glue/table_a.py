@@ -8,9 +8,9 @@ mask, the mean ± s.d. over Bernoulli mask samples, the final sparsity, the
 difference to fine-tuning, and the paper's BERT-base figures beside ours.
 WNLI is reported but marked (the paper leaves it out).
 
-    .venv/bin/python benchmarks/glue/table_a.py                       # everything, default seeds
-    .venv/bin/python benchmarks/glue/table_a.py --tasks MRPC --seeds 0 1 2
-    .venv/bin/python benchmarks/glue/table_a.py --ship-to examples/masks   # copy the best bundle per task
+    .venv/bin/python studies/glue/table_a.py                       # everything, default seeds
+    .venv/bin/python studies/glue/table_a.py --tasks MRPC --seeds 0 1 2
+    .venv/bin/python studies/glue/table_a.py --ship-to examples/masks   # copy the best bundle per task
 
 Resumable: finished runs (``<out-dir>/runs/*.json``) are read back, not retrained.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "table_a"
 #: supermask − fine-tuning gap (points) that the issue accepts on these tasks

@@ -6,8 +6,8 @@ the int8 backbone with the task's recipe. Plots the deterministic-mask metric
 (error bars: s.d. over Bernoulli samples) against the final sparsity, and
 writes the table. The paper finds little loss between 1 % and 40 % sparsity.
 
-    .venv/bin/python benchmarks/glue/sparsity_sweep.py                       # SST-2 and MRPC, s0 in 0..0.9
-    .venv/bin/python benchmarks/glue/sparsity_sweep.py --tasks MRPC --init-sparsities 0 0.5 0.9
+    .venv/bin/python studies/glue/sparsity_sweep.py                       # SST-2 and MRPC, s0 in 0..0.9
+    .venv/bin/python studies/glue/sparsity_sweep.py --tasks MRPC --init-sparsities 0 0.5 0.9
 
 Resumable: finished runs (``<out-dir>/runs/*.json``) are read back, not retrained.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.glue import common  # noqa: E402
+from studies.glue import common  # noqa: E402
 
 STEM = "sparsity_sweep"
 DEFAULT_INIT_SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
