@@ -99,6 +99,34 @@ def decode_gaps(section: bytes, n: int, pruned: int) -> bytes:
         ``ceil(n / 8)`` bytes, row-major, most significant bit first, padding bits 0: equal to
         ``numpy.packbits(mask, bitorder="big")`` of the coded mask.
     Raises:
+        BundleInvalid: as :func:`decode_positions`.
+    """
+    bit, idx = decode_positions(section, n, pruned)
+    nbytes = (n + 7) // 8
+    if idx.size == 0:
+        return _fill(bit ^ 1, n, nbytes).tobytes()
+    if n <= BOOL_SCRATCH_MAX_WEIGHTS:
+        bits = np.full(n, not bit, dtype=bool)  # bool [n]: the majority value everywhere
+        bits[idx] = bool(bit)
+        return np.packbits(bits, bitorder="big").tobytes()  # SIMD in numpy: faster than the scatter below
+    out = _fill(bit ^ 1, n, nbytes)  # uint8 [nbytes]; scratch O(k), not O(n)
+    byte = idx >> 3
+    starts = np.flatnonzero(np.diff(byte, prepend=-1))  # the first position in each byte touched
+    out[byte[starts]] ^= np.bitwise_or.reduceat((0x80 >> (idx & 7)).astype(np.uint8), starts)
+    return out.tobytes()
+
+
+def decode_positions(section: bytes, n: int, pruned: int) -> tuple[int, np.ndarray]:
+    """Decode a ``"zstd-gaps"`` section to the positions of its minority bit, without the ``n``-bit mask.
+
+    Args:
+        section, n, pruned: as :func:`decode_gaps`.
+    Returns:
+        ``(bit, idx)``: the minority bit value (0: ``idx`` are the pruned weights; 1: the kept ones, more than
+        half were pruned) and int64 ``[k]`` strictly ascending row-major positions, ``k = min(pruned, n - pruned)``
+        (empty when every weight is kept or every one is pruned). A serving tier that needs only the pruned
+        positions of a sparse mask (:mod:`service.sparse_forms`) reads them here in O(k).
+    Raises:
         BundleInvalid: the section is not one valid Zstandard frame with its content size and content
             checksum (a corrupted frame fails the checksum even where the header's SHA-256 was recomputed),
             decodes to more bytes than :func:`max_stream_bytes` allows, holds another number of positions
@@ -107,11 +135,10 @@ def decode_gaps(section: bytes, n: int, pruned: int) -> bytes:
     if not 0 <= pruned <= n:
         raise BundleInvalid(f"pruned count {pruned} is outside [0, {n}]")
     bit, k = minority_count(n, pruned)
-    nbytes = (n + 7) // 8
     if k == 0:
         if section:
             raise BundleInvalid(f"coded section has {len(section)} bytes, expected none for {pruned} pruned of {n}")
-        return _fill(bit ^ 1, n, nbytes).tobytes()
+        return bit, np.zeros(0, dtype=np.int64)
     stream = _decompress(section, max_stream_bytes(n, pruned))
     is_escape = stream == ESCAPE  # bool [L]
     terminals = len(stream) - int(np.count_nonzero(is_escape))
@@ -124,15 +151,7 @@ def decode_gaps(section: bytes, n: int, pruned: int) -> bytes:
     idx = np.cumsum(advance)[~is_escape] - 1  # int64 [k], strictly ascending
     if idx[-1] >= n:
         raise BundleInvalid(f"coded section places a weight at index {int(idx[-1])}, past the matrix's {n}")
-    if n <= BOOL_SCRATCH_MAX_WEIGHTS:
-        bits = np.full(n, not bit, dtype=bool)  # bool [n]: the majority value everywhere
-        bits[idx] = bool(bit)
-        return np.packbits(bits, bitorder="big").tobytes()  # SIMD in numpy: faster than the scatter below
-    out = _fill(bit ^ 1, n, nbytes)  # uint8 [nbytes]; scratch O(k), not O(n)
-    byte = idx >> 3
-    starts = np.flatnonzero(np.diff(byte, prepend=-1))  # the first position in each byte touched
-    out[byte[starts]] ^= np.bitwise_or.reduceat((0x80 >> (idx & 7)).astype(np.uint8), starts)
-    return out.tobytes()
+    return bit, idx
 
 
 def _fill(value: int, n: int, nbytes: int) -> np.ndarray:

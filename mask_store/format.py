@@ -67,7 +67,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from mask_store.coding import CODING_GAPS, CODING_PACKED, decode_gaps, encode_gaps, minority_count
+from mask_store.coding import CODING_GAPS, CODING_PACKED, decode_gaps, decode_positions, encode_gaps, minority_count
 from mask_store.errors import BundleInvalid, BundleTooLarge, BundleUnsupported
 
 MAGIC = b"SUPMASK3"
@@ -309,6 +309,26 @@ def decode_mask_section(coding: str, section: bytes, shape: tuple[int, int] | li
             padding bits are set, or its number of zeros is not ``pruned``.
     """
     return _decode_section(coding, section, int(shape[0]) * int(shape[1]), pruned)[0]
+
+
+def pruned_positions(coding: str, section: bytes, shape: tuple[int, int] | list[int], pruned: int | None) -> np.ndarray:
+    """The row-major positions of one stored mask's zeros (its pruned weights), int64 ``[zeros]`` ascending.
+
+    Arguments as :func:`decode_mask_section`. For a ``"zstd-gaps"`` section that codes the zeros (at most half
+    pruned: every supermask of the papers) the positions come straight from the gaps, in O(zeros) time and
+    memory; otherwise the mask is decoded and scanned.
+
+    Raises:
+        BundleInvalid: as :func:`decode_mask_section`.
+    """
+    n = int(shape[0]) * int(shape[1])
+    if coding == CODING_GAPS and pruned is not None:
+        bit, idx = decode_positions(section, n, pruned)
+        if bit == 0:
+            return idx
+    packed, _ = _decode_section(coding, section, n, pruned)
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n, bitorder="big")
+    return np.flatnonzero(bits == 0)
 
 
 def _decode_section(coding: str, section: bytes, n: int, pruned: int | None) -> tuple[bytes, int]:

@@ -45,6 +45,7 @@ from service.kernels.reference import masked_linear_reference
 from service.kernels.selector import (AUTO, CPU_ONLY_PATHS, DEVICE_TIER_PATHS, GPU_COMPLEMENT_MAX_SPARSITY, KernelPath,
                                       select_path)
 from service.metrics import Metrics
+from service.sparse_forms import SparseForm, sparse_product
 from service.tasks import LayerState, LoadedTask
 
 log = logging.getLogger(__name__)
@@ -131,33 +132,40 @@ class HotDispatcher:
     """CPU tier in bf16 / int8: each segment's task materialised in the hot tier, one dense product per segment.
 
     Args:
-        hot: the hot tier (:class:`service.hot_tier.HotTier`).
+        hot: the hot tier (:class:`service.hot_tier.HotTier`): its plain forms serve the sparse forms' rows.
+        promote: ``(task, entry) -> form`` for a segment whose form was not promoted before the pass (the tier's
+            :meth:`~service.tiers.base.Tier.promote`; None: ``hot.get``).
     """
 
     max_tasks: int | None = None
 
-    def __init__(self, hot: HotTier):
+    def __init__(self, hot: HotTier, promote=None):
         self.hot = hot
+        self.promote = promote if promote is not None else hot.get
 
-    def prepare(self, segs: Segments, row_starts: list[int], forms: dict[str, dict] | None = None) -> SegmentTable:
-        """Each segment's hot weights: from ``forms`` (promoted by the engine before the pass lock), else
-        promoted here."""
-        return SegmentTable(row_starts, hot=[forms[t] if forms and t in forms else self.hot.get(t, e)
+    def prepare(self, segs: Segments, row_starts: list[int], forms: dict | None = None) -> SegmentTable:
+        """Each segment's hot weights or sparse form: from ``forms`` (promoted by the engine before the pass lock),
+        else promoted here."""
+        return SegmentTable(row_starts, hot=[forms[t] if forms and t in forms else self.promote(t, e)
                                              for t, e in segs])
 
     def linear(self, layer: MaskedLinear, x: torch.Tensor, seg: SegmentTable) -> torch.Tensor:
         return self.product(layer.name, x, seg)
 
-    @staticmethod
-    def product(group: str, x: torch.Tensor, seg: SegmentTable, low: bool = False) -> torch.Tensor:
+    def product(self, group: str, x: torch.Tensor, seg: SegmentTable, low: bool = False) -> torch.Tensor:
         """Product group ``group`` (a module, or the lean encoder's fused Q|K|V) for the rows ``x``
-        ``[rows, in]`` (float32, or bf16) of every segment, each with its task's hot weights → float32
+        ``[rows, in]`` (float32, or bf16) of every segment, each with its task's hot weights, or its sparse form
+        (:mod:`service.sparse_forms`: the rows of such segments share one plain product) → float32
         ``[rows, out]`` (bf16 with ``low`` in the bf16 precision, see :func:`service.kernels.cpu_hot.hot_linear`)."""
         r = seg.row_starts
+        sparse = [isinstance(f, SparseForm) for f in seg.hot]
+        if all(sparse):
+            return sparse_product(x, self.hot.base[group], group, r, seg.hot, low)
         if len(seg.hot) == 1:
             return cpu_hot.hot_linear(x, seg.hot[0][group], low=low)
-        return torch.cat([cpu_hot.hot_linear(x[r[i]:r[i + 1]], forms[group], low=low)
-                          for i, forms in enumerate(seg.hot)])
+        return torch.cat([sparse_product(x[r[i]:r[i + 1]], self.hot.base[group], group, [0, r[i + 1] - r[i]], [f], low)
+                          if sparse[i] else cpu_hot.hot_linear(x[r[i]:r[i + 1]], f[group], low=low)
+                          for i, f in enumerate(seg.hot)])
 
 
 class CpuDispatcher:

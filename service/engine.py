@@ -75,8 +75,13 @@ class Engine:
             or "auto" (:func:`service.tiers.select.resolve_runtime`).
         pinned_tasks: tasks never evicted from the host cache or the hot tier.
         hot_promote_after, hot_promote_window_s: a task is kept in the hot tier from its ``hot_promote_after``-th
-            request within that many seconds (before: built for its pass only; see
-            :class:`service.hot_tier.HotCache`).
+            request within that many seconds (before: served through its sparse form, or built for its pass only;
+            see :class:`service.hot_tier.HotCache`).
+        hot_promote_background: promote a task that earned its place on a background thread while its sparse form
+            serves it (sparse forms on); False (here the default: a call returns with its promotion done) promotes
+            on the request path. The server sets it from ``SUPERMASK_HOT_PROMOTE_BACKGROUND`` (default true).
+        sparse_cache_bytes: byte budget of the sparse forms that serve a task not hot (:mod:`service.sparse_forms`;
+            0: off).
         batching: cross-request micro-batching (:class:`service.batcher.MicroBatcher`) for
             :meth:`predict_async`; False runs each request alone.
         batch_wait_ms: with batching, how long a request arriving at an idle server waits for company.
@@ -98,6 +103,7 @@ class Engine:
                  device_slots: int = 16, batching: bool = False, batch_wait_ms: float = 0.0, precision: str = "fp32",
                  hot_cache_bytes: int = 256 * 1024 * 1024, *, runtime: str = "auto",
                  pinned_tasks: Sequence[str] = (), hot_promote_after: int = 1, hot_promote_window_s: float = 60.0,
+                 hot_promote_background: bool = False, sparse_cache_bytes: int = 128 * 1024 * 1024,
                  emulate_device_path: str | None = None,
                  max_queued_requests: int | None = None, request_timeout_s: float | None = None):
         self.backbone = backbone
@@ -112,7 +118,8 @@ class Engine:
                                 device=device, device_slots=device_slots, precision=precision, runtime=runtime,
                                 hot_cache_bytes=hot_cache_bytes, emulate_device_path=emulate_device_path,
                                 hot_policy=dict(pinned=tuple(pinned_tasks), promote_after=hot_promote_after,
-                                                window_s=hot_promote_window_s))
+                                                window_s=hot_promote_window_s, background=hot_promote_background,
+                                                sparse_bytes=sparse_cache_bytes))
         self.device = self.compute_tier.device
         #: CPU compute precision ("fp32", "bf16", "int8"); "device" on the device tier
         self.precision = self.compute_tier.precision

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,13 +67,13 @@ class HotTask:
 def masked_groups(entry: LoadedTask, groups: dict[str, list[str]]) -> list[str]:
     """The product groups (group → member modules) in which ``entry``'s task masks at least one member."""
     return [g for g, members in groups.items()
-            if any(n in entry.layers and entry.layers[n].packed is not None for n in members)]
+            if any(n in entry.layers and entry.layers[n].masked for n in members)]
 
 
 def group_mask(entry: LoadedTask, members: list[str], shapes: list[tuple[int, int]]) -> torch.Tensor | None:
     """bool ``[sum of outs, in]``: the masks of ``members`` (shapes ``[out, in]``, one ``in``) stacked along ``out``,
     all-ones where ``entry``'s task leaves a member unmasked; None when it masks none of them."""
-    packed = [entry.layers[n].packed if n in entry.layers else None for n in members]
+    packed = [entry.layers[n].bits() if n in entry.layers else None for n in members]
     if all(p is None for p in packed):
         return None
     if len(members) == 1:
@@ -85,6 +85,22 @@ def group_mask(entry: LoadedTask, members: list[str], shapes: list[tuple[int, in
             mask[row:row + shape[0]] = unpack_bits(bits, shape)
         row += shape[0]
     return mask
+
+
+def group_matrices(matrices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                   groups: dict[str, list[str]]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Each product group's ``(w_q int8 [out, in], scale [out], bias [out] or None)``: a module's own tensors, or its
+    members' concatenated along ``out`` (a bias only where every member has one)."""
+    out = {}
+    for g, members in groups.items():
+        parts = [matrices[n] for n in members]
+        if len(parts) == 1:
+            out[g] = parts[0]
+            continue
+        biases = [p[2] for p in parts]
+        out[g] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                  None if any(b is None for b in biases) else torch.cat(biases))
+    return out
 
 
 class HotCache:
@@ -100,27 +116,42 @@ class HotCache:
         promote_after: a task is kept hot from its ``promote_after``-th request within ``window_s`` seconds;
             before that its form is built for its pass only and nothing is evicted for it (1: on first use). A task
             seen once — one request of a long tail — then costs no other task its place.
+        background: with a ``fallback`` (:meth:`get`), a task that earns its place is promoted on a background
+            thread while its requests are served by the fallback, so no request waits for a promotion
+            (False: the request that earns it waits, as without a fallback).
+
+    With a fallback, admission is also frequency-based (as TinyLFU admits into an LRU): a task is kept only if it
+    has been asked for at least as often, recently, as every task it would evict (request counts halved every
+    ``window_s`` seconds), so a long tail of tasks each asked for a few times cannot churn the hot set.
     """
 
+    kind = "hot"
+    """The tier's name in the metrics (``supermask_<kind>_tasks``, ``_bytes``, ``_capacity_bytes``, ``_evictions``)."""
+
     def __init__(self, capacity_bytes: int, metrics: Metrics | None = None, pinned: Collection[str] = (),
-                 promote_after: int = 1, window_s: float = 60.0):
+                 promote_after: int = 1, window_s: float = 60.0, background: bool = True):
         if capacity_bytes <= 0:
-            raise ValueError(f"hot tier capacity must be > 0 bytes, got {capacity_bytes}")
+            raise ValueError(f"{self.kind} tier capacity must be > 0 bytes, got {capacity_bytes}")
         if promote_after < 1:
             raise ValueError(f"promote_after must be >= 1, got {promote_after}")
         self.metrics = metrics
         self.pinned = frozenset(pinned)
         self.promote_after = promote_after
+        self.background = background
+        self.window_s = window_s
         #: task -> requests that found it not hot within the last ``window_s`` seconds (bounded: a scan of many
         #: names forgets the oldest)
         self._seen: TTLCache = TTLCache(maxsize=100_000, ttl=window_s)
+        #: task -> recent requests (hot or not), halved every ``window_s``: the frequency admission compares these
+        self._freq: dict[str, float] = {}
+        self._aged = time.monotonic()
         self._epochs: dict[str, int] = {}  # task -> times dropped: a build that started before a drop is not kept
         self.evictions = 0
         self._lru = TaskCache(capacity_bytes)  # task -> HotTask
-        self._lock = threading.Lock()  # guards _lru / _promoting; never held while materialising
+        self._lock = threading.Lock()  # guards _lru / _promoting / _freq; never held while materialising
         self._promoting: dict[tuple[str, tuple], _Flight] = {}
         if metrics is not None:
-            metrics.hot_capacity_bytes.set(capacity_bytes)
+            self._metric("capacity_bytes").set(capacity_bytes)
             self._gauges()
 
     @property
@@ -140,41 +171,68 @@ class HotCache:
     def capacity_bytes(self, value: int) -> None:
         self._lru.capacity_bytes = value
 
-    def get(self, task: str, entry: LoadedTask, keep: bool | None = None) -> Any:
+    def get(self, task: str, entry: LoadedTask, keep: bool | None = None,
+            fallback: Callable[[str, LoadedTask], Any] | None = None) -> Any:
         """``task``'s hot form, promoting it on a miss (``keep``: False builds it for the caller's pass only, never
         evicting another task for it; None: the policy, ``promote_after``).
 
+        ``fallback(task, entry)``: what serves a task that is not (yet) hot instead of building its hot form for
+        one pass (the tier's sparse form); its result is returned then, and a promotion the task earned runs in
+        the background (``background``), or now.
+
         A hot entry from another bundle (a replacement) is rebuilt from ``entry``. The
         materialisation runs outside the tier's lock, once however many threads ask for the same
-        ``(task, bundle)`` at a time (the others wait for it).
+        ``(task, bundle)`` at a time (the others wait for it, or take the fallback).
         """
         key = (task, entry.identity)
+        mine = False
         while True:
             with self._lock:
+                self._count(task)
                 hot = self._lru.get(task)
                 if hot is not None and hot.identity == entry.identity:
                     return hot.form
                 flight = self._promoting.get(key)
                 if flight is None:
-                    flight = self._promoting[key] = _Flight()
                     seen = self._seen.get(task)
                     if seen is None:  # set once: the window runs from the first request, not the latest
                         seen = self._seen[task] = [0]
                     seen[0] += 1
-                    keep = (seen[0] >= self.promote_after or task in self.pinned) if keep is None else keep
+                    if keep is None:
+                        keep = task in self.pinned or (seen[0] >= self.promote_after
+                                                       and (fallback is None or self._admits(task, entry)))
+                    if fallback is not None and not keep:
+                        break
+                    flight = self._promoting[key] = _Flight()
                     epoch = self._epochs.get(task, 0)
+                    mine = True
                     break
+                if fallback is not None:
+                    break  # being promoted (in the background): this pass takes the fallback
             flight.done.wait()  # another thread is materialising it: its form serves this pass too
             if flight.form is not None:
                 return flight.form
+        if not mine:  # not hot, not earned (or being promoted by another thread): the fallback serves it
+            self._admitted("sparse")
+            return fallback(task, entry)
+        if fallback is not None and self.background:
+            threading.Thread(target=self._build, args=(task, entry, key, flight, keep, epoch, True),
+                             name=f"promote-{task}", daemon=True).start()
+            self._admitted("sparse")
+            return fallback(task, entry)
+        return self._build(task, entry, key, flight, keep, epoch)
+
+    def _build(self, task: str, entry: LoadedTask, key: tuple, flight: _Flight, keep: bool, epoch: int,
+               background: bool = False) -> Any:
+        """Build ``task``'s form for ``flight`` (kept when ``keep`` and not dropped since ``epoch``); a background
+        build that fails is logged (the task stays on its fallback) instead of raised."""
         try:
             t0 = time.perf_counter()
             form, nbytes = self._promote(task, entry)
             seconds = time.perf_counter() - t0
             flight.form = form
-            if self.metrics is not None:
-                self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
-            log.debug("built task %s's hot form in %.1f ms (%d bytes; %s)", task, seconds * 1e3, nbytes,
+            self._observe(task, seconds)
+            log.debug("built task %s's %s form in %.1f ms (%d bytes; %s)", task, self.kind, seconds * 1e3, nbytes,
                       "kept" if keep else "this pass only")
             with self._lock:
                 # not kept when the task was dropped (replaced, deleted) while its form was being built
@@ -182,8 +240,12 @@ class HotCache:
                                                                                                   nbytes))
                 if kept:
                     self._seen.pop(task, None)
-            if self.metrics is not None:
-                self.metrics.hot_admissions.labels("promoted" if kept else "pass_only").inc()
+            self._admitted("promoted" if kept else "pass_only")
+        except Exception:
+            if background:
+                log.exception("background promotion of task %s failed; it stays on its fallback form", task)
+                return None
+            raise
         finally:
             with self._lock:
                 del self._promoting[key]
@@ -191,23 +253,49 @@ class HotCache:
         release_freed_memory()
         return form
 
+    def _count(self, task: str) -> None:
+        """One more request for ``task`` in the frequency counts, halving every count each ``window_s`` (lock held)."""
+        now = time.monotonic()
+        if now - self._aged >= self.window_s or len(self._freq) > 100_000:
+            self._aged = now
+            self._freq = {t: c / 2 for t, c in self._freq.items() if c >= 1}
+        self._freq[task] = self._freq.get(task, 0.0) + 1.0
+
+    def _admits(self, task: str, entry: LoadedTask) -> bool:
+        """Whether ``task`` may take its place: it fits beside what is hot, or it was asked for at least as often as
+        every unpinned task the LRU would evict for it, and evicting those makes room (lock held)."""
+        need = self.used_bytes - self.capacity_bytes + self.task_bytes(entry)
+        if task in self.tasks:
+            need -= self.tasks[task].nbytes
+        freq = self._freq.get(task, 0.0)
+        for name, hot in self.tasks.items():  # least recently used first
+            if need <= 0:
+                break
+            if name in self.pinned or name == task:
+                continue
+            if self._freq.get(name, 0.0) > freq:
+                return False
+            need -= hot.nbytes
+        return need <= 0
+
     def _insert(self, task: str, hot: HotTask) -> bool:
         """Put ``hot`` in the LRU, evicting the least recently used unpinned tasks beyond the budget; False when
         it does not fit (caller holds the lock)."""
         self._pop(task)
         evicted = self._lru.put(task, hot, self.pinned)
         if evicted is None:
-            log.warning("task %s needs %d hot bytes, more than SUPERMASK_HOT_CACHE_BYTES=%d leaves beside the pinned "
-                        "tasks: materialised for this pass only", task, hot.nbytes, self.capacity_bytes)
+            log.warning("task %s needs %d %s bytes, more than the %s tier's budget %d leaves beside the pinned "
+                        "tasks: materialised for this pass only", task, hot.nbytes, self.kind, self.kind,
+                        self.capacity_bytes)
             return False
         self.evictions += len(evicted)
         if self.metrics is not None and evicted:
-            self.metrics.hot_evictions.inc(len(evicted))
+            self._metric("evictions").inc(len(evicted))
         self._gauges()
         return True
 
     def status(self) -> dict:
-        """For ``/healthz``: ``{"tasks", "bytes", "capacity_bytes", "evictions", "pinned"}`` of the hot tier."""
+        """For ``/healthz``: ``{"tasks", "bytes", "capacity_bytes", "evictions", "pinned"}`` of the tier."""
         return {"tasks": len(self.tasks), "bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes,
                 "evictions": self.evictions, "pinned": sorted(self.pinned)}
 
@@ -216,16 +304,29 @@ class HotCache:
         its own pass and not kept."""
         with self._lock:
             self._epochs[task] = self._epochs.get(task, 0) + 1
+            self._freq.pop(task, None)
             self._pop(task)
 
     def _pop(self, task: str) -> None:
         if self._lru.pop(task) is not None:
             self._gauges()
 
+    def _metric(self, name: str):
+        return getattr(self.metrics, f"{self.kind}_{name}")
+
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.hot_tasks.set(len(self.tasks))
-            self.metrics.hot_bytes.set(self.used_bytes)
+            self._metric("tasks").set(len(self.tasks))
+            self._metric("bytes").set(self.used_bytes)
+
+    def _admitted(self, decision: str) -> None:
+        if self.metrics is not None:
+            self.metrics.hot_admissions.labels(decision).inc()
+
+    def _observe(self, task: str, seconds: float) -> None:
+        """Record one build's duration."""
+        if self.metrics is not None:
+            self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
 
     def _promote(self, task: str, entry: LoadedTask) -> tuple[Any, int]:
         """``task``'s hot form built from ``entry`` and its bytes (outside the cache's lock)."""
@@ -257,25 +358,18 @@ class HotTier(HotCache):
         self.precision = precision
         #: each group's (w_q, scale, bias): a module's own tensors, or several modules' concatenated once here
         #: (a promotion then only unpacks masks)
-        self._cat = {g: matrices[members[0]] if len(members) == 1 else self._concat([matrices[n] for n in members])
-                     for g, members in self.groups.items()}
-        #: the plain backbone weights of every group, for the groups a task does not mask
+        self.cat = group_matrices(matrices, self.groups)
+        #: the plain backbone weights of every group, for the groups a task does not mask (and the sparse forms'
+        #: shared plain product, :mod:`service.sparse_forms`)
         self.base = {g: self._materialize(g, None) for g in self.groups}
 
     def _materialize(self, group: str, entry: LoadedTask | None) -> HotWeight:
         """One group's hot form: the members' ``W_q``, scales, masks (all-ones where a member is
         unmasked) and biases concatenated along ``out``."""
-        w_q, scale, bias = self._cat[group]
+        w_q, scale, bias = self.cat[group]
         members = self.groups[group]
         mask = None if entry is None else group_mask(entry, members, [tuple(self.matrices[n][0].shape) for n in members])
         return materialize(w_q, scale, mask, bias, self.precision)
-
-    @staticmethod
-    def _concat(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        biases = [p[2] for p in parts]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                None if any(b is None for b in biases) else torch.cat(biases))
 
     def _masked_groups(self, entry: LoadedTask) -> list[str]:
         return masked_groups(entry, self.groups)

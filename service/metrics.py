@@ -37,10 +37,17 @@ class Metrics:
     supermask_hot_promotion_duration_seconds{task}  histogram  warm -> hot: unpack mask bits, materialise weights
     supermask_hot_tasks                              gauge      tasks in the CPU hot tier
     supermask_hot_evictions_total                    counter    tasks evicted from the hot tier to stay within budget
-    supermask_hot_admissions_total{decision}         counter    hot forms built: kept hot ("promoted"), or for their
-                                                                pass only ("pass_only": seen too rarely, or no room)
+    supermask_hot_admissions_total{decision}         counter    requests to a task not hot: its hot form built and kept
+                                                                ("promoted"), built for the pass only ("pass_only"), or
+                                                                served through its sparse form ("sparse": seen too
+                                                                rarely, or no room; service/sparse_forms.py)
     supermask_hot_bytes                              gauge      bytes of the hot tier's materialised weights
     supermask_hot_capacity_bytes                     gauge      the hot tier's byte budget
+    supermask_sparse_form_duration_seconds           histogram  warm -> sparse form: decode pruned positions, build CSR
+    supermask_sparse_tasks                           gauge      tasks whose sparse form is held
+    supermask_sparse_bytes                           gauge      bytes of the held sparse forms
+    supermask_sparse_capacity_bytes                  gauge      the sparse forms' byte budget
+    supermask_sparse_evictions_total                 counter    sparse forms evicted to stay within budget
     supermask_cpu_precision_info{precision}          gauge      1 for the CPU compute precision in use
     supermask_tier_info{precision,runtime}           gauge      1 for the compute tier in use (service/tiers)
     supermask_device_swap_in_duration_seconds{task}  histogram  copy a task's mask bits into a GPU slot + relayout
@@ -85,6 +92,16 @@ class Metrics:
                                       ["decision"], registry=r)
         self.hot_bytes = Gauge(f"{PREFIX}_hot_bytes", "Bytes of the CPU hot tier's materialised weights.", registry=r)
         self.hot_capacity_bytes = Gauge(f"{PREFIX}_hot_capacity_bytes", "Byte budget of the CPU hot tier.",
+                                        registry=r)
+        self.sparse_form_seconds = Histogram(
+            f"{PREFIX}_sparse_form_duration_seconds",
+            "Seconds to build a task's sparse form (pruned positions -> CSR corrections).",
+            buckets=SWAP_IN_BUCKETS_SECONDS, registry=r)
+        self.sparse_tasks = Gauge(f"{PREFIX}_sparse_tasks", "Tasks whose sparse form is held.", registry=r)
+        self.sparse_bytes = Gauge(f"{PREFIX}_sparse_bytes", "Bytes of the held sparse forms.", registry=r)
+        self.sparse_capacity_bytes = Gauge(f"{PREFIX}_sparse_capacity_bytes", "Byte budget of the sparse forms.",
+                                           registry=r)
+        self.sparse_evictions = Counter(f"{PREFIX}_sparse_evictions", "Sparse forms evicted to stay within budget.",
                                         registry=r)
         self.cpu_precision = Gauge(f"{PREFIX}_cpu_precision_info", "1 for the CPU compute precision in use.",
                                    ["precision"], registry=r)

@@ -144,7 +144,16 @@ class Settings(BaseSettings):
     form is built for its pass only, evicting nothing): 2 keeps one-off tasks of a long tail from evicting the hot
     set; 1 (default) promotes on first use."""
     hot_promote_window_s: float = Field(60.0, gt=0)
-    """The window of ``hot_promote_after`` (seconds)."""
+    """The window of ``hot_promote_after`` (seconds); request counts of the frequency admission halve this often."""
+    hot_promote_background: bool = True
+    """With sparse forms on: a task that earns a place in the hot tier is promoted on a background thread while its
+    requests are served through its sparse form (False: the request that earns it waits for the promotion)."""
+    sparse_cache_bytes: int = Field(128 * 1024 * 1024, ge=0)
+    """Byte budget of the sparse forms (bf16 / int8): a task that is not hot is served through one shared plain
+    product plus its sparse correction (``service/sparse_forms.py``; MiniLM at 3 % pruned: ~2.6 MB a task), a few
+    ms to build, instead of building its hot form for the pass. 0: off (a task not hot gets its hot form built for
+    its pass only). With sparse forms on, a task is kept hot only if asked for at least as often, recently, as the
+    tasks it would evict."""
     onednn_cache_capacity: int = Field(64, gt=0)
     """Entries of oneDNN's primitive cache and ideep's computation cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
     ``LRU_CACHE_CAPACITY``; those variables win when set): every distinct batch shape of the bf16 / int8

@@ -42,7 +42,8 @@ import torch
 
 from backbone import Backbone
 from mask_store.errors import BackboneMismatch, TaskNotFound
-from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid
+from mask_store.coding import CODING_GAPS
+from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid, decode_mask_section, pruned_positions
 from mask_store.store import MaskStore
 from service.errors import TaskTooLarge
 from service.kernels.selector import KernelPath, select_path
@@ -86,8 +87,9 @@ class LayerState:
     ``path`` is "none" (nothing pruned: plain dense product), "complement"
     (``pruned`` is a CSR ``[out, in]`` of ``W ⊙ ¬μ``), "dense" (``mask`` is
     bool ``[out, in]``) or "reference" (``mask`` set; the slow reference kernel)
-    on the CPU in fp32; "packed" on the CPU in bf16/int8 (``packed`` holds the bundle's bits, the hot
-    tier materialises them); "device" on the device tier (``packed`` holds the bundle's bits,
+    on the CPU in fp32; "packed" on the CPU in bf16/int8 (the warm form: the bundle's coded section where it is
+    entropy-coded (format v3, ``coded``), else its packed bits (``packed``); the hot tier materialises them, the
+    sparse forms read their pruned positions); "device" on the device tier (``packed`` holds the bundle's bits,
     copied into a device slot when the task is used).
     """
 
@@ -96,9 +98,36 @@ class LayerState:
     mask: torch.Tensor | None = None  # bool [out, in] ("dense", "reference")
     packed: torch.Tensor | None = None  # uint8 [ceil(out * in / 8)], bundle bit order, pinned on CUDA ("device")
     sparsity: float = 0.0  # pruned fraction of this matrix, from the bundle header
+    coded: bytes | None = None  # the bundle's "zstd-gaps" section ("packed" path, format v3)
+    shape: tuple[int, int] = (0, 0)  # [out, in]
+    zeros: int | None = None  # the header's pruned count (needed to decode ``coded``)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the matrix carries a mask (bits or a coded section)."""
+        return self.packed is not None or self.coded is not None
+
+    def bits(self) -> torch.Tensor | None:
+        """uint8 ``[ceil(out * in / 8)]`` packed mask bits (bundle bit order): held, or decoded from ``coded``
+        (2-4 ms for a whole MiniLM task, :mod:`mask_store.coding`); None when the matrix has no mask."""
+        if self.packed is not None or self.coded is None:
+            return self.packed
+        return torch.frombuffer(bytearray(decode_mask_section(CODING_GAPS, self.coded, self.shape, self.zeros)),
+                                dtype=torch.uint8)
+
+    def pruned_positions(self) -> np.ndarray:
+        """int64 ``[zeros]`` row-major positions of the pruned weights, ascending (from the coded gaps directly
+        where the matrix is coded, :func:`mask_store.format.pruned_positions`)."""
+        if self.coded is not None:
+            return pruned_positions(CODING_GAPS, self.coded, self.shape, self.zeros)
+        bits = self.bits()
+        if bits is None:
+            return np.zeros(0, dtype=np.int64)
+        n = self.shape[0] * self.shape[1]
+        return np.flatnonzero(np.unpackbits(bits.cpu().numpy(), count=n, bitorder="big") == 0)
 
     def nbytes(self) -> int:
-        n = csr_nbytes(self.pruned)
+        n = csr_nbytes(self.pruned) + (len(self.coded) if self.coded is not None else 0)
         for t in (self.mask, self.packed):
             if t is not None:
                 n += t.numel() * t.element_size()
@@ -235,7 +264,7 @@ class TaskBuilder:
             weight = self.weights[module]
             if list(weight.shape) != m.shape:
                 raise BundleInvalid(f"mask {m.name!r} has shape {m.shape}, backbone weight is {list(weight.shape)}")
-            state = self._layer_state(bundle, m.name, m.sparsity, weight)
+            state = self._layer_state(bundle, m, weight)
             if state is not None:
                 layers[module] = state
         head_w = torch.from_numpy(np.array(bundle.head[HEAD_WEIGHT]))
@@ -245,14 +274,21 @@ class TaskBuilder:
             raise TaskTooLarge(h.task, nbytes, self.capacity_bytes)
         return LoadedTask(h, layers, head_w, head_b, nbytes=nbytes, bundle_bytes=bundle.size_bytes)
 
-    def _layer_state(self, bundle: Bundle, name: str, sparsity: float, weight: torch.Tensor) -> LayerState | None:
+    def _layer_state(self, bundle: Bundle, m, weight: torch.Tensor) -> LayerState | None:
+        name, sparsity = m.name, m.sparsity
         if self.device is not None or self.packed:  # device tier, or the warm form of the CPU hot tier
             if sparsity == 0.0:  # an all-ones mask needs no bits: the tier keeps the plain weight
                 return None
+            shape = (int(m.shape[0]), int(m.shape[1]))
+            if self.device is None and bundle.stored_masks.get(name) is not None and m.coding == CODING_GAPS:
+                # the warm form stays entropy-coded (~7x smaller than the bits at 3 % pruned); decoded when used
+                return LayerState("packed", sparsity=sparsity, coded=bytes(bundle.stored_masks[name]), shape=shape,
+                                  zeros=m.pruned)
             packed = torch.frombuffer(bytearray(bundle.masks[name]), dtype=torch.uint8)
             if self.device is not None and self.device.type == "cuda":
                 packed = packed.pin_memory()  # asynchronous host-to-device copy at swap-in
-            return LayerState("device" if self.device is not None else "packed", packed=packed, sparsity=sparsity)
+            return LayerState("device" if self.device is not None else "packed", packed=packed, sparsity=sparsity,
+                              shape=shape)
         path = choose_path(sparsity, self.kernel_path)
         if path == "none":
             return LayerState("none")

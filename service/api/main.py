@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
                     precision=settings.cpu_precision, hot_cache_bytes=settings.hot_cache_bytes,
                     runtime=settings.cpu_runtime, pinned_tasks=settings.pinned_tasks,
                     hot_promote_after=settings.hot_promote_after, hot_promote_window_s=settings.hot_promote_window_s,
+                    hot_promote_background=settings.hot_promote_background,
+                    sparse_cache_bytes=settings.sparse_cache_bytes,
                     max_queued_requests=settings.max_queued_requests, request_timeout_s=settings.request_timeout_s)
 
     @asynccontextmanager

@@ -342,6 +342,45 @@ def hot_linear(x: torch.Tensor, hot: HotWeight, *, act_quant: str = "row", low: 
     return y.reshape(*lead, hot.out_features)
 
 
+def plain_product(x: torch.Tensor, hot: HotWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hot_linear` (``act_quant="row"``, ``low`` False) and the activation the product saw.
+
+    Args:
+        x: CPU ``[rows, in]`` float32 (or bfloat16).
+        hot: an int8, bf16 or fp32 :class:`HotWeight`.
+    Returns:
+        ``(y float32 [rows, out], seen float32 [rows, in])``: ``seen`` is what ``y`` multiplied ``hot``'s weight by —
+        int8: each row's uint8 codes decoded, ``lo + step · q``; bf16: ``x`` rounded to bfloat16; fp32: ``x`` —
+        so that ``y − seen · Pᵀ`` removes the terms of a matrix ``P`` of the same stored values exactly up to float
+        rounding (:mod:`service.sparse_forms`).
+    Raises:
+        ValueError: as :func:`hot_linear`, or a precision other than int8 / bf16 / fp32.
+    """
+    p = hot.precision
+    if p == "int8":
+        x2 = hot_linear_input(x, hot)
+        if x2.shape[0] == 0:
+            return x2.new_empty((0, hot.out_features)), x2
+        q, lo, step = _quantize_rows(x2, hot.act_qmax)
+        raw = _qlinear(q, 1.0, 0, hot, None)
+        base = torch.addcmul(hot.bias, lo, hot.row_sum) if hot.bias is not None else lo * hot.row_sum
+        return base.addcmul_(raw, step), torch.addcmul(lo, q.to(torch.float32), step)
+    if p == "bf16":
+        return hot_linear(x, hot), x.to(torch.bfloat16).to(torch.float32)
+    if p == "fp32":
+        return hot_linear(x, hot), x.to(torch.float32)
+    raise ValueError(f"no plain product with a seen activation for precision {p!r}")
+
+
+def hot_linear_input(x: torch.Tensor, hot: HotWeight) -> torch.Tensor:
+    """``x`` checked as :func:`hot_linear` checks it, as float32 ``[rows, in]`` contiguous."""
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be on the CPU, got {x.device}")
+    if x.dim() != 2 or x.shape[-1] != hot.in_features:
+        raise ValueError(f"x must be [rows, {hot.in_features}], got {list(x.shape)}")
+    return x.to(torch.float32).contiguous()
+
+
 def _qlinear(q: torch.Tensor, x_scale, x_zp, hot: HotWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """float32 ``[rows, out] = x_scale · scale[o] · Σ_i (q - x_zp)[r, i] · (W_q ⊙ μ)[o, i] + bias[o]``."""
     op = torch.ops.onednn.qlinear_pointwise

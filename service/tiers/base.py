@@ -12,7 +12,32 @@ from service.encoder import LeanEncoder
 from service.dispatch import Segments
 from service.hot_tier import HotCache
 from service.masked_linear import MaskedLinear
+from service.metrics import Metrics
+from service.sparse_forms import SparseCache
 from service.tasks import LoadedTask
+
+
+SMALL_PASS_ROWS = 448
+"""Hot-tier CPU passes of fewer token rows (batch x padded length) run on one intra-op thread.
+
+Measured on a 2-core AMD EPYC, torch 2.13 (GNU OpenMP): in a thread other than the main one — where the
+server runs its passes — each parallel region costs ~50 us more than on the main thread (LayerNorm over 12
+rows: 57 vs 7 us). A bf16 MiniLM pass of 44 / 176 / 352 token rows took 4.6 / 12.0 / 24.8 ms on one thread
+against 7.3 / 14.6 / 33.3 on two; of 528 / 704 / 1,408 rows 57 / 69 / 131 ms against 35 / 48 / 100."""
+
+
+@contextlib.contextmanager
+def few_threads(rows: int, below: int):
+    """Run the block on one torch intra-op thread when a CPU pass has fewer than ``below`` token rows (0: never)."""
+    threads = torch.get_num_threads()
+    small = rows < below and threads > 1
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(threads)
 
 
 class Tier(Protocol):
@@ -72,20 +97,27 @@ class Tier(Protocol):
 
 class HotCached:
     """For a tier whose tasks are promoted into a hot cache (:class:`service.hot_tier.HotCache`): a pass needs the
-    task's hot form, built once outside the pass lock; a replaced or deleted task's form is dropped."""
+    task's hot form, built once outside the pass lock, or — for a task not (yet) hot, where the tier has them — its
+    sparse form (:mod:`service.sparse_forms`); a replaced or deleted task's forms are dropped."""
 
     hot: HotCache
+    sparse: SparseCache | None = None
     precision: str
     runtime: str
 
     def promote(self, task: str, entry: LoadedTask, keep: bool | None = None) -> Any:
-        return self.hot.get(task, entry, keep)
+        return self.hot.get(task, entry, keep, fallback=None if self.sparse is None else self.sparse.form)
 
     def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:
         self.hot.drop(task)
+        if self.sparse is not None:
+            self.sparse.drop(task)
 
     def status(self) -> dict:
-        return {"precision": self.precision, "runtime": self.runtime, "hot": self.hot.status()}
+        out = {"precision": self.precision, "runtime": self.runtime, "hot": self.hot.status()}
+        if self.sparse is not None:
+            out["sparse"] = self.sparse.status()
+        return out
 
 
 class TorchTier:
@@ -135,15 +167,8 @@ class TorchTier:
         seq_len = inputs["input_ids"].shape[1]
         table = self.dispatcher.prepare(segs, [s * seq_len for s in seq_starts], forms)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        threads = torch.get_num_threads()
-        small = self.device.type == "cpu" and table.row_starts[-1] < self.single_thread_below and threads > 1
-        if small:
-            torch.set_num_threads(1)
-        try:
+        with few_threads(table.row_starts[-1], self.single_thread_below if self.device.type == "cpu" else 0):
             hidden = self._encode(inputs, table)
-        finally:
-            if small:
-                torch.set_num_threads(threads)
         return mean_pool(hidden.float(), inputs["attention_mask"]).cpu()
 
     def _encode(self, inputs: dict[str, torch.Tensor], table) -> torch.Tensor:
@@ -159,3 +184,26 @@ class TorchTier:
         finally:
             for layer in self.layers.values():
                 layer.segments = None
+
+
+SPARSE_CACHE_BYTES = 128 * 1024 * 1024
+"""Default byte budget of a tier's sparse forms (``SUPERMASK_SPARSE_CACHE_BYTES``): ~50 MiniLM tasks at 3 % pruned."""
+
+
+def split_policy(hot_policy: dict | None) -> tuple[dict, int]:
+    """``(the hot cache's policy, the sparse forms' byte budget)`` from an engine's ``hot_policy`` (its
+    ``sparse_bytes`` key: 0 serves a task that is not hot by building its hot form for the pass, as before sparse
+    forms existed)."""
+    policy = dict(hot_policy or {})
+    return policy, int(policy.pop("sparse_bytes", SPARSE_CACHE_BYTES))
+
+
+def sparse_cache(cat: dict[str, tuple], groups: dict[str, list[str]], layers: dict[str, MaskedLinear],
+                 precision: str, sparse_bytes: int, metrics: Metrics) -> SparseCache | None:
+    """The sparse forms of a tier whose plain product multiplies the groups' ``cat`` (``(w_q, scale, bias)`` per
+    group, :func:`service.hot_tier.group_matrices`) in ``precision``; None when ``sparse_bytes`` is 0 or the
+    precision has no sparse form."""
+    if sparse_bytes <= 0 or precision not in ("int8", "bf16"):
+        return None
+    return SparseCache({g: (m[0], m[1]) for g, m in cat.items()}, groups,
+                       {n: tuple(ml.w_q.shape) for n, ml in layers.items()}, precision, sparse_bytes, metrics)

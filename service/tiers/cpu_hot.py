@@ -14,18 +14,9 @@ from service.encoder import LeanEncoder
 from service.hot_tier import HotTier
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
-from service.tiers.base import HotCached, TorchTier
+from service.tiers.base import SMALL_PASS_ROWS, HotCached, TorchTier, sparse_cache, split_policy
 
 log = logging.getLogger(__name__)
-
-SMALL_PASS_ROWS = 448
-"""Hot-tier CPU passes of fewer token rows (batch x padded length) run on one intra-op thread.
-
-Measured on a 2-core AMD EPYC, torch 2.13 (GNU OpenMP): in a thread other than the main one — where the
-server runs its passes — each parallel region costs ~50 us more than on the main thread (LayerNorm over 12
-rows: 57 vs 7 us). A bf16 MiniLM pass of 44 / 176 / 352 token rows took 4.6 / 12.0 / 24.8 ms on one thread
-against 7.3 / 14.6 / 33.3 on two; of 528 / 704 / 1,408 rows 57 / 69 / 131 ms against 35 / 48 / 100."""
-
 
 class CpuHotTier(HotCached, TorchTier):
     """Args:
@@ -33,7 +24,9 @@ class CpuHotTier(HotCached, TorchTier):
         precision: "bf16" or "int8".
         hot_cache_bytes: byte budget of the hot tier.
         metrics: promotions and residency are recorded here.
-        hot_policy: ``pinned`` / ``promote_after`` / ``window_s`` of the hot cache (:class:`service.hot_tier.HotCache`).
+        hot_policy: ``pinned`` / ``promote_after`` / ``window_s`` / ``background`` of the hot cache
+            (:class:`service.hot_tier.HotCache`), and ``sparse_bytes``, the sparse forms' budget
+            (:func:`service.tiers.base.split_policy`).
     """
 
     warm_form = "packed"
@@ -46,9 +39,11 @@ class CpuHotTier(HotCached, TorchTier):
         if reason is not None:
             log.info("lean encoder not used (%s): the hot tier runs the model module by module", reason)
         self.precision = precision
+        policy, sparse_bytes = split_policy(hot_policy)
         self.hot = HotTier({n: (ml.w_q, ml.scale, ml.bias) for n, ml in layers.items()}, precision,
-                           hot_cache_bytes, metrics, groups=encoder.groups if encoder else None, **(hot_policy or {}))
-        super().__init__(backbone, layers, HotDispatcher(self.hot), torch.device("cpu"), encoder=encoder,
+                           hot_cache_bytes, metrics, groups=encoder.groups if encoder else None, **policy)
+        self.sparse = sparse_cache(self.hot.cat, self.hot.groups, layers, precision, sparse_bytes, metrics)
+        super().__init__(backbone, layers, HotDispatcher(self.hot, self.promote), torch.device("cpu"), encoder=encoder,
                          single_thread_below=SMALL_PASS_ROWS)
         self.weights = {n: ml.w_q for n, ml in layers.items()}
         for ml in layers.values():

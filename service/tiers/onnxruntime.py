@@ -15,12 +15,14 @@ import torch
 
 from backbone import Backbone
 from service.encoder import LeanEncoder
-from service.hot_tier import HotCache, group_mask, masked_groups
+from service.hot_tier import HotCache, group_mask, group_matrices, masked_groups
+from service.kernels.cpu_hot import materialize
 from service.kernels.ort_encoder import OrtEncoder
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service.tasks import LoadedTask
-from service.tiers.base import HotCached, Segments
+from service.sparse_forms import SparseForm, sparse_pooled
+from service.tiers.base import SMALL_PASS_ROWS, HotCached, Segments, few_threads, sparse_cache, split_policy
 
 
 SESSION_BYTES_PER_WEIGHT_BYTE = 2.42
@@ -62,7 +64,10 @@ class OrtTier(HotCached):
         hot_cache_bytes: byte budget of the hot sessions.
         metrics: promotions and residency are recorded here.
         threads: intra-op threads of each session.
-        hot_policy: ``pinned`` / ``promote_after`` / ``window_s`` of the hot cache (:class:`service.hot_tier.HotCache`).
+        hot_policy: ``pinned`` / ``promote_after`` / ``window_s`` / ``background`` of the hot cache
+            (:class:`service.hot_tier.HotCache`), and ``sparse_bytes``: the budget of the sparse forms that serve a
+            task not (yet) hot (:mod:`service.sparse_forms`; the rows of those tasks run through torch's int8
+            products over the plain weights, minus each task's sparse correction).
 
     Raises:
         ValueError: the layout is not plain BERT, or its activation has no graph form.
@@ -81,9 +86,15 @@ class OrtTier(HotCached):
         reason = LeanEncoder.unsupported(backbone.model)
         if reason is not None:
             raise ValueError(f"the onnxruntime tier needs the plain BERT layout: {reason}")
-        self.ort = OrtEncoder(LeanEncoder(backbone.model), {n: (ml.w_q, ml.scale, ml.bias) for n, ml in layers.items()},
-                              threads=threads)
-        self.hot = OrtHotCache(self.ort, hot_cache_bytes, metrics, **(hot_policy or {}))
+        matrices = {n: (ml.w_q, ml.scale, ml.bias) for n, ml in layers.items()}
+        self.ort = OrtEncoder(LeanEncoder(backbone.model), matrices, threads=threads)
+        policy, sparse_bytes = split_policy(hot_policy)
+        self.hot = OrtHotCache(self.ort, hot_cache_bytes, metrics, **policy)
+        cat = group_matrices(matrices, self.ort.groups)
+        self.sparse = sparse_cache(cat, self.ort.groups, layers, self.precision, sparse_bytes, metrics)
+        #: the plain int8 products (torch, oneDNN) that serve the rows of tasks on their sparse forms
+        self.plain = ({g: materialize(w, s, None, b, self.precision) for g, (w, s, b) in cat.items()}
+                      if self.sparse is not None else {})
         self.weights = {n: ml.w_q for n, ml in layers.items()}
         for ml in layers.values():
             ml.weight = None  # the float32 deq(W_q) is not used by this tier: not kept
@@ -91,14 +102,42 @@ class OrtTier(HotCached):
     def pooled(self, segs: Segments, forms: dict[str, Any] | None, inputs: dict[str, torch.Tensor],
                seq_starts: list[int]) -> torch.Tensor:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        chosen = [forms[task] if forms and task in forms else self.promote(task, entry) for task, entry in segs]
+        outs: list[torch.Tensor | None] = [None] * len(segs)
+        sparse = [i for i, f in enumerate(chosen) if isinstance(f, SparseForm)]
+        if sparse:
+            self._sparse_pass(sparse, chosen, inputs, seq_starts, outs)
+        if len(sparse) == len(segs):
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
         embedded = self.ort.embed(ids, inputs.get("token_type_ids"))
-        outs = []
-        for i, (task, entry) in enumerate(segs):
-            session = forms[task] if forms and task in forms else self.hot.get(task, entry)
+        for i, session in enumerate(chosen):
+            if outs[i] is not None:
+                continue
             a, b = seq_starts[i], seq_starts[i + 1]
             seg_mask = mask[a:b]
             width = int(seg_mask.sum(dim=1).max())  # right padding: this segment's own longest row
             if bool(seg_mask[:, width:].any()):
                 width = seg_mask.shape[1]  # left padding: keep every column
-            outs.append(OrtEncoder.run(session, embedded[a:b, :width], seg_mask[:, :width]))
+            outs[i] = OrtEncoder.run(session, embedded[a:b, :width], seg_mask[:, :width])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _sparse_pass(self, which: list[int], chosen: list, inputs: dict[str, torch.Tensor], seq_starts: list[int],
+                     outs: list) -> None:
+        """The segments ``which`` (on their sparse forms) in one torch pass; their pooled rows into ``outs``."""
+        spans = [(seq_starts[i], seq_starts[i + 1]) for i in which]
+        if len(which) == len(chosen):
+            sub = dict(inputs)
+        else:
+            rows = torch.cat([torch.arange(a, b) for a, b in spans])
+            sub = {k: v[rows] for k, v in inputs.items()}
+        mask = sub["attention_mask"]
+        width = int(mask.sum(dim=1).max())
+        if not bool(mask[:, width:].any()):  # right padding: drop the columns no row of these segments uses
+            sub = {k: v[:, :width] for k, v in sub.items()}
+        starts = [0]
+        for a, b in spans:
+            starts.append(starts[-1] + b - a)
+        with few_threads(starts[-1] * sub["input_ids"].shape[1], SMALL_PASS_ROWS):
+            pooled = sparse_pooled(self.ort.encoder, self.plain, [chosen[i] for i in which], sub, starts)
+        for j, i in enumerate(which):
+            outs[i] = pooled[starts[j]:starts[j + 1]]

@@ -14,6 +14,9 @@ from tests.conftest import make_store
 
 ROWS = [("a charming and often affecting journey", None), ("dull, flat and lifeless", None)]
 TASKS = {"s10": 0.10, "s50": 0.5, "s30": 0.3}
+#: a task's logits through its sparse form against its hot form: the same int8 products up to float rounding,
+#: which can move a token's activation code by one step in a later layer
+INT8_ATOL = 0.05
 
 
 @pytest.fixture
@@ -31,6 +34,7 @@ def runtime(request):
 
 
 def _engine(backbone_dir, store, runtime, **kw) -> Engine:
+    kw.setdefault("hot_promote_background", False)  # promotions on the request path: the assertions below see them
     return Engine(load_backbone(backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu", precision="int8",
                   runtime=runtime, **kw)
 
@@ -47,11 +51,12 @@ def test_a_pinned_task_is_never_evicted(tiny_backbone_dir, store, runtime):
     engine.hot.capacity_bytes = engine.hot.task_bytes(engine.warm("s10"))  # room for one task
     want = {t: engine.logits(t, ROWS) for t in ("s50", "s10")}  # s50 hot, then evicted for the pinned s10
     assert list(engine.hot.tasks) == ["s10"] and engine.hot.evictions == 1
-    for task in ("s50", "s30"):  # no room beside the pinned task: served from a form built for the pass
+    for task in ("s50", "s30"):  # no room beside the pinned task: served through its sparse form
         got = engine.logits(task, ROWS)
         assert list(engine.hot.tasks) == ["s10"] and engine.tier(task) == "warm"
-    assert engine.logits("s50", ROWS).allclose(want["s50"])
-    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') >= 2
+    assert engine.logits("s50", ROWS).allclose(want["s50"], atol=INT8_ATOL)  # sparse form against hot form
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="sparse"}') >= 2
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 0
     assert _metric(engine, "supermask_hot_evictions_total") == 1
     status = engine.status()["tiers"]
     assert status["hot"]["pinned"] == ["s10"] and status["hot"]["tasks"] == 1 and status["hot"]["evictions"] == 1
@@ -63,10 +68,10 @@ def test_a_pinned_task_is_never_evicted(tiny_backbone_dir, store, runtime):
 def test_a_task_is_kept_hot_from_its_second_request(tiny_backbone_dir, store, runtime):
     engine = _engine(tiny_backbone_dir, store, runtime, hot_promote_after=2)
     first = engine.logits("s10", ROWS)
-    assert engine.tier("s10") == "warm"  # seen once: its hot form served that pass only
-    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 1
+    assert engine.tier("s10") == "warm"  # seen once: served through its sparse form
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="sparse"}') == 1
     second = engine.logits("s10", ROWS)
-    assert engine.tier("s10") == "hot" and second.allclose(first)
+    assert engine.tier("s10") == "hot" and second.allclose(first, atol=INT8_ATOL)
     assert _metric(engine, 'supermask_hot_admissions_total{decision="promoted"}') == 1
     engine.logits("s50", ROWS)  # a one-off task evicts nothing
     assert list(engine.hot.tasks) == ["s10"] and engine.hot.evictions == 0
@@ -105,7 +110,7 @@ def test_settings_read_the_policy(monkeypatch):
 
 
 def test_a_fanout_wider_than_the_hot_tier_does_not_thrash_it(tiny_backbone_dir, store, runtime):
-    """Three tasks, room for two: the fan-out keeps two hot and builds the third for its pass only; the same
+    """Three tasks, room for two: the fan-out keeps two hot and serves the third through its sparse form; the same
     fan-out again evicts nothing and answers the same (before: every call evicted and rebuilt its own tasks)."""
     import asyncio
 
@@ -120,4 +125,4 @@ def test_a_fanout_wider_than_the_hot_tier_does_not_thrash_it(tiny_backbone_dir, 
     again = asyncio.run(engine.predict_fanout_async(reqs))
     assert sorted(engine.hot.tasks) == sorted(hot) and engine.hot.evictions == 0
     assert again == first
-    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 2  # the third, each call
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="sparse"}') == 2  # the third, each call

@@ -95,11 +95,16 @@ def test_mixed_batch_of_hot_warm_and_cold_tasks_equals_single_task_passes(tiny_b
     engine.logits("s10", ROWS)
     engine.warm("s50")
     assert [engine.tier(t) for t in ("s10", "s50", "s0")] == ["hot", "warm", "cold"]
-    alone = {t: _engine(tiny_backbone_dir, store).logits(t, ROWS) for t in TASKS}
+    hot_alone = _engine(tiny_backbone_dir, store).logits("s10", ROWS)
+    never_hot = _engine(tiny_backbone_dir, store, hot_promote_after=1000)  # every pass through the sparse forms
+    sparse_alone = {t: never_hot.logits(t, ROWS) for t in ("s50", "s0")}
+    assert len(never_hot.hot.tasks) == 0 and len(never_hot.compute_tier.sparse.tasks) == 2
     mixed = engine.logits_mixed([("s10", ROWS), ("s50", ROWS), ("s0", ROWS)])
-    for task, got in zip(("s10", "s50", "s0"), mixed):
-        # each segment runs through its own task's session on its own rows: the same as a pass of that task alone
-        torch.testing.assert_close(got, alone[task], rtol=1e-5, atol=1e-6)
+    # s10 runs through its session on its own rows; s50 and s0 (no room for them) share one plain pass and each
+    # subtract their own sparse correction: each the same as a pass of that task alone through the same form
+    torch.testing.assert_close(mixed[0], hot_alone, rtol=1e-5, atol=1e-6)
+    for task, got in zip(("s50", "s0"), mixed[1:]):
+        torch.testing.assert_close(got, sparse_alone[task], rtol=1e-5, atol=1e-5)
     assert engine.hot.used_bytes <= engine.hot.capacity_bytes and len(engine.hot.tasks) == 1
 
 
