@@ -52,6 +52,56 @@ def write_backbone(model: str, out_dir: str | Path, tokenizer_dir: str | Path | 
     return out
 
 
+def random_task(backbone, rng: np.random.Generator, sparsity: float) -> tuple[dict, dict]:
+    """One random task for ``backbone`` (a loaded :class:`backbone.Backbone`): its masks and head.
+
+    Returns:
+        ``(masks, head)``: parameter name -> bool ``[out, in]`` array (each weight pruned, False, independently
+        with probability ``sparsity``), and a random two-label head (``classifier.weight`` float32
+        ``[2, hidden]`` drawn from normal(0, 0.02), ``classifier.bias`` zeros ``[2]``); both drawn from ``rng``
+        in that order.
+    """
+    from mask_store.format import HEAD_BIAS, HEAD_WEIGHT
+
+    masks = {f"{p}.weight": rng.random(tuple(backbone.qweight[p].shape), dtype=np.float32) >= sparsity
+             for p in backbone.masked}
+    head = {HEAD_WEIGHT: rng.normal(0, 0.02, size=(2, backbone.hidden_size)).astype(np.float32),
+            HEAD_BIAS: np.zeros(2, dtype=np.float32)}
+    return masks, head
+
+
+def task_bundle(backbone, name: str, masks: dict, head: dict, text_pairs: bool = False, max_seq_length: int = 128,
+                training: dict | None = None) -> bytes:
+    """A two-label bundle (current format) named ``name`` for ``backbone`` with ``masks`` and ``head`` (as
+    :func:`random_task` returns them), carrying the backbone's int8 fingerprint so the server accepts it."""
+    from mask_store.format import encode_bundle
+
+    return encode_bundle(task=name, problem_type="single_label_classification", labels=["a", "b"],
+                         max_seq_length=max_seq_length, backbone_fingerprint=backbone.fingerprint,
+                         backbone_name=backbone.name, masks=masks, head=head, text_pairs=text_pairs,
+                         training=training)
+
+
+def renamed_copy(data: bytes, name: str) -> bytes:
+    """The bundle ``data`` under the task name ``name``: its header's ``task`` replaced and the header and its
+    SHA-256 written anew; the payload (coded masks, head) is kept byte for byte, so no mask is coded again.
+
+    Raises:
+        BundleInvalid: ``data``'s header does not validate, or ``name`` is not a valid task name.
+    """
+    from pydantic import ValidationError
+
+    from mask_store.errors import BundleInvalid
+    from mask_store.format import BundleHeader, decode_header, frame
+
+    header, start = decode_header(data)
+    try:
+        renamed = BundleHeader.model_validate({**header.model_dump(), "task": name})
+    except ValidationError as exc:
+        raise BundleInvalid(str(exc)) from None
+    return frame(renamed.model_dump_json().encode("utf-8"), bytes(data[start:]), version=header.format_version)
+
+
 def write_tasks(backbone_dir: str | Path, out_dir: str | Path, n_tasks: int, sparsity: float = 0.05,
                 seed: int = 0, max_seq_length: int = 128) -> list[str]:
     """Write ``n_tasks`` bundles ``synthetic-NN.smask`` with random masks for the backbone in ``backbone_dir``.
@@ -65,7 +115,6 @@ def write_tasks(backbone_dir: str | Path, out_dir: str | Path, n_tasks: int, spa
     Raises:
         ValueError: ``n_tasks`` < 1 or ``sparsity`` outside [0, 1].
     """
-    from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, encode_bundle
     from backbone import load_backbone
 
     if n_tasks < 1 or not 0.0 <= sparsity <= 1.0:
@@ -77,14 +126,9 @@ def write_tasks(backbone_dir: str | Path, out_dir: str | Path, n_tasks: int, spa
     names = []
     for t in range(n_tasks):
         name = f"synthetic-{t:02d}"
-        masks = {f"{p}.weight": rng.random(tuple(backbone.qweight[p].shape), dtype=np.float32) >= sparsity
-                 for p in backbone.masked}
-        head = {HEAD_WEIGHT: rng.normal(0, 0.02, size=(2, backbone.hidden_size)).astype(np.float32),
-                HEAD_BIAS: np.zeros(2, dtype=np.float32)}
-        data = encode_bundle(task=name, problem_type="single_label_classification", labels=["a", "b"],
-                             max_seq_length=max_seq_length, backbone_fingerprint=backbone.fingerprint,
-                             backbone_name=Path(backbone_dir).name, masks=masks, head=head,
-                             text_pairs=bool(t % 2), training={"synthetic": True, "sparsity": sparsity})
+        masks, head = random_task(backbone, rng, sparsity)
+        data = task_bundle(backbone, name, masks, head, text_pairs=bool(t % 2), max_seq_length=max_seq_length,
+                           training={"synthetic": True, "sparsity": sparsity})
         (out / f"{name}.smask").write_bytes(data)
         names.append(name)
     return names

@@ -10,14 +10,20 @@ Kinds:
 * ``hf-int8``: the same with each model's ``nn.Linear`` layers converted by torch dynamic int8
   quantization (``torch.ao.quantization.quantize_dynamic``);
 * ``ort-int8``: one ONNX Runtime session per task over the int8 model of
-  :mod:`benchmarks.peers.onnx_export` (``--onnx``), pooling and head in NumPy.
+  :mod:`benchmarks.peers.onnx_export` (``--onnx``), pooling and head in NumPy; with ``--onnx-dir`` each task's
+  session is created from its own file ``<dir>/<task>.onnx`` (a fine-tuned model per task, as
+  ``benchmarks/many_tasks.py`` writes them).
 
 Heads are random (seeded per task): the figures are costs, the logits mean nothing. A task's model is
 loaded on its first request, as this server loads a task. Forward passes run one at a time on a single
 worker thread (concurrent requests queue; no cross-request batching), each with ``--threads`` intra-op
-threads; with ``--concurrent`` they run side by side in FastAPI's thread pool, as a plain ``def`` route does. Routes: ``POST /v1/tasks/{task}/predict`` (body ``{"inputs": ["text", ...]}`` or pairs
+threads; with ``--concurrent`` they run side by side in FastAPI's thread pool, as a plain ``def`` route does.
+``--lru N`` keeps at most N tasks' models resident, least recently used dropped first (a dropped task is loaded
+again on its next request), as a user with more tasks than memory would. Routes:
+``POST /v1/tasks/{task}/predict`` (body ``{"inputs": ["text", ...]}`` or pairs
 ``[["a", "b"], ...]``; answer ``{"task", "predictions": [{"label", "score", "scores"}]}``),
-``GET /v1/tasks``, ``GET /healthz``. Binds 127.0.0.1 only.
+``GET /v1/tasks``, ``GET /healthz`` (with ``resident_tasks``, ``loads`` since start and ``lru``). Binds 127.0.0.1
+only.
 """
 
 import argparse
@@ -40,7 +46,9 @@ LABELS = ("negative", "positive")
 class Runner:
     """Per-task models behind one tokenizer; :meth:`logits` loads a task's model on first use."""
 
-    def __init__(self, backbone: str, names: list[str], max_seq_length: int = 128, seed: int = 0):
+    def __init__(self, backbone: str, names: list[str], max_seq_length: int = 128, seed: int = 0,
+                 lru: int | None = None):
+        from cachetools import LRUCache
         from transformers import AutoConfig, AutoTokenizer
 
         self.backbone = backbone
@@ -52,7 +60,9 @@ class Runner:
             rng = np.random.default_rng(seed + i)
             self.heads[name] = (rng.normal(0, 0.02, size=(len(LABELS), hidden)).astype(np.float32),
                                 np.zeros(len(LABELS), dtype=np.float32))
-        self.models: dict[str, object] = {}
+        self.lru = lru
+        self.models: dict[str, object] | LRUCache = LRUCache(maxsize=lru) if lru else {}
+        self.loads = 0  # models created since start (first uses, and reloads after an LRU drop)
         self._lock = threading.Lock()
 
     def encode(self, rows: list[tuple[str, str | None]], tensors: str):
@@ -63,7 +73,8 @@ class Runner:
     def model(self, task: str):
         with self._lock:
             if task not in self.models:
-                self.models[task] = self.load()
+                self.models[task] = self.load(task)
+                self.loads += 1
             return self.models[task]
 
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> np.ndarray:
@@ -71,7 +82,7 @@ class Runner:
         w, b = self.heads[task]
         return pooled @ w.T + b
 
-    def load(self):  # pragma: no cover - abstract
+    def load(self, task: str):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def pooled(self, model, rows) -> np.ndarray:  # pragma: no cover - abstract
@@ -83,7 +94,7 @@ class HFRunner(Runner):
         super().__init__(*args, **kwargs)
         self.int8 = int8
 
-    def load(self):
+    def load(self, task: str):
         import warnings
 
         import torch
@@ -111,12 +122,13 @@ class HFRunner(Runner):
 
 
 class ORTRunner(Runner):
-    def __init__(self, *args, onnx_path: str, threads: int | None = None, **kwargs):
+    def __init__(self, *args, onnx_path: str | None = None, onnx_dir: str | None = None, threads: int | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.onnx_path = onnx_path
+        self.onnx_path, self.onnx_dir = onnx_path, onnx_dir
         self.threads = threads
 
-    def load(self):
+    def load(self, task: str):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -124,7 +136,8 @@ class ORTRunner(Runner):
             so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(self.onnx_path, so, providers=["CPUExecutionProvider"])
+        path = str(Path(self.onnx_dir) / f"{task}.onnx") if self.onnx_dir else self.onnx_path
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
     def pooled(self, session, rows) -> np.ndarray:
         enc = self.encode(rows, "np")
@@ -136,13 +149,20 @@ class ORTRunner(Runner):
 
 
 def make_runner(kind: str, backbone: str, names: list[str], threads: int | None, onnx_path: str | None,
-                max_seq_length: int = 128, seed: int = 0) -> Runner:
+                max_seq_length: int = 128, seed: int = 0, lru: int | None = None,
+                onnx_dir: str | None = None) -> Runner:
+    """The runner of ``kind``; ``lru``: most models resident at once (None: all).
+
+    Raises:
+        ValueError: an unknown ``kind``, or ``ort-int8`` with neither ``onnx_path`` nor ``onnx_dir``.
+    """
     if kind == "ort-int8":
-        if not onnx_path:
-            raise ValueError("--kind ort-int8 needs --onnx (benchmarks/peers/onnx_export.py writes it)")
-        return ORTRunner(backbone, names, max_seq_length, seed, onnx_path=onnx_path, threads=threads)
+        if not onnx_path and not onnx_dir:
+            raise ValueError("--kind ort-int8 needs --onnx or --onnx-dir (benchmarks/peers/onnx_export.py writes it)")
+        return ORTRunner(backbone, names, max_seq_length, seed, lru, onnx_path=onnx_path, onnx_dir=onnx_dir,
+                         threads=threads)
     if kind in ("hf-fp32", "hf-int8"):
-        return HFRunner(backbone, names, max_seq_length, seed, int8=kind == "hf-int8")
+        return HFRunner(backbone, names, max_seq_length, seed, lru, int8=kind == "hf-int8")
     raise ValueError(f"unknown peer kind {kind!r}; one of {', '.join(KINDS)}")
 
 
@@ -159,7 +179,8 @@ def create_app(runner: Runner, kind: str, concurrent: bool = False):
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "kind": kind, "tasks": len(runner.heads), "resident_tasks": len(runner.models)}
+        return {"status": "ok", "kind": kind, "tasks": len(runner.heads), "resident_tasks": len(runner.models),
+                "loads": runner.loads, "lru": runner.lru}
 
     @app.get("/v1/tasks")
     async def tasks():
@@ -202,17 +223,24 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=HelpFormatter)
     ap.add_argument("--kind", choices=KINDS, required=True, help="how each task's model is held and run")
     ap.add_argument("--backbone", required=True, help="local Hugging Face encoder folder")
-    ap.add_argument("--task-names", required=True, help="comma-separated task names to serve")
+    names_from = ap.add_mutually_exclusive_group(required=True)
+    names_from.add_argument("--task-names", help="comma-separated task names to serve")
+    names_from.add_argument("--task-names-file", help="file of task names to serve, one a line (for thousands)")
     ap.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (torch / ONNX Runtime)")
-    ap.add_argument("--onnx", default=None, help="int8 ONNX model file (--kind ort-int8)")
+    ap.add_argument("--onnx", default=None, help="int8 ONNX model file (--kind ort-int8), shared by every task")
+    ap.add_argument("--onnx-dir", default=None, help="folder of one int8 ONNX file per task, <task>.onnx "
+                                                     "(--kind ort-int8; instead of --onnx)")
+    ap.add_argument("--lru", type=int, default=None,
+                    help="most tasks' models resident at once, least recently used dropped first (default: all)")
     ap.add_argument("--max-seq-length", type=int, default=128, help="tokens per input after truncation")
     ap.add_argument("--concurrent", action="store_true",
                     help="run requests side by side in the server's thread pool (a plain FastAPI `def` route) "
                          "instead of one forward at a time")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random heads (task i uses seed + i)")
     args = ap.parse_args(argv)
-    names = [n for n in args.task_names.split(",") if n]
+    text = Path(args.task_names_file).read_text() if args.task_names_file else args.task_names.replace(",", "\n")
+    names = [n.strip() for n in text.splitlines() if n.strip()]
     if not names:
         ap.error("--task-names is empty")
     if args.threads:
@@ -221,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import uvicorn
 
-    runner = make_runner(args.kind, args.backbone, names, args.threads, args.onnx, args.max_seq_length, args.seed)
+    if args.lru is not None and args.lru < 1:
+        ap.error(f"--lru must be at least 1, got {args.lru}")
+    runner = make_runner(args.kind, args.backbone, names, args.threads, args.onnx, args.max_seq_length, args.seed,
+                         args.lru, args.onnx_dir)
     uvicorn.run(create_app(runner, args.kind, args.concurrent), host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
     return 0

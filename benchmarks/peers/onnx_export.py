@@ -14,6 +14,8 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 INSTALL_HINT = "pip install -e '.[bench]'   (or: .venv/bin/pip install 'onnxruntime>=1.17' 'onnx>=1.15')"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -72,3 +74,53 @@ def export_int8(backbone_dir: str | Path, out_dir: str | Path, opset: int = 17) 
         root.setLevel(level)
     fp32.unlink(missing_ok=True)
     return int8
+
+
+class MaskedModels:
+    """Per-task copies of the int8 model of :func:`export_int8`, each with a task's supermask applied: the
+    weights a user would get from fine-tuning the task and exporting it again, written without re-exporting.
+
+    Every ``MatMulInteger`` weight of the template (int8 ``[in, out]``, quantized per output channel) is matched to
+    the backbone parameter its node was exported from (node ``/m/encoder/layer.0/attention/self/query/MatMul_quant``
+    → ``encoder.layer.0.attention.self.query.weight``); :meth:`write` sets a task's pruned weights to their channel's
+    zero point (the quantized 0) and saves the model. The embeddings and everything else stay the template's.
+    """
+
+    def __init__(self, int8_path: str | Path):
+        """Raises: ImportError without onnx; ValueError when the template has no ``MatMulInteger`` weights."""
+        import onnx
+        from onnx import numpy_helper
+
+        self._model = onnx.load(str(int8_path))
+        inits = {t.name: t for t in self._model.graph.initializer}
+        self.weights: dict[str, tuple] = {}
+        """parameter name -> (initializer, its int8 ``[in, out]`` values, zero point per output channel)."""
+        for node in self._model.graph.node:
+            if node.op_type != "MatMulInteger" or node.input[1] not in inits:
+                continue
+            parts = node.name.strip("/").split("/")[1:-1]  # drop the wrapper's "m" and the op's own name
+            w = numpy_helper.to_array(inits[node.input[1]])
+            zp = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] in inits else 0
+            self.weights[".".join(parts) + ".weight"] = (inits[node.input[1]], w, np.broadcast_to(zp, w.shape[-1:]))
+        if not self.weights:
+            raise ValueError(f"{int8_path}: no MatMulInteger weights (not a dynamically quantized export)")
+
+    def write(self, masks: dict[str, np.ndarray], path: str | Path) -> int:
+        """Save the template with ``masks`` (parameter name -> bool ``[out, in]``, True keeps) applied to ``path``.
+
+        Returns:
+            The file's size in bytes.
+        Raises:
+            KeyError: a quantized weight of the template has no mask in ``masks``.
+            ValueError: a mask's shape is not its weight's ``[out, in]``.
+        """
+        from onnx import numpy_helper
+
+        for name, (init, w, zp) in self.weights.items():
+            keep = np.asarray(masks[name], dtype=bool).T
+            if keep.shape != w.shape:
+                raise ValueError(f"mask of {name} is {keep.T.shape}, its weight [out, in] is {w.T.shape}")
+            init.CopyFrom(numpy_helper.from_array(np.where(keep, w, zp).astype(w.dtype), init.name))
+        data = self._model.SerializeToString()
+        Path(path).write_bytes(data)
+        return len(data)

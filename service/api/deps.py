@@ -26,7 +26,9 @@ class AppState:
     metrics: Metrics
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """The app's :class:`AppState`. A coroutine on purpose: FastAPI runs a plain ``def`` dependency in its thread
+    pool, a thread hop (~0.2-0.3 ms on a 2-core host) on every request for an attribute read."""
     return request.app.state.supermask
 
 
@@ -40,9 +42,10 @@ admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", bearerForm
 token is checked by :func:`require_admin` (``auto_error=False``: our own typed errors, not FastAPI's 403)."""
 
 
-def require_admin(state: State,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]) -> None:
-    """Check ``Authorization: Bearer <SUPERMASK_ADMIN_TOKEN>``, in constant time (``secrets.compare_digest``).
+async def require_admin(state: State,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]) -> None:
+    """Check ``Authorization: Bearer <SUPERMASK_ADMIN_TOKEN>``, in constant time (``secrets.compare_digest``), on the
+    event loop (a string comparison: no thread hop).
 
     Raises:
         AdminDisabled: no token is configured. Unauthorized: header missing or not Bearer.
