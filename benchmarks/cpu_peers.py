@@ -41,12 +41,9 @@ import asyncio
 import os
 import platform
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -59,8 +56,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from benchmarks import serve_cpu, synthetic  # noqa: E402
 from benchmarks.peers import onnx_export  # noqa: E402
-from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, machine_busy_cpu_s, own_cpu_s,  # noqa: E402
-                                     tree_rss_bytes, write_results)
+from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, log_tail, machine_busy_cpu_s,  # noqa: E402
+                                     own_cpu_s, run_with_servers, tree_rss_bytes, write_results)
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-torch", "auto")
 """This server's variants: ``SUPERMASK_CPU_PRECISION`` values (int8 runs on the ONNX Runtime tier where it can), and
@@ -530,30 +527,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python benchmarks/cpu_peers.py", *map(shlex.quote, given)])
-    main_thread = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # kill: clean-up as on Ctrl-C
-    procs = ServerProcesses()
-    work = Path(tempfile.mkdtemp(prefix="cpu-peers-"))
-    (work / "logs").mkdir()
     t_start = time.perf_counter()
-    try:
-        return run(args, command, procs, work, t_start)
-    except KeyboardInterrupt:
-        log("interrupted: stopping every server")
-        return 130
-    finally:
-        procs.stop_all()
-        if main_thread:
-            signal.signal(signal.SIGTERM, old_term)
-        shutil.rmtree(work, ignore_errors=True)
+    return run_with_servers("cpu-peers-", lambda procs, work: run(args, command, procs, work, t_start))
 
 
 def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Path, t_start: float) -> int:
@@ -639,8 +618,7 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
                 results[s.name]["rounds"].append(measure(s, procs, work, f"r{r + 1}", args, texts))
             except (Exception, SystemExit) as exc:  # serve_cpu.wait_ready exits when the server does
                 err = f"{type(exc).__name__}: {exc}"
-                logs = sorted((work / "logs").glob(f"{s.name}-r{r + 1}.log"))
-                tail = logs[0].read_text(errors="replace").strip().splitlines()[-8:] if logs else []
+                tail = log_tail(work / "logs", f"{s.name}-r{r + 1}.log")
                 log(f"    {s.name} failed: {err}" + "".join(f"\n      | {line}" for line in tail))
                 results[s.name]["rounds"].append({"error": err, "log_tail": tail})
 

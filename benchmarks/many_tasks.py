@@ -37,10 +37,7 @@ import asyncio
 import os
 import platform
 import shlex
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -55,7 +52,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from benchmarks import cpu_peers, serve_cpu, synthetic  # noqa: E402
 from benchmarks.peers import onnx_export  # noqa: E402
-from benchmarks.peers.procs import MiB, ServerProcesses, cpu_model, tree_rss_bytes, write_results  # noqa: E402
+from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, log_tail, run_with_servers,  # noqa: E402
+                                     tree_rss_bytes, write_results)
 
 OURS, PEER = "supermask", "ort-int8-lru"
 GiB = 2**30
@@ -598,21 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python benchmarks/many_tasks.py", *map(shlex.quote, given)])
-    main_thread = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, cpu_peers._interrupt) if main_thread else None
-    procs = ServerProcesses()
-    work = Path(tempfile.mkdtemp(prefix="many-tasks-"))
-    (work / "logs").mkdir()
-    try:
-        return run(args, command, procs, work, time.perf_counter())
-    except KeyboardInterrupt:
-        log("interrupted: stopping every server")
-        return 130
-    finally:
-        procs.stop_all()
-        if main_thread:
-            signal.signal(signal.SIGTERM, old_term)
-        shutil.rmtree(work, ignore_errors=True)
+    t_start = time.perf_counter()
+    return run_with_servers("many-tasks-", lambda procs, work: run(args, command, procs, work, t_start))
 
 
 def write_peer_files(backbone, opts, work: Path, needed: dict[int, set[int]], skipped: dict) -> dict:
@@ -727,8 +712,7 @@ def run(args, command: str, procs: ServerProcesses, work: Path, t_start: float) 
                 runs[str(n)][kind] = r
                 rows.append(row(n, kind, r))
             except (Exception, SystemExit) as exc:  # serve_cpu.wait_ready exits when the server does
-                logs = sorted((work / "logs").glob(f"{kind}-{n}.log"))
-                tail = logs[0].read_text(errors="replace").strip().splitlines()[-8:] if logs else []
+                tail = log_tail(work / "logs", f"{kind}-{n}.log")
                 log(f"    {kind} failed: {type(exc).__name__}: {exc}" + "".join(f"\n      | {t}" for t in tail))
                 runs[str(n)][kind] = {"error": f"{type(exc).__name__}: {exc}", "log_tail": tail}
     rows.sort(key=lambda r: (r["tasks"], r["server"] != OURS))

@@ -147,3 +147,39 @@ def own_cpu_s() -> float:
     """CPU seconds of this process and of its children it has waited for (a stopped server, once reaped)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_with_servers(prefix: str, body) -> int:
+    """``body(procs, work)`` with a :class:`ServerProcesses` and a fresh temporary folder ``work`` (``work/logs``
+    made): a SIGTERM is handled as Ctrl-C (in the main thread), every server is stopped and ``work`` removed
+    however it ends. Returns ``body``'s exit status, or 130 when interrupted."""
+    import shutil
+    import tempfile
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # kill: clean-up as on Ctrl-C
+    procs = ServerProcesses()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    (work / "logs").mkdir()
+    try:
+        return body(procs, work)
+    except KeyboardInterrupt:
+        print("interrupted: stopping every server", flush=True)
+        return 130
+    finally:
+        procs.stop_all()
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def log_tail(folder: str | os.PathLike, pattern: str, lines: int = 8) -> list[str]:
+    """The last ``lines`` lines of the first log in ``folder`` matching ``pattern`` ([] when there is none): what a
+    benchmark keeps of a server that failed."""
+    logs = sorted(Path(folder).glob(pattern))
+    return logs[0].read_text(errors="replace").strip().splitlines()[-lines:] if logs else []
