@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,11 @@ class PredictOptions:
         ranked: add ``"top"``, the labels sorted by score, highest first (``top_k`` of them; None: all).
         top_k: how many labels ``"top"`` holds when ``ranked`` (None: every label).
         with_logits: add ``"logits"``, the head's raw outputs (a list of floats), to each prediction.
+        formatter: a protocol's own answer from the pass's head outputs, in place of :func:`decode`'s prediction
+            dicts (``/v1``'s): called as ``formatter(header, logits, encoded)`` once the pass is done, ``header``
+            the bundle header the pass used, ``logits`` float32 ``[rows, num_outputs]`` on the CPU, ``encoded``
+            the rows' :class:`Encoded`; what it returns is the request's answer. The options above that shape
+            predictions do not apply then.
     """
 
     truncate: bool = True
@@ -60,6 +65,7 @@ class PredictOptions:
     ranked: bool = False
     top_k: int | None = None
     with_logits: bool = False
+    formatter: Callable[[BundleHeader, torch.Tensor, Sequence[Encoded]], Any] | None = None
 
     @property
     def function(self) -> str:
@@ -123,7 +129,11 @@ def decode(header: BundleHeader, out: torch.Tensor, options: PredictOptions = DE
     sorted by score, highest first, ``options.top_k`` long (None or more than the labels: all), as
     ``pipeline(top_k=...)`` answers. ``options.with_logits`` adds ``"logits"`` (raw head outputs);
     a row of ``encoded`` that was truncated adds ``"truncated": True``.
+
+    With ``options.formatter`` set, its answer instead: ``options.formatter(header, out, encoded)``.
     """
+    if options.formatter is not None:
+        return options.formatter(header, out, encoded if encoded is not None else [])
     if header.problem_type == "regression":
         result = [{"value": float(v)} for v in out.squeeze(-1).tolist()]
     else:

@@ -12,8 +12,8 @@ from fastapi.concurrency import run_in_threadpool
 from mask_store.errors import MaskStoreError
 from mask_store.local import check_task_name
 from service.api.deps import State
+from service.api.inputs import request_rows
 from service.api.limits import check_reply, check_work, predict_reply_bytes
-from service.api.routes import _rows
 from service.api.openapi import errors
 from service.api.schemas import FanOutIn, FanOutPublic, PredictPublic
 from service.engine import PredictOptions, PredictRequest
@@ -69,7 +69,7 @@ async def predict_fanout(body: FanOutIn, state: State) -> FanOutPublic:
     Refused with 422 before any work when inputs x tasks exceed ``SUPERMASK_MAX_WORK_ROWS`` (``WorkTooLarge``)
     or the reply would exceed ``SUPERMASK_MAX_RESPONSE_BYTES`` (``ReplyTooLarge``)."""
     s = state.settings
-    rows = _rows(body, s.max_inputs_per_request, s.max_input_chars)
+    rows = request_rows(body, s.max_inputs_per_request, s.max_input_chars)
     options = PredictOptions(**body.option_kwargs())
     if body.tasks != "*":
         check_work(len(rows), len(body.tasks), s.max_work_rows)  # before any store I/O

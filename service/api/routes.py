@@ -13,6 +13,7 @@ from mask_store.errors import BundleTooLarge, MaskStoreError
 from mask_store.format import BundleHeader
 from service.api.deps import Admin, State
 from service.api.errors import error_response
+from service.api.inputs import request_rows
 from service.api.openapi import TaskName, errors, upload_body
 from service.api.schemas import (
     HealthPublic,
@@ -21,10 +22,8 @@ from service.api.schemas import (
     ReadyPublic,
     TaskPublic,
     TasksPublic,
-    TextPairIn,
 )
 from service.engine import PredictOptions, PredictRequest
-from service.errors import InputInvalid
 from service.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -54,52 +53,12 @@ def _task_public(state, task: str, header: BundleHeader, detail: bool, size: int
     )
 
 
-def _rows(body: PredictIn, max_inputs: int, max_chars: int) -> tuple[tuple[str, str | None], ...]:
-    """``(text_a, text_b or None)`` per input of ``body``: a text, a one-text list, a ``[text_a, text_b]`` pair or
-    Hugging Face's ``{"text", "text_pair"}`` object; a lone text or object (not in a list) is one input.
-
-    Raises:
-        InputInvalid: no inputs, more than ``max_inputs``, a list of other than 1 or 2 texts, an empty or blank
-            text, one over ``max_chars`` characters, or one holding an unpaired UTF-16 surrogate.
-    """
-    items = body.inputs if isinstance(body.inputs, list) else [body.inputs]
-    if not items:
-        raise InputInvalid("inputs is empty: send at least one text")
-    if len(items) > max_inputs:
-        raise InputInvalid(f"{len(items)} inputs, more than the limit of {max_inputs} per request")
-    rows = []
-    for i, item in enumerate(items):
-        if isinstance(item, TextPairIn):
-            texts = [item.text] if item.text_pair is None else [item.text, item.text_pair]
-        else:
-            texts = [item] if isinstance(item, str) else item
-        if len(texts) not in (1, 2):
-            raise InputInvalid(f"inputs[{i}] has {len(texts)} texts; send a text or a [text_a, text_b] pair")
-        for t in texts:
-            if not t.strip():
-                raise InputInvalid(f"inputs[{i}] holds an empty text")
-            _check_encodable(t, i)
-            if len(t) > max_chars:
-                raise InputInvalid(f"inputs[{i}] is {len(t)} characters, more than the limit of {max_chars}")
-        rows.append((texts[0], texts[1] if len(texts) == 2 else None))
-    return tuple(rows)
-
-
-def _check_encodable(text: str, i: int) -> None:
-    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``), which no tokenizer takes (a TypeError)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InputInvalid(f"inputs[{i}] holds an unpaired UTF-16 surrogate {text[exc.start]!r} at character "
-                           f"{exc.start}: it is not Unicode text") from None
-
-
 @router.post("/v1/tasks/{task}/predict", response_model=PredictPublic, response_model_exclude_none=True,
              responses=errors(404, 409, 413, 422, 429, 500, 503, 507))
 async def predict(task: TaskName, body: PredictIn, state: State) -> PredictPublic:
     """Predict with a task's supermask; the task is loaded on first use."""
     s = state.settings
-    req = PredictRequest(task=task, inputs=_rows(body, s.max_inputs_per_request, s.max_input_chars),
+    req = PredictRequest(task=task, inputs=request_rows(body, s.max_inputs_per_request, s.max_input_chars),
                          options=PredictOptions(**body.option_kwargs()))
     return PredictPublic(task=task, predictions=await state.engine.predict_async(req))
 

@@ -42,9 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import __version__
 from service.api.deps import State
+from service.api.inputs import request_rows
 from service.api.limits import FLOAT_CHARS, check_reply, predict_reply_bytes
 from service.api.openapi import TASK_NAME_REGEX, errors
-from service.api.routes import _rows
 from service.api.schemas import PredictIn
 from service.engine import PredictOptions, PredictRequest
 from service.errors import InputInvalid
@@ -99,7 +99,7 @@ def _options(truncate: bool | None, direction: str, **kw) -> PredictOptions:
     return PredictOptions(truncate=truncate is not False, truncation_direction=direction.lower(), **kw)
 
 
-def predict_rows(inputs: Any) -> tuple[list, bool]:
+def predictrequest_rows(inputs: Any) -> tuple[list, bool]:
     """TEI's ``PredictInput`` as our predict ``inputs`` and whether it was one input (not a batch).
 
     Raises:
@@ -126,8 +126,8 @@ async def predict(body: TeiPredictIn, state: State, task: TaskHeader = None) -> 
     """TEI's ``POST /predict``: every label's score, highest first, per input (one input: a flat list)."""
     s = state.settings
     name = _task(task, s.tei_task, "POST /predict")
-    inputs, single = predict_rows(body.inputs)
-    rows = _rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
+    inputs, single = predictrequest_rows(body.inputs)
+    rows = request_rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
     header = await run_in_threadpool(state.engine.header, name)
     if single and isinstance(inputs[0], list) and not header.text_pairs:
         raise InputInvalid(f"task {name!r} takes single texts, and TEI reads a list of two texts as one pair: send "
@@ -153,7 +153,7 @@ async def embed(body: TeiEmbedIn, state: State, task: TaskHeader = None) -> Any:
     through its supermask), float32, L2-normalised unless ``normalize`` is false."""
     s = state.settings
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-    rows = _rows(PredictIn(inputs=texts), s.max_inputs_per_request, s.max_input_chars)
+    rows = request_rows(PredictIn(inputs=texts), s.max_inputs_per_request, s.max_input_chars)
     direction = body.truncation_direction.lower()
     check_reply(len(rows) * (state.backbone.hidden_size * (FLOAT_CHARS + 1) + 3), s.max_response_bytes, "this /embed")
     vectors = await state.engine.admitted(run_in_threadpool(

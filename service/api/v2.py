@@ -29,6 +29,8 @@ import re
 import struct
 from typing import Annotated, Any
 
+import numpy as np
+import torch
 from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -37,9 +39,9 @@ from pydantic import BaseModel
 from mask_store.format import BundleHeader
 from service import __version__
 from service.api.deps import State
+from service.api.inputs import request_rows
 from service.api.limits import check_reply, v2_reply_bytes
 from service.api.openapi import NON_BLANK, TaskName, errors
-from service.api.routes import _rows
 from service.api.schemas import PredictIn
 from service.engine import PredictOptions, PredictRequest
 from service.errors import InputInvalid
@@ -266,6 +268,38 @@ def requested_outputs(task: str, outputs: Any, available: list[str]) -> list[str
     return wanted or list(available)
 
 
+def _pass_logits(header: BundleHeader, logits: torch.Tensor, encoded) -> tuple[BundleHeader, torch.Tensor]:
+    """The answer an inference asks of the engine (:attr:`service.forward.PredictOptions.formatter`): the header
+    its pass used and the pass's head outputs, float32 ``[rows, num_outputs]``; formatted here, not by ``/v1``'s
+    decoding."""
+    return header, logits
+
+
+def infer_outputs(header: BundleHeader, logits: torch.Tensor) -> tuple[dict[str, list], dict[str, list[int]]]:
+    """The OIP output tensors of one pass, from its head outputs: ``(data, shapes)``, each keyed by output name.
+
+    Args:
+        header: the bundle header the pass used.
+        logits: its head outputs, float32 ``[n, num_outputs]`` (n >= 1).
+    Returns:
+        ``data``: ``label`` (classification: the arg-max label per row; regression: None per row, never sent: the
+        task has no ``label`` output), ``score`` (classification: that label's softmax probability; regression:
+        the value) and ``logits`` (row-major, ``n * num_outputs`` floats); ``shapes``: ``label`` and ``score``
+        ``[n]``, ``logits`` ``[n, num_outputs]``.
+    """
+    n, width = logits.shape
+    if header.problem_type == "regression":
+        labels, scores = [None] * n, [float(v) for v in logits[:, 0].tolist()]
+    else:
+        labels, scores = [], []
+        for row in torch.softmax(logits, dim=-1).tolist():
+            best = int(np.argmax(row))  # the first of equal probabilities, as /v1's label
+            labels.append(header.labels[best])
+            scores.append(row[best])
+    data = {"label": labels, "score": scores, "logits": logits.reshape(-1).tolist()}
+    return data, {"label": [n], "score": [n], "logits": [n, width]}
+
+
 INFER_REQUEST_SCHEMA = {
     "type": "object", "required": ["inputs"],
     "properties": {
@@ -319,17 +353,13 @@ async def infer_version(task: TaskName, request: Request, state: State, version:
         inputs = list(texts)
     available = {o["name"]: o for o in _outputs(header)}
     wanted = requested_outputs(task, doc.get("outputs"), list(available))
-    rows = _rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
+    rows = request_rows(PredictIn(inputs=inputs), s.max_inputs_per_request, s.max_input_chars)
     echo = len(json.dumps(doc["id"], ensure_ascii=False).encode()) if isinstance(doc.get("id"), str) else 0
     check_reply(v2_reply_bytes(task, header, len(rows), wanted) + echo, s.max_response_bytes,
                 f"this inference of {task!r}")
-    preds = await state.engine.predict_async(PredictRequest(task=task, inputs=rows,
-                                                            options=PredictOptions(with_logits=True)))
-    n = len(preds)
-    data = {"label": [p.get("label") for p in preds],
-            "score": [p["value"] if "value" in p else p["score"] for p in preds],
-            "logits": [x for p in preds for x in p["logits"]]}
-    shapes = {"label": [n], "score": [n], "logits": [n, len(preds[0]["logits"])]}  # the pass's own bundle
+    used, logits = await state.engine.predict_async(PredictRequest(task=task, inputs=rows,
+                                                                   options=PredictOptions(formatter=_pass_logits)))
+    data, shapes = infer_outputs(used, logits)  # the pass's own bundle: its labels and outputs
     out = {"model_name": task, "model_version": VERSION,
            "outputs": [{"name": w, "datatype": available[w]["datatype"], "shape": shapes[w], "data": data[w]}
                        for w in wanted]}
