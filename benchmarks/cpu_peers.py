@@ -11,7 +11,11 @@ loopback HTTP client (httpx), route ``POST /v1/tasks/{task}/predict``:
 * ``ort-int8``: one ONNX Runtime session per task over the backbone exported to ONNX here, offline,
   and quantized to int8 (skipped with a message when onnx / onnxruntime are missing);
 * ``ort-int8-concurrent``: the same, its requests run side by side in FastAPI's thread pool (a plain
-  ``def`` route: how users of ONNX Runtime serve it), where the others run one forward at a time.
+  ``def`` route: how users of ONNX Runtime serve it), where the others run one forward at a time;
+* ``ov``: one OpenVINO model per task, compiled from the float32 ONNX export on the CPU plugin with its
+  default hints (latency; bf16 inference where the CPU has AVX-512 BF16 or AMX: its /healthz, kept in the
+  results, says what it chose), requests side by side in the thread pool as for ``ort-int8-concurrent``
+  (skipped with a message when openvino / onnx are missing: the ``bench`` extra installs them).
 
 The peers are ``benchmarks/peers/app.py`` (FastAPI/uvicorn, one forward at a time, random heads).
 Rounds are interleaved: in round r every server in turn is started, measured and stopped, then round
@@ -62,9 +66,12 @@ from benchmarks.peers.procs import (MiB, ServerProcesses, cpu_model, log_tail, m
 PRECISIONS = ("fp32", "bf16", "int8", "int8-torch", "auto")
 """This server's variants: ``SUPERMASK_CPU_PRECISION`` values (int8 runs on the ONNX Runtime tier where it can), and
 ``int8-torch`` = precision int8 on the torch tier (``SUPERMASK_CPU_RUNTIME=torch``)."""
-PEERS = ("hf-fp32", "hf-int8", "ort-int8", "ort-int8-concurrent")
+PEERS = ("hf-fp32", "hf-int8", "ort-int8", "ort-int8-concurrent", "ov")
 """``ort-int8-concurrent`` is ``ort-int8`` as its users serve it: a plain FastAPI ``def`` route, requests running
-concurrently in the thread pool (an ONNX Runtime session is thread-safe); the others run one pass at a time."""
+concurrently in the thread pool (an ONNX Runtime session is thread-safe); ``ov`` (OpenVINO) runs that way too; the
+others run one pass at a time."""
+CONCURRENT_PEERS = ("ort-int8-concurrent", "ov")
+"""Peers whose requests run side by side in the thread pool (``benchmarks/peers/app.py --concurrent``)."""
 # defaults of the options that --smoke shrinks: (full run, --smoke)
 SCALE = {
     "rounds": (3, 1),
@@ -129,6 +136,24 @@ def write_tasks(backbone_dir: Path, out: Path, n: int, sparsity: float) -> list[
     if any(fmt.read_header_file(str(out / f"{t}.smask")).text_pairs for t in names[:2]):
         raise RuntimeError("synthetic.write_tasks wrote pair tasks; cpu_peers.write_tasks needs updating")
     return names
+
+
+def peer_model(kind: str, backbone: Path, work: Path) -> tuple[Path | None, str | None]:
+    """The ONNX file the peers of ``kind`` load (``ort-int8``: the int8 export; ``ov``: the float32 one, which
+    OpenVINO compiles), written under ``work``; or None and why it cannot be (packages missing, export failed)."""
+    why = onnx_export.missing() if kind == "ort-int8" else onnx_export.missing_openvino()
+    if why is not None:
+        return None, why
+    if kind == "ort-int8":
+        log("exporting the backbone to ONNX and quantizing it to int8 (ort-int8 peers)")
+        export = onnx_export.export_int8
+    else:
+        log("exporting the backbone to ONNX, float32 (ov peer: OpenVINO compiles it)")
+        export = onnx_export.export_fp32
+    try:
+        return export(backbone, work / f"onnx-{kind}"), None
+    except Exception as exc:  # noqa: BLE001  (a peer that cannot be built is skipped, not fatal)
+        return None, f"ONNX export failed: {type(exc).__name__}: {exc}"
 
 
 def launch(server: Server, procs: ServerProcesses, work: Path, tag: str) -> tuple[subprocess.Popen, int]:
@@ -378,7 +403,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "onnxruntime", "onnx", "fastapi", "uvicorn", "httpx"):
+    for dist in ("torch", "transformers", "onnxruntime", "onnx", "openvino", "fastapi", "uvicorn", "httpx"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -396,7 +421,8 @@ def markdown(res: dict) -> str:
           f"CPU: {hw['cpu_model']}, {hw['logical_cpus']} logical CPUs, {hw['machine']}; torch threads per server: "
           f"{hw['torch_threads']} (also ONNX Runtime's intra-op threads); load average at start "
           f"{hw['loadavg_start']}, at end {hw['loadavg_end']}. torch {v['torch']}, transformers {v['transformers']}, "
-          f"onnxruntime {v['onnxruntime'] or 'not installed'}, python {v['python']}.", "",
+          f"onnxruntime {v['onnxruntime'] or 'not installed'}, openvino {v.get('openvino') or 'not installed'}, "
+          f"python {v['python']}.", "",
           f"Inputs: {cfg['inputs']}. {cfg['rounds']} round(s), servers interleaved round by round "
           f"(each started, measured, stopped in turn); the median of the rounds is shown, with its ratio to the "
           f"best peer's median (lowest latency or memory, highest throughput): below 1× is better for latency and "
@@ -422,6 +448,10 @@ def markdown(res: dict) -> str:
            "(`ort-int8-concurrent`: the same ONNX Runtime server with requests side by side in FastAPI's thread "
            "pool, as a plain `def` route runs them), "
            f"at most {cfg['max_peer_tasks']} tasks (`--max-peer-tasks`; larger counts: not run).",
+           "* **ov**: the same app with one OpenVINO model per task, `openvino.Core().compile_model` of the float32 "
+           "ONNX export on the CPU plugin at its default hints (in brackets: the inference precision it reports; "
+           "`healthz_end` in the JSON has the compiled model's precision, hint, streams and threads), requests side "
+           "by side in the thread pool, each on an infer request of its task's model.",
            f"* batch-1 / batch-32 p50: {cfg['requests']} / {cfg['requests_32']} sequential requests from one client "
            f"to a loaded task, cycling over the sentences (32 consecutive ones per batch-32 request).",
            f"* mixed req/s: {cfg['mixed_requests']} single-sentence requests spread over {cfg['mixed_tasks']} "
@@ -582,27 +612,22 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
                            else dict(SUPERMASK_CPU_PRECISION=p))
                 servers.append(Server(f"supermask-{p}", True, names, cmd, dict(env, **variant)))
     peer_names = [f"synthetic-{i:02d}" for i in range(n_peer)]
-    onnx_path = None
+    models: dict[str, tuple[Path | None, str | None]] = {}  # ONNX file (or why there is none) per model kind
     for kind in args.peers:
-        if kind.startswith("ort-int8") and onnx_path is None:
-            why = onnx_export.missing()
-            if why is None:
-                log("exporting the backbone to ONNX and quantizing it to int8 (ort-int8 peer)")
-                try:
-                    onnx_path = onnx_export.export_int8(backbone, work / "onnx")
-                except Exception as exc:  # noqa: BLE001  (a peer that cannot be built is skipped, not fatal)
-                    why = f"ONNX export failed: {type(exc).__name__}: {exc}"
-            if why is not None:
+        model_kind = "ov" if kind == "ov" else "ort-int8" if kind.startswith("ort-int8") else None
+        if model_kind is not None:
+            if model_kind not in models:
+                models[model_kind] = peer_model(model_kind, backbone, work)
+            onnx_path, why = models[model_kind]
+            if onnx_path is None:  # its packages are missing or the export failed: skipped, not fatal
                 skipped[kind] = why
                 log(f"skipping peer {kind}: {why}")
                 continue
-        if kind.startswith("ort-int8") and onnx_path is None:
-            continue  # the export failed or its packages are missing: skipped above
         cmd = [sys.executable, "-m", "benchmarks.peers.app", "--kind", kind.replace("-concurrent", ""),
                "--backbone", str(backbone), "--task-names", ",".join(peer_names), "--threads", str(threads)]
-        if kind.startswith("ort-int8"):
+        if model_kind is not None:
             cmd += ["--onnx", str(onnx_path)]
-        if kind.endswith("-concurrent"):
+        if kind in CONCURRENT_PEERS:
             cmd += ["--concurrent"]
         servers.append(Server(kind, False, peer_names, cmd, base_env))
     if not servers:

@@ -12,7 +12,13 @@ Kinds:
 * ``ort-int8``: one ONNX Runtime session per task over the int8 model of
   :mod:`benchmarks.peers.onnx_export` (``--onnx``), pooling and head in NumPy; with ``--onnx-dir`` each task's
   session is created from its own file ``<dir>/<task>.onnx`` (a fine-tuned model per task, as
-  ``benchmarks/many_tasks.py`` writes them).
+  ``benchmarks/many_tasks.py`` writes them);
+* ``ov``: one OpenVINO model per task, ``openvino.Core().compile_model`` of the float32 ONNX export
+  (:func:`benchmarks.peers.onnx_export.export_fp32`, ``--onnx``, or ``--onnx-dir``) on the CPU plugin with its
+  default hints (latency; its default inference precision, bf16 on a CPU with AVX-512 BF16 or AMX), as the
+  OpenVINO documentation runs a model; ``--threads`` sets ``INFERENCE_NUM_THREADS``. Each request takes an
+  infer request of its task's model from a pool (an infer request serves one call at a time; a compiled model
+  many). ``/healthz`` names the precision, hint and streams the plugin chose.
 
 Heads are random (seeded per task): the figures are costs, the logits mean nothing. A task's model is
 loaded on its first request, as this server loads a task. Forward passes run one at a time on a single
@@ -39,7 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-KINDS = ("hf-fp32", "hf-int8", "ort-int8")
+KINDS = ("hf-fp32", "hf-int8", "ort-int8", "ov")
 LABELS = ("negative", "positive")
 
 
@@ -84,6 +90,10 @@ class Runner:
 
     def load(self, task: str):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What ``/healthz`` says of the runtime beyond the counts (none here)."""
+        return {}
 
     def pooled(self, model, rows) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -136,16 +146,95 @@ class ORTRunner(Runner):
             so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        path = str(Path(self.onnx_dir) / f"{task}.onnx") if self.onnx_dir else self.onnx_path
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(self.model_path(task), so, providers=["CPUExecutionProvider"])
+
+    def model_path(self, task: str) -> str:
+        """``task``'s ONNX file: its own under ``onnx_dir``, else the one every task shares."""
+        return str(Path(self.onnx_dir) / f"{task}.onnx") if self.onnx_dir else self.onnx_path
 
     def pooled(self, session, rows) -> np.ndarray:
+        feed = self.feed(rows, {i.name for i in session.get_inputs()})
+        return mean_pool(session.run(["last_hidden_state"], feed)[0], feed["attention_mask"])
+
+    def feed(self, rows, wanted: set[str]) -> dict[str, np.ndarray]:
+        """The tokenized ``rows`` as int64 ``[batch, seq]`` arrays, for the graph inputs named in ``wanted``."""
         enc = self.encode(rows, "np")
-        wanted = {i.name for i in session.get_inputs()}
-        feed = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
-        h = session.run(["last_hidden_state"], feed)[0]
-        m = feed["attention_mask"][..., None].astype(h.dtype)
-        return (h * m).sum(1) / np.maximum(m.sum(1), 1)
+        return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
+
+
+def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``h`` float ``[batch, seq, hidden]`` over the positions where ``mask`` ``[batch, seq]`` is 1."""
+    m = mask[..., None].astype(h.dtype)
+    return (h * m).sum(1) / np.maximum(m.sum(1), 1)
+
+
+class OVModel:
+    """A task's compiled OpenVINO model and its pool of infer requests (one per concurrent call, made on demand)."""
+
+    def __init__(self, compiled):
+        import queue
+
+        self.compiled = compiled
+        self.inputs = {i.any_name for i in compiled.inputs}
+        self.output = compiled.output("last_hidden_state")
+        self._idle = queue.SimpleQueue()
+
+    def run(self, feed: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+        """Mean-pooled hidden states float32 ``[batch, hidden]`` of ``feed``."""
+        import queue
+
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            # pooled before the request goes back: its output tensor is overwritten by its next call
+            return mean_pool(request.infer(feed)[self.output], mask)
+        finally:
+            self._idle.put(request)
+
+
+class OVRunner(ORTRunner):
+    """One OpenVINO compiled model per task over the float32 ONNX export, CPU plugin, default hints."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import openvino as ov
+
+        self.core = ov.Core()
+        self.config = {"INFERENCE_NUM_THREADS": self.threads} if self.threads else {}
+        self.compiled_properties: dict = {}  # of the first model compiled: what the plugin chose
+
+    def load(self, task: str) -> OVModel:
+        compiled = self.core.compile_model(self.model_path(task), "CPU", self.config)
+        if not self.compiled_properties:
+            self.compiled_properties = {p: ov_text(compiled.get_property(p)) for p in (
+                "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS",
+                "EXECUTION_MODE_HINT")}
+        return OVModel(compiled)
+
+    def pooled(self, model: OVModel, rows) -> np.ndarray:
+        feed = self.feed(rows, model.inputs)
+        return model.run(feed, feed["attention_mask"])
+
+    def describe(self) -> dict:
+        """The OpenVINO version and the CPU plugin's default inference precision and performance hint (before any
+        model is compiled), then the first compiled model's own choices (``compiled``)."""
+        import openvino as ov
+
+        precision = ov_text(self.core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+        return {"runtime": "openvino", "openvino": ov.__version__,
+                "precision": {"f32": "fp32", "f16": "fp16"}.get(precision, precision),
+                "performance_hint": ov_text(self.core.get_property("CPU", "PERFORMANCE_HINT")),
+                "compiled": self.compiled_properties}
+
+
+def ov_text(value) -> str:
+    """An OpenVINO property value as text: an element type by its short name (``bf16``, ``f32``), an enum by its
+    member name (``LATENCY``), anything else by ``str``."""
+    if hasattr(value, "to_string"):
+        return value.to_string()
+    return getattr(value, "name", None) or str(value)
 
 
 def make_runner(kind: str, backbone: str, names: list[str], threads: int | None, onnx_path: str | None,
@@ -154,13 +243,19 @@ def make_runner(kind: str, backbone: str, names: list[str], threads: int | None,
     """The runner of ``kind``; ``lru``: most models resident at once (None: all).
 
     Raises:
-        ValueError: an unknown ``kind``, or ``ort-int8`` with neither ``onnx_path`` nor ``onnx_dir``.
+        ValueError: an unknown ``kind``, or ``ort-int8`` / ``ov`` with neither ``onnx_path`` nor ``onnx_dir``.
+        ImportError: ``ov`` without the ``openvino`` package.
     """
     if kind == "ort-int8":
         if not onnx_path and not onnx_dir:
             raise ValueError("--kind ort-int8 needs --onnx or --onnx-dir (benchmarks/peers/onnx_export.py writes it)")
         return ORTRunner(backbone, names, max_seq_length, seed, lru, onnx_path=onnx_path, onnx_dir=onnx_dir,
                          threads=threads)
+    if kind == "ov":
+        if not onnx_path and not onnx_dir:
+            raise ValueError("--kind ov needs --onnx or --onnx-dir (benchmarks/peers/onnx_export.py writes it)")
+        return OVRunner(backbone, names, max_seq_length, seed, lru, onnx_path=onnx_path, onnx_dir=onnx_dir,
+                        threads=threads)
     if kind in ("hf-fp32", "hf-int8"):
         return HFRunner(backbone, names, max_seq_length, seed, lru, int8=kind == "hf-int8")
     raise ValueError(f"unknown peer kind {kind!r}; one of {', '.join(KINDS)}")
@@ -180,7 +275,7 @@ def create_app(runner: Runner, kind: str, concurrent: bool = False):
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "kind": kind, "tasks": len(runner.heads), "resident_tasks": len(runner.models),
-                "loads": runner.loads, "lru": runner.lru}
+                "loads": runner.loads, "lru": runner.lru, **runner.describe()}
 
     @app.get("/v1/tasks")
     async def tasks():
@@ -227,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     names_from.add_argument("--task-names", help="comma-separated task names to serve")
     names_from.add_argument("--task-names-file", help="file of task names to serve, one a line (for thousands)")
     ap.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (torch / ONNX Runtime)")
-    ap.add_argument("--onnx", default=None, help="int8 ONNX model file (--kind ort-int8), shared by every task")
-    ap.add_argument("--onnx-dir", default=None, help="folder of one int8 ONNX file per task, <task>.onnx "
-                                                     "(--kind ort-int8; instead of --onnx)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (torch / ONNX Runtime; OpenVINO's INFERENCE_NUM_THREADS)")
+    ap.add_argument("--onnx", default=None, help="ONNX model file shared by every task: int8 (--kind ort-int8) or "
+                                                 "float32 (--kind ov)")
+    ap.add_argument("--onnx-dir", default=None, help="folder of one ONNX file per task, <task>.onnx "
+                                                     "(--kind ort-int8 or ov; instead of --onnx)")
     ap.add_argument("--lru", type=int, default=None,
                     help="most tasks' models resident at once, least recently used dropped first (default: all)")
     ap.add_argument("--max-seq-length", type=int, default=128, help="tokens per input after truncation")

@@ -1,4 +1,5 @@
-"""The ONNX Runtime peer's model: the backbone exported to ONNX offline, then dynamically quantized to int8.
+"""The peers' models: the backbone exported to ONNX offline (:func:`export_fp32`; the OpenVINO peer compiles it),
+then dynamically quantized to int8 (:func:`export_int8`; the ONNX Runtime peer's).
 
 ``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``: the newer exporter needs
 ``onnxscript``), inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` with dynamic batch and
@@ -28,19 +29,35 @@ def missing() -> str | None:
     return None
 
 
-def export_int8(backbone_dir: str | Path, out_dir: str | Path, opset: int = 17) -> Path:
-    """Write ``out_dir/backbone-int8.onnx`` (dynamic int8 quantization of the fp32 export) and return it.
+OPENVINO_HINT = "pip install -e '.[bench]'   (or: .venv/bin/pip install 'openvino>=2024.0' 'onnx>=1.15')"
+
+
+def missing_openvino() -> str | None:
+    """Why the OpenVINO peer cannot run here (with how to install what it lacks), or None. ``openvino`` is imported,
+    not only looked up: a wheel that does not load on this machine counts as missing."""
+    lacking = [m for m in ("onnx",) if importlib.util.find_spec(m) is None]
+    try:
+        importlib.import_module("openvino")
+    except ImportError as exc:
+        lacking.insert(0, f"openvino ({exc})" if importlib.util.find_spec("openvino") else "openvino")
+    if lacking:
+        return f"{' and '.join(lacking)} not importable: {OPENVINO_HINT}"
+    return None
+
+
+def export_fp32(backbone_dir: str | Path, out_dir: str | Path, opset: int = 17) -> Path:
+    """Write ``out_dir/backbone-fp32.onnx`` (the backbone's float32 graph: inputs int64 ``[batch, seq]``, output
+    ``last_hidden_state`` float32 ``[batch, seq, hidden]``) and return it.
 
     Raises:
-        ImportError: onnx or onnxruntime missing (see :func:`missing`).
+        ImportError: torch's ONNX exporter lacks ``onnx``.
     """
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModel, AutoTokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fp32, int8 = out / "backbone-fp32.onnx", out / "backbone-int8.onnx"
+    fp32 = out / "backbone-fp32.onnx"
     model = AutoModel.from_pretrained(str(backbone_dir), local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(str(backbone_dir), local_files_only=True)
     enc = tok(["a short example", "and a somewhat longer second example sentence"], padding=True,
@@ -65,6 +82,20 @@ def export_int8(backbone_dir: str | Path, out_dir: str | Path, opset: int = 17) 
             torch.onnx.export(Hidden(model), args, str(fp32), dynamo=False, **kwargs)
         except TypeError:  # torch < 2.5: no `dynamo` argument, the TorchScript exporter is the only one
             torch.onnx.export(Hidden(model), args, str(fp32), **kwargs)
+    return fp32
+
+
+def export_int8(backbone_dir: str | Path, out_dir: str | Path, opset: int = 17) -> Path:
+    """Write ``out_dir/backbone-int8.onnx`` (dynamic int8 quantization of :func:`export_fp32`'s graph, which is
+    removed afterwards) and return it.
+
+    Raises:
+        ImportError: onnx or onnxruntime missing (see :func:`missing`).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = export_fp32(backbone_dir, out_dir, opset)
+    int8 = fp32.with_name("backbone-int8.onnx")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" notice

@@ -18,7 +18,8 @@ from benchmarks.peers.procs import tree_pids, tree_rss_bytes
 def test_smoke_shrinks_the_defaults_and_explicit_options_win():
     full = cpu_peers.parse_args([])
     assert (full.rounds, full.tasks_list, full.precisions, full.peers) == (
-        3, [1, 6, 20, 100], ["fp32", "bf16", "int8", "auto"], ["hf-fp32", "hf-int8", "ort-int8", "ort-int8-concurrent"])
+        3, [1, 6, 20, 100], ["fp32", "bf16", "int8", "auto"],
+        ["hf-fp32", "hf-int8", "ort-int8", "ort-int8-concurrent", "ov"])
     smoke = cpu_peers.parse_args(["--smoke", "--requests", "7", "--tasks-list", "4,1,4"])
     assert (smoke.rounds, smoke.requests, smoke.tasks_list) == (1, 7, [1, 4])
     assert smoke.out.endswith("cpu_peers_smoke")
@@ -103,6 +104,46 @@ def test_onnx_int8_export_and_peer(tiny_backbone_dir, tmp_path):
     f = hf.pooled(hf.model("a"), [(t, None) for t in texts])
     cos = (q * f).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(f, axis=1)
     assert q.shape == f.shape and (cos > 0.9).all()
+
+
+def test_openvino_peer_serves_the_route_and_says_what_it_compiled(tiny_backbone_dir, tmp_path):
+    if onnx_export.missing_openvino():
+        pytest.skip(onnx_export.missing_openvino())
+    path = onnx_export.export_fp32(tiny_backbone_dir, tmp_path)
+    runner = peer_app.make_runner("ov", str(tiny_backbone_dir), ["a", "b"], threads=1, onnx_path=str(path),
+                                  max_seq_length=32)
+    from fastapi.testclient import TestClient
+
+    client = TestClient(peer_app.create_app(runner, "ov", concurrent=True))
+    health = client.get("/healthz").json()
+    assert health["runtime"] == "openvino" and health["precision"] in ("fp32", "bf16", "fp16")
+    assert health["resident_tasks"] == 0 and health["compiled"] == {}
+    texts = ["a fine film", "dull , lifeless and far too long for what it is"]
+    r = client.post("/v1/tasks/a/predict", json={"inputs": texts})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 2
+    compiled = client.get("/healthz").json()["compiled"]
+    assert compiled["PERFORMANCE_HINT"] and compiled["INFERENCE_NUM_THREADS"] == "1"
+    assert compiled["INFERENCE_PRECISION_HINT"] in ("f32", "bf16", "f16")
+    # one compiled model per task; the same pooled features as the torch model, up to the plugin's precision
+    assert runner.model("a") is not runner.model("b")
+    hf = peer_app.make_runner("hf-fp32", str(tiny_backbone_dir), ["a"], threads=1, onnx_path=None, max_seq_length=32)
+    q = runner.pooled(runner.model("a"), [(t, None) for t in texts])
+    f = hf.pooled(hf.model("a"), [(t, None) for t in texts])
+    cos = (q * f).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(f, axis=1)
+    assert q.shape == f.shape and (cos > 0.99).all()
+
+
+def test_openvino_peer_without_openvino_is_skipped_with_the_reason(tiny_backbone_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(onnx_export, "missing_openvino",
+                        lambda: f"openvino not importable: {onnx_export.OPENVINO_HINT}")
+    exported = []
+    monkeypatch.setattr(onnx_export, "export_fp32", lambda *a, **k: exported.append(a))
+    rc = cpu_peers.main(["--smoke", "--precisions", "", "--peers", "ov", "--backbone", str(tiny_backbone_dir),
+                         "--out", str(tmp_path / "none")])
+    out = capsys.readouterr().out
+    assert rc == 2 and "skipping peer ov: openvino not importable" in out and "pip install -e '.[bench]'" in out
+    assert exported == [] and not (tmp_path / "none.json").exists()  # nothing exported for a peer that cannot run
 
 
 def test_a_peer_without_its_packages_is_skipped_with_how_to_install_them(tiny_backbone_dir, tmp_path, monkeypatch,
