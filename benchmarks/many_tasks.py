@@ -207,7 +207,11 @@ SERIES = {  # figure -> (series, label filter) read from this server's /metrics
     "promotion_s": ("supermask_hot_promotion_duration_seconds_sum", ""),
     "admitted_promoted": ("supermask_hot_admissions_total", 'decision="promoted"'),
     "admitted_pass_only": ("supermask_hot_admissions_total", 'decision="pass_only"'),
+    "admitted_sparse": ("supermask_hot_admissions_total", 'decision="sparse"'),
+    "sparse_forms": ("supermask_sparse_form_duration_seconds_count", ""),
+    "sparse_form_s": ("supermask_sparse_form_duration_seconds_sum", ""),
     "hot_evictions": ("supermask_hot_evictions_total", ""),
+    "sparse_evictions": ("supermask_sparse_evictions_total", ""),
 }
 
 
@@ -216,21 +220,29 @@ def snapshot(client: httpx.Client) -> dict:
     return {k: metric_sum(text, name, labels) for k, (name, labels) in SERIES.items()}
 
 
-def tiers(before: dict, after: dict, requests: int) -> dict:
+def tiers(before: dict, after: dict, requests: int, background: bool = True) -> dict:
     """Hot / warm / cold shares of ``requests`` and swap-in per request, from two :func:`snapshot` s.
 
-    cold: the task was loaded from the store (a cache miss); warm: a hot form was built for it (promoted, or for
-    its pass only) but it was not loaded; hot: neither. Requests that waited on another's load or build of the
-    same task count as hot / warm (the counters count builds, not the requests they served)."""
+    cold: the task was loaded from the store (a cache miss); warm: the task was not hot (an admission decision:
+    promoted, built for its pass only, or served through its sparse form) but was not loaded; hot: the rest.
+    ``sparse_ratio``: the share served through a sparse form (part of warm and cold). With ``background``
+    promotions (``SUPERMASK_HOT_PROMOTE_BACKGROUND``) and sparse forms, the request that earns a promotion counts
+    a "sparse" decision and the promotion later counts another: only the sparse ones are requests then.
+    Swap-in per request: the
+    seconds of loads, sparse-form builds and promotions over the requests (promotions on a background thread
+    included: CPU they took from the requests, not time a request waited)."""
     d = {k: after[k] - before[k] for k in SERIES}
     n = max(requests, 1)
     cold = min(d["cache_misses"] / n, 1.0)
-    warm = min(max(0.0, d["admitted_promoted"] + d["admitted_pass_only"] - d["cache_misses"]) / n, 1.0 - cold)
+    not_hot = d["admitted_sparse"] + (0 if background and d["admitted_sparse"] else
+                                      d["admitted_promoted"] + d["admitted_pass_only"])
+    warm = min(max(0.0, not_hot - d["cache_misses"]) / n, 1.0 - cold)
     return {"delta": d, "cold_ratio": cold, "warm_ratio": warm, "hot_ratio": 1.0 - cold - warm,
-            "promotion_ms_per_request": 1e3 * d["promotion_s"] / n,
-            "load_ms_per_request": 1e3 * d["load_s"] / n,
-            "swap_in_ms_per_request": 1e3 * (d["promotion_s"] + d["load_s"]) / n,
-            "mean_promotion_ms": 1e3 * d["promotion_s"] / d["promotions"] if d["promotions"] else None}
+            "sparse_ratio": d["admitted_sparse"] / n, "promotion_ms_per_request": 1e3 * d["promotion_s"] / n,
+            "load_ms_per_request": 1e3 * d["load_s"] / n, "sparse_form_ms_per_request": 1e3 * d["sparse_form_s"] / n,
+            "swap_in_ms_per_request": 1e3 * (d["promotion_s"] + d["load_s"] + d["sparse_form_s"]) / n,
+            "mean_promotion_ms": 1e3 * d["promotion_s"] / d["promotions"] if d["promotions"] else None,
+            "mean_sparse_form_ms": 1e3 * d["sparse_form_s"] / d["sparse_forms"] if d["sparse_forms"] else None}
 
 
 # ------------------------------------------------------------------ servers
@@ -291,27 +303,32 @@ def calibrate_ours(procs, work, opts, texts) -> dict:
     try:
         rss = touch_calibration(client, proc.pid, texts)
         health = client.get("/healthz").json()
+        metrics = client.get("/metrics").text
     finally:
         client.close()
         procs.stop(proc)
     t = health.get("tiers") or {}
     warm, hot = t.get("warm") or {}, t.get("hot") or {}
     per = lambda tier: tier["bytes"] / tier["tasks"] if tier.get("tasks") else 0.0  # noqa: E731
-    held = warm.get("bytes", 0) + hot.get("bytes", 0)
+    sparse = metric_sum(metrics, "supermask_sparse_bytes")  # the sparse forms' tier (/metrics only)
+    held = warm.get("bytes", 0) + hot.get("bytes", 0) + sparse
     return {"rss_mib": rss, "warm_bytes_per_task": per(warm), "hot_bytes_per_task": per(hot),
+            "sparse_cache_bytes": int(metric_sum(metrics, "supermask_sparse_capacity_bytes")),
             "base_rss_mib": rss[-1] - held / MiB, "healthz": health}
 
 
 def split_cap(cap_bytes: int, cal: dict, n_tasks: int, warm_fraction: float) -> dict:
-    """This server's budgets under ``cap_bytes``: what is left beside the measured base RSS and a headroom of
-    :data:`HEADROOM` of the cap goes to the warm cache, enough for every task but at most ``warm_fraction`` of it,
-    the rest to the hot tier; each budget holds at least two tasks (then the cap may not be kept: ``fits``)."""
-    avail = cap_bytes - cal["base_rss_mib"] * MiB - HEADROOM * cap_bytes
+    """This server's budgets under ``cap_bytes``: what is left beside the measured base RSS, a headroom of
+    :data:`HEADROOM` of the cap and the sparse forms' budget (the server's, ``SUPERMASK_SPARSE_CACHE_BYTES``, as its
+    /healthz reported it) goes to the warm cache, enough for every task but at most ``warm_fraction`` of it, the
+    rest to the hot tier; each budget holds at least two tasks (then the cap may not be kept: ``fits``)."""
+    avail = cap_bytes - cal["base_rss_mib"] * MiB - HEADROOM * cap_bytes - cal.get("sparse_cache_bytes", 0)
     warm_task, hot_task = max(cal["warm_bytes_per_task"], 1.0), max(cal["hot_bytes_per_task"], 1.0)
     warm = min(1.05 * n_tasks * warm_task, warm_fraction * max(avail, 0.0))
     warm = int(max(warm, 2 * warm_task))
     hot = int(max(avail - warm, 2 * hot_task))
     return {"available_bytes": int(avail), "cache_bytes": warm, "hot_cache_bytes": hot,
+            "sparse_cache_bytes": cal.get("sparse_cache_bytes", 0),
             "warm_tasks_fit": int(warm // warm_task), "hot_tasks_fit": int(hot // hot_task),
             "fits": warm + hot <= max(avail, 0)}
 
@@ -370,9 +387,11 @@ def measure(kind: str, procs, work, opts, n: int, texts: list[str], touch: bool,
         ok = res["stream"]["requests"]
         if ours:
             m2 = snapshot(client)
+            background = {**opts.server_env, **(env_extra or {})}.get(
+                "SUPERMASK_HOT_PROMOTE_BACKGROUND", "true").lower() not in ("0", "false", "no", "off")
             if touch:
-                res["touch_tiers"] = tiers(m0, m1, n)
-            res["stream_tiers"] = tiers(m1, m2, ok)
+                res["touch_tiers"] = tiers(m0, m1, n, background)
+            res["stream_tiers"] = tiers(m1, m2, ok, background)
         else:
             cold = (health["loads"] - loads1) / max(ok, 1)  # a request that created its task's session
             res["stream_tiers"] = {"cold_ratio": cold, "hot_ratio": 1 - cold, "session_loads": health["loads"] - loads1,
@@ -398,7 +417,8 @@ def row(n: int, kind: str, r: dict) -> dict:
          "p99_ms": s.get("p99_ms"), "hot_p50_ms": hot, "touch_p50_ms": t.get("p50_ms"), "touch_p99_ms": t.get("p99_ms"),
          "rss_after_touch_mib": r.get("rss_after_touch_mib"), "rss_peak_mib": r.get("rss_peak_stream_mib"),
          "hot_ratio": tiers_.get("hot_ratio"), "warm_ratio": tiers_.get("warm_ratio"),
-         "cold_ratio": tiers_.get("cold_ratio"), "swap_in_ms_per_request": tiers_.get("swap_in_ms_per_request"),
+         "cold_ratio": tiers_.get("cold_ratio"), "sparse_ratio": tiers_.get("sparse_ratio"),
+         "swap_in_ms_per_request": tiers_.get("swap_in_ms_per_request"),
          "failures": s.get("failures", 0) + t.get("failures", 0)}
     f["p50_over_hot"] = f["p50_ms"] / hot if hot and f["p50_ms"] else None
     f["p99_over_hot"] = f["p99_ms"] / hot if hot and f["p99_ms"] else None
@@ -411,6 +431,7 @@ COLUMNS = [("tasks", "tasks", "{:,}"), ("server", "server", "{}"), ("throughput_
            ("touch_p50_ms", "first request p50 ms", "{:.0f}"), ("touch_p99_ms", "first request p99 ms", "{:.0f}"),
            ("rss_after_touch_mib", "RSS after touch MiB", "{:,.0f}"), ("rss_peak_mib", "RSS peak MiB", "{:,.0f}"),
            ("hot_ratio", "hot", "{:.0%}"), ("warm_ratio", "warm", "{:.0%}"), ("cold_ratio", "cold", "{:.0%}"),
+           ("sparse_ratio", "of which sparse", "{:.0%}"),
            ("swap_in_ms_per_request", "swap-in ms / request", "{:.1f}")]
 
 
@@ -475,13 +496,15 @@ def markdown(res: dict) -> str:
           f"Calibration ({CALIBRATION_TASKS} tasks touched): base RSS {cal['ours']['base_rss_mib']:.0f} MiB, "
           f"{cal['ours']['warm_bytes_per_task']:,.0f} bytes per warm task, "
           f"{cal['ours']['hot_bytes_per_task']:,.0f} per hot task (as the server counts them). The cap is "
-          f"split as: cap − base RSS − {HEADROOM:.0%} headroom goes to the warm cache (every task's warm form, at "
-          f"most {cfg['warm_fraction']:.0%} of it), the rest to the hot tier:", ""]
-    md += ["| tasks | SUPERMASK_CACHE_BYTES | warm tasks it holds | SUPERMASK_HOT_CACHE_BYTES | hot tasks it holds |",
-           "|---|---|---|---|---|"]
+          f"split as: cap − base RSS − {HEADROOM:.0%} headroom − the sparse forms' budget (the server's own "
+          f"`SUPERMASK_SPARSE_CACHE_BYTES`) goes to the warm cache (every task's warm form, at most "
+          f"{cfg['warm_fraction']:.0%} of it), the rest to the hot tier:", ""]
+    md += ["| tasks | SUPERMASK_CACHE_BYTES | warm tasks it holds | SUPERMASK_HOT_CACHE_BYTES | hot tasks it holds | "
+           "SUPERMASK_SPARSE_CACHE_BYTES |", "|---|---|---|---|---|---|"]
     for n, s in res["splits"].items():
         md.append(f"| {int(n):,} | {s['cache_bytes'] / MiB:,.0f} MiB | {s['warm_tasks_fit']:,} | "
-                  f"{s['hot_cache_bytes'] / MiB:,.0f} MiB | {s['hot_tasks_fit']:,} |"
+                  f"{s['hot_cache_bytes'] / MiB:,.0f} MiB | {s['hot_tasks_fit']:,} | "
+                  f"{s['sparse_cache_bytes'] / MiB:,.0f} MiB |"
                   + ("" if s["fits"] else " (the cap cannot be kept: minimum budgets)"))
     md.append("")
     if cal.get("peer"):
@@ -495,10 +518,12 @@ def markdown(res: dict) -> str:
                f"under the names of the {res['peer_files']['links']:,} tasks the runs use."]
     md += [f"* Not run: {k}: {why}" for k, why in res["skipped"].items()]
     md += ["* hot / warm / cold (this server, stream): cold = loaded from the store (`supermask_cache_misses_total`); "
-           "warm = a hot form built for it, kept or for its pass only (`supermask_hot_admissions_total`), not cold; "
-           "hot = the rest. A request that waited on another's build of the same task counts as hot. Swap-in per "
-           "request = (`supermask_hot_promotion_duration_seconds_sum` + `supermask_task_load_duration_seconds_sum`) "
-           "over the stream / its requests. For the peer, cold = session loads / requests.",
+           "warm = the task was not hot (`supermask_hot_admissions_total`: promoted, built for the pass only, or "
+           "served through its sparse form) but not cold; hot = the rest; 'of which sparse' = the share served "
+           "through a sparse form (`decision=\"sparse\"`). Swap-in per request = the seconds of loads, sparse-form "
+           "builds and promotions (`supermask_task_load_duration_seconds_sum`, "
+           "`supermask_sparse_form_duration_seconds_sum`, `supermask_hot_promotion_duration_seconds_sum`; background "
+           "promotions included) over the stream's requests. For the peer, cold = session loads / requests.",
            "* RSS: the process tree's (sum of VmRSS), after the touch phase and the peak sampled every 0.5 s during "
            "the stream.", "", "## Every run", ""]
     for n, runs in res["runs"].items():
