@@ -172,12 +172,15 @@ class Engine:
     def status(self) -> dict:
         """For health checks: ``{"device", "precision", "runtime", "resident_tasks", "hot_tasks", "tiers"}``;
         ``tiers`` has ``{"tasks", "bytes", "capacity_bytes", "evictions"}`` per tier ("warm", and "hot" where the
-        tier has one, with its pinned tasks)."""
+        tier has one, with its pinned tasks, and "sparse" where it has sparse forms)."""
         cache = self.tasks.cache
         tiers = {"warm": {"tasks": len(cache.tasks), "bytes": cache.used_bytes, "capacity_bytes": cache.capacity_bytes,
                           "evictions": self.tasks.evictions}}
         if self.hot is not None:
             tiers["hot"] = self.hot.status()
+        sparse = getattr(self.compute_tier, "sparse", None)
+        if sparse is not None:
+            tiers["sparse"] = sparse.status()
         return {"device": str(self.device), "precision": self.precision, "runtime": self.compute_tier.runtime,
                 "resident_tasks": len(self.tasks.resident()),
                 "hot_tasks": len(self.hot.tasks) if self.hot is not None else None, "tiers": tiers}

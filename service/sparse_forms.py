@@ -15,7 +15,7 @@ Why: a hot form costs a promotion (int8 on ONNX Runtime: ~100 ms to build a sess
 only for a task asked for often; a sparse form costs decoding the pruned positions straight from the bundle's
 entropy-coded gaps (format v3) and one gather, a few ms, and holds ``8 · pruned + 4 · (out + 1)`` bytes per matrix
 (MiniLM at 3 % pruned: ~2.6 MB). Every sparse row shares one plain GEMM per product whatever its task; the
-correction costs about ``rows · pruned`` multiply-adds (torch's CSR product, :func:`sparse_complement.pruned_product`).
+correction costs about ``rows · pruned`` multiply-adds (torch's CSR product, MKL on x86).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from backbone import mean_pool
 from service.hot_tier import HotCache, masked_groups
 from service.kernels import cpu_hot
-from service.kernels.sparse_complement import csr_nbytes, pruned_product
+from service.kernels.sparse_complement import csr_nbytes
 from service.metrics import Metrics
 from service.tasks import LoadedTask
 
@@ -152,11 +152,14 @@ def sparse_product(x: torch.Tensor, base: cpu_hot.HotWeight, group: str, row_sta
         segment's correction ``x̂ · (W ⊙ ¬μ)ᵀ`` subtracted.
     """
     y, seen = cpu_hot.plain_product(x, base)
+    seen_t = None
     for i, form in enumerate(forms):
         csr = None if form is None else form.pruned.get(group)
         a, b = row_starts[i], row_starts[i + 1]
         if csr is not None and b > a:
-            y[a:b] -= pruned_product(seen[a:b], csr)
+            if seen_t is None:
+                seen_t = seen.t().contiguous()  # [in, rows]: MKL's CSR x dense product wants a row-major dense side
+            y[a:b].sub_(torch.sparse.mm(csr, seen_t[:, a:b]).t())
     return y.to(torch.bfloat16) if low and base.precision == "bf16" else y
 
 
