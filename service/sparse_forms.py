@@ -43,12 +43,15 @@ class SparseForm:
     nbytes: int
 
 
-def pruned_values(w_q: torch.Tensor, scale: torch.Tensor, positions: torch.Tensor, precision: str) -> torch.Tensor:
-    """float32 ``[k]``: the stored plain weight at row-major ``positions`` (int64 ``[k]``) of ``w_q`` int8 ``[out, in]``
+def pruned_values(w_q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  precision: str) -> torch.Tensor:
+    """float32 ``[k]``: the stored plain weight at ``(rows, cols)`` (int64 ``[k]`` each) of ``w_q`` int8 ``[out, in]``
     with ``scale`` float32 ``[out]`` — what the plain product of ``precision`` multiplies by there (int8: ``W_q ·
-    scale``; bf16: that rounded to bfloat16, as :func:`service.kernels.cpu_hot.materialize` rounds it)."""
-    rows = torch.div(positions, w_q.shape[1], rounding_mode="floor")
-    vals = w_q.reshape(-1)[positions].to(torch.float32) * scale.to(torch.float32)[rows]
+    scale``; bf16: that rounded to bfloat16, as :func:`service.kernels.cpu_hot.materialize` rounds it). ``w_q`` may
+    be any strided view (indexed in place, never copied whole)."""
+    # numpy, one thread: a torch gather of a few thousand entries opens a parallel region, which stalls for
+    # milliseconds whenever the CPU is busy with anything else
+    vals = torch.from_numpy(w_q.numpy()[rows.numpy(), cols.numpy()].astype(np.float32) * scale.numpy()[rows.numpy()])
     return vals.to(torch.bfloat16).to(torch.float32) if precision == "bf16" else vals
 
 
@@ -71,15 +74,14 @@ def csr_from_positions(w_q: torch.Tensor, scale: torch.Tensor, positions: np.nda
     out, in_ = w_q.shape
     if positions.size == 0:
         return None
-    pos = torch.from_numpy(positions)
-    rows = torch.div(pos, in_, rounding_mode="floor")
+    rows_np, cols_np = np.divmod(positions, in_)
+    rows, cols = torch.from_numpy(rows_np), torch.from_numpy(cols_np)
     crow = torch.zeros(out + 1, dtype=torch.int32)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out), 0)
-    cols = (pos - rows * in_).to(torch.int32)
+    crow[1:] = torch.from_numpy(np.cumsum(np.bincount(rows_np, minlength=out)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols, pruned_values(w_q, scale, pos, precision), size=(out, in_),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols.to(torch.int32), pruned_values(w_q, scale, rows, cols, precision),
+                                       size=(out, in_), check_invariants=False)
 
 
 class SparseCache(HotCache):
