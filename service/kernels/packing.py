@@ -1,18 +1,25 @@
-"""Torch-side pack/unpack of mask bits in the bundle's bit order.
+"""Mask bits on the torch side, in the bundle's bit order: the one module every torch path packs and unpacks with.
 
-Bit order (``mask_store.format``): row-major over ``[out, in]``, element ``i``
-in byte ``i // 8`` at bit ``7 - i % 8`` (MSB first); 1 keeps the weight.
+Bit order (:mod:`mask_store.format`, the same as ``numpy.packbits(bitorder="big")``): row-major over ``[out, in]``,
+element ``i`` in byte ``i // 8`` at bit ``7 - i % 8`` (MSB first); 1 keeps the weight; padding bits are 0.
+
+:func:`pack_bits` is the bundle writer's own :func:`mask_store.format.pack_mask` (packing happens when a mask is
+written or set up, never per request). :func:`unpack_bits` runs on any device (a task's mask is unpacked where its
+weights live, a GPU's included), so it spells the order here once; tests check it against ``unpack_mask``.
+The Triton kernels' word layout (:func:`service.kernels.triton_masked.relayout_mask`) is built from these bytes.
 """
 
 from __future__ import annotations
 
 import torch
 
-_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+from mask_store.format import pack_mask
+
+_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)  # bit of element i % 8 in its byte, MSB first
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``[ceil(out*in/8)]`` -> bool ``[out, in]``.
+    """uint8 ``[ceil(out*in/8)]`` -> bool ``[out, in]``, on ``packed``'s device.
 
     Raises:
         ValueError: the byte count does not fit ``shape``.
@@ -26,10 +33,9 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool ``[out, in]`` -> uint8 ``[ceil(out*in/8)]`` (inverse of :func:`unpack_bits`)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = _SHIFTS.to(mask.device)
-    return (flat.reshape(-1, 8) << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    """bool (or 0/1) ``[out, in]`` -> uint8 ``[ceil(out*in/8)]`` on ``mask``'s device (inverse of
+    :func:`unpack_bits`): :func:`mask_store.format.pack_mask`'s bytes, packed on the CPU (a device mask makes one
+    round trip to the host)."""
+    packed = pack_mask(mask.detach().to("cpu").numpy())
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(mask.device) if packed else \
+        torch.empty(0, dtype=torch.uint8, device=mask.device)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from service.kernels.packing import unpack_bits
+from service.kernels.packing import pack_bits, unpack_bits
 
 try:  # optional dependency: the CUDA path only
     import triton
@@ -98,20 +98,16 @@ def relayout_mask(packed_uint8: torch.Tensor, out: int, in_: int) -> torch.Tenso
     if packed.numel() != expected:
         raise ValueError(f"{packed.numel()} packed bytes do not fit shape [{out}, {in_}] ({expected} expected)")
     n_words = mask_words_shape(out, in_)[1]
-    if in_ % 8 == 0:
-        # Fast path: every row starts on a byte boundary; no 8x bool expansion.
+    if in_ % 8 == 0:  # every row starts on a byte boundary: its bytes as they are (no 8x bool expansion)
         row_bytes = packed.reshape(out, in_ // 8)
-        pad = n_words * 4 - in_ // 8
-        if pad:
-            row_bytes = torch.cat([row_bytes, row_bytes.new_zeros(out, pad)], dim=1)
-        b = row_bytes.reshape(out, n_words, 4).to(torch.int64)  # [out, words, 4]
-    else:
-        bits = unpack_bits(packed, (out, in_)).to(torch.uint8)  # [out, in]
-        pad = n_words * WORD_BITS - in_
-        if pad:
-            bits = torch.cat([bits, bits.new_zeros(out, pad)], dim=1)
-        shifts = torch.arange(7, -1, -1, device=bits.device, dtype=torch.int64)
-        b = (bits.reshape(out, n_words, 4, 8).to(torch.int64) << shifts).sum(dim=-1)  # [out, words, 4]
+    else:  # rows cross bytes: each row re-packed on its own (service.kernels.packing, the bundle's bit order)
+        bits = unpack_bits(packed, (out, in_))
+        bits = torch.cat([bits, bits.new_zeros(out, (-in_) % 8)], dim=1)  # each row a whole number of bytes
+        row_bytes = pack_bits(bits).reshape(out, (in_ + 7) // 8)
+    pad = n_words * 4 - row_bytes.shape[1]
+    if pad:
+        row_bytes = torch.cat([row_bytes, row_bytes.new_zeros(out, pad)], dim=1)
+    b = row_bytes.reshape(out, n_words, 4).to(torch.int64)  # [out, words, 4]: a word's bytes, most significant first
     words = (b[..., 0] << 24) | (b[..., 1] << 16) | (b[..., 2] << 8) | b[..., 3]  # [out, words], 0 .. 2^32-1
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32 range
     return words.to(torch.int32).contiguous()
@@ -128,9 +124,10 @@ def relayout_mask_inverse(words: torch.Tensor, out: int, in_: int) -> torch.Tens
     if tuple(words.shape) != mask_words_shape(out, in_):
         raise ValueError(f"mask words of shape {list(words.shape)} do not fit [{out}, {in_}] "
                          f"({list(mask_words_shape(out, in_))} expected)")
-    shifts = torch.arange(WORD_BITS - 1, -1, -1, device=words.device, dtype=torch.int64)  # [32]
-    bits = (words.to(torch.int64)[..., None] >> shifts) & 1  # [out, words, 32]
-    return bits.reshape(out, -1)[:, :in_].to(torch.bool)
+    w = words.to(torch.int64) & 0xFFFFFFFF  # [out, words]
+    row_bytes = torch.stack([(w >> 24) & 0xFF, (w >> 16) & 0xFF, (w >> 8) & 0xFF, w & 0xFF], dim=-1)  # [out, words, 4]
+    bits = unpack_bits(row_bytes.to(torch.uint8).reshape(-1), (out, words.shape[1] * WORD_BITS))
+    return bits[:, :in_]
 
 
 # --------------------------------------------------------------------------- #
