@@ -139,10 +139,11 @@ class Settings(BaseSettings):
     pinned_tasks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Tasks never evicted from the host cache or the hot tier (a JSON list, or names separated by commas);
     promoted on first use. They still leave when replaced or deleted."""
-    hot_promote_after: int = Field(1, ge=1)
-    """A task is kept in the hot tier from its N-th request within ``hot_promote_window_s`` (before that its hot
-    form is built for its pass only, evicting nothing): 2 keeps one-off tasks of a long tail from evicting the hot
-    set; 1 (default) promotes on first use."""
+    hot_promote_after: int = Field(2, ge=1)
+    """A task is kept in the hot tier from its N-th request within ``hot_promote_window_s`` (before that it is
+    served through its sparse form, or with sparse forms off its hot form is built for its pass only, evicting
+    nothing): 2 (default) keeps one-off tasks of a long tail from costing a promotion or evicting the hot set; 1
+    promotes on first use."""
     hot_promote_window_s: float = Field(60.0, gt=0)
     """The window of ``hot_promote_after`` (seconds); request counts of the frequency admission halve this often."""
     hot_promote_background: bool = True
