@@ -32,26 +32,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from cachetools import TTLCache
 
+from service.flight import Flight, Flights
 from service.kernels.cpu_hot import HotWeight, materialize
 from service.kernels.packing import unpack_bits
 from service.metrics import Metrics
 from service.tasks import LoadedTask, TaskCache, release_freed_memory
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Flight:
-    """One hot form being built: waiters block on ``done``, then use ``form`` (None: the build failed)."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    form: Any = None
 
 
 @dataclass
@@ -149,7 +142,7 @@ class HotCache:
         self.evictions = 0
         self._lru = TaskCache(capacity_bytes)  # task -> HotTask
         self._lock = threading.Lock()  # guards _lru / _promoting / _freq; never held while materialising
-        self._promoting: dict[tuple[str, tuple], _Flight] = {}
+        self._promoting = Flights()  # (task, bundle identity) -> its build in progress
         if metrics is not None:
             self._metric("capacity_bytes").set(capacity_bytes)
             self._gauges()
@@ -192,8 +185,7 @@ class HotCache:
                 hot = self._lru.get(task)
                 if hot is not None and hot.identity == entry.identity:
                     return hot.form
-                flight = self._promoting.get(key)
-                if flight is None:
+                if key not in self._promoting:
                     seen = self._seen.get(task)
                     if seen is None:  # set once: the window runs from the first request, not the latest
                         seen = self._seen[task] = [0]
@@ -203,15 +195,16 @@ class HotCache:
                                                        and (fallback is None or self._admits(task, entry)))
                     if fallback is not None and not keep:
                         break
-                    flight = self._promoting[key] = _Flight()
+                    flight, mine = self._promoting.join_or_start(key)
                     epoch = self._epochs.get(task, 0)
-                    mine = True
                     break
                 if fallback is not None:
                     break  # being promoted (in the background): this pass takes the fallback
-            flight.done.wait()  # another thread is materialising it: its form serves this pass too
-            if flight.form is not None:
-                return flight.form
+                flight = self._promoting[key]
+            try:
+                return flight.wait()  # another thread is materialising it: its form serves this pass too
+            except Exception:  # noqa: BLE001 - its build failed: this thread tries again (and raises its own error)
+                continue
         if not mine:  # not hot, not earned (or being promoted by another thread): the fallback serves it
             self._admitted("sparse")
             return fallback(task, entry)
@@ -222,7 +215,7 @@ class HotCache:
             return fallback(task, entry)
         return self._build(task, entry, key, flight, keep, epoch)
 
-    def _build(self, task: str, entry: LoadedTask, key: tuple, flight: _Flight, keep: bool, epoch: int,
+    def _build(self, task: str, entry: LoadedTask, key: tuple, flight: Flight, keep: bool, epoch: int,
                background: bool = False) -> Any:
         """Build ``task``'s form for ``flight`` (kept when ``keep`` and not dropped since ``epoch``); a background
         build that fails is logged (the task stays on its fallback) instead of raised."""
@@ -230,7 +223,6 @@ class HotCache:
             t0 = time.perf_counter()
             form, nbytes = self._promote(task, entry)
             seconds = time.perf_counter() - t0
-            flight.form = form
             self._observe(task, seconds)
             log.debug("built task %s's %s form in %.1f ms (%d bytes; %s)", task, self.kind, seconds * 1e3, nbytes,
                       "kept" if keep else "this pass only")
@@ -241,15 +233,13 @@ class HotCache:
                 if kept:
                     self._seen.pop(task, None)
             self._admitted("promoted" if kept else "pass_only")
-        except Exception:
+        except Exception as exc:
+            self._promoting.land(key, flight, self._lock, error=exc)
             if background:
                 log.exception("background promotion of task %s failed; it stays on its fallback form", task)
                 return None
             raise
-        finally:
-            with self._lock:
-                del self._promoting[key]
-            flight.done.set()
+        self._promoting.land(key, flight, self._lock, value=form)
         release_freed_memory()
         return form
 

@@ -46,6 +46,7 @@ from mask_store.coding import CODING_GAPS
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid, decode_mask_section, pruned_positions
 from mask_store.store import MaskStore
 from service.errors import TaskTooLarge
+from service.flight import Flights
 from service.kernels.selector import KernelPath, select_path
 from service.kernels.sparse_complement import csr_nbytes, pruned_csr_from_mask
 from service.metrics import Metrics
@@ -298,15 +299,6 @@ class TaskBuilder:
         return LayerState(path, mask=mask)
 
 
-@dataclass
-class _Flight:
-    """One load in progress: its waiters block on ``done`` and read ``entry`` or ``error``."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    entry: LoadedTask | None = None
-    error: BaseException | None = None
-
-
 class TaskTable:
     """The resident tasks of one engine: cache lookups, freshness, single-flight loading, invalidation.
 
@@ -329,7 +321,7 @@ class TaskTable:
         self.on_drop = on_drop
         self.cache = TaskCache(builder.capacity_bytes)
         self._lock = threading.Lock()  # guards cache and _loading; never held during a load
-        self._loading: dict[str, _Flight] = {}
+        self._loading = Flights()  # task -> its load in progress
 
     def get(self, task: str, count: bool = True) -> LoadedTask:
         """The resident form of ``task``, loaded on a miss (once, however many threads ask at a time).
@@ -346,18 +338,15 @@ class TaskTable:
         while True:
             with self._lock:
                 entry = self.cache.get(task)
-                flight = self._loading.get(task)
-                if entry is None and flight is None:
-                    flight = self._loading[task] = _Flight()
-                    break  # this thread loads it
-            if flight is not None and entry is None:  # another thread is loading it
-                flight.done.wait()
-                if flight.error is not None:
-                    raise flight.error
-                assert flight.entry is not None
+                if entry is None:
+                    flight, started = self._loading.join_or_start(task)
+                    if started:
+                        break  # this thread loads it
+            if entry is None:  # another thread is loading it
+                loaded = flight.wait()  # raises what that load raised
                 if count:
                     self.metrics.cache_hits.labels(task).inc()
-                return flight.entry
+                return loaded
             try:
                 fresh = self.store.version(task) == entry.version
             except TaskNotFound:
@@ -379,14 +368,10 @@ class TaskTable:
                     self.metrics.resident_task_bytes.remove(name)
                 if evicted is not None:  # None: pinned tasks hold the budget; served, not kept
                     self._update_gauges(task, entry)
-            flight.entry = entry
         except BaseException as exc:
-            flight.error = exc
+            self._loading.land(task, flight, self._lock, error=exc)  # waiters get the same error
             raise
-        finally:
-            with self._lock:
-                del self._loading[task]
-            flight.done.set()  # waiters never block past this load, whatever it raised
+        self._loading.land(task, flight, self._lock, value=entry)
         release_freed_memory()
         return entry
 
