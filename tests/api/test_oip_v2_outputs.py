@@ -1,4 +1,4 @@
-"""/v2's output tensors made from a pass's head outputs (service.api.v2.infer_outputs), beside /v1's decoding of
+"""/v2's output tensors made from a pass's head outputs (service.api.oip_tensors.infer_outputs), beside /v1's decoding of
 the same logits, and the formatter a protocol hands the engine (service.forward.PredictOptions.formatter)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mask_store.format import decode_header
-from service.api.v2 import infer_outputs
+from service.api.oip_tensors import infer_outputs
 from service.forward import Encoded, PredictOptions, decode
 
 from tests.conftest import make_bundle
