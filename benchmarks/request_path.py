@@ -1,7 +1,7 @@
 """What the REST path adds to a request: the same batch-1 predicts over loopback HTTP and in-process, interleaved.
 
-One ``supermask serve`` subprocess (default settings but the precision / runtime given; the shipped example
-tasks) and, in this process, an :class:`service.engine.Engine` built with the same settings over the same
+One ``supermask serve`` subprocess (default settings but the precision / runtime / log level given; at the
+default level INFO it writes an access line per request to its log file; the shipped example tasks) and, in this process, an :class:`service.engine.Engine` built with the same settings over the same
 bundles. Request ``i`` sends SST-2 dev sentence ``i`` (cycling over ``--sentences``: every length) to both, one
 after the other, alternating which goes first; nothing else runs. Reported per path: p50 / p99 / mean ms; the
 REST-minus-in-process difference of the medians (the request path's own cost: HTTP, JSON, validation, admission,
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=300, help="timed requests per path")
     ap.add_argument("--sentences", type=int, default=256, help="SST-2 dev sentences the requests cycle over")
     ap.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime intra-op threads (both paths)")
+    ap.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                    help="the server's SUPERMASK_LOG_LEVEL (default INFO, the server's own: an access line per request, "
+                         "written to its log file)")
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"),
                     help="GLUE folder whose SST-2/dev.tsv sentences are sent (fixed sentences without it)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "request_path"),
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     texts = (serve_cpu.glue_inputs(args.data_dir, TASK, args.sentences)
              or serve_cpu.synthetic_inputs(args.data_dir, False, args.sentences))
     env = {"SUPERMASK_CPU_PRECISION": args.precision, "SUPERMASK_CPU_RUNTIME": args.runtime,
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         port = serve_cpu.free_port()
         server_env = dict(os.environ, **env, SUPERMASK_STORE_DIR=str(store_dir / "server"),
                           SUPERMASK_EXAMPLES_DIR=str(DEFAULT_EXAMPLES_DIR), SUPERMASK_PORT=str(port),
-                          SUPERMASK_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+                          SUPERMASK_LOG_LEVEL=args.log_level, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         proc = procs.start([sys.executable, "-m", "supermask", "serve"], server_env, REPO, store_dir / "server.log")
         settings = Settings(cpu_precision=args.precision, cpu_runtime=args.runtime, device="cpu")
         store = LocalMaskStore(store_dir / "local")
@@ -122,14 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                "hardware": {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "machine": platform.machine(),
                             "threads": threads},
                "served": {k: healthz.get(k) for k in ("precision", "runtime", "device")},
+               "server_log_level": args.log_level, "loadavg_start": loadavg_start,
+               "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                "inputs": f"{len(texts)} SST-2 dev sentences, one per request", **{k: summary(v) for k, v in ms.items()}}
         res["rest_minus_in_process_p50_ms"] = res["rest"]["p50_ms"] - res["in_process"]["p50_ms"]
         text = "\n".join([
             "# The request path: REST against in-process", "",
             f"Produced by `{res['command']}`.", "",
             f"CPU: {res['hardware']['cpu_model']}, {os.cpu_count()} logical CPUs, {threads} threads; served: "
-            f"precision {res['served']['precision']}, runtime {res['served']['runtime']}; {res['inputs']}, "
-            f"{args.requests} per path, the two paths interleaved.", "",
+            f"precision {res['served']['precision']}, runtime {res['served']['runtime']}, log level "
+            f"{args.log_level}; {res['inputs']}, {args.requests} per path, the two paths interleaved; load average "
+            f"{res['loadavg_start']} at start, {res['loadavg_end']} at end.", "",
             "| path | p50 ms | p99 ms | mean ms |", "|---|---|---|---|",
             *(f"| {k} | {res[k]['p50_ms']:.2f} | {res[k]['p99_ms']:.2f} | {res[k]['mean_ms']:.2f} |"
               for k in ("rest", "in_process", "healthz")), "",

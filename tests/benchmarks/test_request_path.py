@@ -20,3 +20,4 @@ def test_short_run_measures_both_paths(tmp_path):
     assert res["rest_minus_in_process_p50_ms"] == pytest.approx(res["rest"]["p50_ms"] - res["in_process"]["p50_ms"])
     assert res["served"]["precision"] in ("fp32", "bf16", "int8") and res["served"]["runtime"] in ("torch", "onnxruntime")
     assert "REST minus in-process" in out.with_suffix(".md").read_text()
+    assert res["server_log_level"] == "INFO"  # the server's default: access lines on, as users run it
