@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
@@ -238,3 +239,31 @@ def _settle(p: _Pending, out: Any = None, exc: BaseException | None = None) -> N
         p.future.set_exception(exc)
     else:
         p.future.set_result(out)
+
+
+async def run_unless_gone(executor: Executor | None, fn: Callable[..., list], items: list, prepared: list) -> list:
+    """``fn(items, prepared, gone)`` on ``executor`` (None: the loop's default pool), dropped unrun if the request's
+    client leaves while it waits there (:data:`client_gone`): a call already running finishes, its answer unused
+    (``gone()`` tells a pass waiting for the lock to skip itself).
+
+    Raises:
+        ClientGone: the client left first.
+    """
+    loop = asyncio.get_running_loop()
+    run = contextvars.copy_context().run  # the request's trace context in the executor's thread
+    left = threading.Event()
+    work = loop.run_in_executor(executor, run, fn, items, prepared, left.is_set)
+    gone = client_gone.get()
+    if gone is None:
+        return await work
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if work.done():
+        return work.result()
+    left.set()  # a pass waiting for the lock skips itself (one already running finishes, its answer unused)
+    work.cancel()  # not yet started on the executor: never runs
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late error is not logged as lost
+    raise ClientGone(f"the client left while {sum(len(r) for _, r in items)} rows waited for a pass")

@@ -16,9 +16,7 @@ run outside it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import contextvars
 import os
 import logging
 import threading
@@ -34,7 +32,7 @@ from mask_store.format import BundleHeader
 from mask_store.local import LocalMaskStore
 from mask_store.store import MaskStore
 from service.admission import Admission, observed
-from service.batcher import ClientGone, MicroBatcher, client_gone
+from service.batcher import MicroBatcher, run_unless_gone
 from service.forward import Forward, PredictOptions, PredictRequest, Rows
 from service.passes import Passes, Prepared, check_request
 from service.masked_linear import MaskedLinear, wrap_backbone
@@ -233,12 +231,8 @@ class Engine:
         self.metrics.forget(task)
 
     def invalidate(self, task: str) -> None:
-        """Drop ``task`` from the caches now (after an upload replaced it or a delete).
-
-        Optional for correctness: a cache hit also compares the store's file identity
-        (:meth:`MaskStore.version`: a file identity, or an object's ETag) and reloads a replaced task, so workers that share the
-        store but did not handle the upload serve the new bundle too. Calling it frees the memory at once.
-        """
+        """Drop ``task`` from the caches now (after an upload replaced it or a delete); optional for correctness (a
+        cache hit compares the store's :meth:`MaskStore.version` and reloads a replaced task), it frees the memory."""
         self.tasks.drop(task)  # calls _forget
 
     def _forget(self, task: str) -> None:
@@ -248,41 +242,20 @@ class Engine:
 
     # ---- inference ------------------------------------------------------------------------------
     def logits_mixed(self, items: Sequence[tuple[str, Rows]]) -> list[torch.Tensor]:
-        """Head outputs for the rows of several tasks, with as few forward passes as possible.
-
-        Rows are sorted into per-task segments (a task named by several items forms one
-        segment) and cut into batches of at most ``max_batch_size`` rows (and, on the device
-        tier, at most ``device_slots`` tasks); each batch is ONE forward pass in which every
-        masked layer applies each segment's mask.
-
-        Args:
-            items: ``(task, rows)`` pairs; ``rows`` as in :meth:`logits`.
-
-        Returns:
-            One float32 ``[len(rows), num_outputs]`` tensor per item, in the order of ``items``.
-
-        Raises:
-            TaskNotFound, BundleInvalid, BackboneMismatch, TaskTooLarge. InputInvalid: an item's
-            rows are pairs for a single-sentence task or the reverse.
-        """
+        """Head outputs, one float32 ``[len(rows), num_outputs]`` per ``(task, rows)`` item, in order, from as few
+        mixed-task passes as possible (:meth:`service.passes.Passes.mixed`, which says how and what it raises)."""
         return self.passes.mixed(items)[0]
 
     def predict_mixed(self, items: Sequence[tuple[str, Rows]],
                       options: Sequence[PredictOptions | None] | None = None) -> list[list[dict]]:
-        """:meth:`logits_mixed` decoded into predictions (as :meth:`predict`), one list per item.
-
-        ``options``: one per item (None: the defaults), as :class:`service.forward.PredictOptions`.
-        Each item is decoded with the header of the bundle its forward pass used, so a task
-        replaced while the request waited is answered wholly by the old or wholly by the new bundle.
-        Raises as :meth:`logits_mixed`; InputInvalid as :meth:`service.forward.Forward.tokenize`.
-        """
+        """:meth:`logits_mixed` decoded into predictions (as :meth:`predict`), one list per item, each with the
+        header of the bundle its pass used (:meth:`service.passes.Passes.predict_mixed`)."""
         return self.passes.predict_mixed(items, options=options)
 
     def _predict_prepared(self, items: Sequence[tuple[str, Rows]], prepared: Sequence[Prepared],
                           cancelled=None) -> list[list[dict]]:
         """The batcher's forward: :meth:`service.passes.Passes.run_prepared`."""
         return self.passes.run_prepared(items, prepared, cancelled)
-
 
     def logits(self, task: str, rows: list[tuple[str, str | None]]) -> torch.Tensor:
         """Head outputs ``[len(rows), num_outputs]`` float32 for ``task`` (a mixed batch of one task).
@@ -294,12 +267,9 @@ class Engine:
         return self.passes.mixed([(task, rows)])[0][0]
 
     def check_inputs(self, req: PredictRequest) -> BundleHeader:
-        """The header of ``req.task`` after checking that the inputs fit it (single texts or pairs) and
-        that a regression task is not asked for classification-only options.
-
-        A cheap early check, before a request joins a batch: it reads the resident header, or the
-        store's header (no torch work) when the task is not resident. The forward pass checks again
-        against the bundle it actually uses.
+        """The header of ``req.task`` after checking that the inputs fit it (single texts or pairs) and that a
+        regression task is not asked for classification-only options (a cheap early check on the resident or stored
+        header; the pass checks again against the bundle it uses).
 
         Raises:
             TaskNotFound: no such task. InputInvalid: pairs for a single-sentence task or the reverse;
@@ -309,7 +279,6 @@ class Engine:
         header = self.tasks.header(req.task)
         check_request(req, header)
         return header
-
 
     def observed(self, req: PredictRequest) -> contextlib.AbstractContextManager:
         """Count and time ``req`` around the block it wraps (:func:`service.admission.observed`)."""
@@ -366,42 +335,22 @@ class Engine:
             return (await self._run_unless_gone([(req.task, req.inputs)], [prepared]))[0]
 
     async def _run_unless_gone(self, items: Sequence[tuple[str, Rows]], prepared: Sequence[Prepared]) -> list:
-        """:meth:`_predict_prepared` on the forward thread, dropped unrun if the request's client leaves while it
-        waits for that thread (:data:`service.batcher.client_gone`): a pass already running finishes, its answer
-        unused.
-
-        Raises:
-            ClientGone: the client left first.
-        """
-        loop = asyncio.get_running_loop()
-        run = contextvars.copy_context().run  # the request's trace context in the forward thread
-        left = threading.Event()
-        work = loop.run_in_executor(self._forward_thread, run, self._predict_prepared, items, prepared, left.is_set)
-        gone = client_gone.get()
-        if gone is None:
-            return await work
-        waiter = asyncio.ensure_future(gone.wait())
-        try:
-            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if work.done():
-            return work.result()
-        left.set()  # a pass waiting for the lock skips itself (one already running finishes, its answer unused)
-        work.cancel()  # not yet started on the forward thread: never runs
-        work.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late error is not logged as lost
-        raise ClientGone(f"the client left while {sum(len(r) for _, r in items)} rows waited for a pass")
+        """:meth:`_predict_prepared` on the forward thread unless the client leaves first
+        (:func:`service.batcher.run_unless_gone`)."""
+        return await run_unless_gone(self._forward_thread, self._predict_prepared, items, prepared)
 
     def _is_hot(self, req: PredictRequest) -> bool:
         """Whether preparing ``req`` can run on the event loop: its task resident and, where the tier has a hot
-        cache, hot (nothing to load or promote), the store local (its freshness check is one ``stat``, not a
-        network call), and the request small (its tokenization takes well under a millisecond). A bundle replaced
-        by another worker since is still reloaded there, once."""
+        cache, hot or with its sparse form held (nothing to load or build), the store local (its freshness check is
+        one ``stat``, not a network call), and the request small (its tokenization takes well under a millisecond).
+        A bundle replaced by another worker since is still reloaded there, once."""
         if not isinstance(self.store, LocalMaskStore):
             return False
         if sum(len(a) + len(b or "") for a, b in req.inputs) > INLINE_PREPARE_CHARS:
             return False
-        return self.tasks.is_resident(req.task) and (self.hot is None or req.task in self.hot.tasks)
+        sparse = getattr(self.compute_tier, "sparse", None)
+        return self.tasks.is_resident(req.task) and (self.hot is None or req.task in self.hot.tasks
+                                                     or (sparse is not None and req.task in sparse.tasks))
 
     async def predict_fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
         """Predictions for several requests (a fan-out: the same inputs for several tasks) from ONE call
