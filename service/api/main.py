@@ -88,9 +88,12 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         await engine.close()
 
     # /docs with local assets: service.api.openapi.install (FastAPI's default pages load theirs from a CDN)
+    # FastAPI's own OpenTelemetry (spans per request and stage, metrics, logs) is on whenever the process has a
+    # global provider, whatever SUPERMASK_OTEL_TRACING says: off with it, so tracing off costs no OTel work
+    telemetry = None if settings.otel_tracing else {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(title="supermask", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Multi-task server for supermask-fine-tuned BERT: one int8 backbone, "
-                  "one bit-packed mask + head per task.")
+                  telemetry=telemetry, description="Multi-task server for supermask-fine-tuned BERT: one int8 "
+                  "backbone, one bit-packed mask + head per task.")
     app.state.supermask = AppState(settings=settings, backbone=backbone, store=store, engine=engine, metrics=metrics)
     app.state.ready = False
     errors.install(app)

@@ -55,6 +55,21 @@ def test_tracing_is_off_by_default(tiny_backbone, tmp_path):
     assert not tracing.enabled()
 
 
+def test_tracing_off_makes_no_span_even_when_the_process_has_a_tracer_provider(tiny_backbone, tmp_path, monkeypatch):
+    """FastAPI traces every request natively once a global provider is set (by ``opentelemetry-instrument``, another
+    library): with tracing off, the server makes no span of its own either way."""
+    from opentelemetry import trace
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    with _client(tiny_backbone, tmp_path) as c:
+        assert c.post("/v1/tasks/t/predict", json=INPUTS).status_code == 200
+        assert c.get("/healthz").status_code == 200
+    assert exporter.get_finished_spans() == ()
+
+
 @pytest.mark.parametrize("batching", [True, False])
 def test_a_predict_is_traced_stage_by_stage(spans, tiny_backbone, tmp_path, batching):
     with _client(tiny_backbone, tmp_path, otel_tracing=True, batching=batching) as c:
