@@ -153,6 +153,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate_bundle(args.bundle, data_dir=args.data_dir, backbone=args.backbone, scores=args.scores,
                              samples=args.samples, dev_limit=args.dev_limit, glue_task=args.glue_task,
                              bernoulli_per=args.bernoulli_per, precision=args.precision, runtime=args.runtime,
+                             form=args.form,
                              test_file=args.test_file,
                              text_column=args.text_column, text_pair_column=args.text_pair_column,
                              label_column=args.label_column)
@@ -511,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="what runs the bf16 / int8 hot tier, as SUPERMASK_CPU_RUNTIME: 'onnxruntime' (int8 only), "
                         "'torch', or 'auto' (onnxruntime for int8 where it runs)")
+    e.add_argument("--form", choices=("hot", "sparse"), default="hot",  # supermask.evaluate.FORMS (torch-heavy import)
+                   help="bf16 / int8: serve the mask through its hot form ('hot', default: the task's masked weights "
+                        "materialised, as a frequently asked task is) or its sparse form ('sparse': the backbone's "
+                        "plain product minus the task's sparse correction, as a task that is not hot is)")
     e.set_defaults(func=_evaluate)
 
     r = sub.add_parser("refit-head", help="refit a bundle's task head on its own served mask (writes a new bundle)",

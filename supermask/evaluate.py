@@ -28,6 +28,11 @@ from training.glue import calibration, compute_metrics, get_task, read_split
 from training.trainer import evaluate_bernoulli, scores_path
 from training.model import SupermaskModel
 
+FORMS = ("hot", "sparse")
+"""How ``evaluate_bundle`` serves a bf16 / int8 task: its materialised weights, or its sparse form."""
+NEVER_PROMOTE = 1 << 30
+"""``hot_promote_after`` that keeps a task on its sparse form for a whole evaluation."""
+
 
 def recorded_config(training: dict, need_task: bool) -> tuple[str | None, int]:
     """The GLUE task and weight width a bundle's header records (``training["config"]``, as ``supermask
@@ -62,6 +67,7 @@ def recorded_config(training: dict, need_task: bool) -> tuple[str | None, int]:
 def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None, scores: str | None = None,
                     samples: int | None = 10, dev_limit: int | None = None, glue_task: str | None = None,
                     batch_size: int = 64, bernoulli_per: str = "batch", precision: str = "fp32", runtime: str = "auto",
+                    form: str = "hot",
                     identical_pairs: int = 200, test_file: str | None = None, text_column: str | None = None,
                     text_pair_column: str | None = None, label_column: str | None = None) -> dict:
     """Evaluate a bundle on its GLUE task's dev split, or on the user's own labeled file (``test_file``).
@@ -74,7 +80,9 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
 
     ``precision``: the server's CPU compute precision to serve it in ("fp32", "bf16", "int8" or "auto",
     see :class:`service.settings.Settings`); recorded in the result (resolved). ``runtime``: what runs a bf16 /
-    int8 hot tier ("auto", "torch", "onnxruntime"); recorded too.
+    int8 hot tier ("auto", "torch", "onnxruntime"); recorded too. ``form`` (bf16 / int8): "hot" serves the task
+    through its materialised weights, "sparse" through its sparse form (:mod:`service.sparse_forms`, never promoted);
+    recorded too.
 
     ``identical_pairs`` (sentence-pair regression, STS-B): also score that many distinct dev first sentences
     paired with themselves (gold would be 5), ``result["identical_pairs"] = {"n", "mean", "min",
@@ -92,6 +100,7 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         the bundle does not know, ...), FileNotFoundError; ValueError (``bernoulli_per``).
     """
     check_choice("bernoulli_per", bernoulli_per, BERNOULLI_PER)  # before any loading
+    check_choice("form", form, FORMS)
     data = Path(bundle_path).read_bytes()
     bundle = decode_bundle(data)
     header = bundle.header
@@ -119,7 +128,8 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         store = LocalMaskStore(tmp)
         store.put(header.task, data, bb.fingerprint)
         engine = Engine(bb, store, Metrics(), cache_bytes=1 << 34, max_batch_size=batch_size, device="cpu",
-                        precision=precision, runtime=runtime)
+                        precision=precision, runtime=runtime,
+                        hot_promote_after=1 if form == "hot" else NEVER_PROMOTE)
         outs = []
         for i in tqdm(range(0, len(dev), batch_size), desc=f"dev {task.name} (served mask, {engine.precision})",
                       leave=False):
@@ -139,6 +149,7 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         "dev_examples": len(dev),
         "precision": engine.precision,
         "runtime": engine.compute_tier.runtime,
+        "form": form if engine.precision in ("bf16", "int8") else None,
         "sparsity": header.sparsity,
         "deterministic": compute_metrics(task, preds, golds),
         "recorded": header.metrics.get("deterministic", {}) if test_file is None
