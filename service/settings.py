@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, gt=0)
     """torch intra-op threads (None: torch's default)."""
 
-    # ---- Ray Serve (``supermask serve --ray``, service/ray_app.py) ----
+    # ---- Ray Serve (``supermask serve --ray``, service/fleet/) ----
     ray_address: str | None = None
     """Ray cluster to deploy on: None starts a local Ray instance (or joins the one ``RAY_ADDRESS`` names);
     ``auto`` or ``ray://host:10001`` an existing cluster."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -259,8 +260,18 @@ def test_a_bf16_server_reports_precision_and_tiers_and_matches_fp32(tiny_backbon
             answers[precision] = r.json()["predictions"]
             health = client.get("/healthz").json()
             assert health["precision"] == precision
-            assert client.get("/v1/tasks/toy").json()["tier"] == ("hot" if precision == "bf16" else "warm")
-            assert (health["hot_tasks"] == 1) if precision == "bf16" else health["hot_tasks"] is None
+            assert client.get("/v1/tasks/toy").json()["tier"] == "warm"  # bf16: asked for once, its sparse form served
+            if precision == "bf16":
+                assert health["hot_tasks"] == 0 and health["tiers"]["sparse"]["tasks"] == 1
+                # the second request earns it a place (SUPERMASK_HOT_PROMOTE_AFTER=2), promoted in the background
+                assert client.post("/v1/tasks/toy/predict", json={"inputs": texts}).status_code == 200
+                deadline = time.monotonic() + 30
+                while client.get("/v1/tasks/toy").json()["tier"] != "hot" and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert client.get("/v1/tasks/toy").json()["tier"] == "hot"
+                assert client.get("/healthz").json()["hot_tasks"] == 1
+            else:
+                assert health["hot_tasks"] is None and "sparse" not in health["tiers"]
     for a, b in zip(answers["fp32"], answers["bf16"]):
         assert a["label"] == b["label"]
         assert b["scores"] == pytest.approx(a["scores"], abs=0.02)
