@@ -42,7 +42,7 @@ import torch
 
 from backbone import Backbone
 from mask_store.errors import BackboneMismatch, TaskNotFound
-from mask_store.coding import CODING_GAPS
+from mask_store.coding import CODING_GAPS, CODING_PACKED
 from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, BundleInvalid, decode_mask_section, pruned_positions
 from mask_store.store import MaskStore
 from service.errors import TaskTooLarge
@@ -121,11 +121,9 @@ class LayerState:
         where the matrix is coded, :func:`mask_store.format.pruned_positions`)."""
         if self.coded is not None:
             return pruned_positions(CODING_GAPS, self.coded, self.shape, self.zeros)
-        bits = self.bits()
-        if bits is None:
+        if self.packed is None:
             return np.zeros(0, dtype=np.int64)
-        n = self.shape[0] * self.shape[1]
-        return np.flatnonzero(np.unpackbits(bits.cpu().numpy(), count=n, bitorder="big") == 0)
+        return pruned_positions(CODING_PACKED, self.packed.cpu().numpy().tobytes(), self.shape, None)
 
     def nbytes(self) -> int:
         n = csr_nbytes(self.pruned) + (len(self.coded) if self.coded is not None else 0)

@@ -142,3 +142,27 @@ def test_a_background_promotion_serves_the_request_through_the_sparse_form(tiny_
     assert _metric(engine, 'supermask_hot_admissions_total{decision="promoted"}') == 1
     assert _metric(engine, 'supermask_hot_admissions_total{decision="sparse"}') >= 1
     torch.testing.assert_close(engine.logits("s10", ROWS), first, rtol=0.02, atol=0.02)
+
+
+def test_a_v2_bundle_is_served_through_its_sparse_form_from_its_packed_bits(tiny_backbone, tiny_backbone_dir, tmp_path):
+    """A v2 bundle (packed bits, no coded gaps): the warm form keeps the bits, the sparse form scans them, and the
+    answer is the v3 bundle's (the same masks)."""
+    from mask_store.format import decode_bundle, encode_bundle
+    from mask_store.local import LocalMaskStore
+    from tests.conftest import make_bundle
+
+    v3 = decode_bundle(make_bundle(tiny_backbone, "t", sparsity=0.2, seed=5))
+    h = v3.header
+    masks = {m.name: v3.mask_array(m.name) for m in h.masks}
+    v2 = encode_bundle(task="t", problem_type=h.problem_type, labels=list(h.labels), max_seq_length=h.max_seq_length,
+                       backbone_fingerprint=h.backbone_fingerprint, masks=masks, head=v3.head, format_version=2)
+    answers = {}
+    for version, data in (("v2", v2), ("v3", make_bundle(tiny_backbone, "t", sparsity=0.2, seed=5))):
+        store = LocalMaskStore(tmp_path / version)
+        store.put("t", data, tiny_backbone.fingerprint)
+        engine = _engine(tiny_backbone_dir, store, hot_promote_after=1000)
+        answers[version] = engine.logits("t", ROWS)
+        states = list(engine.warm("t").layers.values())
+        assert all((st.packed is not None) == (version == "v2") for st in states)
+        assert engine.tier("t") == "warm" and "t" in engine.compute_tier.sparse.tasks
+    torch.testing.assert_close(answers["v2"], answers["v3"], rtol=0, atol=0)
