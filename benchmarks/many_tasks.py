@@ -26,7 +26,7 @@ checksum); the server shares nothing between tasks by content, so copies cost it
 The peer's files are per distinct mask too (hard links under each task's name), only for the tasks its
 phases use; the page cache may then serve a copied task's file from memory (the server's bundles likewise).
 
-    .venv/bin/python benchmarks/many_tasks.py --data-dir $GLUE_DIR                 # 100, 1,000, 10,000 (~40 min)
+    .venv/bin/python benchmarks/many_tasks.py --data-dir $GLUE_DIR                 # 100, 1,000, 10,000 (~45 min)
     .venv/bin/python benchmarks/many_tasks.py --quick --data-dir $GLUE_DIR         # 100 and 1,000, shorter
 """
 
@@ -216,8 +216,12 @@ SERIES = {  # figure -> (series, label filter) read from this server's /metrics
 
 
 def snapshot(client: httpx.Client) -> dict:
+    """The :data:`SERIES` sums of this server's /metrics, and the page's size (bytes) and fetch time (ms)."""
+    t0 = time.perf_counter()
     text = client.get("/metrics").text
-    return {k: metric_sum(text, name, labels) for k, (name, labels) in SERIES.items()}
+    fetch_ms = (time.perf_counter() - t0) * 1e3
+    return {**{k: metric_sum(text, name, labels) for k, (name, labels) in SERIES.items()},
+            "metrics_page_bytes": len(text.encode()), "metrics_fetch_ms": fetch_ms}
 
 
 def tiers(before: dict, after: dict, requests: int, background: bool = True) -> dict:
@@ -387,6 +391,7 @@ def measure(kind: str, procs, work, opts, n: int, texts: list[str], touch: bool,
         ok = res["stream"]["requests"]
         if ours:
             m2 = snapshot(client)
+            res["metrics_page"] = {"bytes": m2["metrics_page_bytes"], "fetch_ms": round(m2["metrics_fetch_ms"], 1)}
             background = {**opts.server_env, **(env_extra or {})}.get(
                 "SUPERMASK_HOT_PROMOTE_BACKGROUND", "true").lower() not in ("0", "false", "no", "off")
             if touch:
@@ -534,10 +539,17 @@ def markdown(res: dict) -> str:
             tt = r.get("stream_tiers", {})
             extra = (f"; stream deltas {', '.join(f'{k} {v:g}' for k, v in tt['delta'].items())}"
                      if "delta" in tt else f"; session loads in the stream {tt.get('session_loads')}")
+            if r.get("metrics_page"):
+                extra += f"; /metrics page {r['metrics_page']['bytes']:,} bytes, {r['metrics_page']['fetch_ms']} ms"
+            if r.get("touch"):
+                extra += f"; touch phase {r['touch']['wall_s']} s"
             if r.get("touch_tiers"):
-                extra += (f"; touch phase: cold {r['touch_tiers']['cold_ratio']:.0%}, swap-in "
-                          f"{r['touch_tiers']['swap_in_ms_per_request']:.1f} ms per request (mean promotion "
-                          f"{r['touch_tiers']['mean_promotion_ms'] or 0:.1f} ms)")
+                tt = r["touch_tiers"]
+                means = [f"mean {what} {tt[k]:.1f} ms" for what, k in (("promotion", "mean_promotion_ms"),
+                                                                       ("sparse-form build", "mean_sparse_form_ms"))
+                         if tt.get(k) is not None]
+                extra += (f": cold {tt['cold_ratio']:.0%}, swap-in {tt['swap_in_ms_per_request']:.1f} ms per request"
+                          + (f" ({', '.join(means)})" if means else ""))
             md.append(f"* {int(n):,} tasks, {kind}: started in {r['start_s']} s (RSS {r['rss_start_mib']:.0f} MiB); "
                       f"hot task {r['hot']['throughput_rps']:.0f} req/s; stream {r['stream']['wall_s']} s, RSS after "
                       f"{r['rss_after_stream_mib']:.0f} MiB{extra}")
