@@ -77,10 +77,10 @@ def observed(metrics: Metrics, task: str, rows: int, known: Callable[[], bool]) 
     try:
         yield
     except Exception:
-        metrics.requests.labels(task if known() else "_unknown", "error").inc()
+        metrics.requests.labels(metrics.task(task) if known() else "_unknown", "error").inc()
         raise
     if not known():  # deleted while it was answered: its series were removed with it, and stay removed
         return
-    metrics.request_seconds.labels(task).observe(time.perf_counter() - t0)
-    metrics.requests.labels(task, "ok").inc()
-    metrics.rows.labels(task).observe(rows)
+    metrics.request_seconds.labels(metrics.task(task)).observe(time.perf_counter() - t0)
+    metrics.requests.labels(metrics.task(task), "ok").inc()
+    metrics.rows.labels(metrics.task(task)).observe(rows)

@@ -166,7 +166,7 @@ class DeviceTaskCache:
         self.last_swap_in_seconds = dt
         self.slot_of[task] = slot
         if self.metrics is not None:
-            self.metrics.device_swap_in_seconds.labels(task).observe(dt)
+            self.metrics.device_swap_in_seconds.labels(self.metrics.task(task)).observe(dt)
         self._set_gauge()
         log.debug("swapped task %s into device slot %d in %.3f ms", task, slot, dt * 1e3)
         return slot

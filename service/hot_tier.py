@@ -316,7 +316,7 @@ class HotCache:
     def _observe(self, task: str, seconds: float) -> None:
         """Record one build's duration."""
         if self.metrics is not None:
-            self.metrics.hot_promotion_seconds.labels(task).observe(seconds)
+            self.metrics.hot_promotion_seconds.labels(self.metrics.task(task)).observe(seconds)
 
     def _promote(self, task: str, entry: LoadedTask) -> tuple[Any, int]:
         """``task``'s hot form built from ``entry`` and its bytes (outside the cache's lock)."""

@@ -14,6 +14,8 @@ LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 LOAD_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 SWAP_IN_BUCKETS_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OTHER_TASK = "_other"
+"""The ``task`` label of the tasks beyond ``Metrics.max_task_labels``."""
 
 
 class Metrics:
@@ -59,9 +61,19 @@ class Metrics:
     supermask_admitted_requests                      gauge      predict requests queued or running now
     supermask_process_resident_memory_bytes          gauge      process RSS (and the other process_* series)
     ===============================================  =========  ==========================================
+
+    Args:
+        max_task_labels: most distinct values of the ``task`` label (None: unbounded). Each labelled task holds
+            about 60 series (measured: 10,000 tasks held 179 MiB of series and took 6.5 s to render, a 48 MB
+            scrape); past the bound, a task not yet labelled is counted under ``task="_other"`` (its own bytes
+            gauge is not kept), and a deleted task frees its label. ``SUPERMASK_METRICS_MAX_TASK_LABELS``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_task_labels: int | None = None) -> None:
+        if max_task_labels is not None and max_task_labels < 0:
+            raise ValueError(f"max_task_labels must be >= 0, got {max_task_labels}")
+        self.max_task_labels = max_task_labels
+        self._labelled: set[str] = set()
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_seconds = Histogram(f"{PREFIX}_request_duration_seconds", "Predict latency in seconds.",
@@ -127,6 +139,29 @@ class Metrics:
         self.quarantined = Counter(f"{PREFIX}_quarantined_bundles", "Corrupt stored bundles moved aside.", registry=r)
         ProcessCollector(namespace=PREFIX, registry=r)
 
+    def task(self, task: str) -> str:
+        """The ``task`` label value to record ``task`` under: its own name, or :data:`OTHER_TASK` once
+        ``max_task_labels`` other tasks hold labels."""
+        if task in self._labelled or self.max_task_labels is None:
+            return task
+        if len(self._labelled) < self.max_task_labels:
+            self._labelled.add(task)
+            return task
+        return OTHER_TASK
+
+    def set_task_bytes(self, task: str, nbytes: int) -> None:
+        """``supermask_resident_task_bytes{task}`` (not kept for a task beyond ``max_task_labels``)."""
+        label = self.task(task)
+        if label != OTHER_TASK:
+            self.resident_task_bytes.labels(label).set(nbytes)
+
+    def drop_task_bytes(self, task: str) -> None:
+        """Remove ``task``'s ``supermask_resident_task_bytes`` series (evicted; no-op when it has none)."""
+        try:
+            self.resident_task_bytes.remove(task)
+        except KeyError:
+            pass
+
     def forget(self, task: str) -> None:
         """Remove every series labelled with ``task`` (a deleted task), so that the label set stays the
         tasks that exist however many are uploaded and deleted over time."""
@@ -141,6 +176,7 @@ class Metrics:
                 self.requests.remove(task, outcome)
             except KeyError:
                 pass
+        self._labelled.discard(task)
 
     def render(self) -> bytes:
         """Prometheus text exposition of every collector."""

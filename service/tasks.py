@@ -343,7 +343,7 @@ class TaskTable:
             if entry is None:  # another thread is loading it
                 loaded = flight.wait()  # raises what that load raised
                 if count:
-                    self.metrics.cache_hits.labels(task).inc()
+                    self.metrics.cache_hits.labels(self.metrics.task(task)).inc()
                 return loaded
             try:
                 fresh = self.store.version(task) == entry.version
@@ -352,18 +352,18 @@ class TaskTable:
                 raise
             if fresh:
                 if count:
-                    self.metrics.cache_hits.labels(task).inc()
+                    self.metrics.cache_hits.labels(self.metrics.task(task)).inc()
                 return entry
             self._drop_if(task, entry)  # replaced in the store since it was loaded: load the new bundle
         try:
             entry = self._load(task)
-            self.metrics.cache_misses.labels(task).inc()  # after the load: no series for names not stored
+            self.metrics.cache_misses.labels(self.metrics.task(task)).inc()  # after the load: no series for names not stored
             with self._lock:
                 evicted = self.cache.put(task, entry, self.pinned)
                 for name in evicted or ():
                     self.evictions += 1
                     self.metrics.cache_evictions.inc()
-                    self.metrics.resident_task_bytes.remove(name)
+                    self.metrics.drop_task_bytes(name)
                 if evicted is not None:  # None: pinned tasks hold the budget; served, not kept
                     self._update_gauges(task, entry)
         except BaseException as exc:
@@ -381,7 +381,7 @@ class TaskTable:
         entry = self.builder.build(self.store.get(task))
         entry.version = version
         entry.load_seconds = time.perf_counter() - t0
-        self.metrics.load_seconds.labels(task).observe(entry.load_seconds)
+        self.metrics.load_seconds.labels(self.metrics.task(task)).observe(entry.load_seconds)
         log.info("loaded task %s in %.1f ms (%d resident bytes)", task, entry.load_seconds * 1e3, entry.nbytes)
         return entry
 
@@ -411,7 +411,7 @@ class TaskTable:
 
     def _pop(self, task: str) -> None:
         if self.cache.pop(task) is not None:
-            self.metrics.resident_task_bytes.remove(task)
+            self.metrics.drop_task_bytes(task)
         self._update_gauges()
 
     def is_resident(self, task: str) -> bool:
@@ -424,6 +424,6 @@ class TaskTable:
 
     def _update_gauges(self, task: str | None = None, entry: LoadedTask | None = None) -> None:
         if task is not None and entry is not None:
-            self.metrics.resident_task_bytes.labels(task).set(entry.nbytes)
+            self.metrics.set_task_bytes(task, entry.nbytes)
         self.metrics.resident_tasks.set(len(self.cache.tasks))
         self.metrics.cache_bytes.set(self.cache.used_bytes)

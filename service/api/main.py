@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         lean = not needs_model_forward(settings.device, settings.kernel_path, settings.cpu_precision,
                                        settings.cpu_runtime)
         backbone = load_backbone(settings.backbone_path, bits=settings.backbone_bits, weights_only=lean)
-    metrics = Metrics()
+    metrics = Metrics(max_task_labels=settings.metrics_max_task_labels)
     store = open_store(settings.store_location(), max_bundle_bytes=settings.max_bundle_bytes,
                        options=settings.store_options,
                        on_quarantine=lambda task, reason: metrics.quarantined.inc())
