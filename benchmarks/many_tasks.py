@@ -67,6 +67,7 @@ SCALE = {
 SENTENCES = 872  # SST-2 dev (all of it)
 REQUEST_TIMEOUT_S = 600.0
 HEADROOM = 0.15  # share of the cap left free beside the budgets (allocator slack, a build's transient buffers)
+SPARSE_BYTES_PER_TASK = 8 * 0.03 * 10.6e6  # a MiniLM sparse form at the tasks' mean 3 % pruned (8 bytes a weight)
 CALIBRATION_TASKS = 4  # tasks touched to measure the per-task memory of each server
 
 
@@ -321,20 +322,22 @@ def calibrate_ours(procs, work, opts, texts) -> dict:
             "base_rss_mib": rss[-1] - held / MiB, "healthz": health}
 
 
-def split_cap(cap_bytes: int, cal: dict, n_tasks: int, warm_fraction: float) -> dict:
-    """This server's budgets under ``cap_bytes``: what is left beside the measured base RSS, a headroom of
-    :data:`HEADROOM` of the cap and the sparse forms' budget (the server's, ``SUPERMASK_SPARSE_CACHE_BYTES``, as its
-    /healthz reported it) goes to the warm cache, enough for every task but at most ``warm_fraction`` of it, the
-    rest to the hot tier; each budget holds at least two tasks (then the cap may not be kept: ``fits``)."""
-    avail = cap_bytes - cal["base_rss_mib"] * MiB - HEADROOM * cap_bytes - cal.get("sparse_cache_bytes", 0)
+def split_cap(cap_bytes: int, cal: dict, n_tasks: int, warm_fraction: float, sparse_fraction: float = 0.5) -> dict:
+    """This server's budgets under ``cap_bytes``: what is left beside the measured base RSS and a headroom of
+    :data:`HEADROOM` of the cap goes to the warm cache, enough for every task but at most ``warm_fraction`` of it;
+    of the rest ``sparse_fraction`` to the sparse forms (``SUPERMASK_SPARSE_CACHE_BYTES``) and the remainder to the
+    hot tier; each budget holds at least two tasks (then the cap may not be kept: ``fits``)."""
+    avail = cap_bytes - cal["base_rss_mib"] * MiB - HEADROOM * cap_bytes
     warm_task, hot_task = max(cal["warm_bytes_per_task"], 1.0), max(cal["hot_bytes_per_task"], 1.0)
     warm = min(1.05 * n_tasks * warm_task, warm_fraction * max(avail, 0.0))
     warm = int(max(warm, 2 * warm_task))
-    hot = int(max(avail - warm, 2 * hot_task))
+    rest = max(avail - warm, 0.0)
+    sparse = int(sparse_fraction * rest)
+    hot = int(max(rest - sparse, 2 * hot_task))
     return {"available_bytes": int(avail), "cache_bytes": warm, "hot_cache_bytes": hot,
-            "sparse_cache_bytes": cal.get("sparse_cache_bytes", 0),
+            "sparse_cache_bytes": sparse, "sparse_tasks_fit": int(sparse // SPARSE_BYTES_PER_TASK),
             "warm_tasks_fit": int(warm // warm_task), "hot_tasks_fit": int(hot // hot_task),
-            "fits": warm + hot <= max(avail, 0)}
+            "fits": warm + hot + sparse <= max(avail, 0)}
 
 
 def calibrate_peer(procs, work, opts, texts, cap_bytes: int) -> dict:
@@ -501,9 +504,9 @@ def markdown(res: dict) -> str:
           f"Calibration ({CALIBRATION_TASKS} tasks touched): base RSS {cal['ours']['base_rss_mib']:.0f} MiB, "
           f"{cal['ours']['warm_bytes_per_task']:,.0f} bytes per warm task, "
           f"{cal['ours']['hot_bytes_per_task']:,.0f} per hot task (as the server counts them). The cap is "
-          f"split as: cap − base RSS − {HEADROOM:.0%} headroom − the sparse forms' budget (the server's own "
-          f"`SUPERMASK_SPARSE_CACHE_BYTES`) goes to the warm cache (every task's warm form, at most "
-          f"{cfg['warm_fraction']:.0%} of it), the rest to the hot tier:", ""]
+          f"split as: cap − base RSS − {HEADROOM:.0%} headroom goes to the warm cache (every task's warm form, at "
+          f"most {cfg['warm_fraction']:.0%} of it), {cfg.get('sparse_fraction', 0.5):.0%} of the rest to the sparse "
+          f"forms, the remainder to the hot tier:", ""]
     md += ["| tasks | SUPERMASK_CACHE_BYTES | warm tasks it holds | SUPERMASK_HOT_CACHE_BYTES | hot tasks it holds | "
            "SUPERMASK_SPARSE_CACHE_BYTES |", "|---|---|---|---|---|---|"]
     for n, s in res["splits"].items():
@@ -581,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-gib", type=float, default=2.0, help="memory cap of each server (GiB)")
     ap.add_argument("--warm-fraction", type=float, default=0.5,
                     help="most of this server's budget beside its base RSS that goes to the warm cache")
+    ap.add_argument("--sparse-fraction", type=float, default=0.5,
+                    help="share of this server's budget left after the warm cache that goes to the sparse forms "
+                         "(the rest: the hot tier)")
     ap.add_argument("--sparsity-range", type=cpu_peers._list_of(float), default=[0.01, 0.05],
                     help="low,high: each mask's pruned fraction is drawn uniformly from it")
     ap.add_argument("--peers", type=cpu_peers._list_of(str, (PEER,), allow_empty=True), default=PEER,
@@ -617,8 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     low_high = args.sparsity_range
     if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] <= 1:
         ap.error(f"--sparsity-range takes low,high with 0 <= low <= high <= 1, got {low_high}")
-    if not args.memory_gib > 0 or not 0 < args.warm_fraction < 1:
-        ap.error("--memory-gib must be > 0 and --warm-fraction in (0, 1)")
+    if not args.memory_gib > 0 or not 0 < args.warm_fraction < 1 or not 0 <= args.sparse_fraction < 1:
+        ap.error("--memory-gib must be > 0, --warm-fraction in (0, 1) and --sparse-fraction in [0, 1)")
     bad = [e for e in args.server_env if not e.startswith("SUPERMASK_") or "=" not in e]
     if bad:
         ap.error(f"--server-env takes SUPERMASK_NAME=VALUE, got {', '.join(bad)}")
@@ -726,7 +732,8 @@ def run(args, command: str, procs: ServerProcesses, work: Path, t_start: float) 
         calibration["peer"] = calibrate_peer(procs, work, args, texts, cap)
         log(f"    peer: {calibration['peer']['session_rss_mib']:.1f} MiB per session, base "
             f"{calibration['peer']['base_rss_mib']:.0f} MiB: LRU of {calibration['peer']['lru']} sessions")
-    splits = {str(n): split_cap(cap, calibration["ours"], n, args.warm_fraction) for n in args.tasks_list}
+    splits = {str(n): split_cap(cap, calibration["ours"], n, args.warm_fraction, args.sparse_fraction)
+              for n in args.tasks_list}
 
     runs: dict[str, dict] = {}
     rows: list[dict] = []
@@ -738,7 +745,8 @@ def run(args, command: str, procs: ServerProcesses, work: Path, t_start: float) 
             log(f"[{time.perf_counter() - t_start:7.1f} s] {n:,} tasks: {kind}")
             split = splits[str(n)]
             env = ({"SUPERMASK_CACHE_BYTES": str(split["cache_bytes"]),
-                    "SUPERMASK_HOT_CACHE_BYTES": str(split["hot_cache_bytes"])} if kind == OURS else None)
+                    "SUPERMASK_HOT_CACHE_BYTES": str(split["hot_cache_bytes"]),
+                    "SUPERMASK_SPARSE_CACHE_BYTES": str(split["sparse_cache_bytes"])} if kind == OURS else None)
             touch = kind == OURS or n <= args.peer_touch_max
             if not touch:
                 skipped[f"{PEER} touch phase at {n:,} tasks"] = (f"a session per task would take too long "
@@ -761,6 +769,7 @@ def run(args, command: str, procs: ServerProcesses, work: Path, t_start: float) 
                      "loadavg_end": [round(x, 2) for x in os.getloadavg()], "versions": cpu_peers.versions()},
         "config": {"tasks_list": args.tasks_list, "requests": args.requests, "hot_requests": args.hot_requests,
                    "clients": args.clients, "memory_gib": args.memory_gib, "warm_fraction": args.warm_fraction,
+                   "sparse_fraction": args.sparse_fraction,
                    "distinct_masks": args.distinct_masks, "sparsity_range": args.sparsity_range, "seed": args.seed,
                    "threads": args.threads, "peers": args.peers, "peer_touch_max": args.peer_touch_max,
                    "server_env": args.server_env, "backbone": str(args.backbone_dir), "inputs": inputs,

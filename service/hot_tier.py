@@ -114,8 +114,11 @@ class HotCache:
             (False: the request that earns it waits, as without a fallback).
 
     With a fallback, admission is also frequency-based (as TinyLFU admits into an LRU): a task is kept only if it
-    has been asked for at least as often, recently, as every task it would evict (request counts halved every
-    ``window_s`` seconds), so a long tail of tasks each asked for a few times cannot churn the hot set.
+    has been asked for more often, recently, than every task it would evict (request counts halved every
+    ``window_s`` seconds), so a long tail of tasks each asked for a few times cannot churn the hot set; and at most
+    one promotion runs in the background at a time (a task that earns its place while another is being promoted
+    stays on its fallback and is considered again at its next request), so promotions never take more than one
+    core from the requests.
     """
 
     kind = "hot"
@@ -143,6 +146,7 @@ class HotCache:
         self._lru = TaskCache(capacity_bytes)  # task -> HotTask
         self._lock = threading.Lock()  # guards _lru / _promoting / _freq; never held while materialising
         self._promoting = Flights()  # (task, bundle identity) -> its build in progress
+        self._background = threading.Semaphore(1)  # one background promotion at a time
         if metrics is not None:
             self._metric("capacity_bytes").set(capacity_bytes)
             self._gauges()
@@ -195,6 +199,8 @@ class HotCache:
                                                        and (fallback is None or self._admits(task, entry)))
                     if fallback is not None and not keep:
                         break
+                    if fallback is not None and self.background and not self._background.acquire(blocking=False):
+                        break  # another promotion runs in the background: this task waits for its next request
                     flight, mine = self._promoting.join_or_start(key)
                     epoch = self._epochs.get(task, 0)
                     break
@@ -236,10 +242,13 @@ class HotCache:
         except Exception as exc:
             self._promoting.land(key, flight, self._lock, error=exc)
             if background:
+                self._background.release()
                 log.exception("background promotion of task %s failed; it stays on its fallback form", task)
                 return None
             raise
         self._promoting.land(key, flight, self._lock, value=form)
+        if background:
+            self._background.release()
         release_freed_memory()
         return form
 
@@ -253,7 +262,8 @@ class HotCache:
 
     def _admits(self, task: str, entry: LoadedTask) -> bool:
         """Whether ``task`` may take its place: it fits beside what is hot, or it was asked for at least as often as
-        every unpinned task the LRU would evict for it, and evicting those makes room (lock held)."""
+        every unpinned task the LRU would evict for it, more often than each, and evicting those makes room (lock
+        held)."""
         need = self.used_bytes - self.capacity_bytes + self.task_bytes(entry)
         if task in self.tasks:
             need -= self.tasks[task].nbytes
@@ -263,7 +273,7 @@ class HotCache:
                 break
             if name in self.pinned or name == task:
                 continue
-            if self._freq.get(name, 0.0) > freq:
+            if self._freq.get(name, 0.0) >= freq:  # a tie does not displace: equally asked tasks would churn
                 return False
             need -= hot.nbytes
         return need <= 0

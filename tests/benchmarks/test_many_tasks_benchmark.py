@@ -39,9 +39,12 @@ def test_zipf_plan_is_seeded_and_favours_its_first_ranks():
 def test_split_cap_fills_the_cap_and_keeps_two_tasks_per_tier_when_it_cannot():
     cal = {"base_rss_mib": 500.0, "warm_bytes_per_task": 300_000.0, "hot_bytes_per_task": 25 * MiB}
     cap = 2 * 2**30
-    few = many_tasks.split_cap(cap, cal, 100, 0.5)
-    assert few["fits"] and few["cache_bytes"] == int(1.05 * 100 * 300_000)  # every warm task, the rest hot
-    assert few["cache_bytes"] + few["hot_cache_bytes"] == pytest.approx(few["available_bytes"], abs=1)
+    few = many_tasks.split_cap(cap, cal, 100, 0.5, 0.25)
+    assert few["fits"] and few["cache_bytes"] == int(1.05 * 100 * 300_000)  # every warm task, the rest sparse / hot
+    rest = few["available_bytes"] - few["cache_bytes"]
+    assert few["sparse_cache_bytes"] == pytest.approx(0.25 * rest, abs=1)
+    assert few["cache_bytes"] + few["hot_cache_bytes"] + few["sparse_cache_bytes"] == pytest.approx(
+        few["available_bytes"], abs=2)
     assert few["available_bytes"] == int(cap - 500 * MiB - many_tasks.HEADROOM * cap)
     many = many_tasks.split_cap(cap, cal, 10_000, 0.5)
     assert many["cache_bytes"] == int(0.5 * many["available_bytes"]) and many["warm_tasks_fit"] < 10_000

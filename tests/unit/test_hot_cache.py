@@ -56,3 +56,28 @@ def test_a_form_built_while_its_task_is_dropped_is_not_kept():
     th.join(10)
     assert got == ["form of t"] and "t" not in cache.tasks and cache.used_bytes == 0
     assert cache.get("t", entry) == "form of t" and "t" in cache.tasks  # a later request promotes it afresh
+
+
+def test_one_background_promotion_at_a_time_and_ties_do_not_displace():
+    """With a fallback: a task that earns its place while another promotion runs in the background stays on its
+    fallback (no second build starts); a task asked for as often as the one it would evict does not displace it."""
+    gate = threading.Event()
+    cache = Cache(gate=gate, background=True)
+    cache.capacity_bytes = 100  # room for one task
+    entry = _entry()
+    fallback = lambda task, e: f"fallback of {task}"  # noqa: E731
+    assert cache.get("a", entry, fallback=fallback) == "fallback of a"  # a's promotion starts, blocked on the gate
+    assert cache.started.wait(10)
+    assert cache.get("b", entry, fallback=fallback) == "fallback of b" and cache.builds == 1  # no second build
+    gate.set()
+    deadline = time.monotonic() + 10
+    while "a" not in cache.tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(cache.tasks) == ["a"] and cache.get("a", entry) == "form of a"  # a: asked for twice now
+    assert cache.get("b", entry, fallback=fallback) == "fallback of b"  # b: twice too, a tie: a stays
+    assert cache.builds == 1 and list(cache.tasks) == ["a"]
+    cache.get("b", entry, fallback=fallback)  # b asked for more often than a: its promotion starts
+    deadline = time.monotonic() + 10
+    while "b" not in cache.tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(cache.tasks) == ["b"] and cache.builds == 2 and cache.evictions == 1
