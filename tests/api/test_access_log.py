@@ -7,6 +7,7 @@ import io
 import logging
 import pydoc
 import threading
+import time
 
 from asgi_correlation_id import CorrelationIdFilter
 from asgi_correlation_id.context import correlation_id
@@ -36,13 +37,19 @@ def test_access_lines_are_written_off_the_logging_thread_in_order_with_their_req
             logger.info("line %d", i)
         correlation_id.reset(token)
         logger.info("outside a request")
+        deadline = time.monotonic() + 10
+        while stream.getvalue().count("\n") < 51 and time.monotonic() < deadline:  # the writing thread's batch
+            time.sleep(0.01)
+        assert len(formatted_in) == 51 and threading.get_ident() not in formatted_in
+        logger.info("just before close")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.close()  # writes what is still queued
-    assert stream.getvalue().splitlines() == [f"[rid-1] line {i}" for i in range(50)] + ["[-] outside a request"]
-    assert len(formatted_in) == 51 and threading.get_ident() not in formatted_in
+    assert stream.getvalue().splitlines() == ([f"[rid-1] line {i}" for i in range(50)]
+                                              + ["[-] outside a request", "[-] just before close"])
     handler.close()  # a second close (logging's shutdown at exit) changes nothing
+    assert stream.getvalue().count("\n") == 52
 
 
 def test_the_server_log_configuration_uses_it_for_access_lines():
