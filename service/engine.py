@@ -341,7 +341,8 @@ class Engine:
 
     def _is_hot(self, req: PredictRequest) -> bool:
         """Whether preparing ``req`` can run on the event loop: its task resident and, where the tier has a hot
-        cache, hot or with its sparse form held (nothing to load or build), the store local (its freshness check is
+        cache, hot or with its sparse form held and promotions in the background (nothing to load or build), the
+        store local (its freshness check is
         one ``stat``, not a network call), and the request small (its tokenization takes well under a millisecond).
         A bundle replaced by another worker since is still reloaded there, once."""
         if not isinstance(self.store, LocalMaskStore):
@@ -349,8 +350,9 @@ class Engine:
         if sum(len(a) + len(b or "") for a, b in req.inputs) > INLINE_PREPARE_CHARS:
             return False
         sparse = getattr(self.compute_tier, "sparse", None)
-        return self.tasks.is_resident(req.task) and (self.hot is None or req.task in self.hot.tasks
-                                                     or (sparse is not None and req.task in sparse.tasks))
+        # a held sparse form only when promotions run in the background: else this request may promote, here
+        held = sparse is not None and self.hot.background and req.task in sparse.tasks
+        return self.tasks.is_resident(req.task) and (self.hot is None or req.task in self.hot.tasks or held)
 
     async def predict_fanout_async(self, reqs: Sequence[PredictRequest]) -> list[list[dict]]:
         """Predictions for several requests (a fan-out: the same inputs for several tasks) from ONE call

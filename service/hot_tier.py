@@ -8,10 +8,13 @@ Residency on the CPU in low precision (``SUPERMASK_CPU_PRECISION`` bf16 or int8)
   backbone's per-channel scales, prepacked for oneDNN; or bfloat16), so a hot
   request costs exactly a dense single-model forward. Held here, least
   recently used evicted beyond ``SUPERMASK_HOT_CACHE_BYTES``.
-* **warm** — the task's packed mask bits and head only (≈ the bundle's
-  bytes), in the host task cache (:mod:`service.tasks`). A pass that needs a
-  warm task promotes it (unpack + materialise; timed and exported as
-  ``supermask_hot_promotion_duration_seconds``).
+* **warm** — the task's masks as its bundle stores them (entropy-coded in v3, ~0.25 MB for MiniLM; packed bits
+  for v2) and head, in the host task cache (:mod:`service.tasks`). Where the tier has sparse forms
+  (:mod:`service.sparse_forms`) a warm task is served through its sparse form and promoted (unpack +
+  materialise; timed and exported as ``supermask_hot_promotion_duration_seconds``) only once it has earned its
+  place: ``promote_after`` requests within the window and, into a full tier, asked for more often than every task
+  it would evict; the promotion then runs on a background thread, one at a time. Without sparse forms a pass that
+  needs a warm task promotes it.
 * **cold** — in the store; loaded into the warm tier first.
 
 Matrices are materialised by *product group*: one module, or several that
@@ -147,6 +150,8 @@ class HotCache:
         self._lock = threading.Lock()  # guards _lru / _promoting / _freq; never held while materialising
         self._promoting = Flights()  # (task, bundle identity) -> its build in progress
         self._background = threading.Semaphore(1)  # one background promotion at a time
+        #: (task, bundle identity) whose promotion failed: not tried again for ``window_s`` (bounded)
+        self._failed: TTLCache = TTLCache(maxsize=10_000, ttl=window_s)
         if metrics is not None:
             self._metric("capacity_bytes").set(capacity_bytes)
             self._gauges()
@@ -175,17 +180,20 @@ class HotCache:
 
         ``fallback(task, entry)``: what serves a task that is not (yet) hot instead of building its hot form for
         one pass (the tier's sparse form); its result is returned then, and a promotion the task earned runs in
-        the background (``background``), or now.
+        the background (``background``), or now (a failed promotion then falls back too, logged). A task whose
+        promotion failed is not promoted again for ``window_s``.
 
         A hot entry from another bundle (a replacement) is rebuilt from ``entry``. The
         materialisation runs outside the tier's lock, once however many threads ask for the same
         ``(task, bundle)`` at a time (the others wait for it, or take the fallback).
         """
         key = (task, entry.identity)
-        mine = False
+        mine = counted = False
         while True:
             with self._lock:
-                self._count(task)
+                if not counted:
+                    self._count(task)
+                    counted = True
                 hot = self._lru.get(task)
                 if hot is not None and hot.identity == entry.identity:
                     return hot.form
@@ -194,12 +202,15 @@ class HotCache:
                     if seen is None:  # set once: the window runs from the first request, not the latest
                         seen = self._seen[task] = [0]
                     seen[0] += 1
+                    # re-checked when built: a frequency admission may no longer hold by then
+                    recheck = keep is None and fallback is not None and task not in self.pinned
                     if keep is None:
                         keep = task in self.pinned or (seen[0] >= self.promote_after
                                                        and (fallback is None or self._admits(task, entry)))
-                    if fallback is not None and not keep:
+                    if fallback is not None and (not keep or key in self._failed):
                         break
-                    if fallback is not None and self.background and not self._background.acquire(blocking=False):
+                    background = fallback is not None and self.background
+                    if background and not self._background.acquire(blocking=False):
                         break  # another promotion runs in the background: this task waits for its next request
                     flight, mine = self._promoting.join_or_start(key)
                     epoch = self._epochs.get(task, 0)
@@ -214,17 +225,31 @@ class HotCache:
         if not mine:  # not hot, not earned (or being promoted by another thread): the fallback serves it
             self._admitted("sparse")
             return fallback(task, entry)
-        if fallback is not None and self.background:
-            threading.Thread(target=self._build, args=(task, entry, key, flight, keep, epoch, True),
-                             name=f"promote-{task}", daemon=True).start()
+        args = (task, entry, key, flight, keep, epoch, recheck)
+        if background:
+            try:
+                threading.Thread(target=self._build, args=args + (True,), name=f"promote-{task}", daemon=True).start()
+            except BaseException as exc:  # no thread: the flight lands and the slot is freed here
+                self._failed_build(key, flight, exc, True)
+                raise
             self._admitted("sparse")
             return fallback(task, entry)
-        return self._build(task, entry, key, flight, keep, epoch)
+        try:
+            return self._build(*args)
+        except Exception:
+            if fallback is None:
+                raise
+            log.exception("promotion of task %s failed; served through its fallback form", task)
+            self._admitted("sparse")
+            return fallback(task, entry)
 
     def _build(self, task: str, entry: LoadedTask, key: tuple, flight: Flight, keep: bool, epoch: int,
-               background: bool = False) -> Any:
-        """Build ``task``'s form for ``flight`` (kept when ``keep`` and not dropped since ``epoch``); a background
-        build that fails is logged (the task stays on its fallback) instead of raised."""
+               recheck: bool = False, background: bool = False) -> Any:
+        """Build ``task``'s form for ``flight`` (kept when ``keep``, not dropped since ``epoch`` and, with
+        ``recheck``, still admitted now: the LRU may have changed while it was built). A background build frees its
+        slot before its form becomes visible; one that fails is logged (the task stays on its fallback) instead of
+        raised."""
+        released = False
         try:
             t0 = time.perf_counter()
             form, nbytes = self._promote(task, entry)
@@ -233,24 +258,34 @@ class HotCache:
             log.debug("built task %s's %s form in %.1f ms (%d bytes; %s)", task, self.kind, seconds * 1e3, nbytes,
                       "kept" if keep else "this pass only")
             with self._lock:
+                if background:
+                    self._background.release()
+                    released = True
                 # not kept when the task was dropped (replaced, deleted) while its form was being built
-                kept = keep and self._epochs.get(task, 0) == epoch and self._insert(task, HotTask(entry.identity, form,
-                                                                                                  nbytes))
+                kept = (keep and self._epochs.get(task, 0) == epoch and (not recheck or self._admits(task, entry))
+                        and self._insert(task, HotTask(entry.identity, form, nbytes)))
                 if kept:
                     self._seen.pop(task, None)
             self._admitted("promoted" if kept else "pass_only")
-        except Exception as exc:
-            self._promoting.land(key, flight, self._lock, error=exc)
-            if background:
-                self._background.release()
+        except BaseException as exc:
+            self._failed_build(key, flight, exc, background and not released)
+            if background and isinstance(exc, Exception):
                 log.exception("background promotion of task %s failed; it stays on its fallback form", task)
                 return None
             raise
         self._promoting.land(key, flight, self._lock, value=form)
-        if background:
-            self._background.release()
         release_freed_memory()
         return form
+
+    def _failed_build(self, key: tuple, flight: Flight, exc: BaseException, release: bool) -> None:
+        """A build failed: its waiters get ``exc``, the task is not promoted again for ``window_s``
+        (``_failed``), and a background slot it held is given back."""
+        with self._lock:
+            self._failed[key] = True
+            self._seen.pop(key[0], None)
+        if release:
+            self._background.release()
+        self._promoting.land(key, flight, self._lock, error=exc)
 
     def _count(self, task: str) -> None:
         """One more request for ``task`` in the frequency counts, halving every count each ``window_s`` (lock held)."""
@@ -261,9 +296,8 @@ class HotCache:
         self._freq[task] = self._freq.get(task, 0.0) + 1.0
 
     def _admits(self, task: str, entry: LoadedTask) -> bool:
-        """Whether ``task`` may take its place: it fits beside what is hot, or it was asked for at least as often as
-        every unpinned task the LRU would evict for it, more often than each, and evicting those makes room (lock
-        held)."""
+        """Whether ``task`` may take its place: it fits beside what is hot, or it was asked for more often than every
+        unpinned task the LRU would evict for it, and evicting those makes room (lock held)."""
         need = self.used_bytes - self.capacity_bytes + self.task_bytes(entry)
         if task in self.tasks:
             need -= self.tasks[task].nbytes
@@ -305,6 +339,7 @@ class HotCache:
         with self._lock:
             self._epochs[task] = self._epochs.get(task, 0) + 1
             self._freq.pop(task, None)
+            self._seen.pop(task, None)
             self._pop(task)
 
     def _pop(self, task: str) -> None:

@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     ``service/tiers/onnxruntime.py``), or 'auto' (onnxruntime for int8 where it runs, else torch)."""
     hot_cache_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Byte budget of the CPU hot tier (bf16 / int8): tasks' materialised masked weights, least recently used
-    evicted to the warm tier (packed mask bits + head in the task cache)."""
+    evicted to the warm tier (the masks as the bundle stores them + head in the task cache)."""
     pinned_tasks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Tasks never evicted from the host cache or the hot tier (a JSON list, or names separated by commas);
     promoted on first use. They still leave when replaced or deleted."""
@@ -147,14 +147,14 @@ class Settings(BaseSettings):
     hot_promote_window_s: float = Field(60.0, gt=0)
     """The window of ``hot_promote_after`` (seconds); request counts of the frequency admission halve this often."""
     hot_promote_background: bool = True
-    """With sparse forms on: a task that earns a place in the hot tier is promoted on a background thread while its
-    requests are served through its sparse form (False: the request that earns it waits for the promotion)."""
+    """With sparse forms on: a task that earns a place in the hot tier is promoted on a background thread (one
+    promotion at a time) while its requests are served through its sparse form (False: the request that earns it waits for the promotion)."""
     sparse_cache_bytes: int = Field(128 * 1024 * 1024, ge=0)
     """Byte budget of the sparse forms (bf16 / int8): a task that is not hot is served through one shared plain
-    product plus its sparse correction (``service/sparse_forms.py``; MiniLM at 3 % pruned: ~2.6 MB a task), a few
+    product plus its sparse correction (``service/sparse_forms.py``; MiniLM at 3 % pruned: ~2.4 MB a task), a few
     ms to build, instead of building its hot form for the pass. 0: off (a task not hot gets its hot form built for
-    its pass only). With sparse forms on, a task is kept hot only if asked for at least as often, recently, as the
-    tasks it would evict."""
+    its pass only). With sparse forms on, a task enters a full hot tier only if asked for more often, recently, than
+    the tasks it would evict; a task more than 25 % pruned gets its hot form built for the pass instead."""
     metrics_max_task_labels: int = Field(256, ge=0)
     """Most distinct values of the metrics' ``task`` label; tasks beyond are counted under ``task="_other"``.
     Each labelled task holds ~60 series: 10,000 tasks held 179 MiB of them and took 6.5 s to render one scrape."""

@@ -9,12 +9,13 @@ product group, shared by every task (:attr:`service.hot_tier.HotTier.base`) — 
 task's pruned entries of that same stored weight (int8: ``W_q[o, i] · scale[o]``; bf16: ``deq(W_q)`` rounded to
 bfloat16), multiplied by ``x̂``, the activation the plain product saw (int8: its uint8 codes decoded, ``lo + step ·
 q``; bf16: ``x`` rounded to bfloat16; :func:`service.kernels.cpu_hot.plain_product`). Both terms sum over the same
-products, so the result is the task's hot product up to float rounding (tests/unit/test_sparse_forms.py).
+products, so the result is the torch tier's hot product up to float rounding (tests/unit/test_sparse_forms.py;
+the ONNX Runtime tier's sessions compute the same int8 products with their own float rounding).
 
 Why: a hot form costs a promotion (int8 on ONNX Runtime: ~100 ms to build a session, 25 MiB held) that pays off
 only for a task asked for often; a sparse form costs decoding the pruned positions straight from the bundle's
 entropy-coded gaps (format v3) and one gather, a few ms, and holds ``8 · pruned + 4 · (out + 1)`` bytes per matrix
-(MiniLM at 3 % pruned: ~2.6 MB). Every sparse row shares one plain GEMM per product whatever its task; the
+(MiniLM at 3 % pruned: ~2.4 MB). Every sparse row shares one plain GEMM per product whatever its task; the
 correction costs about ``rows · pruned`` multiply-adds (torch's CSR product, MKL on x86).
 """
 

@@ -129,6 +129,9 @@ def evaluate_bundle(bundle_path: str, data_dir: str, backbone: str | None = None
         store.put(header.task, data, bb.fingerprint)
         engine = Engine(bb, store, Metrics(), cache_bytes=1 << 34, max_batch_size=batch_size, device="cpu",
                         precision=precision, runtime=runtime,
+                        # every task the chosen form: the hot tier (no sparse forms to fall back to), or sparse forms
+                        # only (never promoted, their budget never the limit)
+                        hot_cache_bytes=1 << 34, sparse_cache_bytes=0 if form == "hot" else 1 << 34,
                         hot_promote_after=1 if form == "hot" else NEVER_PROMOTE)
         outs = []
         for i in tqdm(range(0, len(dev), batch_size), desc=f"dev {task.name} (served mask, {engine.precision})",

@@ -145,6 +145,10 @@ class OrtEncoder:
 
         self._const_protos = [numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in self._const.items()]
 
+    def const(self, name: str) -> np.ndarray:
+        """A small constant of the graph by name (``"<group>.scale"``, ``"<group>.bias"``: float32 ``[out]``)."""
+        return self._const[name]
+
     def weight_bytes(self) -> int:
         """Bytes of a session's int8 weights (every group: masked ones are the task's, the rest the plain ones)."""
         return sum(o * i for o, i in self.shapes.values())

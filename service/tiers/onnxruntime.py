@@ -2,9 +2,11 @@
 its masked weights ``W_q ⊙ μ`` prepacked once at promotion; a pass runs each segment's rows through its task's
 session (no Python between the ops, any batch and length without per-shape set-up).
 
-Warm tasks are the bundle's packed bits (as for the torch hot tier); a promotion unpacks them, builds the
-masked int8 weights and creates the session; least recently used sessions are evicted beyond
-``SUPERMASK_HOT_CACHE_BYTES``.
+Warm tasks are the bundle's masks as stored (as for the torch hot tier); a promotion decodes them, builds the
+masked int8 weights and creates the session (on a background thread, once the task has earned its place); least
+recently used sessions are evicted beyond ``SUPERMASK_HOT_CACHE_BYTES``. A task that is not hot is served through
+its sparse form (:mod:`service.sparse_forms`): torch's int8 products over the plain weights, shared by every such
+task in the pass, minus each task's sparse correction.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from backbone import Backbone
 from service.encoder import LeanEncoder
-from service.hot_tier import HotCache, group_mask, group_matrices, masked_groups
+from service.hot_tier import HotCache, group_mask, masked_groups
 from service.kernels.cpu_hot import materialize
 from service.kernels.ort_encoder import OrtEncoder
 from service.masked_linear import MaskedLinear
@@ -90,7 +92,9 @@ class OrtTier(HotCached):
         self.ort = OrtEncoder(LeanEncoder(backbone.model), matrices, threads=threads)
         policy, sparse_bytes = split_policy(hot_policy)
         self.hot = OrtHotCache(self.ort, hot_cache_bytes, metrics, **policy)
-        cat = group_matrices(matrices, self.ort.groups)
+        # the groups' plain int8 weights are the encoder's own (Q|K|V concatenated once, not again here)
+        cat = {g: (self.ort.base[g], torch.from_numpy(self.ort.const(f"{g}.scale")),
+                   torch.from_numpy(self.ort.const(f"{g}.bias"))) for g in self.ort.groups}
         self.sparse = sparse_cache(cat, self.ort.groups, layers, self.precision, sparse_bytes, metrics)
         #: the plain int8 products (torch, oneDNN) that serve the rows of tasks on their sparse forms
         self.plain = ({g: materialize(w, s, None, b, self.precision) for g, (w, s, b) in cat.items()}

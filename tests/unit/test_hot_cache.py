@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from service.hot_tier import HotCache
 from service.tasks import LoadedTask
 
@@ -81,3 +83,51 @@ def test_one_background_promotion_at_a_time_and_ties_do_not_displace():
     while "b" not in cache.tasks and time.monotonic() < deadline:
         time.sleep(0.01)
     assert list(cache.tasks) == ["b"] and cache.builds == 2 and cache.evictions == 1
+
+
+class Failing(Cache):
+    def _promote(self, task, entry):
+        self.builds += 1
+        raise MemoryError("session build failed")
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failed_promotion_falls_back_frees_its_slot_and_is_not_retried_within_the_window(background):
+    cache = Failing(background=background, window_s=60)
+    entry = _entry()
+    fallback = lambda task, e: f"fallback of {task}"  # noqa: E731
+    for _ in range(5):  # the first request starts the (failing) promotion; the rest are served by the fallback
+        assert cache.get("t", entry, fallback=fallback) == "fallback of t"
+        deadline = time.monotonic() + 10
+        while cache._promoting and time.monotonic() < deadline:  # a background build lands
+            time.sleep(0.01)
+    assert cache.builds == 1 and not cache.tasks
+    assert cache._background.acquire(blocking=False)  # the background slot was given back
+    cache._background.release()
+    with pytest.raises(MemoryError):  # without a fallback the error is the caller's
+        Failing().get("u", entry)
+
+
+def test_a_background_build_is_kept_only_if_still_admitted_when_it_lands():
+    """The LRU changes while a form is built: the task it would evict now may be asked for more often."""
+    gate = threading.Event()
+    cache = Cache(gate=gate, background=True)
+    cache.capacity_bytes = 200  # room for two tasks
+    entry = _entry()
+    fallback = lambda task, e: f"fallback of {task}"  # noqa: E731
+    gate.set()
+    cache.get("a", entry)
+    for _ in range(10):
+        cache.get("b", entry)
+    assert list(cache.tasks) == ["a", "b"]
+    gate.clear()
+    for _ in range(2):
+        cache.get("c", entry, fallback=fallback)  # c: twice, a: once -> admitted against a; built in the background
+    assert cache.started.wait(10)
+    for _ in range(3):
+        cache.get("a", entry)  # a is now asked for more often than c, and b more than either
+    gate.set()
+    deadline = time.monotonic() + 10
+    while cache._promoting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(cache.tasks) == ["a", "b"] and cache.evictions == 0  # c is not kept: it would evict a better task

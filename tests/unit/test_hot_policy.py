@@ -13,7 +13,7 @@ from service.tasks import LoadedTask, TaskCache
 from tests.conftest import make_store
 
 ROWS = [("a charming and often affecting journey", None), ("dull, flat and lifeless", None)]
-TASKS = {"s10": 0.10, "s50": 0.5, "s30": 0.3}
+TASKS = {"s10": 0.10, "s20": 0.2, "s15": 0.15}
 #: a task's logits through its sparse form against its hot form: the same int8 products up to float rounding,
 #: which can move a token's activation code by one step in a later layer
 INT8_ATOL = 0.05
@@ -49,12 +49,12 @@ def _metric(engine: Engine, line: str) -> float:
 def test_a_pinned_task_is_never_evicted(tiny_backbone_dir, store, runtime):
     engine = _engine(tiny_backbone_dir, store, runtime, pinned_tasks=["s10"])
     engine.hot.capacity_bytes = engine.hot.task_bytes(engine.warm("s10"))  # room for one task
-    want = {t: engine.logits(t, ROWS) for t in ("s50", "s10")}  # s50 hot, then evicted for the pinned s10
+    want = {t: engine.logits(t, ROWS) for t in ("s20", "s10")}  # s20 hot, then evicted for the pinned s10
     assert list(engine.hot.tasks) == ["s10"] and engine.hot.evictions == 1
-    for task in ("s50", "s30"):  # no room beside the pinned task: served through its sparse form
+    for task in ("s20", "s15"):  # no room beside the pinned task: served through its sparse form
         got = engine.logits(task, ROWS)
         assert list(engine.hot.tasks) == ["s10"] and engine.tier(task) == "warm"
-    assert engine.logits("s50", ROWS).allclose(want["s50"], atol=INT8_ATOL)  # sparse form against hot form
+    assert engine.logits("s20", ROWS).allclose(want["s20"], atol=INT8_ATOL)  # sparse form against hot form
     assert _metric(engine, 'supermask_hot_admissions_total{decision="sparse"}') >= 2
     assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 0
     assert _metric(engine, "supermask_hot_evictions_total") == 1
@@ -73,7 +73,7 @@ def test_a_task_is_kept_hot_from_its_second_request(tiny_backbone_dir, store, ru
     second = engine.logits("s10", ROWS)
     assert engine.tier("s10") == "hot" and second.allclose(first, atol=INT8_ATOL)
     assert _metric(engine, 'supermask_hot_admissions_total{decision="promoted"}') == 1
-    engine.logits("s50", ROWS)  # a one-off task evicts nothing
+    engine.logits("s20", ROWS)  # a one-off task evicts nothing
     assert list(engine.hot.tasks) == ["s10"] and engine.hot.evictions == 0
 
 

@@ -20,7 +20,7 @@ from service.sparse_forms import SparseForm, csr_from_positions, sparse_product
 from tests.conftest import make_store
 
 ROWS = [("a charming and often affecting journey", None), ("dull, flat and lifeless", None)]
-TASKS = {"s10": 0.10, "s30": 0.3, "s50": 0.5}
+TASKS = {"s10": 0.10, "s15": 0.15, "s20": 0.2}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,7 +98,7 @@ def test_a_task_not_hot_is_served_through_its_sparse_form_close_to_its_hot_form(
     assert _metric(sparse, "supermask_sparse_form_duration_seconds_count") == len(TASKS)
     assert sparse.status()["tiers"]["sparse"]["tasks"] == len(TASKS)
     # the masks matter on this path too
-    assert not torch.allclose(sparse.logits("s50", ROWS), sparse.logits("s10", ROWS), atol=1e-3)
+    assert not torch.allclose(sparse.logits("s20", ROWS), sparse.logits("s10", ROWS), atol=1e-3)
 
 
 def test_sparse_forms_off_builds_the_hot_form_for_the_pass(tiny_backbone_dir, store):
@@ -125,11 +125,11 @@ def test_a_frequent_hot_task_is_not_evicted_by_a_rarer_one(tiny_backbone_dir, st
     engine.hot.capacity_bytes = engine.hot.task_bytes(engine.warm("s10"))  # room for one task
     for _ in range(3):
         engine.logits("s10", ROWS)
-    engine.logits("s30", ROWS)  # asked for once: served through its sparse form, s10 stays
-    assert list(engine.hot.tasks) == ["s10"] and engine.tier("s30") == "warm" and engine.hot.evictions == 0
+    engine.logits("s15", ROWS)  # asked for once: served through its sparse form, s10 stays
+    assert list(engine.hot.tasks) == ["s10"] and engine.tier("s15") == "warm" and engine.hot.evictions == 0
     for _ in range(3):
-        engine.logits("s30", ROWS)  # now asked for as often as s10: it takes the place
-    assert list(engine.hot.tasks) == ["s30"] and engine.hot.evictions == 1
+        engine.logits("s15", ROWS)  # now asked for as often as s10: it takes the place
+    assert list(engine.hot.tasks) == ["s15"] and engine.hot.evictions == 1
 
 
 def test_a_background_promotion_serves_the_request_through_the_sparse_form(tiny_backbone_dir, store):
@@ -166,3 +166,30 @@ def test_a_v2_bundle_is_served_through_its_sparse_form_from_its_packed_bits(tiny
         assert all((st.packed is not None) == (version == "v2") for st in states)
         assert engine.tier("t") == "warm" and "t" in engine.compute_tier.sparse.tasks
     torch.testing.assert_close(answers["v2"], answers["v3"], rtol=0, atol=0)
+
+
+def test_a_task_pruned_past_the_cutoff_gets_its_hot_form_for_the_pass(tiny_backbone, tiny_backbone_dir, tmp_path):
+    from service.tiers.base import SPARSE_MAX_PRUNED
+
+    store = make_store(tiny_backbone, tmp_path, {"dense": 0.5, "light": 0.1})
+    assert SPARSE_MAX_PRUNED < 0.5
+    engine = _engine(tiny_backbone_dir, store, hot_promote_after=1000)
+    hot = _engine(tiny_backbone_dir, store)
+    torch.testing.assert_close(engine.logits("dense", ROWS), hot.logits("dense", ROWS), rtol=1e-5, atol=1e-6)
+    engine.logits("light", ROWS)
+    assert list(engine.compute_tier.sparse.tasks) == ["light"] and not engine.hot.tasks
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 1
+
+
+def test_the_onnxruntime_tier_starts_without_sparse_forms_where_torch_int8_cannot_run(tiny_backbone_dir, store,
+                                                                                        monkeypatch):
+    from service.kernels import ort_encoder
+
+    if ort_encoder.unavailable_reason() is not None:
+        pytest.skip(ort_encoder.unavailable_reason())
+    monkeypatch.setattr(cpu_hot, "unavailable_reason", lambda precision: "no oneDNN int8 here (simulated)")
+    engine = Engine(load_backbone(tiny_backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu",
+                    precision="int8", runtime="onnxruntime", hot_promote_after=1000)
+    assert engine.compute_tier.sparse is None and engine.compute_tier.plain == {}
+    assert engine.logits("s10", ROWS).shape == (2, 2)  # its session built for the pass
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 1
