@@ -37,7 +37,7 @@ from typing import Protocol
 import torch
 
 from backbone import Backbone
-from service.hot_tier import HotTier
+from service.hot_weights import HotTier
 from service.kernels import cpu as cpu_kernels
 from service.kernels import cpu_hot
 from service.kernels import sparse_complement
@@ -132,7 +132,7 @@ class HotDispatcher:
     """CPU tier in bf16 / int8: each segment's task materialised in the hot tier, one dense product per segment.
 
     Args:
-        hot: the hot tier (:class:`service.hot_tier.HotTier`): its plain forms serve the sparse forms' rows.
+        hot: the hot tier (:class:`service.hot_weights.HotTier`): its plain forms serve the sparse forms' rows.
         promote: ``(task, entry) -> form`` for a segment whose form was not promoted before the pass (the tier's
             :meth:`~service.tiers.base.Tier.promote`; None: ``hot.get``).
     """

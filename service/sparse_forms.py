@@ -5,7 +5,7 @@ Semantics (same as reference, :func:`service.kernels.reference.masked_linear_ref
     x · (W ⊙ μ)ᵀ + b = (x · Wᵀ + b) − x̂ · (W ⊙ ¬μ)ᵀ
 
 where ``x · Wᵀ + b`` is the backbone's *plain* product in the hot tier's precision and layout — one form per
-product group, shared by every task (:attr:`service.hot_tier.HotTier.base`) — and the correction is a CSR of the
+product group, shared by every task (:attr:`service.hot_weights.HotTier.base`) — and the correction is a CSR of the
 task's pruned entries of that same stored weight (int8: ``W_q[o, i] · scale[o]``; bf16: ``deq(W_q)`` rounded to
 bfloat16), multiplied by ``x̂``, the activation the plain product saw (int8: its uint8 codes decoded, ``lo + step ·
 q``; bf16: ``x`` rounded to bfloat16; :func:`service.kernels.cpu_hot.plain_product`). Both terms sum over the same
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from backbone import mean_pool
-from service.hot_tier import HotCache, masked_groups
+from service.hot_tier import HotCache
+from service.hot_weights import masked_groups
 from service.kernels import cpu_hot
 from service.kernels.sparse_complement import csr_nbytes
 from service.metrics import Metrics
@@ -145,7 +146,7 @@ def sparse_product(x: torch.Tensor, base: cpu_hot.HotWeight, group: str, row_sta
 
     Args:
         x: ``[rows, in]`` float32 (or bf16), rows sorted by segment.
-        base: the group's plain hot weight (:attr:`service.hot_tier.HotTier.base`).
+        base: the group's plain hot weight (:attr:`service.hot_weights.HotTier.base`).
         row_starts: ``[len(forms) + 1]`` row offsets of the segments.
         forms: each segment's sparse form (None: the plain product, nothing pruned).
         low: as :func:`service.kernels.cpu_hot.hot_linear` (bf16 only: the result in bfloat16).

@@ -28,12 +28,10 @@ thread; :class:`TaskCache` is not thread-safe (the table guards it).
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 
@@ -47,6 +45,7 @@ from mask_store.format import HEAD_BIAS, HEAD_WEIGHT, Bundle, BundleHeader, Bund
 from mask_store.store import MaskStore
 from service.errors import TaskTooLarge
 from service.flight import Flights
+from service.lru import TaskCache, release_freed_memory  # noqa: F401 - TaskCache is also this module's API
 from service.kernels.selector import KernelPath, select_path
 from service.kernels.sparse_complement import csr_nbytes, pruned_csr_from_mask
 from service.metrics import Metrics
@@ -58,27 +57,6 @@ CPU_FORMS = {KernelPath.CPU_COMPLEMENT.value: "complement", KernelPath.CPU_DENSE
 """CPU kernel path → the resident form it needs (the only place the two vocabularies meet)."""
 
 _generations = itertools.count(1)
-
-
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the process back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
-
-    Called after a task load or a hot-tier promotion, whose transient buffers (bundle bytes, unpacked
-    masks, float copies of a weight) glibc would otherwise keep: on MiniLM, six tasks left 82 MiB of RSS
-    of which a trim handed back 52 (``benchmarks/memory_cpu.py``).
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 @dataclass
@@ -156,47 +134,6 @@ class LoadedTask:
     def identity(self) -> tuple:
         """The store's file identity when loaded from a store, else this load's generation."""
         return ("file", self.version) if self.version is not None else ("load", self.generation)
-
-
-@dataclass
-class TaskCache:
-    """LRU of tasks bounded in bytes (not thread-safe). Entries are anything with an ``nbytes``
-    attribute: :class:`LoadedTask` here, :class:`service.hot_tier.HotTask` in the hot tier."""
-
-    capacity_bytes: int
-    tasks: "OrderedDict[str, LoadedTask]" = field(default_factory=OrderedDict)
-    used_bytes: int = 0
-
-    def get(self, task: str) -> LoadedTask | None:
-        entry = self.tasks.get(task)
-        if entry is not None:
-            self.tasks.move_to_end(task)
-        return entry
-
-    def put(self, task: str, entry: LoadedTask, pinned: Collection[str] = ()) -> list[str] | None:
-        """Insert ``entry``, evicting the least recently used entries not in ``pinned`` until it fits; return the
-        names evicted (least recently used first). None: it would not fit even with every unpinned entry evicted
-        (nothing is inserted or evicted then), unless ``task`` is pinned itself (inserted over the budget)."""
-        self.pop(task)
-        held = sum(e.nbytes for n, e in self.tasks.items() if n in pinned)
-        if task not in pinned and held + entry.nbytes > self.capacity_bytes:
-            return None
-        evicted = []
-        for name in list(self.tasks):
-            if self.used_bytes + entry.nbytes <= self.capacity_bytes:
-                break
-            if name not in pinned:
-                evicted.append(name)
-                self.used_bytes -= self.tasks.pop(name).nbytes
-        self.tasks[task] = entry
-        self.used_bytes += entry.nbytes
-        return evicted
-
-    def pop(self, task: str) -> LoadedTask | None:
-        entry = self.tasks.pop(task, None)
-        if entry is not None:
-            self.used_bytes -= entry.nbytes
-        return entry
 
 
 def choose_path(sparsity: float, kernel_path: str) -> str:

@@ -222,7 +222,7 @@ def split_policy(hot_policy: dict | None) -> tuple[dict, int]:
 def sparse_cache(cat: dict[str, tuple], groups: dict[str, list[str]], layers: dict[str, MaskedLinear],
                  precision: str, sparse_bytes: int, metrics: Metrics) -> SparseCache | None:
     """The sparse forms of a tier whose plain product multiplies the groups' ``cat`` (``(w_q, scale, bias)`` per
-    group, :func:`service.hot_tier.group_matrices`) in ``precision``; None when ``sparse_bytes`` is 0 or the
+    group, :func:`service.hot_weights.group_matrices`) in ``precision``; None when ``sparse_bytes`` is 0 or the
     precision has no sparse form."""
     if sparse_bytes <= 0 or precision not in ("int8", "bf16"):
         return None

@@ -11,7 +11,7 @@ import torch
 from backbone import Backbone
 from service.dispatch import HotDispatcher
 from service.encoder import LeanEncoder
-from service.hot_tier import HotTier
+from service.hot_weights import HotTier
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service.tiers.base import SMALL_PASS_ROWS, HotCached, TorchTier, sparse_cache, split_policy

@@ -17,7 +17,8 @@ import torch
 
 from backbone import Backbone
 from service.encoder import LeanEncoder
-from service.hot_tier import HotCache, group_mask, masked_groups
+from service.hot_tier import HotCache
+from service.hot_weights import group_mask, masked_groups
 from service.kernels.cpu_hot import materialize
 from service.kernels.ort_encoder import OrtEncoder
 from service.masked_linear import MaskedLinear
@@ -31,6 +32,21 @@ SESSION_BYTES_PER_WEIGHT_BYTE = 2.42
 """Resident memory of one hot session per byte of its int8 weights, measured: MiniLM (10.6 MB of int8 weights)
 held 24.5 MiB (25.7 MB) of RSS per session after a 32-row pass (ten sessions, glibc trimmed, no memory arena):
 the prepacked weights, their column sums and the session's graph and thread pool."""
+
+
+SPARSE_LENGTH_BUCKET = 16
+"""The sparse pass pads its token length up to a multiple of this (right padding, masked): torch's oneDNN int8
+products build a primitive for every new row count, which a stream of sentences of every length would otherwise
+do on the request path (the ONNX Runtime sessions take any shape); padded positions change no answer."""
+
+
+def pad_to_bucket(inputs: dict[str, torch.Tensor], bucket: int) -> dict[str, torch.Tensor]:
+    """``inputs`` (int64 ``[batch, T]`` each, right-padded) padded with zeros to ``T`` rounded up to ``bucket``."""
+    seq = inputs["input_ids"].shape[1]
+    extra = -seq % bucket
+    if extra == 0:
+        return inputs
+    return {k: torch.nn.functional.pad(v, (0, extra)) for k, v in inputs.items()}
 
 
 class OrtHotCache(HotCache):
@@ -136,8 +152,9 @@ class OrtTier(HotCached):
             sub = {k: v[rows] for k, v in inputs.items()}
         mask = sub["attention_mask"]
         width = int(mask.sum(dim=1).max())
-        if not bool(mask[:, width:].any()):  # right padding: drop the columns no row of these segments uses
-            sub = {k: v[:, :width] for k, v in sub.items()}
+        if not bool(mask[:, width:].any()):  # right padding: the columns no row of these segments uses go, and
+            sub = {k: v[:, :width] for k, v in sub.items()}  # the length is padded up to a bucket
+            sub = pad_to_bucket(sub, SPARSE_LENGTH_BUCKET)
         starts = [0]
         for a, b in spans:
             starts.append(starts[-1] + b - a)

@@ -193,3 +193,24 @@ def test_the_onnxruntime_tier_starts_without_sparse_forms_where_torch_int8_canno
     assert engine.compute_tier.sparse is None and engine.compute_tier.plain == {}
     assert engine.logits("s10", ROWS).shape == (2, 2)  # its session built for the pass
     assert _metric(engine, 'supermask_hot_admissions_total{decision="pass_only"}') == 1
+
+
+def test_the_onnxruntime_tiers_sparse_pass_pads_lengths_to_a_bucket_and_answers_the_same(tiny_backbone_dir, store):
+    from service.kernels import ort_encoder
+    from service.tiers import onnxruntime as ort_tier
+
+    if ort_encoder.unavailable_reason() is not None:
+        pytest.skip(ort_encoder.unavailable_reason())
+    padded = ort_tier.pad_to_bucket({"input_ids": torch.ones(2, 5, dtype=torch.int64),
+                                     "attention_mask": torch.ones(2, 5, dtype=torch.int64)}, 16)
+    assert padded["input_ids"].shape == (2, 16) and int(padded["attention_mask"].sum()) == 10
+    engines = {}
+    for bucket in (1, 16):
+        ort_tier.SPARSE_LENGTH_BUCKET, before = bucket, ort_tier.SPARSE_LENGTH_BUCKET
+        try:
+            engine = Engine(load_backbone(tiny_backbone_dir), store, Metrics(), cache_bytes=1 << 30, device="cpu",
+                            precision="int8", runtime="onnxruntime", hot_promote_after=1000)
+            engines[bucket] = engine.logits("s10", ROWS)
+        finally:
+            ort_tier.SPARSE_LENGTH_BUCKET = before
+    torch.testing.assert_close(engines[16], engines[1], rtol=1e-5, atol=1e-5)
