@@ -24,7 +24,7 @@ from service.api import fanout, openapi, tei, v2
 from backbone import Backbone, load_backbone
 from service.engine import Engine, needs_model_forward
 from service import tracing
-from service.kernels.cpu_hot import bound_onednn_caches
+from service.kernels.cpu_features import bound_onednn_caches
 from service.metrics import Metrics
 from service.settings import Settings
 

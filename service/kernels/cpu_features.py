@@ -7,6 +7,7 @@ fallback; the products themselves are :mod:`service.kernels.cpu_hot`.
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import torch
@@ -101,3 +102,25 @@ def auto_precision(features: frozenset[str] | set[str] | None = None, rows: int 
 
 #: with bfloat16 dot products present, the row count from which int8 is faster than bf16 (see auto_precision)
 INT8_MIN_ROWS = 256
+
+
+ONEDNN_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+"""oneDNN's primitive cache and PyTorch's ideep computation cache (both 1,024 entries by default, read from
+these variables when first used)."""
+
+
+def bound_onednn_caches(capacity: int) -> dict[str, str]:
+    """Bound oneDNN's and ideep's shape-keyed caches to ``capacity`` entries each, unless the environment sets
+    them already; returns the values in force. Must run before the process's first oneDNN primitive (the
+    server calls it first thing in :func:`service.api.main.create_app`).
+
+    Why: each distinct input shape of a bf16 / int8 product (rows x padded length, per segment, varies with
+    every batch) leaves a primitive in each cache, holding memory. In-process on MiniLM bf16 (12 tasks, random
+    batches of 1-64 rows, 2-core AMD EPYC, two runs side by side): RSS after 200 / 400 / 600 requests was
+    857 / 887 / 906 MiB with the libraries' default of 1,024 entries, 778 / 774 / 774 MiB (770 at 800) with 64,
+    and the capped run served 800 requests in the time the default one served 600; fixed-size batches stayed
+    flat at 720 MiB with the defaults.
+    """
+    for name in ONEDNN_CACHE_ENV:
+        os.environ.setdefault(name, str(capacity))
+    return {name: os.environ[name] for name in ONEDNN_CACHE_ENV}

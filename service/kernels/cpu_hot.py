@@ -70,30 +70,6 @@ _HALF = torch.tensor(0.5)
 # --------------------------------------------------------------------------------------------- availability
 
 
-ONEDNN_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-"""oneDNN's primitive cache and PyTorch's ideep computation cache (both 1,024 entries by default, read from
-these variables when first used)."""
-
-
-def bound_onednn_caches(capacity: int) -> dict[str, str]:
-    """Bound oneDNN's and ideep's shape-keyed caches to ``capacity`` entries each, unless the environment sets
-    them already; returns the values in force. Must run before the process's first oneDNN primitive (the
-    server calls it first thing in :func:`service.api.main.create_app`).
-
-    Why: each distinct input shape of a bf16 / int8 product (rows x padded length, per segment, varies with
-    every batch) leaves a primitive in each cache, holding memory. In-process on MiniLM bf16 (12 tasks, random
-    batches of 1-64 rows, 2-core AMD EPYC, two runs side by side): RSS after 200 / 400 / 600 requests was
-    857 / 887 / 906 MiB with the libraries' default of 1,024 entries, 778 / 774 / 774 MiB (770 at 800) with 64,
-    and the capped run served 800 requests in the time the default one served 600; fixed-size batches stayed
-    flat at 720 MiB with the defaults.
-    """
-    import os
-
-    for name in ONEDNN_CACHE_ENV:
-        os.environ.setdefault(name, str(capacity))
-    return {name: os.environ[name] for name in ONEDNN_CACHE_ENV}
-
-
 def unavailable_reason(precision: str) -> str | None:
     """Why ``precision`` cannot be materialised in this process, or None when it can.
 
@@ -300,12 +276,7 @@ def hot_linear(x: torch.Tensor, hot: HotWeight, *, act_quant: str = "row", low: 
         ValueError: ``x``'s last dimension is not ``in``, its dtype is not accepted, it is not on the CPU, or
             ``act_quant`` is unknown.
     """
-    if x.device.type != "cpu":
-        raise ValueError(f"x must be on the CPU, got {x.device}")
-    if x.dim() == 0 or x.shape[-1] != hot.in_features:
-        raise ValueError(f"x must be [..., {hot.in_features}], got {list(x.shape)}")
-    if x.dtype != torch.float32 and x.dtype != torch.bfloat16:
-        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    _check_input(x, hot)
     if act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
     p = hot.precision
@@ -358,7 +329,8 @@ def plain_product(x: torch.Tensor, hot: HotWeight) -> tuple[torch.Tensor, torch.
     """
     p = hot.precision
     if p == "int8":
-        x2 = hot_linear_input(x, hot)
+        _check_input(x, hot)
+        x2 = x.reshape(-1, hot.in_features).to(torch.float32).contiguous()
         if x2.shape[0] == 0:
             return x2.new_empty((0, hot.out_features)), x2
         q, lo, step = _quantize_rows(x2, hot.act_qmax)
@@ -372,13 +344,14 @@ def plain_product(x: torch.Tensor, hot: HotWeight) -> tuple[torch.Tensor, torch.
     raise ValueError(f"no plain product with a seen activation for precision {p!r}")
 
 
-def hot_linear_input(x: torch.Tensor, hot: HotWeight) -> torch.Tensor:
-    """``x`` checked as :func:`hot_linear` checks it, as float32 ``[rows, in]`` contiguous."""
+def _check_input(x: torch.Tensor, hot: HotWeight) -> None:
+    """Raise ValueError unless ``x`` is a CPU float32 / bfloat16 ``[..., in]`` tensor for ``hot``."""
     if x.device.type != "cpu":
         raise ValueError(f"x must be on the CPU, got {x.device}")
-    if x.dim() != 2 or x.shape[-1] != hot.in_features:
-        raise ValueError(f"x must be [rows, {hot.in_features}], got {list(x.shape)}")
-    return x.to(torch.float32).contiguous()
+    if x.dim() == 0 or x.shape[-1] != hot.in_features:
+        raise ValueError(f"x must be [..., {hot.in_features}], got {list(x.shape)}")
+    if x.dtype != torch.float32 and x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
 
 
 def _qlinear(q: torch.Tensor, x_scale, x_zp, hot: HotWeight, bias: torch.Tensor | None) -> torch.Tensor:

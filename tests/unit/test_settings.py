@@ -28,7 +28,7 @@ def test_examples_dir_default_and_explicit(monkeypatch, tmp_path):
 
 
 def test_onednn_caches_bounded_unless_the_environment_says_otherwise(monkeypatch):
-    from service.kernels.cpu_hot import ONEDNN_CACHE_ENV, bound_onednn_caches
+    from service.kernels.cpu_features import ONEDNN_CACHE_ENV, bound_onednn_caches
 
     for name in ONEDNN_CACHE_ENV:
         monkeypatch.delenv(name, raising=False)
