@@ -58,10 +58,12 @@ class Admission:
                 done.exception()  # retrieved: a timed-out call's late error is not logged as never retrieved
 
         task.add_done_callback(release)
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimedOut(f"no answer within {self.timeout_s:g} s (SUPERMASK_REQUEST_TIMEOUT_S)") from None
+        # asyncio.wait leaves the work running when the wait ends (as shield would) and costs one waiter, not the
+        # two extra futures of wait_for(shield(...))
+        done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        if not done:
+            raise RequestTimedOut(f"no answer within {self.timeout_s:g} s (SUPERMASK_REQUEST_TIMEOUT_S)")
+        return task.result()
 
 
 @contextlib.contextmanager
