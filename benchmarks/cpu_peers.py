@@ -548,13 +548,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--sparsity must be in [0, 1]")
     if not args.precisions and not args.peers:
         ap.error("nothing to run: give --precisions or --peers")
-    bad = [e for e in args.server_env if not e.startswith("SUPERMASK_") or "=" not in e]
-    if bad:
-        ap.error(f"--server-env takes SUPERMASK_NAME=VALUE, got {', '.join(bad)}")
-    args.server_env = dict(e.split("=", 1) for e in args.server_env)
+    args.server_env = server_env(ap, args.server_env)
     if args.out is None:
         args.out = str(REPO / "benchmarks" / "results" / ("cpu_peers_smoke" if args.smoke else "cpu_peers"))
     return args
+
+
+def server_env(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """``--server-env`` items (``SUPERMASK_NAME=VALUE``) as a dict; ``ap.error`` (exits) on any other form."""
+    bad = [e for e in items if not e.startswith("SUPERMASK_") or "=" not in e]
+    if bad:
+        ap.error(f"--server-env takes SUPERMASK_NAME=VALUE, got {', '.join(bad)}")
+    return dict(e.split("=", 1) for e in items)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -625,10 +625,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--sparsity-range takes low,high with 0 <= low <= high <= 1, got {low_high}")
     if not args.memory_gib > 0 or not 0 < args.warm_fraction < 1 or not 0 <= args.sparse_fraction < 1:
         ap.error("--memory-gib must be > 0, --warm-fraction in (0, 1) and --sparse-fraction in [0, 1)")
-    bad = [e for e in args.server_env if not e.startswith("SUPERMASK_") or "=" not in e]
-    if bad:
-        ap.error(f"--server-env takes SUPERMASK_NAME=VALUE, got {', '.join(bad)}")
-    args.server_env = dict(e.split("=", 1) for e in args.server_env)
+    args.server_env = cpu_peers.server_env(ap, args.server_env)
     if args.out is None:
         args.out = str(REPO / "benchmarks" / "results" /
                        ("many_tasks_smoke" if args.smoke else "many_tasks_quick" if args.quick else "many_tasks"))
