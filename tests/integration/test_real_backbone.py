@@ -79,8 +79,8 @@ def test_shipped_bundle_reproduces_recorded_dev_metric(task, metric, floor):
 # so each band is checked where it holds and a miss is bounded; int8 on ONNX Runtime (the same per-token
 # activation quantization, other float rounding): CoLA -0.37, RTE +0.72 (2 of 277 examples), the rest within 0.2;
 # int8 through the sparse form (a task that is not hot; the same int8 products as the hot form up to float
-# rounding, which moves a token's activation code by one step now and then): SST-2 -0.23, MRPC F1 ±0, CoLA MCC
-# -1.00, RTE +0.36, WNLI -1.41, STS-B Pearson -0.06.
+# rounding, which moves a token's activation code by one step now and then): SST-2 -0.23, MRPC F1 +0.20, CoLA MCC
+# -0.70 (-1.00 before the sparse pass padded its lengths to buckets), RTE +0.36, WNLI -1.41, STS-B Pearson -0.05.
 @pytest.mark.parametrize("task,metric", [
     ("SST-2", "accuracy"), ("MRPC", "f1"), ("STS-B", "pearson"), ("CoLA", "mcc"), ("RTE", "accuracy"),
     ("WNLI", "accuracy")])
@@ -104,7 +104,7 @@ def test_shipped_bundle_in_low_precision_keeps_its_recorded_dev_metric(task, met
     if task == "RTE" and runtime == "onnxruntime":
         band = 2.0 / res["dev_examples"]  # measured +0.72 points: 2 of 277 examples move (to the right class)
     if task == "CoLA" and form == "sparse":
-        band = 0.015  # measured MCC -1.00 (three sentences of 1,043); the plain backbone without a mask: ~0
+        band = 0.015  # measured MCC -0.70 to -1.00 (two or three sentences of 1,043); the plain backbone: ~0
     assert delta <= band, json.dumps(res)
 
 
