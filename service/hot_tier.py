@@ -103,7 +103,7 @@ class HotCache:
         self._lru = TaskCache(capacity_bytes)  # task -> HotTask
         self._lock = threading.Lock()  # guards _lru / _promoting / _freq; never held while materialising
         self._promoting = Flights()  # (task, bundle identity) -> its build in progress
-        self._background = threading.Semaphore(1)  # one background promotion at a time
+        self._background = threading.BoundedSemaphore(1)  # one background promotion at a time
         #: (task, bundle identity) whose promotion failed: not tried again for ``window_s`` (bounded)
         self._failed: TTLCache = TTLCache(maxsize=10_000, ttl=window_s)
         if metrics is not None:
@@ -177,16 +177,14 @@ class HotCache:
             except Exception:  # noqa: BLE001 - its build failed: this thread tries again (and raises its own error)
                 continue
         if not mine:  # not hot, not earned (or being promoted by another thread): the fallback serves it
-            self._admitted("sparse")
             return fallback(task, entry)
         args = (task, entry, key, flight, keep, epoch, recheck)
         if background:
             try:
                 threading.Thread(target=self._build, args=args + (True,), name=f"promote-{task}", daemon=True).start()
-            except BaseException as exc:  # no thread: the flight lands and the slot is freed here
-                self._failed_build(key, flight, exc, True)
-                raise
-            self._admitted("sparse")
+            except Exception as exc:  # no thread: the flight lands and the slot is freed here; the fallback serves
+                self._failed_build(key, flight, exc, True, keep)
+                log.exception("could not start the promotion of task %s; served through its fallback form", task)
             return fallback(task, entry)
         try:
             return self._build(*args)
@@ -194,8 +192,26 @@ class HotCache:
             if fallback is None:
                 raise
             log.exception("promotion of task %s failed; served through its fallback form", task)
-            self._admitted("sparse")
             return fallback(task, entry)
+
+    def build_for_pass(self, task: str, entry: LoadedTask) -> Any:
+        """``task``'s hot form built for the caller's pass only (kept by no one, evicting nothing), without counting
+        a request: a tier's fallback for a task that has no cheaper form. Shares a build in progress for the same
+        bundle (single flight).
+
+        Raises:
+            what the build raises (``_promote``'s errors).
+        """
+        key = (task, entry.identity)
+        with self._lock:
+            hot = self._lru.get(task)
+            if hot is not None and hot.identity == entry.identity:
+                return hot.form
+            flight, mine = self._promoting.join_or_start(key)
+            epoch = self._epochs.get(task, 0)
+        if not mine:
+            return flight.wait()
+        return self._build(task, entry, key, flight, False, epoch)
 
     def _build(self, task: str, entry: LoadedTask, key: tuple, flight: Flight, keep: bool, epoch: int,
                recheck: bool = False, background: bool = False) -> Any:
@@ -222,7 +238,7 @@ class HotCache:
                     self._seen.pop(task, None)
             self._admitted("promoted" if kept else "pass_only")
         except BaseException as exc:
-            self._failed_build(key, flight, exc, background and not released)
+            self._failed_build(key, flight, exc, background and not released, keep)
             if background and isinstance(exc, Exception):
                 log.exception("background promotion of task %s failed; it stays on its fallback form", task)
                 return None
@@ -231,12 +247,13 @@ class HotCache:
         release_freed_memory()
         return form
 
-    def _failed_build(self, key: tuple, flight: Flight, exc: BaseException, release: bool) -> None:
-        """A build failed: its waiters get ``exc``, the task is not promoted again for ``window_s``
+    def _failed_build(self, key: tuple, flight: Flight, exc: BaseException, release: bool, keep: bool) -> None:
+        """A build failed: its waiters get ``exc``, a promotion (``keep``) is not tried again for ``window_s``
         (``_failed``), and a background slot it held is given back."""
         with self._lock:
-            self._failed[key] = True
-            self._seen.pop(key[0], None)
+            if keep:
+                self._failed[key] = True
+                self._seen.pop(key[0], None)
         if release:
             self._background.release()
         self._promoting.land(key, flight, self._lock, error=exc)
@@ -294,6 +311,8 @@ class HotCache:
             self._epochs[task] = self._epochs.get(task, 0) + 1
             self._freq.pop(task, None)
             self._seen.pop(task, None)
+            for key in [k for k in self._failed if k[0] == task]:
+                self._failed.pop(key, None)
             self._pop(task)
 
     def _pop(self, task: str) -> None:

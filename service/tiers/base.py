@@ -115,18 +115,25 @@ class HotCached:
     sparse: SparseCache | None = None
     precision: str
     runtime: str
+    #: more of a task's masked weights pruned than this: its hot form is built for the pass instead of a sparse form
+    sparse_max_pruned: float = SPARSE_MAX_PRUNED
 
     def promote(self, task: str, entry: LoadedTask, keep: bool | None = None) -> Any:
         return self.hot.get(task, entry, keep, fallback=None if self.sparse is None else self._sparse_or_pass)
 
     def _sparse_or_pass(self, task: str, entry: LoadedTask) -> Any:
-        """The form serving a task that is not hot: its sparse form, or (more than :data:`SPARSE_MAX_PRUNED`
-        pruned) its hot form built for the pass."""
+        """The form serving a task that is not hot (counted in ``supermask_hot_admissions_total``): its sparse form;
+        or, more than :attr:`sparse_max_pruned` pruned, its hot form built for the pass (its sparse form then, should
+        that build fail)."""
         states = [st for st in entry.layers.values() if st.masked]
         weights = sum(st.shape[0] * st.shape[1] for st in states)
         pruned = sum(st.sparsity * st.shape[0] * st.shape[1] for st in states)
-        if weights and pruned > SPARSE_MAX_PRUNED * weights:
-            return self.hot.get(task, entry, keep=False)
+        if weights and pruned > self.sparse_max_pruned * weights:
+            try:
+                return self.hot.build_for_pass(task, entry)
+            except Exception:  # noqa: BLE001 - the sparse form still answers, only slower
+                log.exception("building task %s's hot form for a pass failed; served through its sparse form", task)
+        self.hot._admitted("sparse")
         return self.sparse.form(task, entry)
 
     def forget(self, task: str, pass_lock: contextlib.AbstractContextManager) -> None:

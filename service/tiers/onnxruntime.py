@@ -94,6 +94,7 @@ class OrtTier(HotCached):
 
     precision = "int8"
     runtime = "onnxruntime"
+    sparse_max_pruned = 1.0  # a session for one pass (~100 ms) never beats a sparse form (a few ms more than hot)
     device = torch.device("cpu")
     max_tasks = None
     warm_form = "packed"

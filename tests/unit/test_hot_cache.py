@@ -121,6 +121,7 @@ def test_a_background_build_is_kept_only_if_still_admitted_when_it_lands():
         cache.get("b", entry)
     assert list(cache.tasks) == ["a", "b"]
     gate.clear()
+    cache.started.clear()
     for _ in range(2):
         cache.get("c", entry, fallback=fallback)  # c: twice, a: once -> admitted against a; built in the background
     assert cache.started.wait(10)
@@ -131,3 +132,4 @@ def test_a_background_build_is_kept_only_if_still_admitted_when_it_lands():
     while cache._promoting and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sorted(cache.tasks) == ["a", "b"] and cache.evictions == 0  # c is not kept: it would evict a better task
+    assert cache.builds == 3 and not cache._failed  # c's build ran and succeeded

@@ -214,3 +214,19 @@ def test_the_onnxruntime_tiers_sparse_pass_pads_lengths_to_a_bucket_and_answers_
         finally:
             ort_tier.SPARSE_LENGTH_BUCKET = before
     torch.testing.assert_close(engines[16], engines[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_past_the_cutoff_is_counted_once_and_falls_back_to_its_sparse_form_when_its_build_fails(
+        tiny_backbone, tiny_backbone_dir, tmp_path):
+    store = make_store(tiny_backbone, tmp_path, {"dense": 0.5})
+    engine = _engine(tiny_backbone_dir, store, hot_promote_after=3)
+    engine.logits("dense", ROWS)
+    assert engine.hot._freq["dense"] == 1.0 and engine.hot._seen["dense"] == [1]  # one request, counted once
+
+    def fail(task, entry):
+        raise MemoryError("no room for the hot form")
+
+    engine.hot._promote = fail
+    got = engine.logits("dense", ROWS)  # its hot form for the pass fails: its sparse form answers
+    assert got.shape == (2, 2) and list(engine.compute_tier.sparse.tasks) == ["dense"]
+    assert _metric(engine, 'supermask_hot_admissions_total{decision="sparse"}') == 1
