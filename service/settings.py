@@ -154,7 +154,8 @@ class Settings(BaseSettings):
     product plus its sparse correction (``service/sparse_forms.py``; MiniLM at 3 % pruned: ~2.4 MB a task), a few
     ms to build, instead of building its hot form for the pass. 0: off (a task not hot gets its hot form built for
     its pass only). With sparse forms on, a task enters a full hot tier only if asked for more often, recently, than
-    the tasks it would evict; a task more than 25 % pruned gets its hot form built for the pass instead."""
+    the tasks it would evict; on the torch tiers a task more than 25 % pruned gets its hot form built for the pass
+    instead."""
     metrics_max_task_labels: int = Field(256, ge=0)
     """Most distinct values of the metrics' ``task`` label; tasks beyond are counted under ``task="_other"``.
     Each labelled task holds ~60 series: 10,000 tasks held 179 MiB of them and took 6.5 s to render one scrape."""
