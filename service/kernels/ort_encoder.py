@@ -22,9 +22,10 @@ session (README, "CPU precisions and runtimes", has the served figures against o
 The graph (opset 17 + ``com.microsoft`` contrib ops of ONNX Runtime's CPU provider): ``LayerNormalization`` of
 the embeddings (looked up outside the graph, :meth:`OrtEncoder.embed`), then per layer one fused Q|K|V product,
 ``Split``, ``MultiHeadAttention`` (key padding mask from the attention mask), the output product,
-``SkipLayerNormalization`` (residual + LayerNorm), the intermediate product, the activation (``Gelu`` for
+``SkipLayerNormalization`` (residual + LayerNorm), the intermediate product, the activation (``BiasGelu`` for
 ``gelu``, ``FastGelu`` for the tanh forms, ``Relu``, ``x · Sigmoid(x)``), the output product,
-``SkipLayerNormalization``; then the mean over unmasked tokens. Inputs float32 ``embedded`` ``[batch, T, hidden]``
+``SkipLayerNormalization``; then the mean over unmasked tokens. Each product's bias is added by the fused op that
+follows it (the attention's, the activation's or the LayerNorm's bias input), not by a node of its own. Inputs float32 ``embedded`` ``[batch, T, hidden]``
 and int64 ``attention_mask`` ``[batch, T]``; output float32 ``pooled`` ``[batch, hidden]``.
 
 Weights: each session's model bytes carry every group's int8 weight (the task's ``W_q ⊙ μ`` where it masks the
@@ -188,8 +189,12 @@ class OrtEncoder:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the graph is fused already
-        # no spinning: many sessions take turns, and a spinning idle pool would take the CPU from the next one
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # the pool's threads spin between the nodes of a pass (a woken thread costs more than a small node: MiniLM at
+        # batch 1 took 3.9 ms a pass without spinning, 2.9 with) and stop when the pass ends: many sessions take
+        # turns, and an idle pool left spinning takes the CPU from the next one (three sessions in turn, spinning
+        # on: 7.9 ms a pass)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.log_severity_level = 3
         # no per-session memory arena: each session's arena kept its largest pass's activations (MiniLM after one
         # 32-row pass: 104 MiB of RSS per session with it, 24.5 without; the pass ~15 % slower)
@@ -240,12 +245,13 @@ def _graph(encoder: LeanEncoder, act: str, act_quant: str = "row"):
         n.append(helper.make_node(op, inputs, outputs, domain="com.microsoft" if ms else "", **attrs))
 
     def product(group, x, y):
+        """``y = x · (W_q ⊙ μ)ᵀ`` dequantized, without the bias: the fused op after each product adds it."""
         if act_quant == "tensor":
-            node("DynamicQuantizeMatMul", [x, f"{group}.weight", f"{group}.scale", f"{group}.zero", f"{group}.bias"],
-                 [y], ms=True)
+            node("DynamicQuantizeMatMul", [x, f"{group}.weight", f"{group}.scale", f"{group}.zero"], [y], ms=True)
             return
-        # per row (token): x ≈ lo + step · q, q = floor((x - lo) / step + 1/2) in [0, 255], step = (hi - lo) / 255;
-        # y = step · (q · (W_q ⊙ μ)ᵀ · scale) + lo · rowsum + b, rowsum[o] = scale[o] · Σ_i (W_q ⊙ μ)[o, i]
+        # per row (token): x ≈ lo + step · q, q = floor((x - lo) / step + 1/2) in [0, 255], step = width / 255,
+        # width = max(hi - lo, tiny); y = step · (q · (W_q ⊙ μ)ᵀ · scale) + lo · rowsum,
+        # rowsum[o] = scale[o] · Σ_i (W_q ⊙ μ)[o, i]; the bias is added by the fused op that follows
         p = f"{y}.aq"
         node("ReduceMax", [x], [f"{p}.hi"], axes=[-1], keepdims=1)  # opset 17: axes is an attribute here
         node("ReduceMin", [x], [f"{p}.lo"], axes=[-1], keepdims=1)
@@ -261,8 +267,7 @@ def _graph(encoder: LeanEncoder, act: str, act_quant: str = "row"):
         node("Div", [f"{p}.width", "act.levels"], [f"{p}.step"])
         node("Mul", [f"{p}.raw", f"{p}.step"], [f"{p}.prod"])
         node("Mul", [f"{p}.lo", f"{group}.rowsum"], [f"{p}.base"])
-        node("Add", [f"{p}.base", f"{group}.bias"], [f"{p}.offset"])
-        node("Add", [f"{p}.prod", f"{p}.offset"], [y])
+        node("Add", [f"{p}.prod", f"{p}.base"], [y])
 
     node("Cast", ["attention_mask"], ["mask32"], to=TensorProto.INT32)
     node("LayerNormalization", ["embedded", "emb.gamma", "emb.beta"], ["x0"], axis=-1,
@@ -274,24 +279,26 @@ def _graph(encoder: LeanEncoder, act: str, act_quant: str = "row"):
             t[f"l{i}.ln{k}.beta"] = b.detach().float().numpy()
         product(qkv, x, f"l{i}.qkv")
         node("Split", [f"l{i}.qkv", "split.qkv"], [f"l{i}.q", f"l{i}.k", f"l{i}.v"], axis=-1)
-        node("MultiHeadAttention", [f"l{i}.q", f"l{i}.k", f"l{i}.v", "", "mask32"], [f"l{i}.ctx"], ms=True,
-             num_heads=heads)
+        node("MultiHeadAttention", [f"l{i}.q", f"l{i}.k", f"l{i}.v", f"{qkv}.bias", "mask32"], [f"l{i}.ctx"],
+             ms=True, num_heads=heads)
         product(out, f"l{i}.ctx", f"l{i}.attn")
-        node("SkipLayerNormalization", [f"l{i}.attn", x, f"l{i}.ln0.gamma", f"l{i}.ln0.beta"], [f"l{i}.a"], ms=True,
-             epsilon=float(ln1[2]))
+        node("SkipLayerNormalization", [f"l{i}.attn", x, f"l{i}.ln0.gamma", f"l{i}.ln0.beta", f"{out}.bias"],
+             [f"l{i}.a"], ms=True, epsilon=float(ln1[2]))
         product(inter, f"l{i}.a", f"l{i}.inter")
         if act == "gelu":
-            node("Gelu", [f"l{i}.inter"], [f"l{i}.act"], ms=True)
+            node("BiasGelu", [f"l{i}.inter", f"{inter}.bias"], [f"l{i}.act"], ms=True)
         elif act in ("gelu_new", "gelu_pytorch_tanh"):
-            node("FastGelu", [f"l{i}.inter"], [f"l{i}.act"], ms=True)
-        elif act == "relu":
-            node("Relu", [f"l{i}.inter"], [f"l{i}.act"])
-        else:  # silu / swish
-            node("Sigmoid", [f"l{i}.inter"], [f"l{i}.sig"])
-            node("Mul", [f"l{i}.inter", f"l{i}.sig"], [f"l{i}.act"])
+            node("FastGelu", [f"l{i}.inter", f"{inter}.bias"], [f"l{i}.act"], ms=True)
+        else:
+            node("Add", [f"l{i}.inter", f"{inter}.bias"], [f"l{i}.pre"])
+            if act == "relu":
+                node("Relu", [f"l{i}.pre"], [f"l{i}.act"])
+            else:  # silu / swish
+                node("Sigmoid", [f"l{i}.pre"], [f"l{i}.sig"])
+                node("Mul", [f"l{i}.pre", f"l{i}.sig"], [f"l{i}.act"])
         product(down, f"l{i}.act", f"l{i}.down")
-        node("SkipLayerNormalization", [f"l{i}.down", f"l{i}.a", f"l{i}.ln1.gamma", f"l{i}.ln1.beta"], [f"x{i + 1}"],
-             ms=True, epsilon=float(ln2[2]))
+        node("SkipLayerNormalization", [f"l{i}.down", f"l{i}.a", f"l{i}.ln1.gamma", f"l{i}.ln1.beta", f"{down}.bias"],
+             [f"x{i + 1}"], ms=True, epsilon=float(ln2[2]))
         x = f"x{i + 1}"
     node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT)
     node("Unsqueeze", ["maskf", "axis.2"], ["maskf3"])

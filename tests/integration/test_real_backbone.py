@@ -77,7 +77,7 @@ def test_shipped_bundle_reproduces_recorded_dev_metric(task, metric, floor):
 # bf16 keeps every task within 0.5 points (CoLA: MCC ±0; MCC moves ~0.3 points per sentence of 1,043 that
 # changes class); int8 keeps five of six within 0.5 (measured: CoLA MCC -0.40, WNLI -2.8, i.e. 2 of 71 examples),
 # so each band is checked where it holds and a miss is bounded; int8 on ONNX Runtime (the same per-token
-# activation quantization, other float rounding): CoLA -0.37, RTE +0.72 (2 of 277 examples), the rest within 0.2;
+# activation quantization, other float rounding): CoLA -0.40, RTE +0.36, SST-2 -0.23, the rest within 0.2;
 # int8 through the sparse form (a task that is not hot; the same int8 products as the hot form up to float
 # rounding, which moves a token's activation code by one step now and then): SST-2 -0.23, MRPC F1 +0.20, CoLA MCC
 # -0.70 (-1.00 before the sparse pass padded its lengths to buckets), RTE +0.36, WNLI -1.41, STS-B Pearson -0.05.
@@ -102,7 +102,7 @@ def test_shipped_bundle_in_low_precision_keeps_its_recorded_dev_metric(task, met
     delta = abs(res["deterministic"][metric] - res["recorded"][metric])
     band = 0.03 if task == "WNLI" and precision == "int8" else 0.01 if task == "CoLA" else 0.005
     if task == "RTE" and runtime == "onnxruntime":
-        band = 2.0 / res["dev_examples"]  # measured +0.72 points: 2 of 277 examples move (to the right class)
+        band = 2.0 / res["dev_examples"]  # measured +0.36 to +0.72 points: 1 or 2 of 277 examples move
     if task == "CoLA" and form == "sparse":
         band = 0.015  # measured MCC -0.70 to -1.00 (two or three sentences of 1,043); the plain backbone: ~0
     assert delta <= band, json.dumps(res)

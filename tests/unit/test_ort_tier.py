@@ -146,3 +146,14 @@ def test_settings_read_the_runtime(monkeypatch):
     monkeypatch.setenv("SUPERMASK_CPU_RUNTIME", "tvm")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_sessions_spin_during_a_pass_and_stop_when_it_ends(tiny_backbone):
+    """A session's pool threads spin between nodes (a woken thread costs more than a small node) and stop spinning
+    when the pass ends (sessions take turns: one left spinning would take the CPU from the next)."""
+    enc = LeanEncoder(tiny_backbone.model)
+    mats = {n: (tiny_backbone.qweight[n], tiny_backbone.scale[n], tiny_backbone.model.get_submodule(n).bias)
+            for n in tiny_backbone.masked}
+    opts = ort_encoder.OrtEncoder(enc, mats, threads=2).session({}).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
