@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         yield
         app.state.ready = False  # /readyz answers 503 while shutting down
         await engine.close()
+        gc.unfreeze()  # what start-up froze is collectable again (shutdown, or the next app of a test process)
 
     # /docs with local assets: service.api.openapi.install (FastAPI's default pages load theirs from a CDN)
     # FastAPI's own OpenTelemetry (spans per request and stage, metrics, logs) is on whenever the process has a

@@ -288,3 +288,4 @@ def test_startup_moves_the_loaded_objects_out_of_the_collectors_reach(tiny_backb
     with TestClient(app) as client:
         assert gc.get_freeze_count() > 10_000
         assert client.get("/healthz").status_code == 200
+    assert gc.get_freeze_count() == 0  # shutdown unfreezes
