@@ -58,6 +58,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -67,7 +68,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from mask_store.coding import CODING_GAPS, CODING_PACKED, decode_gaps, decode_positions, encode_gaps, minority_count
+from mask_store.coding import (
+    CODING_GAPS,
+    CODING_PACKED,
+    decode_gaps,
+    decode_positions_cached,
+    encode_gaps,
+    minority_count,
+)
 from mask_store.errors import BundleInvalid, BundleTooLarge, BundleUnsupported
 
 MAGIC = b"SUPMASK3"
@@ -230,7 +238,7 @@ class Bundle:
     """
 
     header: BundleHeader
-    masks: dict[str, bytes]
+    masks: Mapping[str, bytes]
     head: dict[str, np.ndarray]
     size_bytes: int
     stored_masks: dict[str, bytes] = field(default_factory=dict)
@@ -245,6 +253,34 @@ class Bundle:
         if entry is None:
             raise KeyError(f"bundle has no mask {name!r}")
         return unpack_mask(self.masks[name], tuple(entry.shape))
+
+
+class PackedMasks(Mapping):
+    """Parameter name → packed mask bytes (:attr:`Bundle.masks`); a coded (v3 ``"zstd-gaps"``) section, already
+    validated, is unpacked on first access and kept: a serving tier that holds the coded form and reads its
+    positions (:func:`pruned_positions`) never pays for the ``out · in``-bit form it does not use.
+
+    Args:
+        packed: names whose packed bytes are at hand (packed sections).
+        coded: name → ``(coding, section, n, pruned)`` of each coded section.
+    """
+
+    def __init__(self, packed: dict[str, bytes], coded: dict[str, tuple[str, bytes, int, int | None]]):
+        self._packed = dict(packed)
+        self._coded = dict(coded)
+
+    def __getitem__(self, name: str) -> bytes:
+        got = self._packed.get(name)
+        if got is not None:
+            return got
+        coding, section, n, pruned = self._coded[name]  # KeyError: no such mask
+        return self._packed.setdefault(name, _decode_section(coding, section, n, pruned)[0])  # atomic (GIL)
+
+    def __iter__(self):
+        return iter({**self._packed, **dict.fromkeys(self._coded)})
+
+    def __len__(self) -> int:
+        return len(self._packed.keys() | self._coded.keys())
 
 
 def pack_mask(mask: np.ndarray) -> bytes:
@@ -323,7 +359,7 @@ def pruned_positions(coding: str, section: bytes, shape: tuple[int, int] | list[
     """
     n = int(shape[0]) * int(shape[1])
     if coding == CODING_GAPS and pruned is not None:
-        bit, idx = decode_positions(section, n, pruned)
+        bit, idx = decode_positions_cached(section, n, pruned)
         if bit == 0:
             return idx
     packed, _ = _decode_section(coding, section, n, pruned)
@@ -626,9 +662,9 @@ def decode_bundle(data: bytes, max_bytes: int | None = None) -> Bundle:
 
 
 def _check_payload(header: BundleHeader, payload: memoryview
-                   ) -> tuple[dict[str, bytes], dict[str, bytes], dict[str, np.ndarray]]:
-    """The payload checks of :func:`decode_bundle`; returns the packed masks, the coded sections (v3, not
-    packed) and the head, all copies."""
+                   ) -> tuple[PackedMasks, dict[str, bytes], dict[str, np.ndarray]]:
+    """The payload checks of :func:`decode_bundle`; returns the packed masks (coded ones unpacked on first use),
+    the coded sections (v3, not packed) and the head, all copies."""
     sections = [(m.offset, m.nbytes, f"mask {m.name!r}") for m in header.masks]
     sections.append((header.head.offset, header.head.nbytes, "head"))
     sections.sort()
@@ -642,6 +678,7 @@ def _check_payload(header: BundleHeader, payload: memoryview
     if len(payload) > cursor:
         raise BundleInvalid(f"{len(payload) - cursor} unexpected trailing bytes after the last section")
     masks: dict[str, bytes] = {}
+    coded: dict[str, tuple[str, bytes, int, int | None]] = {}
     stored: dict[str, bytes] = {}
     for m in header.masks:
         blob = bytes(payload[m.offset : m.offset + m.nbytes])
@@ -649,7 +686,13 @@ def _check_payload(header: BundleHeader, payload: memoryview
             raise BundleInvalid(f"checksum mismatch in mask {m.name!r}: the bundle is corrupted")
         n = m.shape[0] * m.shape[1]
         try:
-            masks[m.name], zeros = _decode_section(m.coding, blob, n, m.pruned)
+            if m.coding == CODING_GAPS and m.pruned is not None:
+                # decoding the positions checks all the section's invariants (see decode_positions); its bits are
+                # unpacked on first use (PackedMasks), the positions kept for the serving tier's next read
+                decode_positions_cached(blob, n, m.pruned)
+                coded[m.name], zeros = (m.coding, blob, n, m.pruned), m.pruned
+            else:
+                masks[m.name], zeros = _decode_section(m.coding, blob, n, m.pruned)
         except BundleInvalid as exc:
             raise BundleInvalid(f"mask {m.name!r}: {exc}") from None
         if abs(zeros / n - m.sparsity) > 1e-9:  # v3: the header's validator already held it to pruned / n
@@ -673,7 +716,7 @@ def _check_payload(header: BundleHeader, payload: memoryview
         if arr.size and float(np.abs(arr).max()) > MAX_HEAD_ABS:
             raise BundleInvalid(f"head tensor {name!r} holds values of magnitude {float(np.abs(arr).max()):.3g}, "
                                 f"more than {MAX_HEAD_ABS:g}: its logits could overflow (not a trained head)")
-    return masks, stored, head
+    return PackedMasks(masks, coded), stored, head
 
 
 def read_header_file(path: str) -> BundleHeader:

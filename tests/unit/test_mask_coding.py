@@ -331,3 +331,36 @@ def test_truncated_v3_payload_refused_at_every_cut(sparse_bundle):
     for cut in range(12 + hlen + HEADER_DIGEST_BYTES, len(data)):
         with pytest.raises(BundleInvalid, match="truncated"):
             decode_bundle(data[:cut])
+
+
+def test_a_loaded_bundle_unpacks_a_coded_mask_only_when_asked(sparse_bundle, monkeypatch):
+    """decode_bundle validates a coded section by decoding its positions; its packed bits are built on first access
+    (a tier that holds the coded form never builds them), then kept, and equal the mask's."""
+    from mask_store import format as fmt
+
+    data, mask = sparse_bundle
+    unpacked = []
+    real = fmt._decode_section
+    monkeypatch.setattr(fmt, "_decode_section", lambda *a: unpacked.append(a[0]) or real(*a))
+    b = decode_bundle(data)
+    assert "zstd-gaps" not in unpacked  # the packed section (the dense mask) is checked as before
+    assert set(b.masks) == {SPARSE, "l.dense.weight"} and len(b.masks) == 2
+    assert b.masks[SPARSE] == _packed(mask) and b.masks[SPARSE] == _packed(mask)
+    assert unpacked.count("zstd-gaps") == 1  # once, then kept
+    np.testing.assert_array_equal(b.mask_array(SPARSE), mask)
+
+
+def test_positions_are_decoded_once_per_section_and_shared_read_only(sparse_bundle):
+    from mask_store.coding import decode_positions, decode_positions_cached
+
+    data, mask = sparse_bundle
+    b = decode_bundle(data)
+    entry = next(m for m in b.header.masks if m.name == SPARSE)
+    section = b.stored_masks[SPARSE]
+    bit, idx = decode_positions_cached(section, mask.size, entry.pruned)
+    assert decode_positions_cached(section, mask.size, entry.pruned)[1] is idx  # validation decoded it already
+    assert bit == 0 and not idx.flags.writeable
+    np.testing.assert_array_equal(idx, np.flatnonzero(~mask.reshape(-1)))
+    np.testing.assert_array_equal(idx, decode_positions(section, mask.size, entry.pruned)[1])
+    with pytest.raises(BundleInvalid):  # a bad count is refused, cached or not
+        decode_positions_cached(section, mask.size, entry.pruned + 1)
