@@ -455,11 +455,19 @@ def test_health_probes_keep_their_slots_while_every_other_slot_is_held(slow_app)
         body_timeout_s = 30.0
         health_reserved_slots = 2
 
-    with _uvicorn(slow_app, Reserved, limit=6) as port:  # 6 in all: 4 ordinary, 2 kept for probes
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
-        for h in held:  # heads complete, bodies stalled: each holds its slot
+    # 6 in all, 2 kept for probes: an ordinary request is refused once 4 connections are open, its own counted
+    # (uvicorn compares the open connections, this one included, with the limit), so 3 can be held
+    with _uvicorn(slow_app, Reserved, limit=6) as port:
+        held = []
+        for _ in range(3):  # one at a time: each head is read while the connections before it are open
+            h = socket.create_connection(("127.0.0.1", port))
+            held.append(h)
             h.sendall(b"POST /v1/tasks/toy/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
-        time.sleep(0.3)
+            time.sleep(0.2)
+        for h in held:  # heads complete, bodies stalled: each holds its slot (no answer yet)
+            h.settimeout(0.1)
+            with pytest.raises(TimeoutError):
+                h.recv(1)
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
                 assert client.get("/healthz").status_code == 200
