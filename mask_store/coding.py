@@ -103,7 +103,12 @@ def decode_gaps(section: bytes, n: int, pruned: int) -> bytes:
     Raises:
         BundleInvalid: as :func:`decode_positions`.
     """
-    bit, idx = decode_positions(section, n, pruned)
+    return bits_from_positions(*decode_positions(section, n, pruned), n)
+
+
+def bits_from_positions(bit: int, idx: np.ndarray, n: int) -> bytes:
+    """Packed mask bits (as :func:`decode_gaps` returns them) from :func:`decode_positions`' ``(bit, idx)``: every
+    one of the ``n`` weights the majority value ``1 - bit`` but those at ``idx`` (int64, ascending)."""
     nbytes = (n + 7) // 8
     if idx.size == 0:
         return _fill(bit ^ 1, n, nbytes).tobytes()
@@ -159,28 +164,32 @@ def decode_positions(section: bytes, n: int, pruned: int) -> tuple[int, np.ndarr
 POSITIONS_CACHE_BYTES = 16 << 20
 """Bytes of decoded positions :func:`decode_positions_cached` keeps (a MiniLM task at 5 % pruned: ~4.2 MB)."""
 
-_positions: LRUCache = LRUCache(maxsize=POSITIONS_CACHE_BYTES, getsizeof=lambda v: v[1].nbytes + 64)
+# value (bit, idx, len(section)): the key keeps its section alive, so its bytes count too
+_positions: LRUCache = LRUCache(maxsize=POSITIONS_CACHE_BYTES, getsizeof=lambda v: v[1].nbytes + v[2] + 64)
 _positions_lock = threading.Lock()
 
 
 def decode_positions_cached(section: bytes, n: int, pruned: int) -> tuple[int, np.ndarray]:
     """:func:`decode_positions`, the result kept in a small LRU (:data:`POSITIONS_CACHE_BYTES`, keyed by the
-    section's bytes): a task load validates every section by decoding it, and the serving tier's sparse form
-    reads the same positions right after; decoded once, not twice. The array is read-only (shared).
+    section's bytes, which count against it too): a task load validates every section by decoding it, and the
+    serving tier's sparse form (or the packed bits, :func:`bits_from_positions`) reads the same positions right
+    after; decoded once, not twice, while they fit. The array is read-only (shared); ``section`` may be any bytes-like
+    object (a copy is the key).
 
     Raises:
         BundleInvalid: as :func:`decode_positions` (failures are not cached).
     """
-    key = (section, n, pruned)
+    key = (bytes(section), n, pruned)
     with _positions_lock:
         got = _positions.get(key)
     if got is not None:
-        return got
+        return got[0], got[1]
     bit, idx = decode_positions(section, n, pruned)
     idx.flags.writeable = False
+    value = (bit, idx, len(section))
     with _positions_lock:
-        if idx.nbytes + 64 <= POSITIONS_CACHE_BYTES:
-            _positions[key] = (bit, idx)
+        if _positions.getsizeof(value) <= POSITIONS_CACHE_BYTES:
+            _positions[key] = value
     return bit, idx
 
 

@@ -71,6 +71,7 @@ from safetensors.numpy import save as st_save
 from mask_store.coding import (
     CODING_GAPS,
     CODING_PACKED,
+    bits_from_positions,
     decode_gaps,
     decode_positions_cached,
     encode_gaps,
@@ -230,7 +231,8 @@ class Bundle:
     """A validated bundle: header, packed masks and head tensors.
 
     ``masks`` maps each parameter name to its packed bytes (see module
-    docstring for the bit order), whatever the file's version and coding;
+    docstring for the bit order), whatever the file's version and coding
+    (a read-only :class:`PackedMasks`: a coded mask is unpacked when read);
     ``head`` maps tensor names to float32 arrays. ``size_bytes`` is the size
     of the encoded file. ``stored_masks`` maps each name to its section's
     bytes as stored when its coding is not ``"packed"`` (v3; decode one with
@@ -256,16 +258,20 @@ class Bundle:
 
 
 class PackedMasks(Mapping):
-    """Parameter name → packed mask bytes (:attr:`Bundle.masks`); a coded (v3 ``"zstd-gaps"``) section, already
-    validated, is unpacked on first access and kept: a serving tier that holds the coded form and reads its
-    positions (:func:`pruned_positions`) never pays for the ``out · in``-bit form it does not use.
+    """Parameter name → packed mask bytes (:attr:`Bundle.masks`), in the header's order; a coded (v3
+    ``"zstd-gaps"``) section, already validated, is unpacked on first access (from its cached positions,
+    :func:`mask_store.coding.decode_positions_cached`) and kept: a serving tier that holds the coded form and reads
+    its positions (:func:`pruned_positions`) never pays for the ``out · in``-bit form it does not use. Not a dict:
+    read-only; membership and iteration unpack nothing.
 
     Args:
+        order: every mask name, in the header's order.
         packed: names whose packed bytes are at hand (packed sections).
-        coded: name → ``(coding, section, n, pruned)`` of each coded section.
+        coded: name → ``(section, n, pruned)`` of each coded section.
     """
 
-    def __init__(self, packed: dict[str, bytes], coded: dict[str, tuple[str, bytes, int, int | None]]):
+    def __init__(self, order: list[str], packed: dict[str, bytes], coded: dict[str, tuple[bytes, int, int]]):
+        self._order = list(order)
         self._packed = dict(packed)
         self._coded = dict(coded)
 
@@ -273,14 +279,17 @@ class PackedMasks(Mapping):
         got = self._packed.get(name)
         if got is not None:
             return got
-        coding, section, n, pruned = self._coded[name]  # KeyError: no such mask
-        return self._packed.setdefault(name, _decode_section(coding, section, n, pruned)[0])  # atomic (GIL)
+        section, n, pruned = self._coded[name]  # KeyError: no such mask
+        return self._packed.setdefault(name, bits_from_positions(*decode_positions_cached(section, n, pruned), n))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._packed or name in self._coded
 
     def __iter__(self):
-        return iter({**self._packed, **dict.fromkeys(self._coded)})
+        return iter(self._order)
 
     def __len__(self) -> int:
-        return len(self._packed.keys() | self._coded.keys())
+        return len(self._order)
 
 
 def pack_mask(mask: np.ndarray) -> bytes:
@@ -678,7 +687,7 @@ def _check_payload(header: BundleHeader, payload: memoryview
     if len(payload) > cursor:
         raise BundleInvalid(f"{len(payload) - cursor} unexpected trailing bytes after the last section")
     masks: dict[str, bytes] = {}
-    coded: dict[str, tuple[str, bytes, int, int | None]] = {}
+    coded: dict[str, tuple[bytes, int, int]] = {}
     stored: dict[str, bytes] = {}
     for m in header.masks:
         blob = bytes(payload[m.offset : m.offset + m.nbytes])
@@ -690,7 +699,7 @@ def _check_payload(header: BundleHeader, payload: memoryview
                 # decoding the positions checks all the section's invariants (see decode_positions); its bits are
                 # unpacked on first use (PackedMasks), the positions kept for the serving tier's next read
                 decode_positions_cached(blob, n, m.pruned)
-                coded[m.name], zeros = (m.coding, blob, n, m.pruned), m.pruned
+                coded[m.name], zeros = (blob, n, m.pruned), m.pruned
             else:
                 masks[m.name], zeros = _decode_section(m.coding, blob, n, m.pruned)
         except BundleInvalid as exc:
@@ -716,7 +725,7 @@ def _check_payload(header: BundleHeader, payload: memoryview
         if arr.size and float(np.abs(arr).max()) > MAX_HEAD_ABS:
             raise BundleInvalid(f"head tensor {name!r} holds values of magnitude {float(np.abs(arr).max()):.3g}, "
                                 f"more than {MAX_HEAD_ABS:g}: its logits could overflow (not a trained head)")
-    return PackedMasks(masks, coded), stored, head
+    return PackedMasks([m.name for m in header.masks], masks, coded), stored, head
 
 
 def read_header_file(path: str) -> BundleHeader:

@@ -46,7 +46,9 @@ def freeze_startup_objects() -> int:
     """Move every object alive now (torch, transformers, the backbone, the engine: ~250,000 in the default server) to
     the garbage collector's permanent generation (``gc.freeze``, after a ``gc.collect``), so that its full
     collections no longer traverse them: one took ~100 ms with the GIL held, a pause of every request in flight
-    whenever task loads' allocations triggered one. Returns how many objects are frozen (``gc.get_freeze_count``)."""
+    whenever task loads' allocations triggered one. Frozen objects that later become cyclic garbage are freed only
+    after shutdown's ``gc.unfreeze``; in one process, every app's start-up freezes and every shutdown unfreezes all
+    (tests that start many apps). Returns how many objects are frozen (``gc.get_freeze_count``)."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
@@ -97,8 +99,10 @@ def create_app(settings: Settings | None = None, backbone: Backbone | None = Non
         app.state.ready = True  # the backbone is loaded and the examples preloaded (above)
         yield
         app.state.ready = False  # /readyz answers 503 while shutting down
-        await engine.close()
-        gc.unfreeze()  # what start-up froze is collectable again (shutdown, or the next app of a test process)
+        try:
+            await engine.close()
+        finally:
+            gc.unfreeze()  # what start-up froze is collectable again (shutdown, or the next app of a test process)
 
     # /docs with local assets: service.api.openapi.install (FastAPI's default pages load theirs from a CDN)
     # FastAPI's own OpenTelemetry (spans per request and stage, metrics, logs) is on whenever the process has a

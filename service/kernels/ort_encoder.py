@@ -9,8 +9,8 @@ same ``act_quant`` (``tests/unit/test_ort_tier.py`` checks the graph against tha
 * ``act_quant="row"`` (the tier's default): each token's activations quantized to uint8 with its own min / max,
   ``x ≈ lo + step · q``, ``q = floor((x - lo) / step + 1/2)``, ``step = (hi - lo) / 255``; the product is
   ``step · (q · (W_q ⊙ μ)ᵀ · scale) + lo · rowsum + b`` with ``rowsum[o] = scale[o] · Σ_i (W_q ⊙ μ)[o, i]``
-  (ONNX ``ReduceMin`` / ``ReduceMax`` and ``com.microsoft.MatMulIntegerToFloat``): a row's result does not depend
-  on the other rows of its batch;
+  (ONNX ``ReduceMin`` / ``ReduceMax`` and ``com.microsoft.MatMulIntegerToFloat``; ``b`` added by the fused op after
+  the product, below): a row's result does not depend on the other rows of its batch;
 * ``act_quant="tensor"``: one asymmetric uint8 scale for the whole input (ONNX ``DynamicQuantizeLinear``, fused as
   ``com.microsoft.DynamicQuantizeMatMul``: ``scale = (max(0, hi) - min(0, lo)) / 255``), as ONNX Runtime's own
   dynamic quantization does; faster, batch-dependent, and less accurate on the shipped tasks (docs in README).

@@ -334,19 +334,24 @@ def test_truncated_v3_payload_refused_at_every_cut(sparse_bundle):
 
 
 def test_a_loaded_bundle_unpacks_a_coded_mask_only_when_asked(sparse_bundle, monkeypatch):
-    """decode_bundle validates a coded section by decoding its positions; its packed bits are built on first access
-    (a tier that holds the coded form never builds them), then kept, and equal the mask's."""
+    """decode_bundle validates a coded section by decoding its positions; its packed bits are built on first read
+    (a tier that holds the coded form never builds them; membership and iteration build nothing), from the cached
+    positions, then kept, and equal the mask's; iteration follows the header."""
+    from mask_store import coding
     from mask_store import format as fmt
 
     data, mask = sparse_bundle
-    unpacked = []
-    real = fmt._decode_section
-    monkeypatch.setattr(fmt, "_decode_section", lambda *a: unpacked.append(a[0]) or real(*a))
+    coding._positions.clear()  # another test may have decoded the same section
+    unpacked, decoded = [], []
+    real_bits, real_decode = fmt.bits_from_positions, coding.decode_positions
+    monkeypatch.setattr(fmt, "bits_from_positions", lambda *a: unpacked.append(a[2]) or real_bits(*a))
+    monkeypatch.setattr(coding, "decode_positions", lambda *a: decoded.append(a[1]) or real_decode(*a))
     b = decode_bundle(data)
-    assert "zstd-gaps" not in unpacked  # the packed section (the dense mask) is checked as before
-    assert set(b.masks) == {SPARSE, "l.dense.weight"} and len(b.masks) == 2
+    assert decoded == [mask.size]  # validation decoded the coded section once
+    assert list(b.masks) == [m.name for m in b.header.masks] and len(b.masks) == 2
+    assert SPARSE in b.masks and "nope" not in b.masks and unpacked == []
     assert b.masks[SPARSE] == _packed(mask) and b.masks[SPARSE] == _packed(mask)
-    assert unpacked.count("zstd-gaps") == 1  # once, then kept
+    assert unpacked == [mask.size] and decoded == [mask.size]  # unpacked once, from the cached positions
     np.testing.assert_array_equal(b.mask_array(SPARSE), mask)
 
 

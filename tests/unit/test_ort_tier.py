@@ -5,6 +5,8 @@ settings that cannot run are refused with the reason."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -39,12 +41,24 @@ def _inputs(backbone, texts):
     return backbone.tokenizer(texts, padding=True, return_tensors="pt")
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
 @pytest.mark.parametrize("act_quant", ort_encoder.ACT_QUANT)
-def test_graph_equals_the_torch_reference_of_its_semantics(tiny_backbone, act_quant):
+def test_graph_equals_the_torch_reference_of_its_semantics(tiny_backbone, act_quant, act):
     """Reference: the lean encoder with every product as cpu_hot.hot_linear int8, activations quantized the same way
-    (per row, or per tensor)."""
-    enc = LeanEncoder(tiny_backbone.model)
-    mats = {n: (tiny_backbone.qweight[n], tiny_backbone.scale[n], tiny_backbone.model.get_submodule(n).bias)
+    (per row, or per tensor), for each activation the graph computes. Every bias and LayerNorm parameter is made
+    random first (a fresh tiny BERT has them at zero or one): each product's bias, which the graph adds in the fused
+    op after it, must count exactly once."""
+    model = copy.deepcopy(tiny_backbone.model)
+    model.config.hidden_act = act
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.5)
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + torch.randn(module.weight.shape, generator=gen) * 0.2)
+    enc = LeanEncoder(model)
+    mats = {n: (tiny_backbone.qweight[n], tiny_backbone.scale[n], model.get_submodule(n).bias)
             for n in tiny_backbone.masked}
     oe = ort_encoder.OrtEncoder(enc, mats, threads=1, act_quant=act_quant)
     gen = torch.Generator().manual_seed(0)
