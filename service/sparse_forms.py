@@ -45,15 +45,22 @@ class SparseForm:
     nbytes: int
 
 
-def pruned_values(w_q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+def pruned_values(w_q: torch.Tensor, scale: torch.Tensor, positions: np.ndarray, counts: np.ndarray,
                   precision: str) -> torch.Tensor:
-    """float32 ``[k]``: the stored plain weight at ``(rows, cols)`` (int64 ``[k]`` each) of ``w_q`` int8 ``[out, in]``
-    with ``scale`` float32 ``[out]`` — what the plain product of ``precision`` multiplies by there (int8: ``W_q ·
-    scale``; bf16: that rounded to bfloat16, as :func:`service.kernels.cpu_hot.materialize` rounds it). ``w_q`` may
-    be any strided view (indexed in place, never copied whole)."""
+    """float32 ``[k]``: the stored plain weight at the row-major ``positions`` (int64 ``[k]``, ascending; ``counts``
+    int64 ``[out]`` of them per row) of ``w_q`` int8 ``[out, in]`` with ``scale`` float32 ``[out]`` — what the plain
+    product of ``precision`` multiplies by there (int8: ``W_q · scale``; bf16: that rounded to bfloat16, as
+    :func:`service.kernels.cpu_hot.materialize` rounds it). ``w_q`` may be any strided view (indexed in place, never
+    copied whole)."""
     # numpy, one thread: a torch gather of a few thousand entries opens a parallel region, which stalls for
     # milliseconds whenever the CPU is busy with anything else
-    vals = torch.from_numpy(w_q.numpy()[rows.numpy(), cols.numpy()].astype(np.float32) * scale.numpy()[rows.numpy()])
+    w = w_q.numpy()
+    if w.flags.c_contiguous:
+        raw = w.reshape(-1)[positions]  # one flat gather (the positions are row-major already)
+    else:
+        rows, cols = np.divmod(positions, w.shape[1])
+        raw = w[rows, cols]
+    vals = torch.from_numpy(raw.astype(np.float32) * np.repeat(scale.numpy(), counts))
     return vals.to(torch.bfloat16).to(torch.float32) if precision == "bf16" else vals
 
 
@@ -76,13 +83,14 @@ def csr_from_positions(w_q: torch.Tensor, scale: torch.Tensor, positions: np.nda
     out, in_ = w_q.shape
     if positions.size == 0:
         return None
-    rows_np, cols_np = np.divmod(positions, in_)
-    rows, cols = torch.from_numpy(rows_np), torch.from_numpy(cols_np)
-    crow = torch.zeros(out + 1, dtype=torch.int32)
-    crow[1:] = torch.from_numpy(np.cumsum(np.bincount(rows_np, minlength=out)))
+    # the positions are ascending: each row's first one by binary search, no division per position
+    crow = np.searchsorted(positions, np.arange(out + 1, dtype=np.int64) * in_)  # int64 [out + 1]
+    counts = np.diff(crow)
+    cols = positions - np.repeat(np.arange(out, dtype=np.int64) * in_, counts)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols.to(torch.int32), pruned_values(w_q, scale, rows, cols, precision),
+        return torch.sparse_csr_tensor(torch.from_numpy(crow.astype(np.int32)), torch.from_numpy(cols.astype(np.int32)),
+                                       pruned_values(w_q, scale, positions, counts, precision),
                                        size=(out, in_), check_invariants=False)
 
 

@@ -230,3 +230,24 @@ def test_a_task_past_the_cutoff_is_counted_once_and_falls_back_to_its_sparse_for
     got = engine.logits("dense", ROWS)  # its hot form for the pass fails: its sparse form answers
     assert got.shape == (2, 2) and list(engine.compute_tier.sparse.tasks) == ["dense"]
     assert _metric(engine, 'supermask_hot_admissions_total{decision="sparse"}') == 1
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_csr_from_positions_holds_the_plain_weights_at_the_positions(strided, precision):
+    """The CSR equals the dense plain weight (W_q · scale, bf16-rounded for bf16) at the positions and 0 elsewhere,
+    rows without a position included, for a contiguous weight and a strided view of a wider one."""
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randint(-127, 128, (7, 20), dtype=torch.int8, generator=gen)
+    w_q = wide[:, 2:15] if strided else wide[:, :13].contiguous()
+    assert w_q.is_contiguous() is not strided
+    scale = torch.rand(7, generator=gen) + 0.5
+    keep = torch.rand(7, 13, generator=gen) > 0.3
+    keep[2] = True  # a row with no pruned weight
+    positions = np.flatnonzero(~keep.numpy().reshape(-1))
+    csr = csr_from_positions(w_q, scale, positions, precision)
+    want = w_q.float() * scale[:, None]
+    if precision == "bf16":
+        want = want.to(torch.bfloat16).float()
+    torch.testing.assert_close(csr.to_dense(), torch.where(keep, 0.0, want), rtol=0, atol=0)
+    assert csr_from_positions(w_q, scale, positions[:0], precision) is None
