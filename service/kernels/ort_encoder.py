@@ -126,6 +126,7 @@ class OrtEncoder:
         self.members_shapes = {n: tuple(int(d) for d in w[0].shape) for n, w in matrices.items()}  # module -> (out, in)
         self._const: dict[str, np.ndarray] = {}  # every tensor of the graph but the products' weights
         self.base: dict[str, torch.Tensor] = {}  # group -> the plain int8 W_q [out, in] (members concatenated)
+        self._base_rowsum: dict[str, np.ndarray] = {}  # group -> int64 [out]: Σ_i W_q[o, i]
         for g, members in self.groups.items():
             w_q = torch.cat([matrices[m][0] for m in members])
             scale = torch.cat([matrices[m][1] for m in members])
@@ -134,6 +135,7 @@ class OrtEncoder:
                     else torch.zeros(w_q.shape[0]))
             self.shapes[g] = (int(w_q.shape[0]), int(w_q.shape[1]))
             self.base[g] = w_q.contiguous()
+            self._base_rowsum[g] = self.base[g].numpy().sum(axis=1, dtype=np.int64)
             self._const[f"{g}.scale"] = scale.float().numpy()
             self._const[f"{g}.zero"] = np.zeros(w_q.shape[0], np.int8)
             self._const[f"{g}.bias"] = bias.float().numpy()
@@ -164,22 +166,60 @@ class OrtEncoder:
         Raises:
             ValueError: a group not in the graph, or a weight of the wrong shape or dtype.
         """
+        self._check_groups(masked)
+        weights, rowsums = {}, {}
+        for g, w in masked.items():
+            if w.dtype != torch.int8 or tuple(w.shape) != self.shapes[g]:
+                raise ValueError(f"group {g}: expected int8 {list(self.shapes[g])}, got {w.dtype} {list(w.shape)}")
+            weights[g] = np.ascontiguousarray(w.numpy().T)
+            rowsums[g] = w.numpy().sum(axis=1, dtype=np.int64)
+        return self._session(weights, rowsums)
+
+    def session_pruned(self, pruned: Mapping[str, np.ndarray]):
+        """:meth:`session` for a task given by its pruned weights: group → int64 ascending row-major positions in
+        the group's ``[out, in]`` (a group absent, or with none, multiplies the plain ``W_q``). Built from the
+        backbone's weights transposed to the graph's layout, zeros written at the positions and the row sums less
+        the pruned values: no mask is unpacked or multiplied (a MiniLM promotion ~5-10 ms sooner).
+
+        Raises:
+            ValueError: a group not in the graph, or a position outside it.
+        """
+        self._check_groups(pruned)
+        weights, rowsums = {}, {}
+        for g, positions in pruned.items():
+            if positions.size == 0:
+                continue
+            out, in_ = self.shapes[g]
+            if int(positions.min()) < 0 or int(positions.max()) >= out * in_:
+                raise ValueError(f"group {g}: a pruned position outside its {out} x {in_} weights")
+            rows, cols = np.divmod(positions, in_)
+            base = self.base[g].numpy()
+            pruned_sum = np.bincount(rows, weights=base.reshape(-1)[positions], minlength=out)
+            w_t = np.ascontiguousarray(base.T)  # the graph's [in, out]
+            w_t.reshape(-1)[cols * out + rows] = 0
+            weights[g], rowsums[g] = w_t, self._base_rowsum[g] - pruned_sum.astype(np.int64)
+        return self._session(weights, rowsums)
+
+    def _check_groups(self, given: Mapping[str, object]) -> None:
+        unknown = set(given) - set(self.groups)
+        if unknown:
+            raise ValueError(f"no product group {sorted(unknown)[0]!r} in the encoder")
+
+    def _session(self, weights_t: Mapping[str, np.ndarray], rowsums: Mapping[str, np.ndarray]):
+        """The session over ``weights_t`` (group → int8 ``[in, out]``, C-contiguous; absent: the plain ``W_q``) with
+        their row sums (group → int64 ``[out]``: the per-token quantization's ``lo · rowsum`` term)."""
         from onnx import TensorProto, helper, numpy_helper
 
         ort = self._ort
-        unknown = set(masked) - set(self.groups)
-        if unknown:
-            raise ValueError(f"no product group {sorted(unknown)[0]!r} in the encoder")
         inits = list(self._const_protos)
         for g in self.groups:
-            w = masked.get(g, self.base[g])
-            if w.dtype != torch.int8 or tuple(w.shape) != self.shapes[g]:
-                raise ValueError(f"group {g}: expected int8 {list(self.shapes[g])}, got {w.dtype} {list(w.shape)}")
-            inits.append(numpy_helper.from_array(w.t().contiguous().numpy(), f"{g}.weight"))  # [in, out]
+            w_t = weights_t.get(g)
+            if w_t is None:
+                w_t = np.ascontiguousarray(self.base[g].numpy().T)
+            inits.append(numpy_helper.from_array(w_t, f"{g}.weight"))  # [in, out]
             if self.act_quant == "row":
-                # numpy's int8 -> int32 row sum: ~100x faster than torch's (torch 2.13 CPU), the same integers
-                rowsum = torch.from_numpy(w.numpy().sum(axis=1, dtype=np.int32)).to(torch.float32) * torch.from_numpy(self._const[f"{g}.scale"])
-                inits.append(numpy_helper.from_array(rowsum.numpy(), f"{g}.rowsum"))
+                rowsum = rowsums.get(g, self._base_rowsum[g]).astype(np.float32) * self._const[f"{g}.scale"]
+                inits.append(numpy_helper.from_array(rowsum, f"{g}.rowsum"))
         graph = helper.make_graph(
             self._nodes, "supermask_encoder",
             [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, ["batch", "seq", self.hidden]),

@@ -2,8 +2,8 @@
 its masked weights ``W_q ⊙ μ`` prepacked once at promotion; a pass runs each segment's rows through its task's
 session (no Python between the ops, any batch and length without per-shape set-up).
 
-Warm tasks are the bundle's masks as stored (as for the torch hot tier); a promotion decodes them, builds the
-masked int8 weights and creates the session (on a background thread, once the task has earned its place); least
+Warm tasks are the bundle's masks as stored (as for the torch hot tier); a promotion reads their pruned positions,
+writes zeros there into the backbone's int8 weights (kept in the graph's layout) and creates the session (on a background thread, once the task has earned its place); least
 recently used sessions are evicted beyond ``SUPERMASK_HOT_CACHE_BYTES``. A task that is not hot is served through
 its sparse form (:mod:`service.sparse_forms`): torch's int8 products over the plain weights, shared by every such
 task in the pass, minus each task's sparse correction.
@@ -18,13 +18,13 @@ import torch
 from backbone import Backbone
 from service.encoder import LeanEncoder
 from service.hot_tier import HotCache
-from service.hot_weights import group_mask, masked_groups
+from service.hot_weights import masked_groups
 from service.kernels.cpu_hot import materialize
 from service.kernels.ort_encoder import OrtEncoder
 from service.masked_linear import MaskedLinear
 from service.metrics import Metrics
 from service.tasks import LoadedTask
-from service.sparse_forms import SparseForm, sparse_pooled
+from service.sparse_forms import SparseForm, group_positions, sparse_pooled
 from service.tiers.base import SMALL_PASS_ROWS, HotCached, Segments, few_threads, sparse_cache, split_policy
 
 
@@ -64,11 +64,10 @@ class OrtHotCache(HotCache):
                        for g, members in ort_encoder.groups.items()}
 
     def _promote(self, task: str, entry: LoadedTask) -> tuple[Any, int]:
-        masked = {}
-        for g in masked_groups(entry, self.ort.groups):
-            mask = group_mask(entry, self.ort.groups[g], self.shapes[g])
-            masked[g] = self.ort.base[g] * mask  # int8 * bool -> int8: W_q ⊙ μ, exact
-        return self.ort.session(masked), self.task_bytes(entry)
+        # the pruned positions, as the bundle codes them (no mask unpacked): zeros written into W_q, exact
+        pruned = {g: group_positions(entry, self.ort.groups[g], self.shapes[g])
+                  for g in masked_groups(entry, self.ort.groups)}
+        return self.ort.session_pruned(pruned), self.task_bytes(entry)
 
     def task_bytes(self, entry: LoadedTask) -> int:
         """A session's resident bytes, estimated from its int8 weights: :data:`SESSION_BYTES_PER_WEIGHT_BYTE` x."""

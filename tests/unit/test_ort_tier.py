@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,30 @@ def test_sessions_spin_during_a_pass_and_stop_when_it_ends(tiny_backbone):
     opts = ort_encoder.OrtEncoder(enc, mats, threads=2).session({}).get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+def test_a_session_from_pruned_positions_equals_one_from_masked_weights(tiny_backbone):
+    """session_pruned (zeros written into the weights kept in the graph's layout, row sums less the pruned values)
+    computes exactly what session(W_q ⊙ μ) does; a group it leaves out multiplies the plain weights; bad input is
+    refused."""
+    enc = LeanEncoder(tiny_backbone.model)
+    mats = {n: (tiny_backbone.qweight[n], tiny_backbone.scale[n], tiny_backbone.model.get_submodule(n).bias)
+            for n in tiny_backbone.masked}
+    oe = ort_encoder.OrtEncoder(enc, mats, threads=1)
+    gen = torch.Generator().manual_seed(4)
+    groups = sorted(enc.groups)
+    masks = {g: torch.rand(oe.base[g].shape, generator=gen) > 0.2 for g in groups[1:]}  # groups[0]: plain
+    x = _inputs(tiny_backbone, [t for t, _ in ROWS])
+    emb = oe.embed(x["input_ids"], x["token_type_ids"])
+    want = oe.run(oe.session({g: oe.base[g] * m for g, m in masks.items()}), emb, x["attention_mask"])
+    pruned = {g: np.flatnonzero(~m.numpy().reshape(-1)) for g, m in masks.items()}
+    pruned[groups[0]] = np.zeros(0, dtype=np.int64)
+    got = oe.run(oe.session_pruned(pruned), emb, x["attention_mask"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    plain = oe.run(oe.session({}), emb, x["attention_mask"])
+    assert (plain - got).abs().max() > 1e-3  # the positions matter
+    with pytest.raises(ValueError, match="no product group"):
+        oe.session_pruned({"nope": np.zeros(1, dtype=np.int64)})
+    out, in_ = oe.base[groups[0]].shape
+    with pytest.raises(ValueError, match="outside"):
+        oe.session_pruned({groups[0]: np.array([out * in_], dtype=np.int64)})
