@@ -399,6 +399,37 @@ def per_round_table(servers: dict, specs) -> list[str]:
     return lines
 
 
+README_BEGIN = "<!-- cpu_peers table: begin (benchmarks/cpu_peers.py --readme writes it) -->"
+README_END = "<!-- cpu_peers table: end -->"
+
+
+def readme_block(res: dict) -> list[str]:
+    """The README's measured table: the command, the CPU and the medians with their ratios to the best peer."""
+    hw, cfg = res["hardware"], res["config"]
+    specs = figure_specs(cfg["tasks_list"])
+    return [README_BEGIN, "", f"`{res['command']}` on {hw['cpu_model']} ({hw['logical_cpus']} logical CPUs, "
+            f"{hw['torch_threads']} threads per server), {cfg['rounds']} interleaved round(s), medians; in brackets the "
+            f"ratio to the best peer's (below 1× is better for latency and memory, above 1× for req/s):", "",
+            *table(res["servers"], specs, cfg["max_peer_tasks"]), "", README_END]
+
+
+def update_readme(path: str | os.PathLike, res: dict) -> None:
+    """Replace the lines from :data:`README_BEGIN` to :data:`README_END` of ``path`` with :func:`readme_block`.
+
+    Raises:
+        ValueError: ``path`` lacks either marker line, or has them out of order (the file is left as it was).
+    """
+    path = Path(path)
+    lines = path.read_text().split("\n")
+    try:
+        start, end = lines.index(README_BEGIN), lines.index(README_END)
+    except ValueError:
+        raise ValueError(f"{path} has no '{README_BEGIN}' ... '{README_END}' lines to rewrite") from None
+    if end < start:
+        raise ValueError(f"{path}: '{README_END}' comes before '{README_BEGIN}'")
+    path.write_text("\n".join(lines[:start] + readme_block(res) + lines[end + 1:]))
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -534,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "benchmarks/results/cpu_peers_smoke)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny run for CI: the smaller defaults above (peers still need their packages)")
+    ap.add_argument("--readme", default=None, metavar="FILE",
+                    help=f"also rewrite the table between the lines '{README_BEGIN}' and '{README_END}' of FILE "
+                         f"(README.md) from this run's medians")
+    ap.add_argument("--render", default=None, metavar="RESULTS.json",
+                    help="measure nothing: write the .md of a saved run (and --readme's table) from its JSON")
     return ap
 
 
@@ -546,7 +582,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.tasks_list = sorted(args.tasks_list)
     if not 0.0 <= args.sparsity <= 1.0:
         ap.error("--sparsity must be in [0, 1]")
-    if not args.precisions and not args.peers:
+    if not args.precisions and not args.peers and not args.render:
         ap.error("nothing to run: give --precisions or --peers")
     args.server_env = server_env(ap, args.server_env)
     if args.out is None:
@@ -564,6 +600,15 @@ def server_env(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        import json
+
+        res = json.loads(Path(args.render).read_text())
+        write_results(Path(args.render).with_suffix(""), res, markdown(res) + "\n")
+        if args.readme:
+            update_readme(args.readme, res)
+        log(f"wrote {Path(args.render).with_suffix('.md')}" + (f" and the table of {args.readme}" if args.readme else ""))
+        return 0
     given = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python benchmarks/cpu_peers.py", *map(shlex.quote, given)])
     t_start = time.perf_counter()
@@ -676,6 +721,8 @@ def run(args: argparse.Namespace, command: str, procs: ServerProcesses, work: Pa
     }
     out = Path(args.out)
     write_results(out, res, markdown(res) + "\n")
+    if args.readme:
+        update_readme(args.readme, res)
     log("")
     log("\n".join(table(results, specs, args.max_peer_tasks)))
     busy = max((r.get("other_cpu_pct", 0) for s in results.values() for r in s["rounds"]), default=0)

@@ -58,6 +58,30 @@ def test_medians_best_peer_and_ratios():
     assert lines[2].startswith("| ours | 20.0 (2.50×) |") and "| — |" in lines[3]
 
 
+def test_the_readme_table_is_rewritten_between_its_markers_only(tmp_path):
+    specs = cpu_peers.figure_specs([1])
+    keys = [k for k, _, _ in specs]
+    fig = {k: None for k in keys} | {"batch1_p50_ms": 6.0, "mixed_rps": 160.0, "rss_mib_1": 500.0}
+    servers = {"supermask-int8": _server(True, [fig]), "ort-int8": _server(False, [fig | {"batch1_p50_ms": 4.0}])}
+    cpu_peers.aggregate(servers, specs)
+    res = {"command": "bench --x", "hardware": {"cpu_model": "Some CPU", "logical_cpus": 2, "torch_threads": 2},
+           "config": {"rounds": 1, "tasks_list": [1], "max_peer_tasks": 20}, "servers": servers}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{cpu_peers.README_BEGIN}\nold table\n{cpu_peers.README_END}\nafter\n")
+    cpu_peers.update_readme(readme, res)
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{cpu_peers.README_BEGIN}\n") and text.endswith(f"{cpu_peers.README_END}\nafter\n")
+    assert "old table" not in text and "`bench --x` on Some CPU" in text
+    assert "| supermask-int8 | 6.0 (1.50×) |" in text and "| ort-int8 | 4.0 (1.00×) |" in text
+    cpu_peers.update_readme(readme, res)  # again: the same file (the markers stay)
+    assert readme.read_text() == text
+    for bad in ("no markers\n", f"{cpu_peers.README_END}\n{cpu_peers.README_BEGIN}\n"):
+        readme.write_text(bad)
+        with pytest.raises(ValueError):
+            cpu_peers.update_readme(readme, res)
+        assert readme.read_text() == bad  # left as it was
+
+
 def test_tree_rss_of_this_process():
     import os
 
@@ -191,3 +215,10 @@ def test_smoke_run_this_server_fp32_against_hf_fp32(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert res["hardware"]["cpu_model"] in md and "torch threads per server" in md
     assert "| supermask-fp32 |" in md and "| hf-fp32 |" in md and "## Every round" in md
+    # --render: the .md and the README's table again from the saved JSON, nothing measured
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{cpu_peers.README_BEGIN}\n{cpu_peers.README_END}\n")
+    out.with_suffix(".md").unlink()
+    assert cpu_peers.main(["--render", str(out.with_suffix(".json")), "--readme", str(readme)]) == 0
+    assert out.with_suffix(".md").read_text() == md
+    assert "| supermask-fp32 |" in readme.read_text()
