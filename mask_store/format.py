@@ -361,7 +361,8 @@ def pruned_positions(coding: str, section: bytes, shape: tuple[int, int] | list[
 
     Arguments as :func:`decode_mask_section`. For a ``"zstd-gaps"`` section that codes the zeros (at most half
     pruned: every supermask of the papers) the positions come straight from the gaps, in O(zeros) time and
-    memory; otherwise the mask is decoded and scanned.
+    memory; one that codes the kept weights gives the complement of its decoded positions (O(n), decoded once);
+    a packed section is unpacked and scanned.
 
     Raises:
         BundleInvalid: as :func:`decode_mask_section`.
@@ -371,6 +372,9 @@ def pruned_positions(coding: str, section: bytes, shape: tuple[int, int] | list[
         bit, idx = decode_positions_cached(section, n, pruned)
         if bit == 0:
             return idx
+        kept = np.zeros(n, dtype=bool)
+        kept[idx] = True
+        return np.flatnonzero(~kept)
     packed, _ = _decode_section(coding, section, n, pruned)
     bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n, bitorder="big")
     return np.flatnonzero(bits == 0)
